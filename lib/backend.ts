@@ -1,0 +1,136 @@
+// Backend selection and device buffers.
+import { binding, loadBinding, type NativeBackendName, type NativeDeviceBuffer } from './binding.js';
+import { codedError, ErrorCodes, typeError } from './errors.js';
+import { checkInteger, checkOneOf } from './validate.js';
+
+export type BackendName = 'auto' | 'cpu' | 'cuda';
+export const BACKEND_NAMES: readonly BackendName[] = ['auto', 'cpu', 'cuda'];
+
+/** What backend a request resolves to, and why. */
+export interface BackendReport {
+  /** The backend that will run: 'cpu' or 'cuda'. */
+  backend: NativeBackendName;
+  /** What was asked for (option, else ADAFISHER_BACKEND, else 'auto'). */
+  requested: BackendName;
+  /** Where the request came from. */
+  source: 'option' | 'ADAFISHER_BACKEND' | 'default';
+  /** Why CUDA is not used, when it is not; empty when it is. */
+  reason: string;
+  cuda: {
+    compiled: boolean;
+    usable: boolean;
+    deviceName: string;
+    computeCapability: string;
+    driverVersion: number;
+    runtimeVersion: number;
+    architectures: string;
+  };
+  cpuThreads: number;
+  addonPath: string;
+  addonVersion: string;
+  buildSystem: string;
+}
+
+function requestedBackend(option: unknown): { requested: BackendName; source: BackendReport['source'] } {
+  if (option !== undefined) return { requested: checkOneOf('options.backend', option, BACKEND_NAMES), source: 'option' };
+  const env = process.env.ADAFISHER_BACKEND;
+  if (env !== undefined && env !== '') {
+    return { requested: checkOneOf('ADAFISHER_BACKEND', env.toLowerCase(), BACKEND_NAMES), source: 'ADAFISHER_BACKEND' };
+  }
+  return { requested: 'auto', source: 'default' };
+}
+
+/**
+ * Reports which backend a request resolves to and why CUDA is or is not used.
+ * @param backend 'auto' | 'cpu' | 'cuda'; defaults to ADAFISHER_BACKEND, then 'auto'.
+ * @throws {RangeError} for an unknown backend name.
+ * @example
+ * const { backend, reason } = backendInfo();  // { backend: 'cpu', reason: 'no CUDA driver ...' }
+ */
+export function backendInfo(backend?: BackendName): BackendReport {
+  const { requested, source } = requestedBackend(backend);
+  const { binding: b, path } = loadBinding();
+  const info = b.backendInfo();
+  let chosen: NativeBackendName;
+  let reason = '';
+  if (requested === 'cpu') {
+    chosen = 'cpu';
+    reason = `the cpu backend was requested (${source})`;
+  } else if (info.cudaUsable) {
+    chosen = 'cuda';
+  } else {
+    chosen = 'cpu';
+    reason = info.cudaReason;
+  }
+  return {
+    backend: chosen,
+    requested,
+    source,
+    reason,
+    cuda: {
+      compiled: info.cudaCompiled,
+      usable: info.cudaUsable,
+      deviceName: info.deviceName,
+      computeCapability: info.computeCapability,
+      driverVersion: info.driverVersion,
+      runtimeVersion: info.runtimeVersion,
+      architectures: info.cudaArchitectures,
+    },
+    cpuThreads: info.cpuThreads,
+    addonPath: path,
+    addonVersion: b.version,
+    buildSystem: b.buildSystem,
+  };
+}
+
+/**
+ * Resolves a backend request to the backend that will run.
+ * @throws {Error} code ADAFISHER_BACKEND_UNAVAILABLE when 'cuda' is requested but cannot be used.
+ */
+export function resolveBackend(backend?: BackendName): NativeBackendName {
+  const report = backendInfo(backend);
+  if (report.requested === 'cuda' && report.backend !== 'cuda') {
+    throw codedError(
+      ErrorCodes.backendUnavailable,
+      `The cuda backend was requested (${report.source}) but cannot be used: ${report.reason}`,
+    );
+  }
+  return report.backend;
+}
+
+/** float32 memory owned by a backend (device memory on cuda). */
+export type DeviceBuffer = NativeDeviceBuffer;
+
+/**
+ * Allocates a DeviceBuffer on a backend, zero-filled or holding a copy of `data`.
+ * @param lengthOrData number of float32 elements, or a Float32Array to upload.
+ * @param options.backend 'auto' (default), 'cpu' or 'cuda'.
+ * @throws {TypeError|RangeError} for a bad length or data; code ADAFISHER_OUT_OF_MEMORY when memory runs out.
+ * @example
+ * const w = createBuffer(new Float32Array([1, 2, 3]), { backend: 'cuda' });
+ * w.download(); // Float32Array [1, 2, 3]
+ */
+export function createBuffer(lengthOrData: number | Float32Array, options: { backend?: BackendName } = {}): DeviceBuffer {
+  const backend = resolveBackend(options.backend);
+  if (typeof lengthOrData === 'number') checkInteger('length', lengthOrData, 0);
+  else if (!(lengthOrData instanceof Float32Array)) throw typeError('data', 'a length or a Float32Array', lengthOrData);
+  return new (binding().DeviceBuffer)(backend, lengthOrData);
+}
+
+/** True for a DeviceBuffer of this addon. */
+export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
+  return value instanceof binding().DeviceBuffer;
+}
+
+/**
+ * Resolves when all work queued on a backend has finished, without blocking the event loop.
+ * @example await synchronize('cuda');
+ */
+export function synchronize(backend: BackendName = 'auto'): Promise<void> {
+  return binding().synchronize(resolveBackend(backend));
+}
+
+/** Number of live native allocations of a backend (buffers, optimizer state). */
+export function liveAllocations(backend: NativeBackendName = 'cpu'): number {
+  return binding().liveAllocations(backend);
+}

@@ -1,0 +1,50 @@
+// NOTE: [error codes]
+// Every error this package raises on purpose carries a stable `code`. Native failures use
+// the same codes (native/core/backend.h ErrorCode, native/core/cpu_backend.cc ErrorCodeName).
+export const ErrorCodes = {
+  invalidArgument: 'ADAFISHER_INVALID_ARGUMENT',
+  disposed: 'ADAFISHER_DISPOSED',
+  foreignBuffer: 'ADAFISHER_FOREIGN_BUFFER',
+  outOfMemory: 'ADAFISHER_OUT_OF_MEMORY',
+  cudaError: 'ADAFISHER_CUDA_ERROR',
+  backendUnavailable: 'ADAFISHER_BACKEND_UNAVAILABLE',
+  missingStatistics: 'ADAFISHER_MISSING_STATISTICS',
+  badCheckpoint: 'ADAFISHER_BAD_CHECKPOINT',
+  internal: 'ADAFISHER_INTERNAL',
+  addonNotFound: 'ADAFISHER_ADDON_NOT_FOUND',
+} as const;
+
+export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
+
+function withCode<E extends Error>(e: E, code: ErrorCode): E & { code: ErrorCode } {
+  (e as E & { code: ErrorCode }).code = code;
+  return e as E & { code: ErrorCode };
+}
+
+/** A short description of a received value for error messages. */
+export function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (ArrayBuffer.isView(value)) {
+    const len = (value as unknown as { length?: number }).length;
+    return `a ${value.constructor.name}${len !== undefined ? ` of length ${len}` : ''}`;
+  }
+  if (Array.isArray(value)) return `an array of length ${value.length}`;
+  if (typeof value === 'object') return `an object (${(value as object).constructor?.name ?? 'null prototype'})`;
+  if (typeof value === 'string') return `'${value.length > 40 ? value.slice(0, 40) + '...' : value}' of type string`;
+  return `${String(value)} of type ${typeof value}`;
+}
+
+/** "Expected <what> for <name> but received <value> of type <type>" as a TypeError. */
+export function typeError(name: string, expected: string, value: unknown): TypeError {
+  return withCode(new TypeError(`Expected ${expected} for ${name} but received ${describe(value)}`), ErrorCodes.invalidArgument);
+}
+
+/** Same as typeError, as a RangeError (right type, wrong value). */
+export function rangeError(name: string, expected: string, value: unknown): RangeError {
+  return withCode(new RangeError(`Expected ${expected} for ${name} but received ${describe(value)}`), ErrorCodes.invalidArgument);
+}
+
+export function codedError(code: ErrorCode, message: string): Error & { code: ErrorCode } {
+  return withCode(new Error(message), code);
+}

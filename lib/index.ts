@@ -1,0 +1,25 @@
+// adafisher: the AdaFisher optimizer with native CPU and CUDA kernels.
+export { AdaFisher, stateFromJSON, stateToJSON } from './optimizer.js';
+export type {
+  AdaFisherHyperparameters,
+  AdaFisherOptions,
+  AdaFisherState,
+  BatchNormLayer,
+  Conv2dLayer,
+  DataFormatName,
+  LayerNormLayer,
+  LayerSpec,
+  LinearLayer,
+  Padding,
+  ParamLayer,
+  ParameterSlot,
+  StepResult,
+  Tensor,
+  WeightLayoutName,
+} from './optimizer.js';
+export { backendInfo, createBuffer, isDeviceBuffer, liveAllocations, resolveBackend, synchronize } from './backend.js';
+export type { BackendName, BackendReport, DeviceBuffer } from './backend.js';
+export { ErrorCodes } from './errors.js';
+export type { ErrorCode } from './errors.js';
+export { GoldenFormatError, readGolden, replayGolden, validateGolden } from './replay.js';
+export type { GoldenCase, ReplayReport } from './replay.js';

@@ -1,0 +1,576 @@
+// The framework-agnostic AdaFisher optimizer: validates a model description and the
+// hyperparameters once, builds the native plan, and drives one native step per call.
+import {
+  binding,
+  DataFormat,
+  FactorWhich,
+  LayerKind,
+  PadMode,
+  TensorRole,
+  UpdateRule,
+  WeightLayout,
+  type NativeBackendName,
+  type NativeLayer,
+  type NativeOptimizer,
+  type NativeTensor,
+} from './binding.js';
+import { resolveBackend, type BackendName, type DeviceBuffer } from './backend.js';
+import { codedError, ErrorCodes, rangeError, typeError } from './errors.js';
+import { checkBoolean, checkInteger, checkOneOf, checkPair, checkRange, checkShape } from './validate.js';
+
+/** A parameter, gradient or activation: a Float32Array (zero-copy on cpu) or a DeviceBuffer. */
+export type Tensor = Float32Array | DeviceBuffer;
+
+export type WeightLayoutName = 'pytorch' | 'tfjs';
+export type DataFormatName = 'NCHW' | 'NHWC';
+/** 'valid', 'same' (TensorFlow: extra row/column at the end), p, [ph, pw] or [top, bottom, left, right]. */
+export type Padding = 'valid' | 'same' | number | [number, number] | [number, number, number, number];
+
+export interface LinearLayer {
+  kind: 'linear';
+  inFeatures: number;
+  outFeatures: number;
+  /** [out, in] ('pytorch', default) or [in, out] ('tfjs'). */
+  weight: Tensor;
+  bias?: Tensor | null;
+  layout?: WeightLayoutName;
+}
+
+export interface Conv2dLayer {
+  kind: 'conv2d';
+  inChannels: number;
+  outChannels: number;
+  kernelSize: number | [number, number];
+  stride?: number | [number, number];
+  padding?: Padding;
+  groups?: number;
+  /** Layout of the layer input and output gradient; default 'NCHW'. */
+  dataFormat?: DataFormatName;
+  /** [out, in/groups, kh, kw] ('pytorch', default) or [kh, kw, in, out] ('tfjs'). */
+  weight: Tensor;
+  bias?: Tensor | null;
+  layout?: WeightLayoutName;
+}
+
+export interface BatchNormLayer {
+  kind: 'batchnorm';
+  channels: number;
+  weight: Tensor;
+  bias?: Tensor | null;
+  /** Channel axis: 1 ('NCHW', default) or last ('NHWC'); rank-2 inputs are [N, C] either way. */
+  dataFormat?: DataFormatName;
+}
+
+export interface LayerNormLayer {
+  kind: 'layernorm';
+  /** Size of the normalized (last) axis. */
+  features: number;
+  weight: Tensor;
+  bias?: Tensor | null;
+}
+
+/** A parameter of no supported layer: plain momentum (F = 1). */
+export interface ParamLayer {
+  kind: 'param';
+  param: Tensor;
+}
+
+export type LayerSpec = LinearLayer | Conv2dLayer | BatchNormLayer | LayerNormLayer | ParamLayer;
+
+export interface AdaFisherOptions {
+  /** Learning rate, >= 0. Default 1e-3. */
+  lr?: number;
+  /** Momentum coefficient in [0, 1). Default 0.9. */
+  beta?: number;
+  /** Damping λ > 0 added to the Fisher diagonal. Default 1e-3. */
+  damping?: number;
+  /** EMA parameter γ in [0, 1): decay = γ/10, mix = γ/100 (official form). Default 0.8. */
+  gamma?: number;
+  /** Explicit EMA coefficients (the paper's γ1, γ2); override gamma when given together. */
+  decay?: number;
+  mix?: number;
+  /** Refresh the factors every tcov steps (integer >= 1). Default 1. */
+  tcov?: number;
+  /** Weight decay >= 0: L2 (AdaFisher) or decoupled (AdaFisherW). Default 0. */
+  weightDecay?: number;
+  /** true: AdaFisherW (decoupled weight decay). Default false. */
+  decoupled?: boolean;
+  /** 'auto' (default: ADAFISHER_BACKEND, else cuda when usable, else cpu), 'cpu' or 'cuda'. */
+  backend?: BackendName;
+  /** Skip a step, changing nothing, when a gradient or fresh statistic is NaN/±Inf. Default true. */
+  nonFiniteGuard?: boolean;
+}
+
+/** The resolved hyperparameters (what a checkpoint records). */
+export interface AdaFisherHyperparameters {
+  lr: number;
+  beta: number;
+  damping: number;
+  decay: number;
+  mix: number;
+  tcov: number;
+  weightDecay: number;
+  decoupled: boolean;
+  nonFiniteGuard: boolean;
+}
+
+export interface StepResult {
+  /** false when the non-finite guard skipped the step (nothing changed). */
+  applied: boolean;
+  /** true when this step refreshed the running factors. */
+  refreshed: boolean;
+}
+
+/** The full optimizer state; see exportState(). */
+export interface AdaFisherState {
+  format: 'adafisher-state';
+  version: 1;
+  hyperparameters: AdaFisherHyperparameters;
+  /** One entry per parameter tensor, in step() order. */
+  tensors: { numel: number; layer: number; role: 'weight' | 'bias' }[];
+  /** Optimizer steps applied (drives the tcov cadence). */
+  steps: number;
+  /** Per tensor: steps applied to it (drives bias correction). */
+  stepCounts: number[];
+  momenta: Float32Array[];
+  /** Running factors of each preconditioned layer (index into the layer list). */
+  factors: { layer: number; H: Float32Array; S: Float32Array }[];
+}
+
+/** The parameter tensors of a model description, in the order step() takes gradients. */
+export interface ParameterSlot {
+  layer: number;
+  role: 'weight' | 'bias' | 'param';
+}
+
+export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHyperparameters {
+  if (options === null || typeof options !== 'object') throw typeError('options', 'an object', options);
+  const known = new Set(['lr', 'beta', 'damping', 'gamma', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'backend', 'nonFiniteGuard']);
+  for (const key of Object.keys(options)) {
+    if (!known.has(key)) throw rangeError(`options.${key}`, `a known option (${[...known].join(', ')})`, key);
+  }
+  const lr = options.lr === undefined ? 1e-3 : checkRange('options.lr', options.lr, 0, Infinity);
+  const beta = options.beta === undefined ? 0.9 : checkRange('options.beta', options.beta, 0, 1, { hiOpen: true });
+  const damping =
+    options.damping === undefined ? 1e-3 : checkRange('options.damping', options.damping, 0, Infinity, { loOpen: true });
+  let decay: number;
+  let mix: number;
+  if (options.decay !== undefined || options.mix !== undefined) {
+    if (options.gamma !== undefined) throw rangeError('options.gamma', 'gamma or decay/mix, not both', options.gamma);
+    if (options.decay === undefined || options.mix === undefined) {
+      throw rangeError(options.decay === undefined ? 'options.decay' : 'options.mix', 'decay and mix given together', undefined);
+    }
+    decay = checkRange('options.decay', options.decay, 0, 1);
+    mix = checkRange('options.mix', options.mix, 0, Infinity);
+  } else {
+    const gamma = options.gamma === undefined ? 0.8 : checkRange('options.gamma', options.gamma, 0, 1, { hiOpen: true });
+    decay = gamma / 10;
+    mix = gamma / 100;
+  }
+  const tcov = options.tcov === undefined ? 1 : checkInteger('options.tcov', options.tcov, 1);
+  const weightDecay = options.weightDecay === undefined ? 0 : checkRange('options.weightDecay', options.weightDecay, 0, Infinity);
+  const decoupled = options.decoupled === undefined ? false : checkBoolean('options.decoupled', options.decoupled);
+  const nonFiniteGuard = options.nonFiniteGuard === undefined ? true : checkBoolean('options.nonFiniteGuard', options.nonFiniteGuard);
+  return { lr, beta, damping, decay, mix, tcov, weightDecay, decoupled, nonFiniteGuard };
+}
+
+function tensorLength(name: string, t: unknown): number {
+  if (t instanceof Float32Array) return t.length;
+  if (t !== null && typeof t === 'object' && t instanceof binding().DeviceBuffer) return (t as DeviceBuffer).length;
+  throw typeError(name, 'a Float32Array or DeviceBuffer', t);
+}
+
+function checkTensor(name: string, t: unknown, numel: number): Tensor {
+  const n = tensorLength(name, t);
+  if (n !== numel) throw rangeError(name, `${numel} elements`, t);
+  return t as Tensor;
+}
+
+function padding(name: string, p: Padding | undefined): Pick<NativeLayer, 'padMode' | 'padTop' | 'padBottom' | 'padLeft' | 'padRight'> {
+  if (p === undefined || p === 'valid') return { padMode: PadMode.explicit, padTop: 0, padBottom: 0, padLeft: 0, padRight: 0 };
+  if (p === 'same') return { padMode: PadMode.same, padTop: 0, padBottom: 0, padLeft: 0, padRight: 0 };
+  if (typeof p === 'number') {
+    const v = checkInteger(name, p, 0);
+    return { padMode: PadMode.explicit, padTop: v, padBottom: v, padLeft: v, padRight: v };
+  }
+  if (Array.isArray(p) && p.length === 2) {
+    const [h, w] = checkPair(name, p, 0);
+    return { padMode: PadMode.explicit, padTop: h, padBottom: h, padLeft: w, padRight: w };
+  }
+  if (Array.isArray(p) && p.length === 4) {
+    const [t, b, l, r] = p.map((v, i) => checkInteger(`${name}[${i}]`, v, 0));
+    return { padMode: PadMode.explicit, padTop: t, padBottom: b, padLeft: l, padRight: r };
+  }
+  throw typeError(name, "'valid', 'same', an integer, [ph, pw] or [top, bottom, left, right]", p);
+}
+
+interface Plan {
+  nativeLayers: NativeLayer[];
+  tensors: NativeTensor[];
+  slots: ParameterSlot[];
+  params: Tensor[];
+  /** user layer index -> native layer index (-1 for 'param') */
+  nativeIndex: number[];
+}
+
+function buildPlan(layers: readonly LayerSpec[]): Plan {
+  if (!Array.isArray(layers)) throw typeError('layers', 'an array of layer descriptions', layers);
+  const plan: Plan = { nativeLayers: [], tensors: [], slots: [], params: [], nativeIndex: [] };
+  layers.forEach((spec, i) => {
+    const at = `layers[${i}]`;
+    if (spec === null || typeof spec !== 'object') throw typeError(at, 'a layer description object', spec);
+    const kind = checkOneOf(`${at}.kind`, (spec as LayerSpec).kind, ['linear', 'conv2d', 'batchnorm', 'layernorm', 'param'] as const);
+    if (kind === 'param') {
+      const s = spec as ParamLayer;
+      plan.nativeIndex.push(-1);
+      plan.tensors.push({ numel: tensorLength(`${at}.param`, s.param), layer: -1, role: TensorRole.weight });
+      plan.params.push(s.param);
+      plan.slots.push({ layer: i, role: 'param' });
+      return;
+    }
+    const native = plan.nativeLayers.length;
+    plan.nativeIndex.push(native);
+    let layer: NativeLayer;
+    let weightNumel: number;
+    let biasNumel: number;
+    const layout = (s: { layout?: WeightLayoutName }) =>
+      WeightLayout[s.layout === undefined ? 'pytorch' : checkOneOf(`${at}.layout`, s.layout, ['pytorch', 'tfjs'] as const)];
+    const format = (s: { dataFormat?: DataFormatName }) =>
+      DataFormat[s.dataFormat === undefined ? 'NCHW' : checkOneOf(`${at}.dataFormat`, s.dataFormat, ['NCHW', 'NHWC'] as const)];
+    const bias = (spec as { bias?: Tensor | null }).bias;
+    const hasBias = bias !== undefined && bias !== null;
+    if (kind === 'linear') {
+      const s = spec as LinearLayer;
+      const inF = checkInteger(`${at}.inFeatures`, s.inFeatures, 1);
+      const outF = checkInteger(`${at}.outFeatures`, s.outFeatures, 1);
+      layer = { kind: LayerKind.linear, hasBias, inFeatures: inF, outFeatures: outF, layout: layout(s), format: DataFormat.NCHW };
+      weightNumel = inF * outF;
+      biasNumel = outF;
+    } else if (kind === 'conv2d') {
+      const s = spec as Conv2dLayer;
+      const inC = checkInteger(`${at}.inChannels`, s.inChannels, 1);
+      const outC = checkInteger(`${at}.outChannels`, s.outChannels, 1);
+      const [kh, kw] = checkPair(`${at}.kernelSize`, s.kernelSize, 1);
+      const [sh, sw] = s.stride === undefined ? [1, 1] : checkPair(`${at}.stride`, s.stride, 1);
+      const groups = s.groups === undefined ? 1 : checkInteger(`${at}.groups`, s.groups, 1);
+      if (inC % groups !== 0 || outC % groups !== 0) {
+        throw rangeError(`${at}.groups`, `a divisor of inChannels (${inC}) and outChannels (${outC})`, groups);
+      }
+      layer = {
+        kind: LayerKind.conv2d,
+        hasBias,
+        inFeatures: inC,
+        outFeatures: outC,
+        layout: layout(s),
+        format: format(s),
+        kernelH: kh,
+        kernelW: kw,
+        strideH: sh,
+        strideW: sw,
+        groups,
+        ...padding(`${at}.padding`, s.padding),
+      };
+      weightNumel = outC * (inC / groups) * kh * kw;
+      biasNumel = outC;
+    } else if (kind === 'batchnorm') {
+      const s = spec as BatchNormLayer;
+      const c = checkInteger(`${at}.channels`, s.channels, 1);
+      layer = { kind: LayerKind.batchnorm, hasBias, inFeatures: c, outFeatures: c, layout: WeightLayout.pytorch, format: format(s) };
+      weightNumel = biasNumel = c;
+    } else {
+      const s = spec as LayerNormLayer;
+      const d = checkInteger(`${at}.features`, s.features, 1);
+      layer = { kind: LayerKind.layernorm, hasBias, inFeatures: d, outFeatures: d, layout: WeightLayout.pytorch, format: DataFormat.NCHW };
+      weightNumel = biasNumel = d;
+    }
+    const weight = checkTensor(`${at}.weight`, (spec as { weight: unknown }).weight, weightNumel);
+    plan.nativeLayers.push(layer);
+    plan.tensors.push({ numel: weightNumel, layer: native, role: TensorRole.weight });
+    plan.params.push(weight);
+    plan.slots.push({ layer: i, role: 'weight' });
+    if (hasBias) {
+      plan.tensors.push({ numel: biasNumel, layer: native, role: TensorRole.bias });
+      plan.params.push(checkTensor(`${at}.bias`, bias, biasNumel));
+      plan.slots.push({ layer: i, role: 'bias' });
+    }
+  });
+  return plan;
+}
+
+/**
+ * AdaFisher / AdaFisherW over a model described as a list of layers.
+ *
+ * Per training step: hand it each preconditioned layer's input and output gradient
+ * (recordInput / recordOutputGrad, or already-reduced factors with setFactors), then call
+ * step() with the parameter gradients in parameterSlots() order.
+ *
+ * @example
+ * const opt = new AdaFisher([{ kind: 'linear', inFeatures: 784, outFeatures: 10, weight: w, bias: b }], { lr: 1e-3 });
+ * opt.recordInput(0, x, [batch, 784]);
+ * opt.recordOutputGrad(0, dy, [batch, 10]);
+ * opt.step([dw, db]);  // { applied: true, refreshed: true }
+ */
+export class AdaFisher {
+  #native: NativeOptimizer | null;
+  #plan: Plan;
+  #hyper: AdaFisherHyperparameters;
+  #layers: readonly LayerSpec[];
+  readonly backend: NativeBackendName;
+
+  /**
+   * @param layers the model: supported layers (linear, conv2d, batchnorm, layernorm) and plain parameters ('param').
+   * @param options hyperparameters and backend; see AdaFisherOptions.
+   * @throws {TypeError|RangeError} naming the bad field; code ADAFISHER_BACKEND_UNAVAILABLE for an unusable 'cuda'.
+   */
+  constructor(layers: readonly LayerSpec[], options: AdaFisherOptions = {}) {
+    this.#hyper = resolveHyperparameters(options);
+    this.#plan = buildPlan(layers);
+    this.#layers = layers;
+    this.backend = resolveBackend(options.backend);
+    this.#native = this.#createNative(this.#hyper);
+  }
+
+  #createNative(h: AdaFisherHyperparameters): NativeOptimizer {
+    return new (binding().NativeOptimizer)(
+      this.backend,
+      {
+        rule: h.decoupled ? UpdateRule.adafisherw : UpdateRule.adafisher,
+        lr: h.lr,
+        beta: h.beta,
+        damping: h.damping,
+        decay: h.decay,
+        mix: h.mix,
+        weightDecay: h.weightDecay,
+        tcov: h.tcov,
+        guard: h.nonFiniteGuard,
+      },
+      this.#plan.nativeLayers,
+      this.#plan.tensors,
+    );
+  }
+
+  #alive(): NativeOptimizer {
+    if (this.#native === null) throw codedError(ErrorCodes.disposed, 'Optimizer already disposed.');
+    return this.#native;
+  }
+
+  #layerIndex(layer: unknown): number {
+    const i = checkInteger('layer', layer, 0, this.#layers.length - 1);
+    const n = this.#plan.nativeIndex[i];
+    if (n < 0) throw rangeError('layer', 'the index of a preconditioned layer (not a plain parameter)', layer);
+    return n;
+  }
+
+  /** The resolved hyperparameters. */
+  get hyperparameters(): AdaFisherHyperparameters {
+    return { ...this.#hyper };
+  }
+
+  /** Steps applied so far. */
+  get steps(): number {
+    return this.#alive().steps;
+  }
+
+  /** Whether the next step refreshes the factors (statistics are only needed then). */
+  get willRefreshFactors(): boolean {
+    return this.#alive().willRefresh();
+  }
+
+  get disposed(): boolean {
+    return this.#native === null;
+  }
+
+  /** The parameter tensors, in the order step() takes gradients. */
+  parameterSlots(): ParameterSlot[] {
+    return this.#plan.slots.map((s) => ({ ...s }));
+  }
+
+  /**
+   * Reduces a layer's input to its H factor (mean squares; conv patches without im2col).
+   * @param layer index into the layer list.
+   * @param data the input, in the layer's layout (NCHW/NHWC for conv).
+   * @param shape its shape, e.g. [batch, in] or [N, C, H, W].
+   * @throws {TypeError|RangeError} for a bad layer index, shape or data length.
+   */
+  recordInput(layer: number, data: Tensor, shape: readonly number[]): void {
+    const native = this.#alive();
+    native.recordInput(this.#layerIndex(layer), data, checkShape('shape', shape));
+  }
+
+  /**
+   * Reduces a layer's output (pre-activation) gradient to its S factor.
+   * @throws {TypeError|RangeError} for a bad layer index, shape or data length.
+   */
+  recordOutputGrad(layer: number, data: Tensor, shape: readonly number[]): void {
+    const native = this.#alive();
+    native.recordOutputGrad(this.#layerIndex(layer), data, checkShape('shape', shape));
+  }
+
+  /**
+   * Hands already-reduced statistics for a layer: H (with its bias entry) and/or S.
+   * @throws {TypeError|RangeError} for a bad layer index or length.
+   */
+  setFactors(layer: number, factors: { H?: Tensor; S?: Tensor }): void {
+    const native = this.#alive();
+    const n = this.#layerIndex(layer);
+    if (factors === null || typeof factors !== 'object') throw typeError('factors', 'an object { H?, S? }', factors);
+    if (factors.H !== undefined) native.setFactor(n, FactorWhich.H, factors.H);
+    if (factors.S !== undefined) native.setFactor(n, FactorWhich.S, factors.S);
+  }
+
+  /**
+   * One AdaFisher step for every parameter: refresh the factors when due (tcov), then
+   * m ← βm + (1-β)g and p ← p - lr/bc · m / (S⊗H + λ). All arguments are checked before
+   * anything is written; a NaN/Inf gradient or statistic skips the step (applied: false).
+   * @param grads one gradient per parameterSlots() entry; null leaves that parameter as is.
+   * @param params optional replacement parameter tensors (same order), e.g. after reallocation.
+   * @throws {TypeError|RangeError} for bad gradients; code ADAFISHER_MISSING_STATISTICS when a refreshing step lacks statistics.
+   */
+  step(grads: readonly (Tensor | null | undefined)[], params?: readonly Tensor[]): StepResult {
+    const native = this.#alive();
+    if (!Array.isArray(grads)) throw typeError('grads', 'an array of gradients', grads);
+    const n = this.#plan.params.length;
+    if (grads.length !== n) throw rangeError('grads', `${n} gradients (one per parameterSlots() entry)`, grads);
+    let ps = this.#plan.params;
+    if (params !== undefined) {
+      if (!Array.isArray(params) || params.length !== n) throw rangeError('params', `an array of ${n} tensors`, params);
+      ps = params;
+    }
+    const result = native.step(ps as Tensor[], grads.map((g) => g ?? null));
+    if (params !== undefined) this.#plan.params = [...params];
+    return result;
+  }
+
+  /**
+   * The full state (momenta, running factors, step counters, hyperparameters) as host copies.
+   * Loading it into a fresh optimizer over the same model resumes bit-identically.
+   */
+  exportState(): AdaFisherState {
+    const s = this.#alive().exportState();
+    const layout = this.#alive().factorLayout();
+    const factors: AdaFisherState['factors'] = [];
+    this.#plan.nativeIndex.forEach((n, i) => {
+      if (n < 0) return;
+      const l = layout[n];
+      factors.push({
+        layer: i,
+        H: s.factors.slice(l.hOffset, l.hOffset + l.hLength),
+        S: s.factors.slice(l.sOffset, l.sOffset + l.sLength),
+      });
+    });
+    return {
+      format: 'adafisher-state',
+      version: 1,
+      hyperparameters: { ...this.#hyper },
+      tensors: this.#plan.tensors.map((t, i) => ({
+        numel: t.numel,
+        layer: this.#plan.slots[i].layer,
+        role: t.role === TensorRole.bias ? 'bias' : 'weight',
+      })),
+      steps: s.steps,
+      stepCounts: s.stepCounts,
+      momenta: s.momenta,
+      factors,
+    };
+  }
+
+  /**
+   * Replaces the whole state (and hyperparameters) with a checkpoint from exportState().
+   * All-or-nothing: a checkpoint that does not match this model is refused and nothing changes.
+   * @throws {Error} code ADAFISHER_BAD_CHECKPOINT naming what does not match.
+   */
+  loadState(state: AdaFisherState): void {
+    this.#alive();
+    const bad = (msg: string) => codedError(ErrorCodes.badCheckpoint, `Invalid AdaFisher checkpoint: ${msg}`);
+    if (state === null || typeof state !== 'object') throw bad(`expected an object, received ${typeof state}`);
+    if (state.format !== 'adafisher-state' || state.version !== 1) throw bad("expected format 'adafisher-state', version 1");
+    let hyper: AdaFisherHyperparameters;
+    try {
+      const h = state.hyperparameters ?? ({} as AdaFisherHyperparameters);
+      hyper = resolveHyperparameters({
+        lr: h.lr, beta: h.beta, damping: h.damping, decay: h.decay, mix: h.mix, tcov: h.tcov,
+        weightDecay: h.weightDecay, decoupled: h.decoupled, nonFiniteGuard: h.nonFiniteGuard,
+      });
+    } catch (e) {
+      throw bad(`hyperparameters: ${(e as Error).message}`);
+    }
+    const tensors = this.#plan.tensors;
+    if (!Array.isArray(state.tensors) || state.tensors.length !== tensors.length) {
+      throw bad(`expected ${tensors.length} tensors, received ${Array.isArray(state.tensors) ? state.tensors.length : describeType(state.tensors)}`);
+    }
+    state.tensors.forEach((t, i) => {
+      if (t?.numel !== tensors[i].numel) throw bad(`tensors[${i}] has ${t?.numel} elements, this model's has ${tensors[i].numel}`);
+    });
+    const layout = this.#alive().factorLayout();
+    const preconditioned = this.#plan.nativeIndex.map((n, i) => ({ n, i })).filter((x) => x.n >= 0);
+    if (!Array.isArray(state.factors) || state.factors.length !== preconditioned.length) {
+      throw bad(`expected factors for ${preconditioned.length} layers`);
+    }
+    const total = layout.reduce((a, l) => a + l.hLength + l.sLength, 0);
+    const flat = new Float32Array(total);
+    preconditioned.forEach(({ n }, j) => {
+      const f = state.factors[j];
+      const l = layout[n];
+      if (!(f?.H instanceof Float32Array) || f.H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
+      if (!(f?.S instanceof Float32Array) || f.S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
+      flat.set(f.H, l.hOffset);
+      flat.set(f.S, l.sOffset);
+    });
+    if (!Array.isArray(state.momenta)) throw bad('momenta must be an array');
+    // A fresh native optimizer with the checkpoint's hyperparameters; swap only once it holds the state.
+    const fresh = this.#createNative(hyper);
+    try {
+      fresh.importState({ steps: state.steps, stepCounts: state.stepCounts, momenta: state.momenta, factors: flat });
+    } catch (e) {
+      fresh.dispose();
+      const err = e as Error & { code?: string };
+      if (err.code === ErrorCodes.badCheckpoint) throw err;
+      throw bad(err.message);
+    }
+    this.#alive().dispose();
+    this.#native = fresh;
+    this.#hyper = hyper;
+  }
+
+  /** Frees native state now. Further calls throw code ADAFISHER_DISPOSED. Idempotent. */
+  dispose(): void {
+    this.#native?.dispose();
+    this.#native = null;
+  }
+}
+
+function describeType(v: unknown): string {
+  return v === null ? 'null' : typeof v;
+}
+
+/** A checkpoint as plain JSON (numbers; float32 values round-trip exactly). */
+export function stateToJSON(state: AdaFisherState): unknown {
+  return {
+    ...state,
+    momenta: state.momenta.map((m) => Array.from(m)),
+    factors: state.factors.map((f) => ({ layer: f.layer, H: Array.from(f.H), S: Array.from(f.S) })),
+  };
+}
+
+/** Inverse of stateToJSON. */
+export function stateFromJSON(json: unknown): AdaFisherState {
+  const j = json as Record<string, unknown>;
+  const bad = (msg: string) => codedError(ErrorCodes.badCheckpoint, `Invalid AdaFisher checkpoint JSON: ${msg}`);
+  if (j === null || typeof j !== 'object') throw bad('expected an object');
+  const arr = (v: unknown, name: string): Float32Array => {
+    if (!Array.isArray(v) || v.some((x) => typeof x !== 'number')) throw bad(`${name} must be an array of numbers`);
+    return Float32Array.from(v as number[]);
+  };
+  if (!Array.isArray(j.momenta) || !Array.isArray(j.factors)) throw bad('momenta and factors must be arrays');
+  return {
+    ...(j as unknown as AdaFisherState),
+    momenta: (j.momenta as unknown[]).map((m, i) => arr(m, `momenta[${i}]`)),
+    factors: (j.factors as { layer: number; H: unknown; S: unknown }[]).map((f, i) => ({
+      layer: f?.layer,
+      H: arr(f?.H, `factors[${i}].H`),
+      S: arr(f?.S, `factors[${i}].S`),
+    })),
+  };
+}
+
+

@@ -1,0 +1,275 @@
+// Replays a trajectory recorded from the official PyTorch AdaFisher (the golden format,
+// test/golden/README.md) through the public API and measures the error of every array.
+import { readFileSync } from 'node:fs';
+
+import type { BackendName } from './backend.js';
+import { AdaFisher, type LayerSpec, type Tensor } from './optimizer.js';
+
+export interface GoldenLayer {
+  kind: 'linear' | 'conv2d' | 'batchnorm2d' | 'layernorm';
+  in?: number;
+  out?: number;
+  inChannels?: number;
+  outChannels?: number;
+  kernel?: [number, number];
+  stride?: [number, number];
+  padding?: [number, number];
+  groups?: number;
+  channels?: number;
+  shape?: number[];
+  bias: boolean;
+}
+
+export interface GoldenCase {
+  name: string;
+  config: { optimizer: 'AdaFisher' | 'AdaFisherW'; lr: number; beta: number; damping: number; gamma: number; tcov: number; weightDecay: number };
+  layers: GoldenLayer[];
+  init: { weight: number[]; bias: number[] | null }[];
+  steps: {
+    loss: number;
+    factorsUpdated: boolean;
+    seen: { inputShape: number[]; input: number[]; gradOutputShape: number[]; gradOutput: number[]; weightGrad: number[]; biasGrad: number[] | null }[];
+    after: { weight: number[]; bias: number[] | null; H: number[]; S: number[]; momentumWeight: number[]; momentumBias: number[] | null }[];
+  }[];
+}
+
+/** A golden file that does not follow the format; the message says what is wrong. */
+export class GoldenFormatError extends Error {
+  readonly code = 'ADAFISHER_BAD_GOLDEN_FILE';
+}
+
+export type ArrayKind = 'weights' | 'biases' | 'momenta' | 'H' | 'S';
+export const ARRAY_KINDS: readonly ArrayKind[] = ['weights', 'biases', 'momenta', 'H', 'S'];
+
+export interface ReplayReport {
+  name: string;
+  file?: string;
+  backend: string;
+  steps: number;
+  /** Max over arrays of (max |ours - golden|) / (max |golden|), per kind. */
+  maxRelError: Record<ArrayKind, number>;
+  overall: number;
+  /** Where the overall maximum occurred. */
+  worst: { kind: ArrayKind; step: number; layer: number };
+  tolerance: number;
+  pass: boolean;
+}
+
+function fail(path: string, what: string): never {
+  throw new GoldenFormatError(`${path}: ${what}`);
+}
+
+function numbers(v: unknown, path: string, length?: number): number[] {
+  if (!Array.isArray(v)) fail(path, `expected an array of numbers, found ${v === null ? 'null' : typeof v}`);
+  if (length !== undefined && v.length !== length) fail(path, `expected ${length} numbers, found ${v.length}`);
+  for (let i = 0; i < v.length; i++) if (typeof v[i] !== 'number') fail(`${path}[${i}]`, 'expected a number');
+  return v as number[];
+}
+
+const prod = (s: number[]) => s.reduce((a, b) => a * b, 1);
+
+/** Checks the structure of a parsed golden file; throws GoldenFormatError naming the first problem. */
+export function validateGolden(data: unknown): GoldenCase {
+  const g = data as GoldenCase;
+  if (g === null || typeof g !== 'object' || Array.isArray(g)) fail('$', 'expected a JSON object');
+  if (typeof g.name !== 'string') fail('$.name', 'expected a string');
+  const c = g.config;
+  if (c === null || typeof c !== 'object') fail('$.config', 'expected an object');
+  if (c.optimizer !== 'AdaFisher' && c.optimizer !== 'AdaFisherW') fail('$.config.optimizer', "expected 'AdaFisher' or 'AdaFisherW'");
+  for (const k of ['lr', 'beta', 'damping', 'gamma', 'tcov', 'weightDecay'] as const) {
+    if (typeof c[k] !== 'number') fail(`$.config.${k}`, 'expected a number');
+  }
+  if (!Array.isArray(g.layers) || g.layers.length === 0) fail('$.layers', 'expected a non-empty array');
+  const sizes = g.layers.map((l, i) => {
+    const at = `$.layers[${i}]`;
+    if (l === null || typeof l !== 'object') fail(at, 'expected an object');
+    if (typeof l.bias !== 'boolean') fail(`${at}.bias`, 'expected a boolean');
+    switch (l.kind) {
+      case 'linear':
+        numbers([l.in, l.out], `${at}.in/out`);
+        return { w: l.in! * l.out!, b: l.out! };
+      case 'conv2d':
+        numbers([l.inChannels, l.outChannels, l.groups ?? 1], `${at}.inChannels/outChannels/groups`);
+        numbers(l.kernel, `${at}.kernel`, 2);
+        numbers(l.stride, `${at}.stride`, 2);
+        numbers(l.padding, `${at}.padding`, 2);
+        return { w: l.outChannels! * (l.inChannels! / (l.groups ?? 1)) * l.kernel![0] * l.kernel![1], b: l.outChannels! };
+      case 'batchnorm2d':
+        numbers([l.channels], `${at}.channels`);
+        return { w: l.channels!, b: l.channels! };
+      case 'layernorm':
+        numbers(l.shape, `${at}.shape`, 1);
+        return { w: l.shape![0], b: l.shape![0] };
+      default:
+        return fail(`${at}.kind`, `unsupported layer kind '${String((l as { kind: unknown }).kind)}'`);
+    }
+  });
+  if (!Array.isArray(g.init) || g.init.length !== g.layers.length) fail('$.init', `expected ${g.layers.length} entries`);
+  g.init.forEach((e, i) => {
+    numbers(e?.weight, `$.init[${i}].weight`, sizes[i].w);
+    if (g.layers[i].bias) numbers(e.bias, `$.init[${i}].bias`, sizes[i].b);
+  });
+  if (!Array.isArray(g.steps) || g.steps.length === 0) fail('$.steps', 'expected a non-empty array');
+  g.steps.forEach((s, t) => {
+    const at = `$.steps[${t}]`;
+    if (!Array.isArray(s?.seen) || s.seen.length !== g.layers.length) fail(`${at}.seen`, `expected ${g.layers.length} entries`);
+    if (!Array.isArray(s.after) || s.after.length !== g.layers.length) fail(`${at}.after`, `expected ${g.layers.length} entries`);
+    s.seen.forEach((e, i) => {
+      const p = `${at}.seen[${i}]`;
+      numbers(e?.input, `${p}.input`, prod(numbers(e?.inputShape, `${p}.inputShape`)));
+      numbers(e.gradOutput, `${p}.gradOutput`, prod(numbers(e.gradOutputShape, `${p}.gradOutputShape`)));
+      numbers(e.weightGrad, `${p}.weightGrad`, sizes[i].w);
+      if (g.layers[i].bias) numbers(e.biasGrad, `${p}.biasGrad`, sizes[i].b);
+    });
+    s.after.forEach((e, i) => {
+      const p = `${at}.after[${i}]`;
+      numbers(e?.weight, `${p}.weight`, sizes[i].w);
+      numbers(e.momentumWeight, `${p}.momentumWeight`, sizes[i].w);
+      numbers(e.H, `${p}.H`);
+      numbers(e.S, `${p}.S`);
+      if (g.layers[i].bias) {
+        numbers(e.bias, `${p}.bias`, sizes[i].b);
+        numbers(e.momentumBias, `${p}.momentumBias`, sizes[i].b);
+      }
+    });
+  });
+  return g;
+}
+
+export function readGolden(file: string): GoldenCase {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new GoldenFormatError(`${file}: cannot read (${(e as Error).message})`);
+  }
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch (e) {
+    throw new GoldenFormatError(`${file}: not valid JSON (${(e as Error).message})`);
+  }
+  return validateGolden(data);
+}
+
+/** The model of a golden case as AdaFisher layer descriptions (PyTorch layouts, NCHW). */
+export function goldenLayers(g: GoldenCase): { layers: LayerSpec[]; params: { weight: Float32Array; bias: Float32Array | null }[] } {
+  const params = g.init.map((e, i) => ({
+    weight: Float32Array.from(e.weight),
+    bias: g.layers[i].bias ? Float32Array.from(e.bias!) : null,
+  }));
+  const layers = g.layers.map((l, i): LayerSpec => {
+    const { weight, bias } = params[i];
+    switch (l.kind) {
+      case 'linear':
+        return { kind: 'linear', inFeatures: l.in!, outFeatures: l.out!, weight, bias };
+      case 'conv2d':
+        return {
+          kind: 'conv2d',
+          inChannels: l.inChannels!,
+          outChannels: l.outChannels!,
+          kernelSize: l.kernel!,
+          stride: l.stride!,
+          padding: l.padding!,
+          groups: l.groups ?? 1,
+          weight,
+          bias,
+        };
+      case 'batchnorm2d':
+        return { kind: 'batchnorm', channels: l.channels!, weight, bias };
+      case 'layernorm':
+        return { kind: 'layernorm', features: l.shape![0], weight, bias };
+    }
+  });
+  return { layers, params };
+}
+
+function relError(ours: ArrayLike<number>, golden: number[]): number {
+  let maxErr = 0;
+  let maxAbs = 0;
+  for (let i = 0; i < golden.length; i++) {
+    const d = Math.abs(ours[i] - golden[i]);
+    if (!(d <= maxErr)) maxErr = Number.isNaN(d) ? Infinity : d;
+    maxAbs = Math.max(maxAbs, Math.abs(golden[i]));
+  }
+  if (maxErr === 0) return 0;
+  return maxAbs === 0 ? Infinity : maxErr / maxAbs;
+}
+
+/**
+ * Replays a golden case through AdaFisher and reports max relative errors per array kind.
+ * @param options.upload turns host data into the tensors handed to the optimizer (e.g. DeviceBuffers).
+ */
+export function replayGolden(
+  g: GoldenCase,
+  options: { backend?: BackendName; tolerance?: number; file?: string; upload?: (a: Float32Array) => Tensor; download?: (t: Tensor) => Float32Array } = {},
+): ReplayReport {
+  const tolerance = options.tolerance ?? 1e-4;
+  const upload = options.upload ?? ((a: Float32Array) => a);
+  const download = options.download ?? ((t: Tensor) => (t instanceof Float32Array ? t : t.download()));
+  const { layers, params } = goldenLayers(g);
+  const tensors = params.map((p) => ({ weight: upload(p.weight), bias: p.bias ? upload(p.bias) : null }));
+  const specs = layers.map((l, i) => ({ ...l, weight: tensors[i].weight, bias: tensors[i].bias })) as LayerSpec[];
+  const opt = new AdaFisher(specs, {
+    lr: g.config.lr,
+    beta: g.config.beta,
+    damping: g.config.damping,
+    gamma: g.config.gamma,
+    tcov: g.config.tcov,
+    weightDecay: g.config.weightDecay,
+    decoupled: g.config.optimizer === 'AdaFisherW',
+    backend: options.backend,
+  });
+  const maxRelError = Object.fromEntries(ARRAY_KINDS.map((k) => [k, 0])) as Record<ArrayKind, number>;
+  let worst: ReplayReport['worst'] = { kind: 'weights', step: 0, layer: 0 };
+  let overall = 0;
+  const note = (kind: ArrayKind, step: number, layer: number, e: number) => {
+    maxRelError[kind] = Math.max(maxRelError[kind], e);
+    if (e > overall || Number.isNaN(e)) {
+      overall = e;
+      worst = { kind, step, layer };
+    }
+  };
+  try {
+    g.steps.forEach((s, t) => {
+      if (opt.willRefreshFactors) {
+        s.seen.forEach((e, i) => {
+          opt.recordInput(i, upload(Float32Array.from(e.input)), e.inputShape);
+          opt.recordOutputGrad(i, upload(Float32Array.from(e.gradOutput)), e.gradOutputShape);
+        });
+      }
+      const grads: Tensor[] = [];
+      s.seen.forEach((e, i) => {
+        grads.push(upload(Float32Array.from(e.weightGrad)));
+        if (g.layers[i].bias) grads.push(upload(Float32Array.from(e.biasGrad!)));
+      });
+      const result = opt.step(grads);
+      if (!result.applied) throw new Error(`step ${t} was skipped by the non-finite guard`);
+      const state = opt.exportState();
+      let slot = 0;
+      s.after.forEach((a, i) => {
+        note('weights', t, i, relError(download(tensors[i].weight), a.weight));
+        note('momenta', t, i, relError(state.momenta[slot++], a.momentumWeight));
+        if (g.layers[i].bias) {
+          note('biases', t, i, relError(download(tensors[i].bias!), a.bias!));
+          note('momenta', t, i, relError(state.momenta[slot++], a.momentumBias!));
+        }
+        note('H', t, i, relError(state.factors[i].H, a.H));
+        note('S', t, i, relError(state.factors[i].S, a.S));
+      });
+    });
+  } finally {
+    opt.dispose();
+  }
+  return {
+    name: g.name,
+    file: options.file,
+    backend: opt.backend,
+    steps: g.steps.length,
+    maxRelError,
+    overall,
+    worst,
+    tolerance,
+    pass: overall <= tolerance,
+  };
+}

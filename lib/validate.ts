@@ -1,0 +1,59 @@
+// Argument checks shared by the public API. Each throws TypeError for a wrong type and
+// RangeError for a wrong value, naming the argument (see errors.ts).
+import { rangeError, typeError } from './errors.js';
+
+export function checkNumber(name: string, value: unknown): number {
+  if (typeof value !== 'number') throw typeError(name, 'a number', value);
+  if (!Number.isFinite(value)) throw rangeError(name, 'a finite number', value);
+  return value;
+}
+
+export function checkRange(
+  name: string,
+  value: unknown,
+  lo: number,
+  hi: number,
+  { loOpen = false, hiOpen = false }: { loOpen?: boolean; hiOpen?: boolean } = {},
+): number {
+  const v = checkNumber(name, value);
+  const okLo = loOpen ? v > lo : v >= lo;
+  const okHi = hiOpen ? v < hi : v <= hi;
+  if (!okLo || !okHi) {
+    const text = `a number in ${loOpen ? '(' : '['}${lo}, ${hi}${hiOpen ? ')' : ']'}`;
+    throw rangeError(name, hi === Infinity ? `a number ${loOpen ? '>' : '>='} ${lo}` : text, value);
+  }
+  return v;
+}
+
+export function checkInteger(name: string, value: unknown, lo: number, hi = Number.MAX_SAFE_INTEGER): number {
+  if (typeof value !== 'number') throw typeError(name, 'an integer', value);
+  if (!Number.isInteger(value) || value < lo || value > hi) {
+    throw rangeError(name, hi === Number.MAX_SAFE_INTEGER ? `an integer >= ${lo}` : `an integer in [${lo}, ${hi}]`, value);
+  }
+  return value;
+}
+
+export function checkBoolean(name: string, value: unknown): boolean {
+  if (typeof value !== 'boolean') throw typeError(name, 'a boolean', value);
+  return value;
+}
+
+export function checkOneOf<T extends string>(name: string, value: unknown, options: readonly T[]): T {
+  if (typeof value !== 'string') throw typeError(name, `one of ${options.map((o) => `'${o}'`).join(', ')}`, value);
+  if (!options.includes(value as T)) throw rangeError(name, `one of ${options.map((o) => `'${o}'`).join(', ')}`, value);
+  return value as T;
+}
+
+export function checkPair(name: string, value: unknown, lo: number): [number, number] {
+  if (typeof value === 'number') {
+    const v = checkInteger(name, value, lo);
+    return [v, v];
+  }
+  if (!Array.isArray(value) || value.length !== 2) throw typeError(name, 'an integer or a pair of integers', value);
+  return [checkInteger(`${name}[0]`, value[0], lo), checkInteger(`${name}[1]`, value[1], lo)];
+}
+
+export function checkShape(name: string, value: unknown): number[] {
+  if (!Array.isArray(value)) throw typeError(name, 'an array of dimensions', value);
+  return value.map((d, i) => checkInteger(`${name}[${i}]`, d, 0));
+}

@@ -1,0 +1,127 @@
+#include "buffer_wrap.h"
+
+#include <algorithm>
+
+#include "glue.h"
+
+namespace adafisher {
+
+Napi::Function BufferWrap::Init(Napi::Env env) {
+  Napi::Function ctor =
+      DefineClass(env, "DeviceBuffer",
+                  {InstanceAccessor<&BufferWrap::GetLength>("length"),
+                   InstanceAccessor<&BufferWrap::GetBackendName>("backend"),
+                   InstanceAccessor<&BufferWrap::GetDisposed>("disposed"), InstanceMethod<&BufferWrap::Upload>("upload"),
+                   InstanceMethod<&BufferWrap::Download>("download"), InstanceMethod<&BufferWrap::Fill>("fill"),
+                   InstanceMethod<&BufferWrap::Dispose>("dispose")});
+  Instance(env).buffer_constructor = Napi::Persistent(ctor);
+  return ctor;
+}
+
+BufferWrap* BufferWrap::FromValue(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsObject()) return nullptr;
+  const Napi::FunctionReference& ctor = Instance(env).buffer_constructor;
+  if (ctor.IsEmpty() || !value.As<Napi::Object>().InstanceOf(ctor.Value())) return nullptr;
+  // InstanceOf is also true for Object.create(DeviceBuffer.prototype): check that a
+  // native object is really wrapped in it.
+  void* wrap = nullptr;
+  if (napi_unwrap(env, value, &wrap) != napi_ok || wrap == nullptr) return nullptr;
+  return static_cast<BufferWrap*>(wrap);
+}
+
+// new DeviceBuffer(backend, lengthOrData)
+BufferWrap::BufferWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<BufferWrap>(info) {
+  Napi::Env env = info.Env();
+  Guarded(env, [&]() -> Napi::Value {
+    backend_ = GetBackend(env, info[0], "backend");
+    const Napi::Value init = info[1];
+    if (init.IsNumber()) {
+      length_ = ToInteger(init, "length", 0, int64_t{1} << 40);
+      data_ = backend_->Allocate(static_cast<size_t>(length_));
+    } else if (init.IsTypedArray() && init.As<Napi::TypedArray>().TypedArrayType() == napi_float32_array) {
+      const auto src = init.As<Napi::Float32Array>();
+      length_ = static_cast<int64_t>(src.ElementLength());
+      data_ = backend_->Allocate(static_cast<size_t>(length_));
+      backend_->Upload(data_, src.Data(), src.ElementLength());
+    } else {
+      ThrowTypeError(env, "Expected a length or a Float32Array for data but received " + Describe(init));
+    }
+    return env.Undefined();
+  });
+}
+
+BufferWrap::~BufferWrap() {
+  if (data_ != nullptr) backend_->Release(data_);
+}
+
+void BufferWrap::CheckAlive(Napi::Env env) const {
+  if (data_ == nullptr) ThrowCoded(env, ErrorCode::kDisposed, "DeviceBuffer already disposed.");
+}
+
+Napi::Value BufferWrap::GetLength(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(length_)); }
+Napi::Value BufferWrap::GetBackendName(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), backend_ ? backend_->name() : "");
+}
+Napi::Value BufferWrap::GetDisposed(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), data_ == nullptr);
+}
+
+// upload(data: Float32Array, offset = 0)
+Napi::Value BufferWrap::Upload(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    CheckAlive(env);
+    if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      ThrowTypeError(env, "Expected a Float32Array for data but received " + Describe(info[0]));
+    const auto src = info[0].As<Napi::Float32Array>();
+    const int64_t offset = info[1].IsUndefined() ? 0 : ToInteger(info[1], "offset", 0, length_);
+    if (static_cast<int64_t>(src.ElementLength()) > length_ - offset)
+      ThrowRangeError(env, "Expected at most " + std::to_string(length_ - offset) + " elements for data but received " +
+                               std::to_string(src.ElementLength()));
+    backend_->Upload(data_ + offset, src.Data(), src.ElementLength());
+    return env.Undefined();
+  });
+}
+
+// download(): Float32Array (a new host copy), or download(into: Float32Array)
+Napi::Value BufferWrap::Download(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    CheckAlive(env);
+    Napi::Float32Array out;
+    if (info[0].IsUndefined()) {
+      out = Napi::Float32Array::New(env, static_cast<size_t>(length_));
+    } else {
+      if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+        ThrowTypeError(env, "Expected a Float32Array for into but received " + Describe(info[0]));
+      out = info[0].As<Napi::Float32Array>();
+      if (static_cast<int64_t>(out.ElementLength()) != length_)
+        ThrowRangeError(env, "Expected " + std::to_string(length_) + " elements for into but received " +
+                                 std::to_string(out.ElementLength()));
+    }
+    backend_->Download(out.Data(), data_, static_cast<size_t>(length_));
+    return out;
+  });
+}
+
+// fill(value: number)
+Napi::Value BufferWrap::Fill(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    CheckAlive(env);
+    if (!info[0].IsNumber()) ThrowTypeError(env, "Expected a number for value but received " + Describe(info[0]));
+    backend_->Fill(data_, info[0].As<Napi::Number>().FloatValue(), static_cast<size_t>(length_));
+    return env.Undefined();
+  });
+}
+
+// dispose(): frees the memory now; idempotent.
+Napi::Value BufferWrap::Dispose(const Napi::CallbackInfo& info) {
+  if (data_ != nullptr) {
+    backend_->Release(data_);
+    data_ = nullptr;
+  }
+  return info.Env().Undefined();
+}
+
+}  // namespace adafisher

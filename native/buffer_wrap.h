@@ -1,0 +1,41 @@
+// DeviceBuffer: float32 memory owned by one backend (host memory for `cpu`, device
+// memory for `cuda`), freed by dispose() or by the garbage collector's finalizer.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "core/backend.h"
+
+namespace adafisher {
+
+class BufferWrap : public Napi::ObjectWrap<BufferWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  // The BufferWrap behind `value`, or nullptr when it is not a DeviceBuffer of this addon instance.
+  static BufferWrap* FromValue(Napi::Env env, const Napi::Value& value);
+
+  explicit BufferWrap(const Napi::CallbackInfo& info);
+  ~BufferWrap() override;
+
+  float* data() const { return data_; }
+  int64_t length() const { return length_; }
+  const std::shared_ptr<Backend>& backend() const { return backend_; }
+
+ private:
+  Napi::Value GetLength(const Napi::CallbackInfo& info);
+  Napi::Value GetBackendName(const Napi::CallbackInfo& info);
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+  Napi::Value Upload(const Napi::CallbackInfo& info);
+  Napi::Value Download(const Napi::CallbackInfo& info);
+  Napi::Value Fill(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  void CheckAlive(Napi::Env env) const;
+
+  std::shared_ptr<Backend> backend_;
+  float* data_ = nullptr;
+  int64_t length_ = 0;
+};
+
+}  // namespace adafisher

@@ -1,0 +1,161 @@
+// The compute backend interface: plain C++17, no N-API. The CPU backend
+// (native/core/cpu_backend.cc) and the CUDA backend (cuda/) implement it; the N-API glue
+// (native/*.cc) validates every argument before calling it, so implementations may
+// assume well-formed requests (non-negative sizes, in-range offsets, valid pointers for
+// `numel` elements, distinct parameter/momentum/gradient storage).
+//
+// All pointers handed to a backend are that backend's own memory: host memory for the
+// CPU backend, device memory (from allocate()) for the CUDA backend.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "math.h"
+
+namespace adafisher {
+
+using index_t = int64_t;
+
+// Stable error codes, mirrored in lib/errors.ts (see NOTE: [error codes] there).
+enum class ErrorCode : int32_t {
+  kInvalidArgument = 0,  // ADAFISHER_INVALID_ARGUMENT
+  kDisposed = 1,         // ADAFISHER_DISPOSED
+  kForeignBuffer = 2,    // ADAFISHER_FOREIGN_BUFFER
+  kOutOfMemory = 3,      // ADAFISHER_OUT_OF_MEMORY
+  kCudaError = 4,        // ADAFISHER_CUDA_ERROR
+  kBackendUnavailable = 5,  // ADAFISHER_BACKEND_UNAVAILABLE
+  kMissingStatistics = 6,   // ADAFISHER_MISSING_STATISTICS
+  kBadCheckpoint = 7,       // ADAFISHER_BAD_CHECKPOINT
+  kInternal = 8,            // ADAFISHER_INTERNAL
+};
+
+const char* ErrorCodeName(ErrorCode code);
+
+// What a backend throws. The N-API glue turns it into a JS Error with `.code`.
+class BackendError : public std::runtime_error {
+ public:
+  BackendError(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  ErrorCode code() const { return code_; }
+
+ private:
+  ErrorCode code_;
+};
+
+enum class DataFormat : int32_t { kNCHW = 0, kNHWC = 1 };
+
+// Order of the conv patch index k (= order of the flattened weight row).
+//   kChannelMajor: k = c' * kh * kw + i * kw + j   (PyTorch [out, in/g, kh, kw])
+//   kChannelMinor: k = (i * kw + j) * (C/g) + c'  (TF.js [kh, kw, in, out])
+enum class PatchOrder : int32_t { kChannelMajor = 0, kChannelMinor = 1 };
+
+struct Conv2dShape {
+  index_t batch = 0, channels = 0, height = 0, width = 0;  // input
+  index_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1;
+  index_t pad_top = 0, pad_left = 0;  // bottom/right padding is implied by out_h/out_w
+  index_t out_h = 0, out_w = 0;
+  index_t groups = 1;
+  DataFormat format = DataFormat::kNCHW;
+  PatchOrder order = PatchOrder::kChannelMajor;
+};
+
+// One parameter tensor of a step. The preconditioner of element i is
+//   F = S[s_offset + (i / o_stride) % o_count] * H[h_offset + (i / k_stride) % k_count] + damping
+// when `preconditioned`, else F = 1 (plain momentum). Examples:
+//   PyTorch weight [out, K]: o_stride = K, o_count = out, k_stride = 1,   k_count = K
+//   TF.js weight [K, out]:   o_stride = 1, o_count = out, k_stride = out, k_count = K
+//   bias [out]:              o_stride = 1, o_count = out, k_stride = numel, k_count = 1, h_offset -> H[K]
+struct StepTensor {
+  float* param = nullptr;
+  const float* grad = nullptr;
+  float* momentum = nullptr;
+  index_t numel = 0;
+  bool preconditioned = false;
+  index_t h_offset = 0, s_offset = 0;  // into StepRequest::running
+  index_t o_stride = 1, o_count = 1, k_stride = 1, k_count = 1;
+  math::StepScalars scalars{};
+};
+
+// A factor vector (one layer's H or S) inside the fresh and running factor buffers.
+struct FactorSegment {
+  index_t offset = 0;
+  index_t length = 0;
+};
+
+struct StepRequest {
+  math::UpdateRule rule = math::UpdateRule::kAdaFisher;
+  float damping = 1e-3f;
+  const StepTensor* tensors = nullptr;
+  size_t tensor_count = 0;
+  // Factor refresh: running[seg] <- decay * running[seg] + mix * minmax(fresh[seg]).
+  bool refresh = false;
+  const FactorSegment* segments = nullptr;
+  size_t segment_count = 0;
+  const float* fresh = nullptr;
+  float* running = nullptr;
+  float decay = 0.08f, mix = 0.008f;
+  // Non-finite guard: when any grad (or, on refresh, any fresh factor entry) is NaN or
+  // +-inf, the step writes nothing at all.
+  bool guard = true;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  // Memory of this backend, counted in float32 elements.
+  virtual float* Allocate(size_t count) = 0;  // zero-filled; throws kOutOfMemory
+  virtual void Release(float* ptr) noexcept = 0;
+  virtual void Upload(float* dst, const float* host_src, size_t count) = 0;
+  virtual void Download(float* host_dst, const float* src, size_t count) = 0;
+  virtual void Copy(float* dst, const float* src, size_t count) = 0;
+  virtual void Fill(float* dst, float value, size_t count) = 0;
+  virtual void Synchronize() = 0;
+  virtual size_t LiveAllocations() const = 0;
+
+  // Fresh factors. x is viewed as [outer, kept, inner]; each writes `kept` (+1) floats.
+  // out[b] = sum_{a,c} x[a,b,c]^2 / count; with has_appended, out[kept] = appended.
+  virtual void MeanSquareFactor(const float* x, index_t outer, index_t kept, index_t inner, double count,
+                                bool has_appended, float appended, float* out) = 0;
+  // u[b] = sum_{a,c} x[a,b,c] / u_divisor; out = { sum_b u[b]^2 / batch^2, kept / batch^2 } (2 floats).
+  virtual void NormInputFactor(const float* x, index_t outer, index_t kept, index_t inner, double u_divisor,
+                               double batch, float* out) = 0;
+  // out[b] = (sum_{a,c} x[a,b,c])^2 / batch.
+  virtual void NormGradFactor(const float* x, index_t outer, index_t kept, index_t inner, double batch,
+                              float* out) = 0;
+  // H of a Conv2d: the mean square of each im2col column (K = C/g * kh * kw entries, in
+  // shape.order), without materializing im2col; with has_bias, out[K] = groups.
+  virtual void Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bool has_bias, float* out) = 0;
+
+  // Guard, factor refresh and the preconditioned update of every tensor, in one call.
+  // Returns false when the guard tripped (nothing was written).
+  virtual bool Step(const StepRequest& request) = 0;
+
+  // Threads the backend computes with (CPU) or 0.
+  virtual int Threads() const { return 0; }
+};
+
+std::unique_ptr<Backend> CreateCpuBackend(int threads);
+
+// Defined in cuda/ when the addon is built with CUDA. Returns nullptr and sets *reason
+// when CUDA cannot be used (no driver, no device, ...). Never throws.
+std::unique_ptr<Backend> CreateCudaBackend(std::string* reason);
+
+// Facts about the CUDA build and device, for backendInfo(). Never throws.
+struct CudaInfo {
+  bool compiled = false;       // built with CUDA
+  bool usable = false;         // a device can be used
+  std::string reason;          // why not, when !usable
+  std::string device_name;
+  int compute_major = 0, compute_minor = 0;
+  int driver_version = 0, runtime_version = 0;
+  std::string architectures;   // e.g. "75;80;86;89;90;PTX"
+};
+CudaInfo QueryCuda();
+
+}  // namespace adafisher

@@ -1,0 +1,394 @@
+// The CPU backend: portable C++17, multi-threaded over a ThreadPool, with loops the
+// compiler vectorizes. Reductions accumulate in double and combine per-task partials in
+// task order, so results do not depend on the number of threads.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/thread_pool.h"
+
+namespace adafisher {
+namespace {
+
+// Elements per task: large enough to amortize scheduling, small enough to balance.
+constexpr index_t kTaskElements = 1 << 15;
+constexpr index_t kColumnBlock = 1024;
+
+index_t CeilDiv(index_t a, index_t b) { return (a + b - 1) / b; }
+
+// sum over (a, c) of op(x[a, b, c]) for every b, in double, deterministic.
+template <bool kSquare>
+void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, index_t inner, double* sums) {
+  std::fill(sums, sums + kept, 0.0);
+  if (outer == 0 || kept == 0 || inner == 0) return;
+  if (inner == 1) {
+    // Columns of a row-major [outer, kept] matrix: tasks are (row block, column block).
+    const index_t col_blocks = CeilDiv(kept, kColumnBlock);
+    const index_t cols = std::min(kept, kColumnBlock);
+    const index_t rows_per_task = std::max<index_t>(1, kTaskElements / cols);
+    const index_t row_blocks = CeilDiv(outer, rows_per_task);
+    std::vector<double> partial(static_cast<size_t>(row_blocks * kept));
+    pool.Run(row_blocks * col_blocks, [&](int64_t task) {
+      const index_t rb = task / col_blocks, cb = task % col_blocks;
+      const index_t c0 = cb * kColumnBlock, c1 = std::min(kept, c0 + kColumnBlock);
+      const index_t r0 = rb * rows_per_task, r1 = std::min(outer, r0 + rows_per_task);
+      double* __restrict acc = partial.data() + rb * kept;
+      for (index_t r = r0; r < r1; ++r) {
+        const float* __restrict row = x + r * kept;
+        for (index_t c = c0; c < c1; ++c) {
+          const double v = row[c];
+          acc[c] += kSquare ? v * v : v;
+        }
+      }
+    });
+    for (index_t rb = 0; rb < row_blocks; ++rb) {
+      const double* acc = partial.data() + rb * kept;
+      for (index_t c = 0; c < kept; ++c) sums[c] += acc[c];
+    }
+    return;
+  }
+  // Planes: x[a, b, :] is a contiguous run of `inner` values. Tasks are (a block, b).
+  const index_t planes_per_task = std::max<index_t>(1, kTaskElements / inner);
+  const index_t a_blocks = CeilDiv(outer, planes_per_task);
+  std::vector<double> partial(static_cast<size_t>(a_blocks * kept));
+  pool.Run(a_blocks * kept, [&](int64_t task) {
+    const index_t ab = task / kept, b = task % kept;
+    const index_t a0 = ab * planes_per_task, a1 = std::min(outer, a0 + planes_per_task);
+    double acc = 0.0;
+    for (index_t a = a0; a < a1; ++a) {
+      const float* __restrict plane = x + (a * kept + b) * inner;
+      // Four independent accumulators keep the loop vectorizable without reassociation flags.
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      index_t c = 0;
+      for (; c + 4 <= inner; c += 4) {
+        const double v0 = plane[c], v1 = plane[c + 1], v2 = plane[c + 2], v3 = plane[c + 3];
+        s0 += kSquare ? v0 * v0 : v0;
+        s1 += kSquare ? v1 * v1 : v1;
+        s2 += kSquare ? v2 * v2 : v2;
+        s3 += kSquare ? v3 * v3 : v3;
+      }
+      for (; c < inner; ++c) {
+        const double v = plane[c];
+        s0 += kSquare ? v * v : v;
+      }
+      acc += (s0 + s1) + (s2 + s3);
+    }
+    partial[ab * kept + b] = acc;
+  });
+  for (index_t ab = 0; ab < a_blocks; ++ab) {
+    for (index_t b = 0; b < kept; ++b) sums[b] += partial[ab * kept + b];
+  }
+}
+
+// Sum of squares of the patch entries (i, j) of one channel plane at rows/cols given by
+// the conv geometry; `stride` is the distance between consecutive x positions of the
+// plane (1 for NCHW planes, C for NHWC). Adds into acc[i * kw + j] for `lanes` channels
+// stored `lane_stride` apart (NHWC processes a block of channels at once).
+struct PatchScratch {
+  std::vector<double> rows;  // [kh][W][lanes]
+};
+
+void PatchSums(const float* plane, const Conv2dShape& s, index_t x_stride, index_t y_stride, index_t lanes,
+               PatchScratch& scratch, double* acc /* [lanes][kh*kw] */) {
+  const index_t kh = s.kernel_h, kw = s.kernel_w, W = s.width, H = s.height;
+  scratch.rows.assign(static_cast<size_t>(kh * W * lanes), 0.0);
+  // rows_i[x][l] = sum over output rows oh of plane[y = oh*sh + i - pad_top][x]^2.
+  for (index_t i = 0; i < kh; ++i) {
+    double* __restrict r = scratch.rows.data() + i * W * lanes;
+    for (index_t oh = 0; oh < s.out_h; ++oh) {
+      const index_t y = oh * s.stride_h + i - s.pad_top;
+      if (y < 0 || y >= H) continue;
+      const float* __restrict src = plane + y * y_stride;
+      if (lanes == 1) {
+        for (index_t x = 0; x < W; ++x) {
+          const double v = src[x * x_stride];
+          r[x] += v * v;
+        }
+      } else {
+        for (index_t x = 0; x < W; ++x) {
+          const float* __restrict px = src + x * x_stride;
+          double* __restrict rx = r + x * lanes;
+          for (index_t l = 0; l < lanes; ++l) {
+            const double v = px[l];
+            rx[l] += v * v;
+          }
+        }
+      }
+    }
+  }
+  // acc[l][i*kw + j] += sum over output cols ow of rows_i[x = ow*sw + j - pad_left][l].
+  for (index_t i = 0; i < kh; ++i) {
+    const double* r = scratch.rows.data() + i * W * lanes;
+    for (index_t j = 0; j < kw; ++j) {
+      // Valid ow range: 0 <= ow*sw + j - pad_left < W.
+      const index_t first = j >= s.pad_left ? 0 : CeilDiv(s.pad_left - j, s.stride_w);
+      const index_t last_x = W - 1 - j + s.pad_left;  // ow*sw <= last_x
+      const index_t end = last_x < 0 ? 0 : std::min(s.out_w, last_x / s.stride_w + 1);
+      for (index_t l = 0; l < lanes; ++l) {
+        double sum = 0.0;
+        for (index_t ow = first; ow < end; ++ow) sum += r[(ow * s.stride_w + j - s.pad_left) * lanes + l];
+        acc[l * kh * kw + i * kw + j] += sum;
+      }
+    }
+  }
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+  ~CpuBackend() override = default;
+
+  const char* name() const override { return "cpu"; }
+  int Threads() const override { return pool_.threads(); }
+
+  float* Allocate(size_t count) override {
+    if (count > std::numeric_limits<size_t>::max() / sizeof(float) - 64) {
+      throw BackendError(ErrorCode::kOutOfMemory, "cannot allocate " + std::to_string(count) + " floats");
+    }
+    // 64-byte alignment: whole cache lines, aligned vector loads.
+    const size_t bytes = ((std::max<size_t>(count, 1) * sizeof(float)) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (p == nullptr) {
+      throw BackendError(ErrorCode::kOutOfMemory,
+                         "out of host memory allocating " + std::to_string(count) + " floats");
+    }
+    std::memset(p, 0, bytes);
+    live_.fetch_add(1, std::memory_order_relaxed);
+    return static_cast<float*>(p);
+  }
+  void Release(float* ptr) noexcept override {
+    if (ptr == nullptr) return;
+    std::free(ptr);
+    live_.fetch_sub(1, std::memory_order_relaxed);
+  }
+  void Upload(float* dst, const float* src, size_t count) override { Copy(dst, src, count); }
+  void Download(float* dst, const float* src, size_t count) override { Copy(dst, src, count); }
+  void Copy(float* dst, const float* src, size_t count) override {
+    if (count != 0 && dst != src) std::memmove(dst, src, count * sizeof(float));
+  }
+  void Fill(float* dst, float value, size_t count) override { std::fill(dst, dst + count, value); }
+  void Synchronize() override {}
+  size_t LiveAllocations() const override { return live_.load(std::memory_order_relaxed); }
+
+  void MeanSquareFactor(const float* x, index_t outer, index_t kept, index_t inner, double count, bool has_appended,
+                        float appended, float* out) override {
+    std::vector<double> sums(static_cast<size_t>(kept));
+    ReduceKept<true>(pool_, x, outer, kept, inner, sums.data());
+    for (index_t b = 0; b < kept; ++b) out[b] = static_cast<float>(count > 0 ? sums[b] / count : 0.0);
+    if (has_appended) out[kept] = appended;
+  }
+
+  void NormInputFactor(const float* x, index_t outer, index_t kept, index_t inner, double u_divisor, double batch,
+                       float* out) override {
+    std::vector<double> sums(static_cast<size_t>(kept));
+    ReduceKept<false>(pool_, x, outer, kept, inner, sums.data());
+    double total = 0.0;
+    for (index_t b = 0; b < kept; ++b) {
+      const double u = sums[b] / u_divisor;
+      total += u * u;
+    }
+    const double batch_sq = batch * batch;
+    out[0] = static_cast<float>(total / batch_sq);
+    out[1] = static_cast<float>(static_cast<double>(kept) / batch_sq);
+  }
+
+  void NormGradFactor(const float* x, index_t outer, index_t kept, index_t inner, double batch, float* out) override {
+    std::vector<double> sums(static_cast<size_t>(kept));
+    ReduceKept<false>(pool_, x, outer, kept, inner, sums.data());
+    for (index_t b = 0; b < kept; ++b) out[b] = static_cast<float>(sums[b] * sums[b] / batch);
+  }
+
+  void Conv2dPatchFactor(const float* x, const Conv2dShape& s, bool has_bias, float* out) override {
+    const index_t N = s.batch, C = s.channels, khw = s.kernel_h * s.kernel_w;
+    const index_t cg = C / s.groups;
+    const index_t K = cg * khw;
+    // partial[n][c][i*kw + j]: one slot per (image, channel), combined in fixed order.
+    std::vector<double> partial(static_cast<size_t>(N * C * khw), 0.0);
+    const index_t plane = s.height * s.width;
+    if (s.format == DataFormat::kNCHW) {
+      pool_.Run(N * C, [&](int64_t nc) {
+        thread_local PatchScratch scratch;
+        PatchSums(x + nc * plane, s, 1, s.width, 1, scratch, partial.data() + nc * khw);
+      });
+    } else {
+      // NHWC: a task is (image, block of channels); a block of channels is contiguous.
+      const index_t block = std::min<index_t>(C, 64);
+      const index_t blocks = CeilDiv(C, block);
+      pool_.Run(N * blocks, [&](int64_t task) {
+        thread_local PatchScratch scratch;
+        const index_t n = task / blocks, c0 = (task % blocks) * block;
+        const index_t lanes = std::min(block, C - c0);
+        PatchSums(x + n * plane * C + c0, s, C, s.width * C, lanes, scratch, partial.data() + (n * C + c0) * khw);
+      });
+    }
+    const double count = static_cast<double>(N) * static_cast<double>(s.out_h) * static_cast<double>(s.out_w);
+    for (index_t cp = 0; cp < cg; ++cp) {
+      for (index_t ij = 0; ij < khw; ++ij) {
+        double sum = 0.0;
+        for (index_t n = 0; n < N; ++n) {
+          for (index_t g = 0; g < s.groups; ++g) sum += partial[(n * C + g * cg + cp) * khw + ij];
+        }
+        const index_t k = s.order == PatchOrder::kChannelMajor ? cp * khw + ij : ij * cg + cp;
+        out[k] = static_cast<float>(count > 0 ? sum / count : 0.0);
+      }
+    }
+    if (has_bias) out[K] = static_cast<float>(s.groups);
+  }
+
+  bool Step(const StepRequest& r) override {
+    // Work list: (tensor, begin, end) chunks over every non-empty tensor.
+    struct Chunk {
+      size_t tensor;
+      index_t begin, end;
+    };
+    std::vector<Chunk> chunks;
+    for (size_t t = 0; t < r.tensor_count; ++t) {
+      const StepTensor& st = r.tensors[t];
+      for (index_t b = 0; b < st.numel; b += kTaskElements) chunks.push_back({t, b, std::min(st.numel, b + kTaskElements)});
+    }
+    if (r.guard) {
+      std::atomic<bool> bad{false};
+      pool_.Run(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+        if (bad.load(std::memory_order_relaxed)) return;
+        const Chunk& ch = chunks[c];
+        const float* __restrict g = r.tensors[ch.tensor].grad;
+        bool ok = true;
+        for (index_t i = ch.begin; i < ch.end; ++i) ok &= math::is_finite(g[i]);
+        if (!ok) bad.store(true, std::memory_order_relaxed);
+      });
+      if (r.refresh) {
+        for (size_t s = 0; s < r.segment_count; ++s) {
+          const float* f = r.fresh + r.segments[s].offset;
+          for (index_t i = 0; i < r.segments[s].length; ++i) {
+            if (!math::is_finite(f[i])) bad.store(true, std::memory_order_relaxed);
+          }
+        }
+      }
+      if (bad.load()) return false;
+    }
+    if (r.refresh) {
+      for (size_t s = 0; s < r.segment_count; ++s) {
+        const FactorSegment& seg = r.segments[s];
+        if (seg.length == 0) continue;
+        const float* f = r.fresh + seg.offset;
+        float* run = r.running + seg.offset;
+        float lo = math::clean_infinity(f[0]), hi = lo;
+        for (index_t i = 1; i < seg.length; ++i) {
+          const float v = math::clean_infinity(f[i]);
+          lo = std::min(lo, v);
+          hi = std::max(hi, v);
+        }
+        const float denominator = math::min_max_denominator(lo, hi);
+        for (index_t i = 0; i < seg.length; ++i) {
+          run[i] = math::ema_of_normalized(run[i], f[i], lo, denominator, r.decay, r.mix);
+        }
+      }
+    }
+    pool_.Run(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      if (r.rule == math::UpdateRule::kAdaFisher) {
+        UpdateChunk<math::UpdateRule::kAdaFisher>(r, r.tensors[ch.tensor], ch.begin, ch.end);
+      } else {
+        UpdateChunk<math::UpdateRule::kAdaFisherW>(r, r.tensors[ch.tensor], ch.begin, ch.end);
+      }
+    });
+    return true;
+  }
+
+ private:
+  // One run of elements [begin, end) whose preconditioner is S[o] * H[k] + damping,
+  // with either o fixed (h indexed by k) or k fixed (s indexed by o).
+  template <math::UpdateRule kRule>
+  static void UpdateRun(float* __restrict p, float* __restrict m, const float* __restrict g, index_t n,
+                        float scalar_factor, const float* __restrict vector_factor, float damping,
+                        const math::StepScalars& sc) {
+    for (index_t i = 0; i < n; ++i) {
+      const float fisher = math::fisher_diagonal(scalar_factor, vector_factor[i], damping);
+      math::update<kRule>(p[i], m[i], g[i], fisher, sc);
+    }
+  }
+
+  template <math::UpdateRule kRule>
+  static void UpdatePlain(float* __restrict p, float* __restrict m, const float* __restrict g, index_t n,
+                          const math::StepScalars& sc) {
+    for (index_t i = 0; i < n; ++i) math::update<kRule>(p[i], m[i], g[i], 1.0f, sc);
+  }
+
+  template <math::UpdateRule kRule>
+  static void UpdateChunk(const StepRequest& r, const StepTensor& t, index_t begin, index_t end) {
+    float* p = t.param;
+    float* m = t.momentum;
+    const float* g = t.grad;
+    if (!t.preconditioned) {
+      UpdatePlain<kRule>(p + begin, m + begin, g + begin, end - begin, t.scalars);
+      return;
+    }
+    const float* H = r.running + t.h_offset;
+    const float* S = r.running + t.s_offset;
+    // S[o] * H[k]: in a maximal run along the fastest index one factor is constant.
+    const bool k_fast = t.k_stride == 1 && t.o_stride == t.k_count;  // [out, K]
+    const bool o_fast = t.o_stride == 1 && t.k_stride == t.o_count;  // [K, out], bias
+    if (k_fast || o_fast) {
+      const index_t row = k_fast ? t.k_count : t.o_count;
+      index_t i = begin;
+      while (i < end) {
+        const index_t slow = i / row;
+        const index_t fast = i % row;
+        const index_t n = std::min(end - i, row - fast);
+        if (k_fast) {
+          const float s = S[slow % t.o_count];
+          UpdateRun<kRule>(p + i, m + i, g + i, n, s, H + fast, r.damping, t.scalars);
+        } else {
+          const float h = H[slow % t.k_count];
+          UpdateRun<kRule>(p + i, m + i, g + i, n, h, S + fast, r.damping, t.scalars);
+        }
+        i += n;
+      }
+      return;
+    }
+    for (index_t i = begin; i < end; ++i) {
+      const float fisher =
+          math::fisher_diagonal(S[(i / t.o_stride) % t.o_count], H[(i / t.k_stride) % t.k_count], r.damping);
+      math::update<kRule>(p[i], m[i], g[i], fisher, t.scalars);
+    }
+  }
+
+  ThreadPool pool_;
+  std::atomic<size_t> live_{0};
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> CreateCpuBackend(int threads) {
+  if (threads <= 0) {
+    const char* env = std::getenv("ADAFISHER_NUM_THREADS");
+    threads = env != nullptr ? std::atoi(env) : 0;
+    if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
+    if (threads <= 0) threads = 1;
+    threads = std::min(threads, 256);
+  }
+  return std::make_unique<CpuBackend>(threads);
+}
+
+const char* ErrorCodeName(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kInvalidArgument: return "ADAFISHER_INVALID_ARGUMENT";
+    case ErrorCode::kDisposed: return "ADAFISHER_DISPOSED";
+    case ErrorCode::kForeignBuffer: return "ADAFISHER_FOREIGN_BUFFER";
+    case ErrorCode::kOutOfMemory: return "ADAFISHER_OUT_OF_MEMORY";
+    case ErrorCode::kCudaError: return "ADAFISHER_CUDA_ERROR";
+    case ErrorCode::kBackendUnavailable: return "ADAFISHER_BACKEND_UNAVAILABLE";
+    case ErrorCode::kMissingStatistics: return "ADAFISHER_MISSING_STATISTICS";
+    case ErrorCode::kBadCheckpoint: return "ADAFISHER_BAD_CHECKPOINT";
+    case ErrorCode::kInternal: return "ADAFISHER_INTERNAL";
+  }
+  return "ADAFISHER_INTERNAL";
+}
+
+}  // namespace adafisher

@@ -1,0 +1,286 @@
+#include "glue.h"
+
+#include <cmath>
+#include <new>
+
+#include "buffer_wrap.h"
+
+namespace adafisher {
+
+// NOTE: [context awareness]
+// Everything the addon keeps lives in InstanceData, owned by the Node environment that
+// loaded it (napi_set_instance_data), so each worker thread has its own backends and
+// thread pool and its own cleanup when it exits. Buffers and optimizers hold their
+// backend by shared_ptr, so finalizers that run after the environment's cleanup still
+// find it alive.
+InstanceData& Instance(Napi::Env env) { return *env.GetInstanceData<InstanceData>(); }
+
+std::shared_ptr<Backend> GetBackend(Napi::Env env, const Napi::Value& name, const std::string& what) {
+  if (!name.IsString()) ThrowTypeError(env, "Expected 'cpu' or 'cuda' for " + what + " but received " + Describe(name));
+  const std::string n = name.As<Napi::String>().Utf8Value();
+  InstanceData& inst = Instance(env);
+  if (n == "cpu") {
+    if (!inst.cpu) inst.cpu = CreateCpuBackend(0);
+    return inst.cpu;
+  }
+  if (n == "cuda") {
+    if (!inst.cuda_tried) {
+      inst.cuda_tried = true;
+      inst.cuda = CreateCudaBackend(&inst.cuda_reason);
+    }
+    if (!inst.cuda) ThrowCoded(env, ErrorCode::kBackendUnavailable, "The CUDA backend is not available: " + inst.cuda_reason);
+    return inst.cuda;
+  }
+  ThrowRangeError(env, "Expected 'cpu' or 'cuda' for " + what + " but received '" + n + "'");
+}
+
+namespace {
+[[noreturn]] void ThrowWithCode(Napi::Error error, const char* code) {
+  error.Set("code", Napi::String::New(error.Env(), code));
+  throw error;
+}
+}  // namespace
+
+void ThrowTypeError(Napi::Env env, const std::string& message) {
+  ThrowWithCode(Napi::TypeError::New(env, message), ErrorCodeName(ErrorCode::kInvalidArgument));
+}
+void ThrowRangeError(Napi::Env env, const std::string& message) {
+  ThrowWithCode(Napi::RangeError::New(env, message), ErrorCodeName(ErrorCode::kInvalidArgument));
+}
+void ThrowCoded(Napi::Env env, ErrorCode code, const std::string& message) {
+  if (code == ErrorCode::kInvalidArgument) ThrowRangeError(env, message);
+  ThrowWithCode(Napi::Error::New(env, message), ErrorCodeName(code));
+}
+
+std::string Describe(const Napi::Value& value) {
+  std::string type;
+  std::string shown;
+  switch (value.Type()) {
+    case napi_undefined: return "undefined";
+    case napi_null: return "null";
+    case napi_boolean: type = "boolean"; shown = value.As<Napi::Boolean>().Value() ? "true" : "false"; break;
+    case napi_number: {
+      type = "number";
+      const double d = value.As<Napi::Number>().DoubleValue();
+      shown = std::isnan(d) ? "NaN" : std::to_string(d);
+      break;
+    }
+    case napi_string: {
+      type = "string";
+      std::string s = value.As<Napi::String>().Utf8Value();
+      if (s.size() > 40) s = s.substr(0, 40) + "...";
+      shown = "'" + s + "'";
+      break;
+    }
+    case napi_object:
+      if (value.IsTypedArray()) {
+        static const char* kNames[] = {"Int8Array",    "Uint8Array",   "Uint8ClampedArray", "Int16Array",
+                                       "Uint16Array",  "Int32Array",   "Uint32Array",       "Float32Array",
+                                       "Float64Array", "BigInt64Array", "BigUint64Array"};
+        const auto t = value.As<Napi::TypedArray>().TypedArrayType();
+        return std::string("a ") + (t >= 0 && t <= 10 ? kNames[t] : "typed array") + " of length " +
+               std::to_string(value.As<Napi::TypedArray>().ElementLength());
+      }
+      if (value.IsArray()) return "an array of length " + std::to_string(value.As<Napi::Array>().Length());
+      return "an object";
+    default: return "a value of type " + std::to_string(static_cast<int>(value.Type()));
+  }
+  return shown + " of type " + type;
+}
+
+Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn) {
+  try {
+    return fn();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const BackendError& e) {
+    ThrowCoded(env, e.code(), e.what());
+  } catch (const std::bad_alloc&) {
+    ThrowCoded(env, ErrorCode::kOutOfMemory, "out of host memory");
+  } catch (const std::exception& e) {
+    ThrowCoded(env, ErrorCode::kInternal, std::string("internal error: ") + e.what());
+  }
+}
+
+Napi::Object ToObject(const Napi::Value& v, const std::string& what) {
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
+    ThrowTypeError(v.Env(), "Expected an object for " + what + " but received " + Describe(v));
+  return v.As<Napi::Object>();
+}
+
+Napi::Array ToArray(const Napi::Value& v, const std::string& what) {
+  if (!v.IsArray()) ThrowTypeError(v.Env(), "Expected an array for " + what + " but received " + Describe(v));
+  return v.As<Napi::Array>();
+}
+
+double ReadNumber(const Napi::Object& obj, const char* key, const std::string& what) {
+  const Napi::Value v = obj.Get(key);
+  const std::string name = what + "." + key;
+  if (!v.IsNumber()) ThrowTypeError(obj.Env(), "Expected a number for " + name + " but received " + Describe(v));
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d)) ThrowRangeError(obj.Env(), "Expected a finite number for " + name + " but received " + Describe(v));
+  return d;
+}
+
+int64_t ToInteger(const Napi::Value& v, const std::string& what, int64_t lo, int64_t hi) {
+  if (!v.IsNumber()) ThrowTypeError(v.Env(), "Expected an integer for " + what + " but received " + Describe(v));
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d) || d != std::floor(d) || d < static_cast<double>(lo) || d > static_cast<double>(hi))
+    ThrowRangeError(v.Env(), "Expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] for " + what +
+                                 " but received " + Describe(v));
+  return static_cast<int64_t>(d);
+}
+
+int64_t ReadInteger(const Napi::Object& obj, const char* key, const std::string& what, int64_t lo, int64_t hi) {
+  return ToInteger(obj.Get(key), what + "." + key, lo, hi);
+}
+
+bool ReadBool(const Napi::Object& obj, const char* key, const std::string& what) {
+  const Napi::Value v = obj.Get(key);
+  if (!v.IsBoolean()) ThrowTypeError(obj.Env(), "Expected a boolean for " + what + "." + key + " but received " + Describe(v));
+  return v.As<Napi::Boolean>().Value();
+}
+
+std::vector<index_t> ToShape(const Napi::Value& v, const std::string& what) {
+  const Napi::Array a = ToArray(v, what);
+  if (a.Length() > 16) ThrowRangeError(v.Env(), "Expected at most 16 dims for " + what);
+  std::vector<index_t> shape(a.Length());
+  for (uint32_t i = 0; i < a.Length(); ++i)
+    shape[i] = ToInteger(a.Get(i), what + "[" + std::to_string(i) + "]", 0, index_t{1} << 50);
+  return shape;
+}
+
+TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, const Napi::Value& value, int64_t expected,
+                     const std::string& what, bool output)
+    : backend_(backend), output_(output) {
+  if (value.IsTypedArray()) {
+    const auto ta = value.As<Napi::TypedArray>();
+    if (ta.TypedArrayType() != napi_float32_array)
+      ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what + " but received " + Describe(value));
+    const auto f = value.As<Napi::Float32Array>();
+    length_ = static_cast<int64_t>(f.ElementLength());
+    if (length_ != expected)
+      ThrowRangeError(env, "Expected " + std::to_string(expected) + " elements for " + what + " but received " +
+                               std::to_string(length_) + (length_ == 0 ? " (is its ArrayBuffer detached?)" : ""));
+    host_ = const_cast<float*>(f.Data());
+    if (std::string(backend->name()) == "cpu") {
+      ptr_ = host_;
+    } else {
+      keep_ = Napi::Persistent(value);
+      staging_ = backend->Allocate(static_cast<size_t>(length_));
+      backend->Upload(staging_, host_, static_cast<size_t>(length_));
+      ptr_ = staging_;
+    }
+    return;
+  }
+  BufferWrap* buffer = BufferWrap::FromValue(env, value);
+  if (buffer == nullptr)
+    ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what + " but received " + Describe(value));
+  if (buffer->data() == nullptr) ThrowCoded(env, ErrorCode::kDisposed, "DeviceBuffer already disposed (" + what + ").");
+  if (buffer->backend().get() != backend.get())
+    ThrowCoded(env, ErrorCode::kForeignBuffer,
+               "Expected a DeviceBuffer of the " + std::string(backend->name()) + " backend for " + what +
+                   " but received one of the " + buffer->backend()->name() + " backend");
+  length_ = buffer->length();
+  if (length_ != expected)
+    ThrowRangeError(env, "Expected " + std::to_string(expected) + " elements for " + what + " but received a DeviceBuffer of " +
+                             std::to_string(length_));
+  ptr_ = buffer->data();
+  keep_ = Napi::Persistent(value);  // the buffer cannot be collected while in use
+}
+
+TensorRef::TensorRef(TensorRef&& o) noexcept { *this = std::move(o); }
+TensorRef& TensorRef::operator=(TensorRef&& o) noexcept {
+  if (this != &o) {
+    if (staging_ != nullptr) backend_->Release(staging_);
+    backend_ = std::move(o.backend_);
+    ptr_ = o.ptr_;
+    staging_ = o.staging_;
+    host_ = o.host_;
+    length_ = o.length_;
+    output_ = o.output_;
+    keep_ = std::move(o.keep_);
+    o.staging_ = nullptr;
+    o.ptr_ = nullptr;
+  }
+  return *this;
+}
+
+TensorRef::~TensorRef() {
+  if (staging_ != nullptr) backend_->Release(staging_);
+}
+
+void TensorRef::Finish() {
+  if (output_ && staging_ != nullptr) backend_->Download(host_, staging_, static_cast<size_t>(length_));
+}
+
+Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    const CudaInfo cuda = QueryCuda();
+    InstanceData& inst = Instance(env);
+    if (!inst.cpu) inst.cpu = CreateCpuBackend(0);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("cudaCompiled", cuda.compiled);
+    out.Set("cudaUsable", cuda.usable);
+    out.Set("cudaReason", cuda.reason);
+    out.Set("deviceName", cuda.device_name);
+    out.Set("computeCapability",
+            cuda.usable ? std::to_string(cuda.compute_major) + "." + std::to_string(cuda.compute_minor) : std::string());
+    out.Set("driverVersion", cuda.driver_version);
+    out.Set("runtimeVersion", cuda.runtime_version);
+    out.Set("cudaArchitectures", cuda.architectures);
+    out.Set("cpuThreads", inst.cpu->Threads());
+    out.Set("napiVersion", NAPI_VERSION);
+    return out;
+  });
+}
+
+Napi::Value LiveAllocations(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    auto backend = GetBackend(env, info[0], "backend");
+    return Napi::Number::New(env, static_cast<double>(backend->LiveAllocations()));
+  });
+}
+
+namespace {
+class SyncWorker : public Napi::AsyncWorker {
+ public:
+  SyncWorker(Napi::Env env, std::shared_ptr<Backend> backend)
+      : Napi::AsyncWorker(env), backend_(std::move(backend)), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      backend_->Synchronize();
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+  void OnError(const Napi::Error& e) override {
+    Napi::Error err = Napi::Error::New(Env(), e.Message());
+    err.Set("code", Napi::String::New(Env(), ErrorCodeName(ErrorCode::kCudaError)));
+    deferred_.Reject(err.Value());
+  }
+
+ private:
+  std::shared_ptr<Backend> backend_;
+  Napi::Promise::Deferred deferred_;
+};
+}  // namespace
+
+// synchronize(backend): a Promise that resolves once all queued work of the backend is
+// done, waiting on a libuv worker thread so the event loop keeps running.
+Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    auto backend = GetBackend(env, info[0], "backend");
+    auto* worker = new SyncWorker(env, backend);
+    Napi::Promise promise = worker->Promise();
+    worker->Queue();
+    return promise;
+  });
+}
+
+}  // namespace adafisher

@@ -1,0 +1,82 @@
+// N-API glue shared by the wrapped classes: per-instance data (the backends of this
+// Node environment), argument readers that throw TypeError/RangeError naming the
+// argument, and the conversion of backend errors into JS errors with a stable `code`.
+#pragma once
+
+#include <napi.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+
+namespace adafisher {
+
+// One per Node environment (main thread, each worker): see NOTE: [context awareness].
+struct InstanceData {
+  std::shared_ptr<Backend> cpu;
+  std::shared_ptr<Backend> cuda;
+  bool cuda_tried = false;
+  std::string cuda_reason;
+  Napi::FunctionReference buffer_constructor;
+  Napi::FunctionReference optimizer_constructor;
+};
+
+InstanceData& Instance(Napi::Env env);
+// "cpu" or "cuda"; throws ADAFISHER_BACKEND_UNAVAILABLE (with the reason) when CUDA is not usable.
+std::shared_ptr<Backend> GetBackend(Napi::Env env, const Napi::Value& name, const std::string& what);
+
+[[noreturn]] void ThrowTypeError(Napi::Env env, const std::string& message);
+[[noreturn]] void ThrowRangeError(Napi::Env env, const std::string& message);
+[[noreturn]] void ThrowCoded(Napi::Env env, ErrorCode code, const std::string& message);
+
+// "Expected <expected> for <name> but received <value> of type <type>".
+std::string Describe(const Napi::Value& value);
+
+// Runs fn, turning BackendError / std::bad_alloc / std::exception into JS errors.
+Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn);
+
+double ReadNumber(const Napi::Object& obj, const char* key, const std::string& what);
+int64_t ReadInteger(const Napi::Object& obj, const char* key, const std::string& what, int64_t lo, int64_t hi);
+int64_t ToInteger(const Napi::Value& v, const std::string& what, int64_t lo, int64_t hi);
+bool ReadBool(const Napi::Object& obj, const char* key, const std::string& what);
+Napi::Object ToObject(const Napi::Value& v, const std::string& what);
+Napi::Array ToArray(const Napi::Value& v, const std::string& what);
+std::vector<index_t> ToShape(const Napi::Value& v, const std::string& what);
+
+class BufferWrap;
+// A Float32Array or a DeviceBuffer resolved to memory of `backend`. For a Float32Array
+// on a non-host backend the data travels through a temporary device copy, written back
+// by Finish() when the tensor is an output.
+class TensorRef {
+ public:
+  TensorRef() = default;
+  TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, const Napi::Value& value, int64_t expected,
+            const std::string& what, bool output);
+  TensorRef(TensorRef&&) noexcept;
+  TensorRef& operator=(TensorRef&&) noexcept;
+  TensorRef(const TensorRef&) = delete;
+  ~TensorRef();
+  float* data() const { return ptr_; }
+  int64_t length() const { return length_; }
+  void Finish();  // copy a staged output back into its Float32Array
+
+ private:
+  std::shared_ptr<Backend> backend_;
+  float* ptr_ = nullptr;
+  float* staging_ = nullptr;
+  float* host_ = nullptr;
+  int64_t length_ = 0;
+  bool output_ = false;
+  Napi::Reference<Napi::Value> keep_;
+};
+
+Napi::Function InitBuffer(Napi::Env env);
+Napi::Function InitOptimizer(Napi::Env env);
+Napi::Value BackendInfo(const Napi::CallbackInfo& info);
+Napi::Value LiveAllocations(const Napi::CallbackInfo& info);
+Napi::Value Synchronize(const Napi::CallbackInfo& info);
+
+}  // namespace adafisher

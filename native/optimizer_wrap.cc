@@ -1,0 +1,317 @@
+// The native Optimizer: converts JS plans into OptimizerCore structs once, and each
+// call's arguments into backend pointers (validated, before anything is written).
+#include <napi.h>
+
+#include <memory>
+
+#include "core/optimizer.h"
+#include "glue.h"
+
+namespace adafisher {
+
+// Mirrors of the enums in lib/binding.ts.
+static_assert(static_cast<int>(LayerKind::kLinear) == 0 && static_cast<int>(LayerKind::kConv2d) == 1 &&
+                  static_cast<int>(LayerKind::kBatchNorm) == 2 && static_cast<int>(LayerKind::kLayerNorm) == 3,
+              "LayerKind values are mirrored in lib/binding.ts");
+static_assert(static_cast<int>(WeightLayout::kOutMajor) == 0 && static_cast<int>(WeightLayout::kOutMinor) == 1,
+              "WeightLayout values are mirrored in lib/binding.ts");
+static_assert(static_cast<int>(DataFormat::kNCHW) == 0 && static_cast<int>(DataFormat::kNHWC) == 1,
+              "DataFormat values are mirrored in lib/binding.ts");
+static_assert(static_cast<int>(PadMode::kExplicit) == 0 && static_cast<int>(PadMode::kSame) == 1,
+              "PadMode values are mirrored in lib/binding.ts");
+static_assert(static_cast<int>(math::UpdateRule::kAdaFisher) == 0 && static_cast<int>(math::UpdateRule::kAdaFisherW) == 1,
+              "UpdateRule values are mirrored in lib/binding.ts");
+
+namespace {
+
+constexpr int64_t kMaxDim = int64_t{1} << 40;
+
+class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    Napi::Function ctor = DefineClass(
+        env, "NativeOptimizer",
+        {InstanceMethod<&OptimizerWrap::RecordInput>("recordInput"),
+         InstanceMethod<&OptimizerWrap::RecordOutputGrad>("recordOutputGrad"),
+         InstanceMethod<&OptimizerWrap::SetFactor>("setFactor"), InstanceMethod<&OptimizerWrap::Step>("step"),
+         InstanceMethod<&OptimizerWrap::WillRefresh>("willRefresh"),
+         InstanceMethod<&OptimizerWrap::ExportState>("exportState"),
+         InstanceMethod<&OptimizerWrap::ImportState>("importState"),
+         InstanceMethod<&OptimizerWrap::FactorLayout>("factorLayout"),
+         InstanceMethod<&OptimizerWrap::Dispose>("dispose"), InstanceAccessor<&OptimizerWrap::Steps>("steps"),
+         InstanceAccessor<&OptimizerWrap::Disposed>("disposed"),
+         InstanceAccessor<&OptimizerWrap::BackendName>("backend")});
+    Instance(env).optimizer_constructor = Napi::Persistent(ctor);
+    return ctor;
+  }
+
+  // new NativeOptimizer(backend, config, layers, tensors)
+  explicit OptimizerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<OptimizerWrap>(info) {
+    Napi::Env env = info.Env();
+    Guarded(env, [&]() -> Napi::Value {
+      auto backend = GetBackend(env, info[0], "backend");
+      const Napi::Object c = ToObject(info[1], "config");
+      OptimizerConfig config;
+      config.rule = static_cast<math::UpdateRule>(ReadInteger(c, "rule", "config", 0, 1));
+      config.lr = ReadNumber(c, "lr", "config");
+      config.beta = ReadNumber(c, "beta", "config");
+      config.damping = ReadNumber(c, "damping", "config");
+      config.decay = ReadNumber(c, "decay", "config");
+      config.mix = ReadNumber(c, "mix", "config");
+      config.weight_decay = ReadNumber(c, "weightDecay", "config");
+      config.tcov = ReadInteger(c, "tcov", "config", 1, int64_t{1} << 40);
+      config.guard = ReadBool(c, "guard", "config");
+
+      const Napi::Array ls = ToArray(info[2], "layers");
+      std::vector<LayerSpec> layers(ls.Length());
+      for (uint32_t i = 0; i < ls.Length(); ++i) {
+        const std::string at = "layers[" + std::to_string(i) + "]";
+        const Napi::Object o = ToObject(ls.Get(i), at);
+        LayerSpec& l = layers[i];
+        l.kind = static_cast<LayerKind>(ReadInteger(o, "kind", at, 0, 3));
+        l.has_bias = ReadBool(o, "hasBias", at);
+        l.in_features = ReadInteger(o, "inFeatures", at, 0, kMaxDim);
+        l.out_features = ReadInteger(o, "outFeatures", at, 1, kMaxDim);
+        l.layout = static_cast<WeightLayout>(ReadInteger(o, "layout", at, 0, 1));
+        l.format = static_cast<DataFormat>(ReadInteger(o, "format", at, 0, 1));
+        if (l.kind == LayerKind::kConv2d) {
+          l.kernel_h = ReadInteger(o, "kernelH", at, 1, 65536);
+          l.kernel_w = ReadInteger(o, "kernelW", at, 1, 65536);
+          l.stride_h = ReadInteger(o, "strideH", at, 1, 65536);
+          l.stride_w = ReadInteger(o, "strideW", at, 1, 65536);
+          l.groups = ReadInteger(o, "groups", at, 1, kMaxDim);
+          l.pad_mode = static_cast<PadMode>(ReadInteger(o, "padMode", at, 0, 1));
+          l.pad_top = ReadInteger(o, "padTop", at, 0, 65536);
+          l.pad_bottom = ReadInteger(o, "padBottom", at, 0, 65536);
+          l.pad_left = ReadInteger(o, "padLeft", at, 0, 65536);
+          l.pad_right = ReadInteger(o, "padRight", at, 0, 65536);
+        }
+      }
+      const Napi::Array ts = ToArray(info[3], "tensors");
+      std::vector<TensorSpec> tensors(ts.Length());
+      for (uint32_t i = 0; i < ts.Length(); ++i) {
+        const std::string at = "tensors[" + std::to_string(i) + "]";
+        const Napi::Object o = ToObject(ts.Get(i), at);
+        tensors[i].numel = ReadInteger(o, "numel", at, 0, int64_t{1} << 50);
+        tensors[i].layer = static_cast<int32_t>(ReadInteger(o, "layer", at, -1, int64_t{1} << 30));
+        tensors[i].role = static_cast<TensorRole>(ReadInteger(o, "role", at, 0, 1));
+      }
+      core_ = std::make_unique<OptimizerCore>(backend, config, std::move(layers), std::move(tensors));
+      return env.Undefined();
+    });
+  }
+
+ private:
+  OptimizerCore& Core(Napi::Env env) {
+    if (!core_) ThrowCoded(env, ErrorCode::kDisposed, "Optimizer already disposed.");
+    return *core_;
+  }
+  std::shared_ptr<Backend> SharedBackend(Napi::Env env) {
+    // The backend of this optimizer, as held by the instance (shared ownership).
+    InstanceData& inst = Instance(env);
+    Backend* b = &Core(env).backend();
+    if (inst.cpu && inst.cpu.get() == b) return inst.cpu;
+    if (inst.cuda && inst.cuda.get() == b) return inst.cuda;
+    ThrowCoded(env, ErrorCode::kInternal, "optimizer backend not found");
+  }
+  int LayerIndex(Napi::Env env, const Napi::Value& v) {
+    return static_cast<int>(ToInteger(v, "layer", 0, static_cast<int64_t>(Core(env).layers().size()) - 1));
+  }
+
+  // recordInput(layer, data, shape)
+  Napi::Value RecordInput(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
+      const int layer = LayerIndex(env, info[0]);
+      const std::string what = "layers[" + std::to_string(layer) + "] input";
+      const auto shape = ToShape(info[2], what + " shape");
+      const index_t n = core.CheckInputShape(layer, shape, what);
+      TensorRef x(env, SharedBackend(env), info[1], n, what, false);
+      core.RecordInput(layer, x.data(), shape);
+      return env.Undefined();
+    });
+  }
+
+  // recordOutputGrad(layer, data, shape)
+  Napi::Value RecordOutputGrad(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
+      const int layer = LayerIndex(env, info[0]);
+      const std::string what = "layers[" + std::to_string(layer) + "] output gradient";
+      const auto shape = ToShape(info[2], what + " shape");
+      const index_t n = core.CheckOutputGradShape(layer, shape, what);
+      TensorRef g(env, SharedBackend(env), info[1], n, what, false);
+      core.RecordOutputGrad(layer, g.data(), shape);
+      return env.Undefined();
+    });
+  }
+
+  // setFactor(layer, which: 0 = H | 1 = S, data)
+  Napi::Value SetFactor(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
+      const int layer = LayerIndex(env, info[0]);
+      const auto which = static_cast<FactorKind>(ToInteger(info[1], "which", 0, 1));
+      const std::string what = "layers[" + std::to_string(layer) + "]." + (which == FactorKind::kH ? "H" : "S");
+      TensorRef v(env, SharedBackend(env), info[2], core.FactorLength(layer, which), what, false);
+      core.SetFactor(layer, which, v.data());
+      return env.Undefined();
+    });
+  }
+
+  // step(params: Tensor[], grads: (Tensor | null)[]) -> { applied, refreshed }
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      const Napi::Array ps = ToArray(info[0], "params");
+      const Napi::Array gs = ToArray(info[1], "grads");
+      const size_t n = core.tensors().size();
+      if (ps.Length() != n) ThrowRangeError(env, "Expected " + std::to_string(n) + " params but received " + std::to_string(ps.Length()));
+      if (gs.Length() != n) ThrowRangeError(env, "Expected " + std::to_string(n) + " grads but received " + std::to_string(gs.Length()));
+      auto backend = SharedBackend(env);
+      // Every argument is resolved and checked before anything is written.
+      std::vector<TensorRef> params, grads;
+      params.reserve(n);
+      grads.reserve(n);
+      std::vector<float*> p(n);
+      std::vector<const float*> g(n, nullptr);
+      for (size_t t = 0; t < n; ++t) {
+        const int64_t numel = core.tensors()[t].numel;
+        params.emplace_back(env, backend, ps.Get(t), numel, "params[" + std::to_string(t) + "]", true);
+        p[t] = params.back().data();
+        const Napi::Value gv = gs.Get(t);
+        if (gv.IsNull() || gv.IsUndefined()) {
+          grads.emplace_back();
+        } else {
+          grads.emplace_back(env, backend, gv, numel, "grads[" + std::to_string(t) + "]", false);
+          g[t] = grads.back().data();
+        }
+      }
+      const StepOutcome outcome = core.Step(p, g);
+      if (outcome.applied) {
+        for (TensorRef& r : params) r.Finish();
+      }
+      Napi::Object out = Napi::Object::New(env);
+      out.Set("applied", outcome.applied);
+      out.Set("refreshed", outcome.applied && outcome.refreshed);
+      return out;
+    });
+  }
+
+  Napi::Value WillRefresh(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value { return Napi::Boolean::New(env, Core(env).WillRefresh()); });
+  }
+
+  Napi::Value Steps(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value { return Napi::Number::New(env, double(Core(env).steps())); });
+  }
+
+  Napi::Value Disposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !core_); }
+
+  Napi::Value BackendName(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value { return Napi::String::New(env, Core(env).backend().name()); });
+  }
+
+  // factorLayout(): [{ hOffset, hLength, sOffset, sLength }] into the exported `factors`.
+  Napi::Value FactorLayout(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      Napi::Array out = Napi::Array::New(env, core.layers().size());
+      index_t offset = 0;
+      for (size_t i = 0; i < core.layers().size(); ++i) {
+        const index_t h = core.FactorLength(static_cast<int>(i), FactorKind::kH);
+        const index_t s = core.FactorLength(static_cast<int>(i), FactorKind::kS);
+        Napi::Object o = Napi::Object::New(env);
+        o.Set("hOffset", double(offset));
+        o.Set("hLength", double(h));
+        o.Set("sOffset", double(offset + h));
+        o.Set("sLength", double(s));
+        out.Set(static_cast<uint32_t>(i), o);
+        offset += h + s;
+      }
+      return out;
+    });
+  }
+
+  // exportState(): { steps, stepCounts: number[], momenta: Float32Array[], factors: Float32Array }
+  Napi::Value ExportState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      const OptimizerCore::State s = Core(env).ExportState();
+      Napi::Object out = Napi::Object::New(env);
+      out.Set("steps", double(s.steps));
+      Napi::Array counts = Napi::Array::New(env, s.step_counts.size());
+      Napi::Array momenta = Napi::Array::New(env, s.momenta.size());
+      for (size_t t = 0; t < s.momenta.size(); ++t) {
+        counts.Set(static_cast<uint32_t>(t), double(s.step_counts[t]));
+        Napi::Float32Array m = Napi::Float32Array::New(env, s.momenta[t].size());
+        std::copy(s.momenta[t].begin(), s.momenta[t].end(), m.Data());
+        momenta.Set(static_cast<uint32_t>(t), m);
+      }
+      Napi::Float32Array f = Napi::Float32Array::New(env, s.factors.size());
+      std::copy(s.factors.begin(), s.factors.end(), f.Data());
+      out.Set("stepCounts", counts);
+      out.Set("momenta", momenta);
+      out.Set("factors", f);
+      return out;
+    });
+  }
+
+  // importState(state) — same shape as exportState(); all-or-nothing.
+  Napi::Value ImportState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      const Napi::Object o = ToObject(info[0], "state");
+      OptimizerCore::State s;
+      s.steps = ToInteger(o.Get("steps"), "state.steps", 0, int64_t{1} << 52);
+      const Napi::Array counts = ToArray(o.Get("stepCounts"), "state.stepCounts");
+      const Napi::Array momenta = ToArray(o.Get("momenta"), "state.momenta");
+      const size_t n = core.tensors().size();
+      if (counts.Length() != n || momenta.Length() != n)
+        ThrowCoded(env, ErrorCode::kBadCheckpoint,
+                   "Expected state for " + std::to_string(n) + " tensors but received " + std::to_string(momenta.Length()) +
+                       " momenta and " + std::to_string(counts.Length()) + " step counts");
+      for (size_t t = 0; t < n; ++t) {
+        const std::string at = "state.momenta[" + std::to_string(t) + "]";
+        s.step_counts.push_back(ToInteger(counts.Get(t), "state.stepCounts[" + std::to_string(t) + "]", 0, int64_t{1} << 52));
+        const Napi::Value mv = momenta.Get(t);
+        if (!mv.IsTypedArray() || mv.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+          ThrowTypeError(env, "Expected a Float32Array for " + at + " but received " + Describe(mv));
+        const auto m = mv.As<Napi::Float32Array>();
+        s.momenta.emplace_back(m.Data(), m.Data() + m.ElementLength());
+      }
+      const Napi::Value fv = o.Get("factors");
+      if (!fv.IsTypedArray() || fv.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+        ThrowTypeError(env, "Expected a Float32Array for state.factors but received " + Describe(fv));
+      const auto f = fv.As<Napi::Float32Array>();
+      s.factors.assign(f.Data(), f.Data() + f.ElementLength());
+      core.ImportState(s);
+      return env.Undefined();
+    });
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    core_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<OptimizerCore> core_;
+};
+
+}  // namespace
+
+Napi::Function InitOptimizer(Napi::Env env) { return OptimizerWrap::Init(env); }
+
+}  // namespace adafisher
