@@ -499,7 +499,12 @@ export class AdaFisher {
       throw bad(`expected ${tensors.length} tensors, received ${Array.isArray(state.tensors) ? state.tensors.length : describeType(state.tensors)}`);
     }
     state.tensors.forEach((t, i) => {
+      const slot = this.#plan.slots[i];
+      const role = slot.role === 'bias' ? 'bias' : 'weight';
       if (t?.numel !== tensors[i].numel) throw bad(`tensors[${i}] has ${t?.numel} elements, this model's has ${tensors[i].numel}`);
+      if (t.layer !== slot.layer || t.role !== role) {
+        throw bad(`tensors[${i}] is the ${t.role} of layer ${t.layer}, this model's is the ${role} of layer ${slot.layer}`);
+      }
     });
     const layout = this.#alive().factorLayout();
     const preconditioned = this.#plan.nativeIndex.map((n, i) => ({ n, i })).filter((x) => x.n >= 0);
@@ -511,6 +516,7 @@ export class AdaFisher {
     preconditioned.forEach(({ n }, j) => {
       const f = state.factors[j];
       const l = layout[n];
+      if (f?.layer !== preconditioned[j].i) throw bad(`factors[${j}] belongs to layer ${f?.layer}, expected layer ${preconditioned[j].i}`);
       if (!(f?.H instanceof Float32Array) || f.H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
       if (!(f?.S instanceof Float32Array) || f.S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
       flat.set(f.H, l.hOffset);
@@ -543,12 +549,18 @@ function describeType(v: unknown): string {
   return v === null ? 'null' : typeof v;
 }
 
-/** A checkpoint as plain JSON (numbers; float32 values round-trip exactly). */
+// JSON has no NaN/±Infinity: those (possible with nonFiniteGuard: false) travel as strings.
+const toJSONNumber = (x: number): number | string => (Number.isFinite(x) ? x : String(x));
+const fromJSONNumber = (x: unknown): number =>
+  typeof x === 'number' ? x : x === 'NaN' ? NaN : x === 'Infinity' ? Infinity : x === '-Infinity' ? -Infinity : (undefined as never);
+
+/** A checkpoint as plain JSON (numbers; float32 values, NaN and ±Infinity round-trip exactly). */
 export function stateToJSON(state: AdaFisherState): unknown {
+  const arr = (a: Float32Array) => Array.from(a, toJSONNumber);
   return {
     ...state,
-    momenta: state.momenta.map((m) => Array.from(m)),
-    factors: state.factors.map((f) => ({ layer: f.layer, H: Array.from(f.H), S: Array.from(f.S) })),
+    momenta: state.momenta.map(arr),
+    factors: state.factors.map((f) => ({ layer: f.layer, H: arr(f.H), S: arr(f.S) })),
   };
 }
 
@@ -558,8 +570,9 @@ export function stateFromJSON(json: unknown): AdaFisherState {
   const bad = (msg: string) => codedError(ErrorCodes.badCheckpoint, `Invalid AdaFisher checkpoint JSON: ${msg}`);
   if (j === null || typeof j !== 'object') throw bad('expected an object');
   const arr = (v: unknown, name: string): Float32Array => {
-    if (!Array.isArray(v) || v.some((x) => typeof x !== 'number')) throw bad(`${name} must be an array of numbers`);
-    return Float32Array.from(v as number[]);
+    const values = Array.isArray(v) ? v.map(fromJSONNumber) : [undefined];
+    if (values.some((x) => typeof x !== 'number')) throw bad(`${name} must be an array of numbers`);
+    return Float32Array.from(values);
   };
   if (!Array.isArray(j.momenta) || !Array.isArray(j.factors)) throw bad('momenta and factors must be arrays');
   return {

@@ -182,6 +182,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       grads.reserve(n);
       std::vector<float*> p(n);
       std::vector<const float*> g(n, nullptr);
+      std::vector<uint8_t> has_grad(n, 0);
       for (size_t t = 0; t < n; ++t) {
         const int64_t numel = core.tensors()[t].numel;
         params.emplace_back(env, backend, ps.Get(t), numel, "params[" + std::to_string(t) + "]", true);
@@ -192,9 +193,10 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
         } else {
           grads.emplace_back(env, backend, gv, numel, "grads[" + std::to_string(t) + "]", false);
           g[t] = grads.back().data();
+          has_grad[t] = 1;
         }
       }
-      const StepOutcome outcome = core.Step(p, g);
+      const StepOutcome outcome = core.Step(p, g, has_grad);
       if (outcome.applied) {
         for (TensorRef& r : params) r.Finish();
       }

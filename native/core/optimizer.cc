@@ -346,8 +346,9 @@ void OptimizerCore::SetFactor(int layer, FactorKind which, const float* values) 
   }
 }
 
-StepOutcome OptimizerCore::Step(const std::vector<float*>& params, const std::vector<const float*>& grads) {
-  if (params.size() != tensors_.size() || grads.size() != tensors_.size())
+StepOutcome OptimizerCore::Step(const std::vector<float*>& params, const std::vector<const float*>& grads,
+                                const std::vector<uint8_t>& has_grad) {
+  if (params.size() != tensors_.size() || grads.size() != tensors_.size() || has_grad.size() != tensors_.size())
     Invalid("Expected " + std::to_string(tensors_.size()) + " parameters and gradients");
   StepOutcome outcome;
   outcome.refreshed = WillRefresh();
@@ -365,7 +366,7 @@ StepOutcome OptimizerCore::Step(const std::vector<float*>& params, const std::ve
   std::vector<StepTensor> active;
   active.reserve(tensors_.size());
   for (size_t t = 0; t < tensors_.size(); ++t) {
-    if (grads[t] == nullptr) continue;
+    if (!has_grad[t]) continue;
     StepTensor st = step_tensors_[t];
     st.param = params[t];
     st.grad = grads[t];
@@ -397,7 +398,7 @@ StepOutcome OptimizerCore::Step(const std::vector<float*>& params, const std::ve
   for (LayerPlan& p : plans_) p.has_h = p.has_s = false;
   if (outcome.applied) {
     for (size_t t = 0; t < tensors_.size(); ++t) {
-      if (grads[t] != nullptr) ++step_counts_[t];
+      if (has_grad[t]) ++step_counts_[t];
     }
     ++steps_;
   }

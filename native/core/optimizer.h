@@ -80,10 +80,12 @@ class OptimizerCore {
   bool WillRefresh() const { return steps_ % config_.tcov == 0; }
   int64_t steps() const { return steps_; }
 
-  // params/grads: one entry per tensor, backend memory of numel elements; a null grad
-  // leaves that tensor (and its step counter) untouched. Throws kMissingStatistics before
+  // params/grads: one entry per tensor, backend memory of numel elements; a tensor whose
+  // has_grad is 0 is left untouched, step counter included (its pointers may be null, and
+  // so may those of an empty tensor that has a gradient). Throws kMissingStatistics before
   // writing anything when a refreshing step lacks some layer's statistics.
-  StepOutcome Step(const std::vector<float*>& params, const std::vector<const float*>& grads);
+  StepOutcome Step(const std::vector<float*>& params, const std::vector<const float*>& grads,
+                   const std::vector<uint8_t>& has_grad);
 
   // Checkpoint state. Host copies.
   struct State {

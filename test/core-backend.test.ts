@@ -1,0 +1,210 @@
+// Backend selection (option, ADAFISHER_BACKEND, auto) and DeviceBuffers of the cpu backend.
+import { afterEach, beforeEach, describe, expect, test } from 'vitest';
+
+import { AdaFisher, backendInfo, createBuffer, ErrorCodes, isDeviceBuffer, liveAllocations, type LayerSpec, type Tensor } from '../lib/index.js';
+import { assertBitIdentical, assertSnapshotsIdentical, expectThrows, hostCopy, paramsOf, Rng, snapshot } from './helpers.js';
+
+const saved = process.env.ADAFISHER_BACKEND;
+beforeEach(() => {
+  delete process.env.ADAFISHER_BACKEND;
+});
+afterEach(() => {
+  if (saved === undefined) delete process.env.ADAFISHER_BACKEND;
+  else process.env.ADAFISHER_BACKEND = saved;
+});
+
+const tiny = (): LayerSpec[] => [{ kind: 'param', param: new Float32Array(3) }];
+
+// Whether this machine can run CUDA decides which outcome is right; both branches assert.
+const cudaUsable = backendInfo('auto').cuda.usable;
+
+describe('backend selection', () => {
+  test('backendInfo() reports the backend that will run and, when it is cpu, why', () => {
+    const info = backendInfo();
+    expect(info.requested).toBe('auto');
+    expect(info.source).toBe('default');
+    expect(info.cpuThreads).toBeGreaterThanOrEqual(1);
+    expect(info.addonVersion).toMatch(/^\d+\.\d+\.\d+/);
+    if (cudaUsable) {
+      expect(info.backend).toBe('cuda');
+      expect(info.reason).toBe('');
+    } else {
+      expect(info.backend).toBe('cpu');
+      expect(info.reason.length).toBeGreaterThan(0);
+      expect(info.cuda.usable).toBe(false);
+      if (!info.cuda.compiled) expect(info.reason).toMatch(/without CUDA/i);
+    }
+  });
+
+  test("backendInfo('cpu') and the cpu option", () => {
+    const info = backendInfo('cpu');
+    expect(info).toMatchObject({ backend: 'cpu', requested: 'cpu', source: 'option' });
+    expect(info.reason).toMatch(/cpu backend was requested \(option\)/);
+    const opt = new AdaFisher(tiny(), { backend: 'cpu' });
+    expect(opt.backend).toBe('cpu');
+    opt.dispose();
+  });
+
+  test('ADAFISHER_BACKEND=cpu is honored (any case), and an explicit option wins over it', () => {
+    for (const value of ['cpu', 'CPU']) {
+      process.env.ADAFISHER_BACKEND = value;
+      expect(backendInfo()).toMatchObject({ backend: 'cpu', requested: 'cpu', source: 'ADAFISHER_BACKEND' });
+      const opt = new AdaFisher(tiny());
+      expect(opt.backend).toBe('cpu');
+      opt.dispose();
+    }
+    process.env.ADAFISHER_BACKEND = 'cuda';
+    expect(backendInfo('cpu').source).toBe('option');
+    const opt = new AdaFisher(tiny(), { backend: 'cpu' });
+    expect(opt.backend).toBe('cpu');
+    opt.dispose();
+  });
+
+  test('an unknown ADAFISHER_BACKEND is a RangeError naming the variable', () => {
+    process.env.ADAFISHER_BACKEND = 'tpu';
+    expectThrows(() => new AdaFisher(tiny()), {
+      cls: RangeError,
+      message: /Expected one of 'auto', 'cpu', 'cuda' for ADAFISHER_BACKEND but received 'tpu'/,
+      code: ErrorCodes.invalidArgument,
+    });
+  });
+
+  test("requesting 'cuda' (option or ADAFISHER_BACKEND) without a usable GPU throws ADAFISHER_BACKEND_UNAVAILABLE with the reason", () => {
+    const reason = backendInfo().reason;
+    const attempts: [string, () => unknown][] = [
+      ['option', () => new AdaFisher(tiny(), { backend: 'cuda' })],
+      ['createBuffer', () => createBuffer(4, { backend: 'cuda' })],
+      ['ADAFISHER_BACKEND', () => {
+        process.env.ADAFISHER_BACKEND = 'cuda';
+        return new AdaFisher(tiny());
+      }],
+    ];
+    for (const [name, attempt] of attempts) {
+      if (cudaUsable) {
+        const made = attempt() as { backend: string; dispose(): void };
+        expect(made.backend, name).toBe('cuda');
+        made.dispose();
+      } else {
+        const escaped = reason.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+        const err = expectThrows(attempt, {
+          cls: Error,
+          message: new RegExp(`^The cuda backend was requested \\((option|ADAFISHER_BACKEND)\\) but cannot be used: ${escaped}$`),
+          code: ErrorCodes.backendUnavailable,
+        });
+        expect(err.message, name).toContain(reason);
+      }
+      delete process.env.ADAFISHER_BACKEND;
+    }
+  });
+});
+
+describe('DeviceBuffer (cpu backend)', () => {
+  test('createBuffer(length) is zero-filled; createBuffer(data) copies', () => {
+    const z = createBuffer(5, { backend: 'cpu' });
+    expect(isDeviceBuffer(z)).toBe(true);
+    expect(isDeviceBuffer(new Float32Array(5))).toBe(false);
+    expect(z.length).toBe(5);
+    expect(z.backend).toBe('cpu');
+    expect(z.disposed).toBe(false);
+    assertBitIdentical(z.download(), new Float32Array(5), 'zeros');
+    const src = Float32Array.of(1, -2, 3.5, NaN);
+    const b = createBuffer(src, { backend: 'cpu' });
+    src[0] = 99;
+    assertBitIdentical(b.download(), Float32Array.of(1, -2, 3.5, NaN), 'copy of the data at creation');
+    z.dispose();
+    b.dispose();
+  });
+
+  test('upload (with offset), download (new array or into), fill', () => {
+    const b = createBuffer(6, { backend: 'cpu' });
+    b.upload(Float32Array.of(1, 2, 3));
+    b.upload(Float32Array.of(8, 9), 4);
+    assertBitIdentical(b.download(), Float32Array.of(1, 2, 3, 0, 8, 9), 'after uploads');
+    const into = new Float32Array(6);
+    expect(b.download(into)).toBe(into);
+    assertBitIdentical(into, Float32Array.of(1, 2, 3, 0, 8, 9), 'download into');
+    const copy = b.download();
+    copy[0] = 42;
+    expect(b.download()[0]).toBe(1);
+    b.fill(-0.25);
+    assertBitIdentical(b.download(), new Float32Array(6).fill(-0.25), 'after fill');
+    expectThrows(() => b.upload(new Float32Array(3), 4), { cls: RangeError, message: /Expected at most 2 elements for data but received 3/, code: ErrorCodes.invalidArgument });
+    expectThrows(() => b.download(new Float32Array(5)), { cls: RangeError, message: /Expected 6 elements for into but received 5/, code: ErrorCodes.invalidArgument });
+    expectThrows(() => b.upload(new Float64Array(2) as unknown as Float32Array), { cls: TypeError, message: /Expected a Float32Array for data/, code: ErrorCodes.invalidArgument });
+    b.dispose();
+  });
+
+  test('dispose frees the allocation at once and is idempotent', () => {
+    const before = liveAllocations('cpu');
+    const b = createBuffer(10, { backend: 'cpu' });
+    expect(liveAllocations('cpu')).toBe(before + 1);
+    b.dispose();
+    expect(b.disposed).toBe(true);
+    expect(liveAllocations('cpu')).toBe(before);
+    b.dispose();
+    expect(liveAllocations('cpu')).toBe(before);
+  });
+
+  test('DeviceBuffers as params, gradients and statistics give the same result as Float32Arrays', () => {
+    const rng = new Rng(31);
+    const init = [rng.array(2 * 3 * 2 * 2), rng.array(2), rng.array(2 * 3), rng.array(3), rng.array(2), rng.array(2), rng.array(1001)];
+    const build = (wrap: (a: Float32Array) => Tensor): LayerSpec[] => [
+      { kind: 'conv2d', inChannels: 3, outChannels: 2, kernelSize: 2, padding: 'same', dataFormat: 'NHWC', layout: 'tfjs', weight: wrap(init[0]), bias: wrap(init[1]) },
+      { kind: 'linear', inFeatures: 2, outFeatures: 3, weight: wrap(init[2]), bias: wrap(init[3]) },
+      { kind: 'layernorm', features: 2, weight: wrap(init[4]), bias: wrap(init[5]) },
+      { kind: 'param', param: wrap(init[6]) },
+    ];
+    const host = (a: Float32Array) => a.slice();
+    const device = (a: Float32Array) => createBuffer(a, { backend: 'cpu' });
+    const specsH = build(host);
+    const specsD = build(device);
+    const opts = { lr: 1e-2, weightDecay: 1e-3, tcov: 2 };
+    const h = new AdaFisher(specsH, opts);
+    const d = new AdaFisher(specsD, opts);
+    const dataRng = new Rng(32);
+    for (let t = 0; t < 4; t++) {
+      const stats = [
+        { input: dataRng.array(2 * 4 * 3 * 3), shape: [2, 4, 3, 3], grad: dataRng.array(2 * 4 * 3 * 2), gshape: [2, 4, 3, 2] },
+        { input: dataRng.array(5 * 2), shape: [5, 2], grad: dataRng.array(5 * 3), gshape: [5, 3] },
+        { input: dataRng.array(2 * 3 * 2), shape: [2, 3, 2], grad: dataRng.array(2 * 3 * 2), gshape: [2, 3, 2] },
+      ];
+      const grads = paramsOf(specsH).map((p) => dataRng.array(p.length));
+      expect(h.willRefreshFactors).toBe(d.willRefreshFactors);
+      if (h.willRefreshFactors) {
+        stats.forEach((s, i) => {
+          h.recordInput(i, s.input, s.shape);
+          h.recordOutputGrad(i, s.grad, s.gshape);
+          d.recordInput(i, device(s.input), s.shape);
+          d.recordOutputGrad(i, device(s.grad), s.gshape);
+        });
+      }
+      expect(h.step(grads)).toEqual({ applied: true, refreshed: t % 2 === 0 });
+      expect(d.step(grads.map(device))).toEqual({ applied: true, refreshed: t % 2 === 0 });
+    }
+    const pd = paramsOf(specsD);
+    pd.forEach((p) => expect(isDeviceBuffer(p)).toBe(true));
+    assertSnapshotsIdentical(snapshot(d, pd), snapshot(h, paramsOf(specsH)), 'DeviceBuffer vs Float32Array');
+    // The update really happened on the device buffers.
+    expect(hostCopy(pd[6])[0]).not.toBe(init[6][0]);
+    h.dispose();
+    d.dispose();
+  });
+
+  test('setFactors with DeviceBuffers equals setFactors with Float32Arrays', () => {
+    const rng = new Rng(33);
+    const w = rng.array(12);
+    const results = (['host', 'device'] as const).map((kind) => {
+      const weight = kind === 'host' ? w.slice() : createBuffer(w, { backend: 'cpu' });
+      const opt = new AdaFisher([{ kind: 'linear', inFeatures: 4, outFeatures: 3, weight }], { lr: 1e-2 });
+      const H = Float32Array.of(0.5, 1, 2, 0.25);
+      const S = Float32Array.of(3, 1, 0.1);
+      opt.setFactors(0, kind === 'host' ? { H, S } : { H: createBuffer(H, { backend: 'cpu' }), S: createBuffer(S, { backend: 'cpu' }) });
+      opt.step([Float32Array.of(...new Array(12).fill(0.5))]);
+      const out = hostCopy(weight);
+      opt.dispose();
+      return out;
+    });
+    assertBitIdentical(results[1], results[0], 'weight');
+    expect(results[0][0]).not.toBe(w[0]);
+  });
+});

@@ -1,0 +1,123 @@
+// Checkpoint resume: exportState at step k, load into a fresh optimizer (directly or via
+// JSON), continue; parameters and state must be bit-identical to the uninterrupted run.
+import { describe, expect, test } from 'vitest';
+
+import { AdaFisher, stateFromJSON, stateToJSON, type AdaFisherOptions, type AdaFisherState, type LayerSpec } from '../lib/index.js';
+import { assertSnapshotsIdentical, assertStatesIdentical, paramsOf, Rng, snapshot } from './helpers.js';
+
+function model(): LayerSpec[] {
+  const rng = new Rng(21);
+  return [
+    { kind: 'conv2d', inChannels: 2, outChannels: 4, kernelSize: [3, 2], stride: 2, padding: 'same', weight: rng.array(48), bias: rng.array(4) },
+    { kind: 'batchnorm', channels: 4, weight: rng.array(4), bias: rng.array(4) },
+    { kind: 'linear', inFeatures: 8, outFeatures: 3, weight: rng.array(24), bias: rng.array(3), layout: 'tfjs' },
+    { kind: 'param', param: rng.array(11) },
+  ];
+}
+
+interface StepData {
+  stats: { input: Float32Array; inputShape: number[]; grad: Float32Array; gradShape: number[] }[];
+  grads: (Float32Array | null)[];
+}
+
+function trajectory(steps: number): StepData[] {
+  const rng = new Rng(22);
+  return Array.from({ length: steps }, (_, t) => ({
+    stats: [
+      { input: rng.array(2 * 2 * 5 * 4), inputShape: [2, 2, 5, 4], grad: rng.array(2 * 4 * 3 * 2), gradShape: [2, 4, 3, 2] },
+      { input: rng.array(2 * 4 * 3 * 2), inputShape: [2, 4, 3, 2], grad: rng.array(2 * 4 * 3 * 2), gradShape: [2, 4, 3, 2] },
+      { input: rng.array(2 * 8), inputShape: [2, 8], grad: rng.array(2 * 3), gradShape: [2, 3] },
+    ],
+    // The plain param skips every third step, so the per-tensor step counters differ.
+    grads: [rng.array(48), rng.array(4), rng.array(4), rng.array(4), rng.array(24), rng.array(3), t % 3 === 1 ? null : rng.array(11)],
+  }));
+}
+
+function run(opt: AdaFisher, data: StepData[], from: number, to: number) {
+  for (let t = from; t < to; t++) {
+    const refreshing = opt.willRefreshFactors;
+    if (refreshing) {
+      data[t].stats.forEach((s, i) => {
+        opt.recordInput(i, s.input, s.inputShape);
+        opt.recordOutputGrad(i, s.grad, s.gradShape);
+      });
+    }
+    expect(opt.step(data[t].grads), `step ${t}`).toEqual({ applied: true, refreshed: refreshing });
+  }
+}
+
+const STEPS = 7;
+
+const variants: { name: string; options: AdaFisherOptions; k: number; through: 'object' | 'json'; freshOptions?: AdaFisherOptions }[] = [
+  { name: 'AdaFisher, checkpoint at 3, loaded as an object', options: { lr: 1e-2, weightDecay: 1e-3 }, k: 3, through: 'object' },
+  { name: 'AdaFisherW, checkpoint at 4, through stateToJSON / JSON.stringify / stateFromJSON', options: { lr: 1e-2, decoupled: true, weightDecay: 1e-2 }, k: 4, through: 'json' },
+  { name: 'tcov 3, checkpoint at 4 (mid-cycle: step 5 reuses factors, step 6 refreshes)', options: { lr: 1e-2, tcov: 3 }, k: 4, through: 'json' },
+  // The fresh optimizer is built with other options: the checkpoint's hyperparameters win.
+  { name: 'tcov 3, checkpoint at 5, fresh optimizer built with tcov 1 and another lr', options: { lr: 1e-2, tcov: 3, gamma: 0.6 }, k: 5, through: 'object', freshOptions: { lr: 0.5 } },
+  { name: 'checkpoint at 0 (before any step)', options: { lr: 1e-2, tcov: 2 }, k: 0, through: 'json' },
+];
+
+describe('checkpoint resume is bit-identical', () => {
+  test.each(variants.map((v) => [v.name, v] as const))('%s', (_n, v) => {
+    const data = trajectory(STEPS);
+    // Uninterrupted.
+    const specsA = model();
+    const a = new AdaFisher(specsA, v.options);
+    run(a, data, 0, STEPS);
+    // Interrupted at k.
+    const specsB = model();
+    const b = new AdaFisher(specsB, v.options);
+    run(b, data, 0, v.k);
+    let state: AdaFisherState = b.exportState();
+    if (v.through === 'json') state = stateFromJSON(JSON.parse(JSON.stringify(stateToJSON(state))));
+    const paramsAtK = paramsOf(specsB).map((p) => (p as Float32Array).slice());
+    b.dispose();
+    // Resumed in a fresh optimizer over copies of the parameters at k.
+    let i = 0;
+    const specsC = model().map((s): LayerSpec => {
+      if (s.kind === 'param') return { ...s, param: paramsAtK[i++] };
+      const weight = paramsAtK[i++];
+      const bias = s.bias ? paramsAtK[i++] : null;
+      return { ...s, weight, bias } as LayerSpec;
+    });
+    const c = new AdaFisher(specsC, v.freshOptions ?? v.options);
+    c.loadState(state);
+    expect(c.hyperparameters).toEqual(a.hyperparameters);
+    assertStatesIdentical(c.exportState(), state, 'right after loading');
+    run(c, data, v.k, STEPS);
+    assertSnapshotsIdentical(snapshot(c, paramsOf(specsC)), snapshot(a, paramsOf(specsA)), 'resumed vs uninterrupted');
+    expect(c.exportState().stepCounts).toEqual(a.exportState().stepCounts);
+    a.dispose();
+    c.dispose();
+  });
+
+  test('the checkpoint is a copy: mutating it after export or after load changes nothing', () => {
+    const data = trajectory(3);
+    const specs = model();
+    const opt = new AdaFisher(specs, { lr: 1e-2 });
+    run(opt, data, 0, 2);
+    const s1 = opt.exportState();
+    const kept = structuredClone(s1);
+    s1.momenta[0].fill(123);
+    s1.factors[0].H.fill(7);
+    assertStatesIdentical(opt.exportState(), kept, 'after mutating an export');
+    const s2 = structuredClone(kept);
+    opt.loadState(s2);
+    s2.momenta[0].fill(5);
+    s2.factors[1].S.fill(5);
+    assertStatesIdentical(opt.exportState(), kept, 'after mutating a loaded checkpoint');
+    opt.dispose();
+  });
+
+  test('the JSON form holds plain numbers and round-trips float32 values exactly', () => {
+    const data = trajectory(2);
+    const opt = new AdaFisher(model(), { lr: 1e-2 });
+    run(opt, data, 0, 2);
+    const s = opt.exportState();
+    const json = JSON.parse(JSON.stringify(stateToJSON(s))) as { momenta: unknown[]; factors: { H: unknown }[] };
+    expect(Array.isArray(json.momenta[0])).toBe(true);
+    expect(Array.isArray(json.factors[0].H)).toBe(true);
+    assertStatesIdentical(stateFromJSON(json), s, 'JSON round trip');
+    opt.dispose();
+  });
+});

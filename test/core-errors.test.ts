@@ -1,0 +1,419 @@
+// Bad input as data: each case names the call, the error class, a message regex and the
+// code, and every case also checks that nothing was half-applied (parameters and the whole
+// exported state bit-identical before and after, no leaked native allocation) and that
+// the optimizer still takes a good step afterwards.
+import { describe, expect, test } from 'vitest';
+
+import {
+  AdaFisher,
+  createBuffer,
+  ErrorCodes,
+  liveAllocations,
+  stateFromJSON,
+  stateToJSON,
+  type AdaFisherOptions,
+  type AdaFisherState,
+  type LayerSpec,
+} from '../lib/index.js';
+import { assertBitIdentical, assertSnapshotsIdentical, expectThrows, paramsOf, Rng, snapshot } from './helpers.js';
+
+// layers[0]: linear 4 -> 3 with bias (tensors 0 and 1); layers[1]: a plain 5-element param (tensor 2).
+interface Fixture {
+  opt: AdaFisher;
+  specs: LayerSpec[];
+  rng: Rng;
+  grads(): Float32Array[];
+  recordInput(): void;
+  recordOutputGrad(): void;
+  state: AdaFisherState;
+}
+
+function fixture(options: AdaFisherOptions = {}): Fixture {
+  const rng = new Rng(42);
+  const specs: LayerSpec[] = [
+    { kind: 'linear', inFeatures: 4, outFeatures: 3, weight: rng.array(12), bias: rng.array(3) },
+    { kind: 'param', param: rng.array(5) },
+  ];
+  const opt = new AdaFisher(specs, { lr: 1e-2, ...options });
+  const f: Fixture = {
+    opt,
+    specs,
+    rng,
+    grads: () => [rng.array(12), rng.array(3), rng.array(5)],
+    recordInput: () => opt.recordInput(0, rng.array(8), [2, 4]),
+    recordOutputGrad: () => opt.recordOutputGrad(0, rng.array(6), [2, 3]),
+    state: undefined as unknown as AdaFisherState,
+  };
+  // Two good steps, so that momenta, factors and counters are all non-trivial.
+  for (let t = 0; t < 2; t++) {
+    f.recordInput();
+    f.recordOutputGrad();
+    expect(opt.step(f.grads()).applied).toBe(true);
+  }
+  f.state = opt.exportState();
+  return f;
+}
+
+function disposedBuffer(n: number) {
+  const b = createBuffer(n, { backend: 'cpu' });
+  b.dispose();
+  return b;
+}
+
+const INVALID = ErrorCodes.invalidArgument;
+const BAD_CHECKPOINT = ErrorCodes.badCheckpoint;
+
+interface Case {
+  name: string;
+  /** Runs before the "before" snapshot (e.g. records statistics). Default: both statistics recorded. */
+  prepare?: (f: Fixture) => void;
+  call: (f: Fixture) => unknown;
+  cls: ErrorConstructor | TypeErrorConstructor | RangeErrorConstructor;
+  message: RegExp;
+  code: string;
+}
+
+const withState = (f: Fixture, patch: (s: AdaFisherState) => unknown) => {
+  const s = structuredClone(f.state);
+  return patch(s) ?? s;
+};
+
+const cases: Case[] = [
+  // --- gradients ---
+  {
+    name: 'a Float64Array gradient for the third tensor',
+    call: (f) => f.opt.step([...f.grads().slice(0, 2), new Float64Array(5) as unknown as Float32Array]),
+    cls: TypeError,
+    message: /^Expected a Float32Array or DeviceBuffer for grads\[2\] but received a Float64Array of length 5$/,
+    code: INVALID,
+  },
+  {
+    name: 'a plain array gradient for the second tensor',
+    call: (f) => f.opt.step([f.grads()[0], [1, 2, 3] as unknown as Float32Array, f.grads()[2]]),
+    cls: TypeError,
+    message: /Expected a Float32Array or DeviceBuffer for grads\[1\] but received an array of length 3/,
+    code: INVALID,
+  },
+  {
+    name: 'a gradient for the third tensor with 4 elements instead of 5',
+    call: (f) => f.opt.step([...f.grads().slice(0, 2), new Float32Array(4)]),
+    cls: RangeError,
+    message: /^Expected 5 elements for grads\[2\] but received 4$/,
+    code: INVALID,
+  },
+  {
+    name: 'a gradient for the first tensor with 13 elements instead of 12',
+    call: (f) => f.opt.step([new Float32Array(13), ...f.grads().slice(1)]),
+    cls: RangeError,
+    message: /Expected 12 elements for grads\[0\] but received 13/,
+    code: INVALID,
+  },
+  {
+    name: 'two gradients for three tensors',
+    call: (f) => f.opt.step(f.grads().slice(0, 2)),
+    cls: RangeError,
+    message: /Expected 3 gradients .* for grads but received an array of length 2/,
+    code: INVALID,
+  },
+  {
+    name: 'replacement params: the second has the wrong length',
+    call: (f) => f.opt.step(f.grads(), [f.rng.array(12), f.rng.array(2), f.rng.array(5)]),
+    cls: RangeError,
+    message: /Expected 3 elements for params\[1\] but received 2/,
+    code: INVALID,
+  },
+  {
+    name: 'a disposed DeviceBuffer as the third gradient',
+    call: (f) => f.opt.step([...f.grads().slice(0, 2), disposedBuffer(5)]),
+    cls: Error,
+    message: /^DeviceBuffer already disposed \(grads\[2\]\)\.$/,
+    code: ErrorCodes.disposed,
+  },
+  // --- statistics ---
+  {
+    name: 'an input whose length does not match its declared shape',
+    call: (f) => f.opt.recordInput(0, new Float32Array(7), [2, 4]),
+    cls: RangeError,
+    message: /^Expected 8 elements for layers\[0\] input but received 7$/,
+    code: INVALID,
+  },
+  {
+    name: "an input whose last dim is not the layer's inFeatures",
+    call: (f) => f.opt.recordInput(0, new Float32Array(10), [2, 5]),
+    cls: RangeError,
+    message: /layers\[0\] input with last dim 4 but received \[2, 5\]/,
+    code: INVALID,
+  },
+  {
+    name: 'an output gradient whose length does not match its declared shape',
+    call: (f) => f.opt.recordOutputGrad(0, new Float32Array(5), [2, 3]),
+    cls: RangeError,
+    message: /^Expected 6 elements for layers\[0\] output gradient but received 5$/,
+    code: INVALID,
+  },
+  {
+    name: 'a Float64Array input',
+    call: (f) => f.opt.recordInput(0, new Float64Array(8) as unknown as Float32Array, [2, 4]),
+    cls: TypeError,
+    message: /Expected a Float32Array or DeviceBuffer for layers\[0\] input but received a Float64Array of length 8/,
+    code: INVALID,
+  },
+  {
+    name: 'statistics for layer 2 (the model has layers 0 and 1)',
+    call: (f) => f.opt.recordInput(2, new Float32Array(8), [2, 4]),
+    cls: RangeError,
+    message: /^Expected an integer in \[0, 1\] for layer but received 2 of type number$/,
+    code: INVALID,
+  },
+  {
+    name: 'an output gradient for layer -1',
+    call: (f) => f.opt.recordOutputGrad(-1, new Float32Array(6), [2, 3]),
+    cls: RangeError,
+    message: /for layer but received -1/,
+    code: INVALID,
+  },
+  {
+    name: 'setFactors for layer 7',
+    call: (f) => f.opt.setFactors(7, { S: new Float32Array(3) }),
+    cls: RangeError,
+    message: /for layer but received 7/,
+    code: INVALID,
+  },
+  {
+    name: "statistics for a 'param' layer (it has no factors)",
+    call: (f) => f.opt.recordInput(1, new Float32Array(5), [5]),
+    cls: RangeError,
+    message: /preconditioned layer.*for layer but received 1/,
+    code: INVALID,
+  },
+  {
+    name: 'setFactors with an H of the wrong length (4, the bias entry forgotten)',
+    call: (f) => f.opt.setFactors(0, { H: new Float32Array(4) }),
+    cls: RangeError,
+    message: /Expected 5 elements for layers\[0\]\.H but received 4/,
+    code: INVALID,
+  },
+  {
+    name: 'a disposed DeviceBuffer as an input',
+    call: (f) => f.opt.recordInput(0, disposedBuffer(8), [2, 4]),
+    cls: Error,
+    message: /DeviceBuffer already disposed \(layers\[0\] input\)/,
+    code: ErrorCodes.disposed,
+  },
+  {
+    name: 'a refreshing step without the output-gradient statistics',
+    prepare: (f) => f.recordInput(),
+    call: (f) => f.opt.step(f.grads()),
+    cls: Error,
+    message: /^layers\[0\]: no output-gradient \(S\) statistics were recorded before this step, which refreshes the factors \(step 2, tcov 1\)$/,
+    code: ErrorCodes.missingStatistics,
+  },
+  {
+    name: 'a refreshing step without any statistics',
+    prepare: () => {},
+    call: (f) => f.opt.step(f.grads()),
+    cls: Error,
+    message: /layers\[0\]: no input \(H\) statistics/,
+    code: ErrorCodes.missingStatistics,
+  },
+  // --- checkpoints ---
+  {
+    name: 'checkpoint: null',
+    call: (f) => f.opt.loadState(null as unknown as AdaFisherState),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: expected an object/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: wrong format',
+    call: (f) => f.opt.loadState(withState(f, (s) => void ((s as { format: string }).format = 'adam-state')) as AdaFisherState),
+    cls: Error,
+    message: /Invalid AdaFisher checkpoint: expected format 'adafisher-state', version 1/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: wrong version',
+    call: (f) => f.opt.loadState(withState(f, (s) => void ((s as { version: number }).version = 2)) as AdaFisherState),
+    cls: Error,
+    message: /version 1/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: out-of-range hyperparameter',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.hyperparameters.beta = 1)) as AdaFisherState),
+    cls: Error,
+    message: /Invalid AdaFisher checkpoint: hyperparameters: .*options\.beta/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: two tensors instead of three',
+    call: (f) => f.opt.loadState(withState(f, (s) => void s.tensors.pop()) as AdaFisherState),
+    cls: Error,
+    message: /expected 3 tensors, received 2/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a tensor of another size',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.tensors[2].numel = 6)) as AdaFisherState),
+    cls: Error,
+    message: /tensors\[2\] has 6 elements, this model's has 5/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a momentum of the wrong size',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.momenta[0] = new Float32Array(11))) as AdaFisherState),
+    cls: Error,
+    message: /momenta\[0\] has 11 elements, expected 12/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a momentum that is a plain array',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.momenta[1] = [0, 0, 0] as unknown as Float32Array)) as AdaFisherState),
+    cls: Error,
+    message: /Expected a Float32Array for state\.momenta\[1\]/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: one momentum missing',
+    call: (f) => f.opt.loadState(withState(f, (s) => void s.momenta.pop()) as AdaFisherState),
+    cls: Error,
+    message: /Expected state for 3 tensors but received 2 momenta and 3 step counts/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: an H of the wrong size',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.factors[0].H = new Float32Array(4))) as AdaFisherState),
+    cls: Error,
+    message: /factors\[0\]\.H must be a Float32Array of 5/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: an S that is a Float64Array',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.factors[0].S = new Float64Array(3) as unknown as Float32Array)) as AdaFisherState),
+    cls: Error,
+    message: /factors\[0\]\.S must be a Float32Array of 3/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: steps is a string',
+    call: (f) => f.opt.loadState(withState(f, (s) => void ((s as { steps: unknown }).steps = '2')) as AdaFisherState),
+    cls: Error,
+    message: /state\.steps/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a negative step count',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.stepCounts[1] = -1)) as AdaFisherState),
+    cls: Error,
+    message: /stepCounts\[1\]/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint JSON: a momentum holding a string',
+    call: (f) => {
+      const json = stateToJSON(f.state) as { momenta: unknown[][] };
+      json.momenta[2][0] = 'x';
+      return f.opt.loadState(stateFromJSON(JSON.parse(JSON.stringify(json))));
+    },
+    cls: Error,
+    message: /Invalid AdaFisher checkpoint JSON: momenta\[2\] must be an array of numbers/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint JSON: a factor of the wrong size',
+    call: (f) => {
+      const json = stateToJSON(f.state) as { factors: { S: number[] }[] };
+      json.factors[0].S.push(1);
+      return f.opt.loadState(stateFromJSON(JSON.parse(JSON.stringify(json))));
+    },
+    cls: Error,
+    message: /factors\[0\]\.S must be a Float32Array of 3/,
+    code: BAD_CHECKPOINT,
+  },
+  // --- hyperparameters (a new optimizer over the same tensors) ---
+  ...(
+    [
+      [{ lr: -1 }, RangeError, /^Expected a number >= 0 for options\.lr but received -1 of type number$/],
+      [{ lr: NaN }, RangeError, /Expected a finite number for options\.lr but received NaN/],
+      [{ lr: '1e-3' }, TypeError, /Expected a number for options\.lr but received '1e-3' of type string/],
+      [{ beta: 1 }, RangeError, /^Expected a number in \[0, 1\) for options\.beta but received 1 of type number$/],
+      [{ damping: 0 }, RangeError, /^Expected a number > 0 for options\.damping but received 0 of type number$/],
+      [{ gamma: 1 }, RangeError, /^Expected a number in \[0, 1\) for options\.gamma but received 1 of type number$/],
+      [{ tcov: 0 }, RangeError, /^Expected an integer >= 1 for options\.tcov but received 0 of type number$/],
+      [{ tcov: 1.5 }, RangeError, /^Expected an integer >= 1 for options\.tcov but received 1\.5 of type number$/],
+      [{ weightDecay: -1 }, RangeError, /^Expected a number >= 0 for options\.weightDecay but received -1 of type number$/],
+      [{ learningRate: 1e-3 }, RangeError, /Expected a known option \(lr, .*\) for options\.learningRate/],
+      [{ gamma: 0.5, decay: 0.1, mix: 0.01 }, RangeError, /gamma or decay\/mix, not both/],
+      [{ decay: 0.1 }, RangeError, /decay and mix given together/],
+      [{ decoupled: 'yes' }, TypeError, /Expected a boolean for options\.decoupled/],
+      [{ backend: 'gpu' }, RangeError, /Expected one of 'auto', 'cpu', 'cuda' for options\.backend but received 'gpu'/],
+    ] as [Record<string, unknown>, ErrorConstructor, RegExp][]
+  ).map(
+    ([options, cls, message]): Case => ({
+      name: `options ${JSON.stringify(options, (_k, v) => (Number.isNaN(v) ? 'NaN' : v))}`,
+      call: (f) => new AdaFisher(f.specs, options as AdaFisherOptions),
+      cls,
+      message,
+      code: INVALID,
+    }),
+  ),
+];
+
+describe('bad input is refused with a precise error, and nothing is half-applied', () => {
+  test.each(cases.map((c) => [c.name, c] as const))('%s', (_name, c) => {
+    const f = fixture();
+    const params = paramsOf(f.specs);
+    if (c.prepare) c.prepare(f);
+    else {
+      f.recordInput();
+      f.recordOutputGrad();
+    }
+    const before = snapshot(f.opt, params);
+    const allocations = liveAllocations('cpu');
+    expectThrows(() => c.call(f), { cls: c.cls, message: c.message, code: c.code });
+    expect(liveAllocations('cpu'), 'native allocations after the failed call').toBe(allocations);
+    assertSnapshotsIdentical(snapshot(f.opt, params), before, 'after the failed call');
+    // The optimizer is still usable: a good step is applied.
+    f.recordInput();
+    f.recordOutputGrad();
+    expect(f.opt.step(f.grads())).toEqual({ applied: true, refreshed: true });
+    expect(f.opt.steps).toBe(3);
+    f.opt.dispose();
+  });
+});
+
+describe('use after dispose', () => {
+  const calls: [string, (f: Fixture) => unknown][] = [
+    ['step', (f) => f.opt.step(f.grads())],
+    ['recordInput', (f) => f.recordInput()],
+    ['recordOutputGrad', (f) => f.recordOutputGrad()],
+    ['setFactors', (f) => f.opt.setFactors(0, { S: new Float32Array(3) })],
+    ['exportState', (f) => f.opt.exportState()],
+    ['loadState', (f) => f.opt.loadState(f.state)],
+    ['steps', (f) => f.opt.steps],
+    ['willRefreshFactors', (f) => f.opt.willRefreshFactors],
+  ];
+  test.each(calls)('%s throws ADAFISHER_DISPOSED and leaves the parameters alone', (_name, call) => {
+    const f = fixture();
+    const params = paramsOf(f.specs) as Float32Array[];
+    const before = params.map((p) => p.slice());
+    const allocations = liveAllocations('cpu');
+    f.opt.dispose();
+    expect(liveAllocations('cpu'), 'dispose frees the optimizer state').toBeLessThan(allocations);
+    expect(f.opt.disposed).toBe(true);
+    expectThrows(() => call(f), { cls: Error, message: /^Optimizer already disposed\.$/, code: ErrorCodes.disposed });
+    params.forEach((p, i) => assertBitIdentical(p, before[i], `params[${i}]`));
+    f.opt.dispose(); // idempotent
+    expect(f.opt.disposed).toBe(true);
+  });
+
+  test('a disposed DeviceBuffer refuses upload, download and fill', () => {
+    const b = createBuffer(new Float32Array([1, 2, 3]), { backend: 'cpu' });
+    b.dispose();
+    expect(b.disposed).toBe(true);
+    for (const call of [() => b.download(), () => b.upload(new Float32Array(3)), () => b.fill(0)]) {
+      expectThrows(call, { cls: Error, message: /^DeviceBuffer already disposed\.$/, code: ErrorCodes.disposed });
+    }
+    b.dispose(); // idempotent
+  });
+});

@@ -1,0 +1,132 @@
+// Golden trajectories recorded from the official PyTorch AdaFisher (test/golden/README.md)
+// replayed through the public API, and through the float64 reference (which validates
+// the reference the other suites rely on).
+import { readdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { afterAll, describe, expect, test } from 'vitest';
+
+import { createBuffer, readGolden, replayGolden, type GoldenCase, type LayerSpec } from '../lib/index.js';
+import { maxAbs } from './helpers.js';
+import { ReferenceAdaFisher, referenceGradFactor, referenceInputFactor } from './reference.js';
+
+const dir = join(dirname(fileURLToPath(import.meta.url)), 'golden');
+const files = readdirSync(dir)
+  .filter((f) => f.endsWith('.json'))
+  .sort();
+const KINDS = ['weights', 'biases', 'momenta', 'H', 'S'] as const;
+// ALGORITHM.md "Tolerances": 1e-4 relative (max abs error over max abs value) per array.
+const TOLERANCE = 1e-4;
+
+const rows: string[] = [];
+afterAll(() => {
+  console.log(`golden max relative errors (tolerance ${TOLERANCE}):\n${rows.join('\n')}`);
+});
+
+test('there are golden files to replay', () => {
+  expect(files.length).toBeGreaterThanOrEqual(5);
+});
+
+describe.each(files)('golden %s', (file) => {
+  const g = readGolden(join(dir, file));
+
+  test('replays within 1e-4 relative through the public API, per array kind', () => {
+    const report = replayGolden(g, { file, backend: 'cpu' });
+    rows.push(
+      `  api ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${report.maxRelError[k].toExponential(2)}`).join('  ') + `  (worst ${report.worst.kind} step ${report.worst.step} layer ${report.worst.layer})`,
+    );
+    expect(report.backend).toBe('cpu');
+    expect(report.steps).toBe(g.steps.length);
+    for (const k of KINDS) {
+      expect(report.maxRelError[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
+      expect(Number.isNaN(report.maxRelError[k]), `${file}: ${k} is NaN`).toBe(false);
+    }
+    expect(report.pass).toBe(true);
+  });
+
+  test('replays within 1e-4 with DeviceBuffers for every tensor', () => {
+    const report = replayGolden(g, { backend: 'cpu', upload: (a) => createBuffer(a, { backend: 'cpu' }) });
+    for (const k of KINDS) expect(report.maxRelError[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
+  });
+
+  test('the float64 reference replays it within 1e-4 too', () => {
+    const errors = replayReference(g);
+    rows.push(`  ref ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${errors[k].toExponential(2)}`).join('  '));
+    for (const k of KINDS) expect(errors[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
+  });
+});
+
+function goldenSpecs(g: GoldenCase): LayerSpec[] {
+  return g.layers.map((l, i): LayerSpec => {
+    const weight = Float32Array.from(g.init[i].weight);
+    const bias = l.bias ? Float32Array.from(g.init[i].bias!) : null;
+    switch (l.kind) {
+      case 'linear':
+        return { kind: 'linear', inFeatures: l.in!, outFeatures: l.out!, weight, bias };
+      case 'conv2d':
+        return {
+          kind: 'conv2d',
+          inChannels: l.inChannels!,
+          outChannels: l.outChannels!,
+          kernelSize: l.kernel!,
+          stride: l.stride!,
+          padding: l.padding!,
+          groups: l.groups ?? 1,
+          weight,
+          bias,
+        };
+      case 'batchnorm2d':
+        return { kind: 'batchnorm', channels: l.channels!, weight, bias };
+      case 'layernorm':
+        return { kind: 'layernorm', features: l.shape![0], weight, bias };
+    }
+  });
+}
+
+function relError(ours: ArrayLike<number>, golden: number[]): number {
+  let err = 0;
+  for (let i = 0; i < golden.length; i++) err = Math.max(err, Math.abs(ours[i] - golden[i]));
+  if (Number.isNaN(err)) return Infinity;
+  return err === 0 ? 0 : err / maxAbs(golden);
+}
+
+function replayReference(g: GoldenCase): Record<(typeof KINDS)[number], number> {
+  const specs = goldenSpecs(g);
+  const c = g.config;
+  const ref = new ReferenceAdaFisher(specs, {
+    lr: c.lr,
+    beta: c.beta,
+    damping: c.damping,
+    gamma: c.gamma,
+    tcov: c.tcov,
+    weightDecay: c.weightDecay,
+    decoupled: c.optimizer === 'AdaFisherW',
+  });
+  const err = { weights: 0, biases: 0, momenta: 0, H: 0, S: 0 };
+  const note = (k: keyof typeof err, e: number) => (err[k] = Math.max(err[k], e));
+  for (const s of g.steps) {
+    const fresh = ref.willRefresh
+      ? s.seen.map((e, i) => ({ H: referenceInputFactor(specs[i], e.input, e.inputShape), S: referenceGradFactor(specs[i], e.gradOutput, e.gradOutputShape) }))
+      : [];
+    expect(ref.willRefresh).toBe(s.factorsUpdated);
+    const grads: number[][] = [];
+    s.seen.forEach((e, i) => {
+      grads.push(e.weightGrad);
+      if (g.layers[i].bias) grads.push(e.biasGrad!);
+    });
+    ref.step(fresh, grads);
+    let t = 0;
+    s.after.forEach((a, i) => {
+      note('weights', relError(ref.params[t], a.weight));
+      note('momenta', relError(ref.momenta[t++], a.momentumWeight));
+      if (g.layers[i].bias) {
+        note('biases', relError(ref.params[t], a.bias!));
+        note('momenta', relError(ref.momenta[t++], a.momentumBias!));
+      }
+      note('H', relError(ref.factors[i]!.H, a.H));
+      note('S', relError(ref.factors[i]!.S, a.S));
+    });
+  }
+  return err;
+}

@@ -1,0 +1,143 @@
+// The non-finite guard: a NaN/±Inf gradient or a NaN statistic skips the whole step,
+// changing nothing; the next good step is exactly the step an optimizer that never saw
+// the bad one would take.
+import { describe, expect, test } from 'vitest';
+
+import { AdaFisher, type AdaFisherOptions, type LayerSpec } from '../lib/index.js';
+import { assertSnapshotsIdentical, paramsOf, Rng, snapshot } from './helpers.js';
+
+// layers[0]: conv 2->3, 3x3, padding 1, bias (tensors 0, 1); layers[1]: linear 4->2 (tensor 2); layers[2]: param (tensor 3).
+function model(seed: number): LayerSpec[] {
+  const rng = new Rng(seed);
+  return [
+    { kind: 'conv2d', inChannels: 2, outChannels: 3, kernelSize: 3, padding: 1, weight: rng.array(54), bias: rng.array(3) },
+    { kind: 'linear', inFeatures: 4, outFeatures: 2, weight: rng.array(8) },
+    { kind: 'param', param: rng.array(9) },
+  ];
+}
+
+interface StepData {
+  stats: { input: Float32Array; inputShape: number[]; grad: Float32Array; gradShape: number[] }[];
+  grads: Float32Array[];
+}
+
+function stepData(rng: Rng): StepData {
+  return {
+    stats: [
+      { input: rng.array(2 * 2 * 4 * 4), inputShape: [2, 2, 4, 4], grad: rng.array(2 * 3 * 4 * 4), gradShape: [2, 3, 4, 4] },
+      { input: rng.array(3 * 4), inputShape: [3, 4], grad: rng.array(3 * 2), gradShape: [3, 2] },
+    ],
+    grads: [rng.array(54), rng.array(3), rng.array(8), rng.array(9)],
+  };
+}
+
+function feed(opt: AdaFisher, d: StepData) {
+  if (opt.willRefreshFactors) {
+    d.stats.forEach((s, i) => {
+      opt.recordInput(i, s.input, s.inputShape);
+      opt.recordOutputGrad(i, s.grad, s.gradShape);
+    });
+  }
+  return opt.step(d.grads);
+}
+
+function poisoned(d: StepData, poison: (d: StepData) => void): StepData {
+  const copy: StepData = structuredClone(d);
+  poison(copy);
+  return copy;
+}
+
+const cases: { name: string; options?: AdaFisherOptions; at: number; poison: (d: StepData) => void }[] = [
+  { name: 'NaN in the last gradient (plain param)', at: 2, poison: (d) => void (d.grads[3][8] = NaN) },
+  { name: '+Inf in a conv weight gradient', at: 2, poison: (d) => void (d.grads[0][17] = Infinity) },
+  { name: '-Inf in a bias gradient', at: 2, poison: (d) => void (d.grads[1][0] = -Infinity) },
+  { name: 'NaN in the first step (before any state exists)', at: 0, poison: (d) => void (d.grads[2][3] = NaN) },
+  { name: 'NaN in a recorded input (H statistic)', at: 2, poison: (d) => void (d.stats[0].input[5] = NaN) },
+  { name: 'NaN in a recorded output gradient (S statistic)', at: 2, poison: (d) => void (d.stats[1].grad[1] = NaN) },
+  { name: 'NaN gradient on a step that does not refresh (tcov 2)', options: { tcov: 2 }, at: 3, poison: (d) => void (d.grads[0][0] = NaN) },
+];
+
+describe('non-finite guard (default on)', () => {
+  test.each(cases.map((c) => [c.name, c] as const))('%s: skipped, nothing changes, the next good step works', (_n, c) => {
+    const options = { lr: 1e-2, weightDecay: 1e-3, ...c.options };
+    const rng = new Rng(7);
+    const data = Array.from({ length: c.at + 2 }, () => stepData(rng));
+    const specsA = model(1);
+    const specsB = model(1);
+    const a = new AdaFisher(specsA, options); // sees the bad step
+    const b = new AdaFisher(specsB, options); // never does
+    const paramsA = paramsOf(specsA);
+    for (let t = 0; t < c.at; t++) {
+      expect(feed(a, data[t]).applied).toBe(true);
+      feed(b, data[t]);
+    }
+    const before = snapshot(a, paramsA);
+    expect(feed(a, poisoned(data[c.at], c.poison))).toEqual({ applied: false, refreshed: false });
+    assertSnapshotsIdentical(snapshot(a, paramsA), before, 'after the skipped step');
+    expect(a.steps).toBe(c.at);
+    // The next good steps equal those of the twin that never saw the bad step, bit for bit.
+    for (let t = c.at; t < c.at + 2; t++) {
+      expect(feed(a, data[t]).applied).toBe(true);
+      expect(feed(b, data[t]).applied).toBe(true);
+    }
+    assertSnapshotsIdentical(snapshot(a, paramsA), snapshot(b, paramsOf(specsB)), 'after recovery');
+    a.dispose();
+    b.dispose();
+  });
+});
+
+describe('non-finite guard and setFactors', () => {
+  test.each([
+    ['NaN in S', { S: Float32Array.of(1, NaN) }],
+    ['+Inf in H', { H: Float32Array.of(1, 2, Infinity, 4) }],
+  ] as const)('%s handed through setFactors: skipped, nothing changes', (_n, bad) => {
+    const rng = new Rng(10);
+    const specs = model(4);
+    const opt = new AdaFisher(specs, { lr: 1e-2 });
+    feed(opt, stepData(rng));
+    const d = stepData(rng);
+    const before = snapshot(opt, paramsOf(specs));
+    d.stats.forEach((s, i) => {
+      opt.recordInput(i, s.input, s.inputShape);
+      opt.recordOutputGrad(i, s.grad, s.gradShape);
+    });
+    opt.setFactors(1, bad);
+    expect(opt.step(d.grads)).toEqual({ applied: false, refreshed: false });
+    assertSnapshotsIdentical(snapshot(opt, paramsOf(specs)), before, 'after the skipped step');
+    expect(feed(opt, d)).toEqual({ applied: true, refreshed: true });
+    expect(opt.steps).toBe(2);
+    opt.dispose();
+  });
+});
+
+describe('nonFiniteGuard: false', () => {
+  test('a NaN gradient is applied: that element becomes NaN, the others stay finite, counters advance', () => {
+    const rng = new Rng(8);
+    const specs = model(2);
+    const opt = new AdaFisher(specs, { lr: 1e-2, nonFiniteGuard: false });
+    expect(opt.hyperparameters.nonFiniteGuard).toBe(false);
+    feed(opt, stepData(rng));
+    const d = stepData(rng);
+    d.grads[3][4] = NaN;
+    expect(feed(opt, d)).toEqual({ applied: true, refreshed: true });
+    const p = paramsOf(specs)[3] as Float32Array;
+    expect(Number.isNaN(p[4])).toBe(true);
+    expect([...p].filter((v) => !Number.isFinite(v)).length).toBe(1);
+    const s = opt.exportState();
+    expect(Number.isNaN(s.momenta[3][4])).toBe(true);
+    expect(s.stepCounts).toEqual([2, 2, 2, 2]);
+    expect(s.steps).toBe(2);
+    opt.dispose();
+  });
+
+  test('an infinite gradient is applied too', () => {
+    const rng = new Rng(9);
+    const specs = model(3);
+    const opt = new AdaFisher(specs, { nonFiniteGuard: false });
+    const d = stepData(rng);
+    d.grads[2][0] = Infinity;
+    expect(feed(opt, d).applied).toBe(true);
+    expect((paramsOf(specs)[2] as Float32Array)[0]).toBe(-Infinity);
+    opt.dispose();
+  });
+});
