@@ -42,7 +42,13 @@ BufferWrap::BufferWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Buffer
       const auto src = init.As<Napi::Float32Array>();
       length_ = static_cast<int64_t>(src.ElementLength());
       data_ = backend_->Allocate(static_cast<size_t>(length_));
-      backend_->Upload(data_, src.Data(), src.ElementLength());
+      try {
+        backend_->Upload(data_, src.Data(), src.ElementLength());
+      } catch (...) {
+        backend_->Release(data_);
+        data_ = nullptr;
+        throw;
+      }
     } else {
       ThrowTypeError(env, "Expected a length or a Float32Array for data but received " + Describe(init));
     }

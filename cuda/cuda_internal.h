@@ -1,0 +1,112 @@
+// Internal to cuda/: the CudaBackend class (its methods are defined across backend.cu,
+// factor_kernels.cu and step_kernels.cu) and the CUDA error checks. Included only by .cu
+// files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstddef>
+#include <mutex>
+#include <string>
+
+#include "core/backend.h"
+
+namespace adafisher {
+namespace cuda {
+
+// Throws BackendError(kCudaError, "<cudaErrorName>: <description> at <file>:<line>"), or
+// kOutOfMemory for cudaErrorMemoryAllocation (after clearing it from cudaGetLastError).
+[[noreturn]] void ThrowCudaError(cudaError_t error, const char* file, int line);
+
+// "<cudaErrorName>: <description>".
+std::string DescribeCudaError(cudaError_t error);
+
+}  // namespace cuda
+}  // namespace adafisher
+
+// Every runtime call goes through this; every launch is followed by
+// ADAFISHER_CUDA_LAUNCH_CHECK() (compare C10_CUDA_KERNEL_LAUNCH_CHECK).
+#define ADAFISHER_CUDA_CHECK(expr)                                                \
+  do {                                                                            \
+    const cudaError_t adafisher_cuda_error_ = (expr);                             \
+    if (adafisher_cuda_error_ != cudaSuccess) {                                   \
+      ::adafisher::cuda::ThrowCudaError(adafisher_cuda_error_, __FILE__, __LINE__); \
+    }                                                                             \
+  } while (0)
+#define ADAFISHER_CUDA_LAUNCH_CHECK() ADAFISHER_CUDA_CHECK(cudaGetLastError())
+
+namespace adafisher {
+namespace cuda {
+
+class CudaBackend final : public Backend {
+ public:
+  // Creates the stream and the small pinned buffers on `device`; throws BackendError.
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  const char* name() const override { return "cuda"; }
+
+  float* Allocate(size_t count) override;
+  void Release(float* ptr) noexcept override;
+  void Upload(float* dst, const float* host_src, size_t count) override;
+  void Download(float* host_dst, const float* src, size_t count) override;
+  void Copy(float* dst, const float* src, size_t count) override;
+  void Fill(float* dst, float value, size_t count) override;
+  // Thread-safe, lock-free: see NOTE: [cuda threading] in cuda_backend.h.
+  void Synchronize() override;
+  size_t LiveAllocations() const override { return live_.load(std::memory_order_relaxed); }
+
+  void MeanSquareFactor(const float* x, index_t outer, index_t kept, index_t inner, double count, bool has_appended,
+                        float appended, float* out) override;
+  void NormInputFactor(const float* x, index_t outer, index_t kept, index_t inner, double u_divisor, double batch,
+                       float* out) override;
+  void NormGradFactor(const float* x, index_t outer, index_t kept, index_t inner, double batch, float* out) override;
+  void Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bool has_bias, float* out) override;
+
+  bool Step(const StepRequest& request) override;
+
+  // Waits for the stream; returns the CUDA error instead of throwing.
+  cudaError_t SynchronizeNoThrow() const noexcept;
+
+ private:
+  enum class ReduceOp { kSquare, kValue };
+  void FreeResources() noexcept;
+  // Makes device_ current on the calling thread (the runtime's current device is per thread).
+  void Activate() const;
+  // Device scratch of at least `bytes`, reused by every call (stream order keeps uses
+  // apart); grows by reallocation after a stream sync.
+  void* Scratch(size_t bytes);
+  // Writes partial[r * kept + b], r < returned rows; 0 rows when there is nothing to read.
+  int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner, double** partial);
+  bool EnsureStaging();
+  void CopyThroughDevice(float* dst, const float* src, size_t count);
+
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  mutable std::mutex mutex_;
+  std::atomic<size_t> live_{0};
+
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
+
+  // Large host copies go through two pinned buffers (see Upload / Download).
+  static constexpr size_t kStagingBytes = size_t{4} << 20;
+  static constexpr size_t kStagingThreshold = size_t{1} << 20;
+  float* staging_[2] = {nullptr, nullptr};
+  cudaEvent_t staging_done_[2] = {nullptr, nullptr};
+  bool staging_failed_ = false;
+
+  // Step: tables uploaded from a pinned buffer; meta_uploaded_ marks when the host side is free.
+  void* meta_host_ = nullptr;
+  void* meta_device_ = nullptr;
+  size_t meta_bytes_ = 0;
+  cudaEvent_t meta_uploaded_ = nullptr;
+  int* flag_device_ = nullptr;
+  int* flag_host_ = nullptr;  // pinned
+};
+
+}  // namespace cuda
+}  // namespace adafisher

@@ -1,0 +1,212 @@
+// The per-thread work of the factor kernels, written as __host__ __device__ functions of
+// (block, thread) so that the kernels (factor_kernels.cu) and a host emulation in the
+// parity harness run exactly the same index arithmetic. Each function returns a double
+// sum accumulated in a fixed order; the kernels combine them in a fixed order too.
+#pragma once
+
+#include <cstdint>
+
+#include "core/math.h"
+#include "launch_plan.h"
+
+namespace adafisher {
+namespace cuda {
+
+template <bool kSquare>
+ADAFISHER_HD double SquareOrValue(float x) {
+  // Widen first, then square: the CPU backend's `const double v = x; v * v`.
+  const double v = x;
+  return kSquare ? v * v : v;
+}
+
+// Column plan (inner == 1): the partial sum of thread `tid` of block (tile, slice).
+// Its column is tile * cols + tid % cols; threads with tid >= cols * step, or whose
+// column is past the end, return 0.
+template <bool kSquare>
+ADAFISHER_HD double ColumnThreadSum(const float* x, const ColumnPlan& p, int64_t tile, int64_t slice, int tid) {
+  const int lane_col = tid % p.cols;
+  const int lane_row = tid / p.cols;
+  if (lane_row >= p.step) return 0.0;
+  const int64_t col = tile * p.cols + lane_col;
+  if (col >= p.kept) return 0.0;
+  const int64_t slice_end = (slice + 1) * p.rows_per_slice;
+  const int64_t r_end = slice_end < p.outer ? slice_end : p.outer;
+  const int64_t step = p.step;
+  const int64_t pitch = p.kept;
+  const float* column = x + col;
+  double acc = 0.0;
+  int64_t r = slice * p.rows_per_slice + lane_row;
+  // Four loads in flight, then the adds in row order.
+  for (; r + 3 * step < r_end; r += 4 * step) {
+    const float v0 = column[r * pitch];
+    const float v1 = column[(r + step) * pitch];
+    const float v2 = column[(r + 2 * step) * pitch];
+    const float v3 = column[(r + 3 * step) * pitch];
+    acc += SquareOrValue<kSquare>(v0);
+    acc += SquareOrValue<kSquare>(v1);
+    acc += SquareOrValue<kSquare>(v2);
+    acc += SquareOrValue<kSquare>(v3);
+  }
+  for (; r < r_end; r += step) acc += SquareOrValue<kSquare>(column[r * pitch]);
+  return acc;
+}
+
+// Plane plan (inner > 1): the partial sum of thread `tid` (of `threads`) of block
+// (part, b): positions j = part * span + tid, + threads, ... of the (a, c) space of b,
+// where x[a, b, c] is at (a * kept + b) * inner + c.
+template <bool kSquare>
+ADAFISHER_HD double PlaneThreadSum(const float* x, const PlanePlan& p, int64_t part, int64_t b, int tid,
+                                   int threads) {
+  const int64_t work = p.outer * p.inner;
+  const int64_t span_end = (part + 1) * p.span;
+  const int64_t j_end = span_end < work ? span_end : work;
+  int64_t j = part * p.span + tid;
+  if (j >= j_end) return 0.0;
+  const int64_t inner = p.inner;
+  const int64_t pitch = p.kept * inner;  // from x[a, b, c] to x[a + 1, b, c]
+  const int64_t da = threads / inner, dc = threads % inner;
+  int64_t a = j / inner, c = j % inner;
+  const float* plane = x + b * inner;
+  double acc = 0.0;
+  for (; j + 3 * int64_t{threads} < j_end; j += 4 * int64_t{threads}) {
+    int64_t offset[4];
+    for (int u = 0; u < 4; ++u) {
+      offset[u] = a * pitch + c;
+      c += dc;
+      a += da;
+      if (c >= inner) c -= inner, ++a;
+    }
+    const float v0 = plane[offset[0]], v1 = plane[offset[1]], v2 = plane[offset[2]], v3 = plane[offset[3]];
+    acc += SquareOrValue<kSquare>(v0);
+    acc += SquareOrValue<kSquare>(v1);
+    acc += SquareOrValue<kSquare>(v2);
+    acc += SquareOrValue<kSquare>(v3);
+  }
+  for (; j < j_end; j += threads) {
+    acc += SquareOrValue<kSquare>(plane[a * pitch + c]);
+    c += dc;
+    a += da;
+    if (c >= inner) c -= inner, ++a;
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------
+// Conv2d patch factor, phase 1: T_part[q] = sum over the (n, g) pairs of `part` of
+// x[n, g * cg + c', y, x]^2, for the pixel q of class c'. T is laid out like one image of
+// one group: [c'][y][x] for NCHW (q = c' * H * W + y * W + x) and [y][x][c'] for NHWC
+// (q = (y * W + x) * cg + c'), so consecutive threads read consecutive addresses.
+ADAFISHER_HD double ConvPixelSum(const float* x, const ConvPlan& p, int64_t part, int64_t q) {
+  const int64_t ng_begin = part * p.span;
+  const int64_t ng_limit = ng_begin + p.span;
+  const int64_t ng_end = ng_limit < p.planes ? ng_limit : p.planes;
+  int64_t base, n_stride, g_stride;
+  if (p.nhwc) {
+    const int64_t pixel = q / p.cg;
+    base = pixel * p.C + (q - pixel * p.cg);
+    n_stride = p.H * p.W * p.C;
+    g_stride = p.cg;
+  } else {
+    base = q;  // c' * H * W + y * W + x: the class-c' plane of group 0 of image 0
+    n_stride = p.C * p.H * p.W;
+    g_stride = p.cg * p.H * p.W;
+  }
+  int64_t n = ng_begin / p.groups;
+  int64_t g = ng_begin - n * p.groups;
+  int64_t offset = n * n_stride + g * g_stride + base;
+  const int64_t wrap = n_stride - (p.groups - 1) * g_stride;  // from (n, groups - 1) to (n + 1, 0)
+  double acc = 0.0;
+  int64_t ng = ng_begin;
+  for (; ng + 3 < ng_end; ng += 4) {
+    int64_t at[4];
+    for (int u = 0; u < 4; ++u) {
+      at[u] = offset;
+      if (++g == p.groups) {
+        g = 0;
+        offset += wrap;
+      } else {
+        offset += g_stride;
+      }
+    }
+    const float v0 = x[at[0]], v1 = x[at[1]], v2 = x[at[2]], v3 = x[at[3]];
+    acc += SquareOrValue<true>(v0);
+    acc += SquareOrValue<true>(v1);
+    acc += SquareOrValue<true>(v2);
+    acc += SquareOrValue<true>(v3);
+  }
+  for (; ng < ng_end; ++ng) {
+    acc += SquareOrValue<true>(x[offset]);
+    if (++g == p.groups) {
+      g = 0;
+      offset += wrap;
+    } else {
+      offset += g_stride;
+    }
+  }
+  return acc;
+}
+
+// First and one-past-last output position whose window tap `tap` lands inside [0, size):
+// 0 <= o * stride + tap - pad < size, 0 <= o < out. (The CPU backend's formula.)
+ADAFISHER_HD void ValidOutputRange(int64_t tap, int64_t pad, int64_t stride, int64_t size, int64_t out,
+                                   int64_t* first, int64_t* end) {
+  *first = tap >= pad ? 0 : (pad - tap + stride - 1) / stride;
+  const int64_t last = size - 1 - tap + pad;  // o * stride <= last
+  if (last < 0) {
+    *end = 0;
+  } else {
+    const int64_t e = last / stride + 1;
+    *end = e < out ? e : out;
+  }
+}
+
+// Phase 2a, item = U index: U[c'][i][x] = sum over output rows oh of T[c'][oh*sh + i - pt][x].
+// Items are numbered like U: (c' * kh + i) * W + x for NCHW, (i * W + x) * cg + c' for NHWC.
+ADAFISHER_HD double ConvRowTap(const double* T, const ConvPlan& p, int64_t item) {
+  int64_t cp, i, x;
+  if (p.nhwc) {
+    cp = item % p.cg;
+    const int64_t t = item / p.cg;
+    x = t % p.W;
+    i = t / p.W;
+  } else {
+    x = item % p.W;
+    const int64_t t = item / p.W;
+    i = t % p.kh;
+    cp = t / p.kh;
+  }
+  int64_t first, end;
+  ValidOutputRange(i, p.pt, p.sh, p.H, p.OH, &first, &end);
+  // T index of (c', y, x) = c' * t_c + y * t_y + x * t_x.
+  const int64_t t_c = p.nhwc ? 1 : p.H * p.W;
+  const int64_t t_y = p.nhwc ? p.W * p.cg : p.W;
+  const int64_t t_x = p.nhwc ? p.cg : 1;
+  const double* column = T + cp * t_c + x * t_x;
+  double sum = 0.0;
+  for (int64_t oh = first; oh < end; ++oh) sum += column[(oh * p.sh + i - p.pt) * t_y];
+  return sum;
+}
+
+// Phase 2b, item = c' * kh * kw + i * kw + j: sum over output columns ow of
+// U[c'][i][ow*sw + j - pl]. Sets *k to the output index of the entry in the plan's order.
+ADAFISHER_HD double ConvColTap(const double* U, const ConvPlan& p, int64_t item, int64_t* k) {
+  const int64_t khw = p.kh * p.kw;
+  const int64_t cp = item / khw;
+  const int64_t ij = item - cp * khw;
+  const int64_t i = ij / p.kw;
+  const int64_t j = ij - i * p.kw;
+  *k = p.channel_major ? item : ij * p.cg + cp;
+  int64_t first, end;
+  ValidOutputRange(j, p.pl, p.sw, p.W, p.OW, &first, &end);
+  // U index of (c', i, x) = c' * u_c + i * u_i + x * u_x (see ConvRowTap's numbering).
+  const int64_t u_c = p.nhwc ? 1 : p.kh * p.W;
+  const int64_t u_i = p.nhwc ? p.W * p.cg : p.W;
+  const int64_t u_x = p.nhwc ? p.cg : 1;
+  const double* row = U + cp * u_c + i * u_i;
+  double sum = 0.0;
+  for (int64_t ow = first; ow < end; ++ow) sum += row[(ow * p.sw + j - p.pl) * u_x];
+  return sum;
+}
+
+}  // namespace cuda
+}  // namespace adafisher

@@ -1,0 +1,153 @@
+// Host-side planning shared by the CUDA launchers and the parity harness: how a list of
+// tensors is cut into (tensor, chunk) blocks for the multi-tensor kernels, and the grid
+// shapes of the factor reductions. Plain C++17, no CUDA headers.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "core/backend.h"
+
+namespace adafisher {
+namespace cuda {
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------
+// NOTE: [multi-tensor launch]
+// The step touches every parameter tensor of the model in one native call. Following
+// PyTorch's MultiTensorApply.cuh, each tensor is cut into chunks of kChunkElements and one
+// CUDA block processes one (tensor, chunk) pair; the pairs travel in the kernel-argument
+// struct (BlockSlots), so a block finds its work without reading device memory first.
+// Unlike PyTorch, the per-tensor descriptors (pointers, geometry, scalars) live in a device
+// table uploaded once per step, so tensor count never forces an extra launch: a launch is
+// cut only when kMaxBlocksPerLaunch slots are full, and a tensor whose chunks do not all
+// fit continues in the next launch. Empty tensors get no block.
+constexpr int64_t kChunkElements = 65536;
+constexpr int kStepThreads = 512;  // 512 threads x 4 floats = 2048 elements per sweep
+// 480 slots x 8 bytes = 3840 bytes: with the other arguments the struct stays below the
+// 4 KiB kernel-parameter limit that every supported driver accepts.
+constexpr int kMaxBlocksPerLaunch = 480;
+
+struct BlockSlots {
+  int32_t tensor[kMaxBlocksPerLaunch];
+  int32_t chunk[kMaxBlocksPerLaunch];
+};
+
+// Calls launch(slots, blocks) once per launch, in order. numel(t) gives tensor t's size.
+template <typename NumelFn, typename LaunchFn>
+void PlanMultiTensor(size_t tensor_count, NumelFn&& numel, LaunchFn&& launch) {
+  BlockSlots slots;
+  int used = 0;
+  for (size_t t = 0; t < tensor_count; ++t) {
+    const int64_t chunks = CeilDiv(static_cast<int64_t>(numel(t)), kChunkElements);
+    for (int64_t c = 0; c < chunks; ++c) {
+      slots.tensor[used] = static_cast<int32_t>(t);
+      slots.chunk[used] = static_cast<int32_t>(c);
+      if (++used == kMaxBlocksPerLaunch) {
+        launch(static_cast<const BlockSlots&>(slots), used);
+        used = 0;
+      }
+    }
+  }
+  if (used > 0) launch(static_cast<const BlockSlots&>(slots), used);
+}
+
+// ---------------------------------------------------------------------------------------
+// Factor reductions: x viewed as [outer, kept, inner], sums over (outer, inner) for each
+// kept index b. Both plans write double partial sums partial[s * kept + b], s < rows(),
+// which a finalize kernel adds in s order. Every shape is a function of the tensor shape
+// only (never of the device), so results are bit-identical on every GPU and every run.
+constexpr int kReduceThreads = 256;
+
+// inner == 1: columns of a row-major [outer, kept] matrix. A block owns `cols` adjacent
+// columns and a slice of rows; thread t reads column t % cols of rows t / cols, t / cols +
+// step, ... so that a warp reads whole 128-byte row segments (or several short rows).
+struct ColumnPlan {
+  int64_t outer = 0, kept = 0;
+  int cols = 1;             // columns per block (<= 64)
+  int step = 1;             // rows read per sweep = kReduceThreads / cols
+  int64_t col_tiles = 0;    // grid.x
+  int64_t slices = 0;       // grid.y (<= 2048 / col_tiles, so <= 65535)
+  int64_t rows_per_slice = 0;
+  ADAFISHER_HD int64_t rows() const { return slices; }
+};
+
+inline ColumnPlan MakeColumnPlan(int64_t outer, int64_t kept) {
+  ColumnPlan p;
+  p.outer = outer;
+  p.kept = kept;
+  if (outer <= 0 || kept <= 0) return p;  // nothing to read: rows() == 0
+  p.cols = static_cast<int>(std::min<int64_t>(kept, 64));
+  p.step = kReduceThreads / p.cols;
+  p.col_tiles = CeilDiv(kept, p.cols);
+  const int64_t max_slices = std::max<int64_t>(1, 2048 / p.col_tiles);
+  // At least 8 sweeps per thread: enough loads in flight per block to amortize its reduction.
+  const int64_t slices = std::clamp<int64_t>(CeilDiv(outer, int64_t{p.step} * 8), 1, max_slices);
+  p.rows_per_slice = CeilDiv(CeilDiv(outer, slices), p.step) * p.step;
+  p.slices = CeilDiv(outer, p.rows_per_slice);
+  return p;
+}
+
+// inner > 1: x[a, b, :] is a contiguous run of `inner` values. The (a, c) space of one b
+// (outer * inner values) is cut into `parts` contiguous spans; block (part, b) sums one
+// span with consecutive threads on consecutive c.
+struct PlanePlan {
+  int64_t outer = 0, kept = 0, inner = 0;
+  int64_t parts = 0;  // grid.x = parts * kept
+  int64_t span = 0;   // (a, c) positions per part
+  ADAFISHER_HD int64_t rows() const { return parts; }
+};
+
+inline PlanePlan MakePlanePlan(int64_t outer, int64_t kept, int64_t inner) {
+  PlanePlan p;
+  p.outer = outer;
+  p.kept = kept;
+  p.inner = inner;
+  if (outer <= 0 || kept <= 0 || inner <= 0) return p;  // nothing to read: rows() == 0
+  const int64_t work = outer * inner;
+  const int64_t max_parts = std::max<int64_t>(1, 4096 / kept);
+  const int64_t parts = std::clamp<int64_t>(CeilDiv(work, int64_t{kReduceThreads} * 16), 1, max_parts);
+  p.span = CeilDiv(work, parts);
+  p.parts = CeilDiv(work, p.span);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------
+// Conv2d patch factor (see NOTE: [conv patch factor] in factor_kernels.cu).
+struct ConvPlan {
+  int64_t N = 0, C = 0, H = 0, W = 0, kh = 1, kw = 1, sh = 1, sw = 1, pt = 0, pl = 0, OH = 0, OW = 0;
+  int64_t groups = 1, cg = 0;
+  int64_t pixels = 0;  // Q = cg * H * W: entries of the per-class pixel sums T
+  int64_t planes = 0;  // N * groups: the (n, g) pairs that add into one T entry
+  int64_t parts = 0;   // T is computed in `parts` partial copies over ranges of (n, g)
+  int64_t span = 0;    // (n, g) pairs per part
+  bool nhwc = false;
+  bool channel_major = true;
+  ADAFISHER_HD int64_t row_items() const { return cg * kh * W; }   // phase 2a: U entries
+  ADAFISHER_HD int64_t tap_items() const { return cg * kh * kw; }  // phase 2b: K outputs
+};
+
+inline ConvPlan MakeConvPlan(const Conv2dShape& s) {
+  ConvPlan p;
+  p.N = s.batch, p.C = s.channels, p.H = s.height, p.W = s.width;
+  p.kh = s.kernel_h, p.kw = s.kernel_w, p.sh = s.stride_h, p.sw = s.stride_w;
+  p.pt = s.pad_top, p.pl = s.pad_left, p.OH = s.out_h, p.OW = s.out_w;
+  p.groups = s.groups;
+  p.cg = s.groups > 0 ? s.channels / s.groups : 0;
+  p.pixels = p.cg * p.H * p.W;
+  p.planes = p.N * p.groups;
+  p.nhwc = s.format == DataFormat::kNHWC;
+  p.channel_major = s.order == PatchOrder::kChannelMajor;
+  if (p.pixels > 0 && p.planes > 0) {
+    // About 2^18 threads in phase 1 when one copy of T is too small to fill the GPU.
+    p.parts = std::clamp<int64_t>(CeilDiv(int64_t{1} << 18, p.pixels), 1, p.planes);
+    p.span = CeilDiv(p.planes, p.parts);
+    p.parts = CeilDiv(p.planes, p.span);
+  }
+  return p;
+}
+
+}  // namespace cuda
+}  // namespace adafisher
