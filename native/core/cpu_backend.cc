@@ -22,6 +22,46 @@ constexpr index_t kColumnBlock = 1024;
 
 index_t CeilDiv(index_t a, index_t b) { return (a + b - 1) / b; }
 
+// NOTE: [cpu dispatch]
+// The hot reduction loops are compiled twice, for baseline x86-64 (SSE2) and for AVX2,
+// and picked at load time (GCC/Clang function multiversioning through an ifunc), so one
+// prebuilt binary runs everywhere and uses 4 double lanes where the CPU has them. Both
+// versions perform the same IEEE operations in the same order: results are identical.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+#define ADAFISHER_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ADAFISHER_CPU_CLONES
+#endif
+
+// acc[c] += x[c] (or x[c]^2) in double, for one row.
+template <bool kSquare>
+ADAFISHER_CPU_CLONES void AccumulateRow(double* __restrict acc, const float* __restrict x, index_t n) {
+  for (index_t c = 0; c < n; ++c) {
+    const double v = x[c];
+    acc[c] += kSquare ? v * v : v;
+  }
+}
+
+// sum of x[c] (or x[c]^2) in double; four independent partial sums keep the loop
+// vectorizable without reassociation flags.
+template <bool kSquare>
+ADAFISHER_CPU_CLONES double SumRun(const float* __restrict x, index_t n) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  index_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const double v0 = x[c], v1 = x[c + 1], v2 = x[c + 2], v3 = x[c + 3];
+    s0 += kSquare ? v0 * v0 : v0;
+    s1 += kSquare ? v1 * v1 : v1;
+    s2 += kSquare ? v2 * v2 : v2;
+    s3 += kSquare ? v3 * v3 : v3;
+  }
+  for (; c < n; ++c) {
+    const double v = x[c];
+    s0 += kSquare ? v * v : v;
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
 // sum over (a, c) of op(x[a, b, c]) for every b, in double, deterministic.
 template <bool kSquare>
 void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, index_t inner, double* sums) {
@@ -38,14 +78,8 @@ void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, i
       const index_t rb = task / col_blocks, cb = task % col_blocks;
       const index_t c0 = cb * kColumnBlock, c1 = std::min(kept, c0 + kColumnBlock);
       const index_t r0 = rb * rows_per_task, r1 = std::min(outer, r0 + rows_per_task);
-      double* __restrict acc = partial.data() + rb * kept;
-      for (index_t r = r0; r < r1; ++r) {
-        const float* __restrict row = x + r * kept;
-        for (index_t c = c0; c < c1; ++c) {
-          const double v = row[c];
-          acc[c] += kSquare ? v * v : v;
-        }
-      }
+      double* acc = partial.data() + rb * kept;
+      for (index_t r = r0; r < r1; ++r) AccumulateRow<kSquare>(acc + c0, x + r * kept + c0, c1 - c0);
     });
     for (index_t rb = 0; rb < row_blocks; ++rb) {
       const double* acc = partial.data() + rb * kept;
@@ -61,24 +95,7 @@ void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, i
     const index_t ab = task / kept, b = task % kept;
     const index_t a0 = ab * planes_per_task, a1 = std::min(outer, a0 + planes_per_task);
     double acc = 0.0;
-    for (index_t a = a0; a < a1; ++a) {
-      const float* __restrict plane = x + (a * kept + b) * inner;
-      // Four independent accumulators keep the loop vectorizable without reassociation flags.
-      double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      index_t c = 0;
-      for (; c + 4 <= inner; c += 4) {
-        const double v0 = plane[c], v1 = plane[c + 1], v2 = plane[c + 2], v3 = plane[c + 3];
-        s0 += kSquare ? v0 * v0 : v0;
-        s1 += kSquare ? v1 * v1 : v1;
-        s2 += kSquare ? v2 * v2 : v2;
-        s3 += kSquare ? v3 * v3 : v3;
-      }
-      for (; c < inner; ++c) {
-        const double v = plane[c];
-        s0 += kSquare ? v * v : v;
-      }
-      acc += (s0 + s1) + (s2 + s3);
-    }
+    for (index_t a = a0; a < a1; ++a) acc += SumRun<kSquare>(x + (a * kept + b) * inner, inner);
     partial[ab * kept + b] = acc;
   });
   for (index_t ab = 0; ab < a_blocks; ++ab) {
@@ -86,45 +103,55 @@ void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, i
   }
 }
 
-// Sum of squares of the patch entries (i, j) of one channel plane at rows/cols given by
-// the conv geometry; `stride` is the distance between consecutive x positions of the
-// plane (1 for NCHW planes, C for NHWC). Adds into acc[i * kw + j] for `lanes` channels
-// stored `lane_stride` apart (NHWC processes a block of channels at once).
 struct PatchScratch {
-  std::vector<double> rows;  // [kh][W][lanes]
+  std::vector<double> rows;     // [kh][W][lanes]: per kernel row i, column sums of squares
+  std::vector<double> squared;  // [W][lanes]: one input row, squared
 };
 
-void PatchSums(const float* plane, const Conv2dShape& s, index_t x_stride, index_t y_stride, index_t lanes,
-               PatchScratch& scratch, double* acc /* [lanes][kh*kw] */) {
+// Sums of squares of the patch entries (i, j) of one channel plane (or, for NHWC, a
+// block of `lanes` channels stored contiguously): adds into acc[l * kh*kw + i*kw + j].
+// `x_stride` is the distance between horizontally adjacent values (1 for NCHW, C for
+// NHWC) and `y_stride` between rows. Each input row is read and squared once and added to
+// the accumulators of every kernel row i whose windows cover it.
+ADAFISHER_CPU_CLONES void PatchSums(const float* plane, const Conv2dShape& s, index_t x_stride, index_t y_stride,
+                                    index_t lanes, PatchScratch& scratch, double* acc) {
   const index_t kh = s.kernel_h, kw = s.kernel_w, W = s.width, H = s.height;
-  scratch.rows.assign(static_cast<size_t>(kh * W * lanes), 0.0);
-  // rows_i[x][l] = sum over output rows oh of plane[y = oh*sh + i - pad_top][x]^2.
-  for (index_t i = 0; i < kh; ++i) {
-    double* __restrict r = scratch.rows.data() + i * W * lanes;
-    for (index_t oh = 0; oh < s.out_h; ++oh) {
-      const index_t y = oh * s.stride_h + i - s.pad_top;
-      if (y < 0 || y >= H) continue;
-      const float* __restrict src = plane + y * y_stride;
-      if (lanes == 1) {
-        for (index_t x = 0; x < W; ++x) {
-          const double v = src[x * x_stride];
-          r[x] += v * v;
-        }
-      } else {
-        for (index_t x = 0; x < W; ++x) {
-          const float* __restrict px = src + x * x_stride;
-          double* __restrict rx = r + x * lanes;
-          for (index_t l = 0; l < lanes; ++l) {
-            const double v = px[l];
-            rx[l] += v * v;
+  const index_t row_len = W * lanes;
+  scratch.rows.assign(static_cast<size_t>(kh * row_len), 0.0);
+  scratch.squared.resize(static_cast<size_t>(row_len));
+  double* __restrict sq = scratch.squared.data();
+  for (index_t y = 0; y < H; ++y) {
+    // Input row y is row oh*sh + i - pad_top of window oh for kernel row i.
+    bool squared = false;
+    for (index_t i = 0; i < kh; ++i) {
+      const index_t t = y + s.pad_top - i;
+      if (t < 0 || t % s.stride_h != 0 || t / s.stride_h >= s.out_h) continue;
+      if (!squared) {
+        const float* __restrict src = plane + y * y_stride;
+        if (lanes == 1) {
+          for (index_t x = 0; x < W; ++x) {
+            const double v = src[x * x_stride];
+            sq[x] = v * v;
+          }
+        } else {
+          for (index_t x = 0; x < W; ++x) {
+            const float* __restrict px = src + x * x_stride;
+            double* __restrict qx = sq + x * lanes;
+            for (index_t l = 0; l < lanes; ++l) {
+              const double v = px[l];
+              qx[l] = v * v;
+            }
           }
         }
+        squared = true;
       }
+      double* __restrict r = scratch.rows.data() + i * row_len;
+      for (index_t e = 0; e < row_len; ++e) r[e] += sq[e];
     }
   }
   // acc[l][i*kw + j] += sum over output cols ow of rows_i[x = ow*sw + j - pad_left][l].
   for (index_t i = 0; i < kh; ++i) {
-    const double* r = scratch.rows.data() + i * W * lanes;
+    const double* r = scratch.rows.data() + i * row_len;
     for (index_t j = 0; j < kw; ++j) {
       // Valid ow range: 0 <= ow*sw + j - pad_left < W.
       const index_t first = j >= s.pad_left ? 0 : CeilDiv(s.pad_left - j, s.stride_w);

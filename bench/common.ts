@@ -1,0 +1,401 @@
+// Shared benchmark machinery: random tensors, the per-workload measurement (factors,
+// min-max + EMA, step with and without the non-finite guard), timers, one-process-per-case
+// runner and table formatting. See bench/README.md for what each figure means.
+import { fork } from 'node:child_process';
+
+import { AdaFisher, createBuffer, synchronize, type DeviceBuffer, type LayerSpec, type Tensor } from '../lib/index.js';
+import type { DerivedWorkload } from './cases.js';
+
+export type Backend = 'cpu' | 'cuda';
+
+// ---------------------------------------------------------------------------------------
+// Data
+
+/** Deterministic uniform floats in [-scale, scale) (xorshift32); fast enough for 10^8 values. */
+export function randomArray(n: number, seed: number, scale = 1, offset = 0): Float32Array {
+  const a = new Float32Array(n);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < n; ++i) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    a[i] = offset + scale * (x / 2147483648 - 1);
+  }
+  return a;
+}
+
+const prod = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+
+export function median(xs: readonly number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+export function quantile(xs: readonly number[], q: number): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.round(q * (s.length - 1))))];
+}
+
+export interface Timing {
+  /** Median milliseconds per call. */
+  ms: number;
+  /** 10th and 90th percentile of the samples (per call), ms. */
+  p10: number;
+  p90: number;
+  samples: number;
+  /** Calls per sample (1 on the CPU; a batch between two synchronize() on the GPU). */
+  callsPerSample: number;
+}
+
+export function summarize(samplesMs: number[], callsPerSample: number): Timing {
+  return {
+    ms: median(samplesMs),
+    p10: quantile(samplesMs, 0.1),
+    p90: quantile(samplesMs, 0.9),
+    samples: samplesMs.length,
+    callsPerSample,
+  };
+}
+
+const nowMs = () => Number(process.hrtime.bigint()) / 1e6;
+
+/**
+ * A timer turns "run fn" into per-call milliseconds.
+ * - CPU: every call is one sample; `before` runs untimed before each (cache flush).
+ * - GPU: a sample is a batch of calls between two `await synchronize('cuda')`; the
+ *   per-call time is the batch time over the batch size (there are no CUDA events in JS).
+ */
+export interface Timer {
+  time(fn: () => void, opts?: { before?: () => void; reps?: number; warmup?: number }): Promise<Timing>;
+}
+
+export function cpuTimer(defaultReps: number): Timer {
+  return {
+    async time(fn, { before, reps = defaultReps, warmup = 3 } = {}) {
+      for (let i = 0; i < warmup; ++i) {
+        before?.();
+        fn();
+      }
+      const samples: number[] = [];
+      for (let i = 0; i < reps; ++i) {
+        before?.();
+        const t0 = nowMs();
+        fn();
+        samples.push(nowMs() - t0);
+      }
+      return summarize(samples, 1);
+    },
+  };
+}
+
+export function gpuTimer(batches: number, targetBatchMs = 25, maxCalls = 2000, backend: Backend = 'cuda'): Timer {
+  return {
+    async time(fn, { before, reps = batches, warmup = 5 } = {}) {
+      if (before) throw new Error('gpuTimer: per-call untimed hooks cannot be separated from a batch');
+      for (let i = 0; i < warmup; ++i) fn();
+      await synchronize(backend);
+      // Probe one batch to size the others to ~targetBatchMs.
+      let t0 = nowMs();
+      for (let i = 0; i < 5; ++i) fn();
+      await synchronize(backend);
+      const perCall = (nowMs() - t0) / 5;
+      const calls = Math.max(5, Math.min(maxCalls, Math.ceil(targetBatchMs / Math.max(perCall, 1e-4))));
+      const samples: number[] = [];
+      for (let b = 0; b < reps; ++b) {
+        await synchronize(backend);
+        t0 = nowMs();
+        for (let i = 0; i < calls; ++i) fn();
+        await synchronize(backend);
+        samples.push((nowMs() - t0) / calls);
+      }
+      return summarize(samples, calls);
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Workload instance
+
+export interface Instance {
+  wl: DerivedWorkload;
+  backend: Backend;
+  layers: LayerSpec[];
+  params: DeviceBuffer[];
+  grads: DeviceBuffer[];
+  inputs: DeviceBuffer[];
+  outGrads: DeviceBuffer[];
+  /** Reduced statistics for setFactors (positive values), per layer. */
+  freshH: Tensor[];
+  freshS: Tensor[];
+  dispose(): void;
+}
+
+/** Allocates parameters, gradients, layer inputs and output gradients with random data. */
+export function instantiate(wl: DerivedWorkload, backend: Backend): Instance {
+  const all: DeviceBuffer[] = [];
+  let seed = 1;
+  const buf = (n: number, scale: number, offset = 0): DeviceBuffer => {
+    const b = createBuffer(randomArray(n, seed++, scale, offset), { backend });
+    all.push(b);
+    return b;
+  };
+  const layers: LayerSpec[] = [];
+  const params: DeviceBuffer[] = [];
+  const grads: DeviceBuffer[] = [];
+  const inputs: DeviceBuffer[] = [];
+  const outGrads: DeviceBuffer[] = [];
+  const freshH: Tensor[] = [];
+  const freshS: Tensor[] = [];
+  for (const s of wl.shapes) {
+    const weight = buf(s.weightNumel, 0.05);
+    const bias = s.biasNumel ? buf(s.biasNumel, 0.05) : null;
+    params.push(weight);
+    grads.push(buf(s.weightNumel, 1e-2));
+    if (bias) {
+      params.push(bias);
+      grads.push(buf(s.biasNumel, 1e-2));
+    }
+    inputs.push(buf(prod(s.inputShape), 1));
+    outGrads.push(buf(prod(s.outputShape), 1e-3));
+    const d = s.def;
+    if (d.kind === 'linear') {
+      layers.push({ kind: 'linear', inFeatures: d.in, outFeatures: d.out, weight, bias });
+    } else {
+      layers.push({
+        kind: 'conv2d',
+        inChannels: d.inChannels,
+        outChannels: d.outChannels,
+        kernelSize: d.kernel,
+        stride: d.stride,
+        padding: d.padding,
+        weight,
+        bias,
+      });
+    }
+    const k = d.kind === 'linear' ? d.in : d.inChannels * d.kernel * d.kernel;
+    freshH.push(buf(k + (d.bias ? 1 : 0), 0.5, 0.5));
+    freshS.push(buf(s.outputShape[1], 0.5, 0.5));
+  }
+  return {
+    wl,
+    backend,
+    layers,
+    params,
+    grads,
+    inputs,
+    outGrads,
+    freshH,
+    freshS,
+    dispose: () => all.forEach((b) => b.dispose()),
+  };
+}
+
+// Large enough that no step ever refreshes after the first (k mod tcov == 0 only at k = 0).
+const NEVER = 1_000_000;
+
+export interface KernelFigures {
+  timing: Timing;
+  /** Bytes the kernel must move at minimum (see README). */
+  bytes: number;
+  /** bytes / time. */
+  gbps: number;
+}
+
+export interface WorkloadResult {
+  workload: string;
+  description: string;
+  backend: Backend;
+  parameters: number;
+  /** Cold: caches flushed before every timed call (CPU only). Warm: back-to-back calls. */
+  factors: { cold?: KernelFigures; warm: KernelFigures; convCold?: KernelFigures; convWarm?: KernelFigures; perLayerWarmMs?: number[] };
+  minMaxEma: { ms: number; refreshStepMs: number; emptyStepMs: number; entries: number };
+  step: {
+    guardOn: { cold?: KernelFigures; warm: KernelFigures };
+    guardOff: { cold?: KernelFigures; warm: KernelFigures };
+  };
+  /** factors + min-max/EMA + guarded step (cold figures where measured). */
+  wholeMs: number;
+}
+
+function figures(timing: Timing, bytes: number): KernelFigures {
+  return { timing, bytes, gbps: bytes / (timing.ms * 1e6) };
+}
+
+function recordAll(opt: AdaFisher, inst: Instance, onlyConv = false): void {
+  inst.wl.shapes.forEach((s, i) => {
+    if (onlyConv && s.def.kind !== 'conv2d') return;
+    opt.recordInput(i, inst.inputs[i], s.inputShape);
+    opt.recordOutputGrad(i, inst.outGrads[i], s.outputShape);
+  });
+}
+
+function setAllFactors(opt: AdaFisher, inst: Instance): void {
+  inst.wl.shapes.forEach((_, i) => opt.setFactors(i, { H: inst.freshH[i], S: inst.freshS[i] }));
+}
+
+/**
+ * Measures one workload on one backend. `flush` (CPU) evicts the caches before each cold
+ * sample; without it only warm (back-to-back) figures are taken.
+ */
+export async function measureWorkload(
+  inst: Instance,
+  timer: Timer,
+  opts: { flush?: () => void; log?: (s: string) => void } = {},
+): Promise<WorkloadResult> {
+  const { wl, backend } = inst;
+  const log = opts.log ?? (() => {});
+  const sync = async () => {
+    if (backend === 'cuda') await synchronize(backend);
+  };
+  const mk = (extra: { tcov: number; nonFiniteGuard: boolean }) =>
+    new AdaFisher(inst.layers, { lr: 1e-4, backend, ...extra });
+
+  // --- factor accumulation: recordInput + recordOutputGrad of every layer ---------------
+  const actBytes = 4 * (wl.inputElements + wl.outputGradElements);
+  const convBytes = 4 * (wl.convInputElements + wl.convOutputGradElements);
+  const fOpt = mk({ tcov: 1, nonFiniteGuard: true });
+  log('factors');
+  const factorsWarm = figures(await timer.time(() => recordAll(fOpt, inst)), actBytes);
+  const factors: WorkloadResult['factors'] = { warm: factorsWarm };
+  if (opts.flush) factors.cold = figures(await timer.time(() => recordAll(fOpt, inst), { before: opts.flush }), actBytes);
+  if (convBytes > 0) {
+    factors.convWarm = figures(await timer.time(() => recordAll(fOpt, inst, true)), convBytes);
+    if (opts.flush) factors.convCold = figures(await timer.time(() => recordAll(fOpt, inst, true), { before: opts.flush }), convBytes);
+  }
+  if (backend === 'cpu') {
+    // Per-layer split (warm), for "where does the time go".
+    factors.perLayerWarmMs = [];
+    for (const [i, s] of wl.shapes.entries()) {
+      const t = await timer.time(() => {
+        fOpt.recordInput(i, inst.inputs[i], s.inputShape);
+        fOpt.recordOutputGrad(i, inst.outGrads[i], s.outputShape);
+      });
+      factors.perLayerWarmMs.push(t.ms);
+    }
+  }
+  fOpt.dispose();
+  await sync();
+
+  // --- min-max + EMA: (setFactors + refreshing step with no gradients) minus
+  //     (setFactors + non-refreshing step with no gradients); see README -----------------
+  log('min-max + EMA');
+  const nulls = inst.params.map(() => null);
+  const refresh = mk({ tcov: 1, nonFiniteGuard: true });
+  const empty = mk({ tcov: NEVER, nonFiniteGuard: true });
+  setAllFactors(empty, inst);
+  empty.step(nulls); // step 0 refreshes; none after
+  const refreshT = await timer.time(() => {
+    setAllFactors(refresh, inst);
+    refresh.step(nulls);
+  });
+  const emptyT = await timer.time(() => {
+    setAllFactors(empty, inst);
+    empty.step(nulls);
+  });
+  if (empty.willRefreshFactors || !refresh.willRefreshFactors) throw new Error('min-max/EMA cadence not as planned');
+  refresh.dispose();
+  empty.dispose();
+
+  // --- step: guard on / off, non-refreshing ---------------------------------------------
+  const step = {} as WorkloadResult['step'];
+  const P = wl.parameters;
+  for (const guard of [true, false]) {
+    log(`step guard ${guard ? 'on' : 'off'}`);
+    const opt = mk({ tcov: NEVER, nonFiniteGuard: guard });
+    recordAll(opt, inst);
+    opt.step(inst.grads); // the one refreshing step
+    const fn = () => {
+      opt.step(inst.grads);
+    };
+    // 20 B/param: read p, g, m; write p, m. The guard reads g once more: 24 B/param.
+    const bytes = P * (guard ? 24 : 20);
+    const warm = figures(await timer.time(fn), bytes);
+    const entry: { cold?: KernelFigures; warm: KernelFigures } = { warm };
+    if (opts.flush) entry.cold = figures(await timer.time(fn, { before: opts.flush }), bytes);
+    if (guard) step.guardOn = entry;
+    else step.guardOff = entry;
+    opt.dispose();
+    await sync();
+  }
+
+  const mm = Math.max(0, refreshT.ms - emptyT.ms);
+  const pick = (f: { cold?: KernelFigures; warm: KernelFigures }) => (f.cold ?? f.warm).timing.ms;
+  return {
+    workload: wl.name,
+    description: wl.description,
+    backend,
+    parameters: P,
+    factors,
+    minMaxEma: { ms: mm, refreshStepMs: refreshT.ms, emptyStepMs: emptyT.ms, entries: wl.factorEntries },
+    step,
+    wholeMs: pick(factors as { cold?: KernelFigures; warm: KernelFigures }) + mm + pick(step.guardOn),
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// One fresh process per case
+
+/**
+ * Runs `script --case NAME ...args` in a forked child for every case, in order, and
+ * collects what each child sends with `process.send`. A failed case yields { error }.
+ */
+export async function runCasesInChildren(script: string, cases: readonly string[], args: string[]): Promise<Record<string, unknown>> {
+  const results: Record<string, unknown> = {};
+  for (const name of cases) {
+    results[name] = await new Promise((resolve) => {
+      let got: unknown;
+      const child = fork(script, ['--case', name, ...args], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+      child.on('message', (m) => {
+        got = m;
+      });
+      child.on('exit', (code, signal) => {
+        if (got !== undefined) resolve(got);
+        else resolve({ error: `case ${name} exited with ${signal ?? code} before reporting` });
+      });
+    });
+  }
+  return results;
+}
+
+/** The child side: runs `fn` and sends its result (or the error) to the parent. */
+export async function reportToParent(fn: () => Promise<unknown>): Promise<void> {
+  let out: unknown;
+  try {
+    out = await fn();
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    out = { error: `${err.code ? `${err.code}: ` : ''}${err.message}` };
+  }
+  if (process.send) await new Promise<void>((resolve) => process.send!(out, () => resolve()));
+  else console.log(JSON.stringify(out, null, 2));
+  process.exit(0);
+}
+
+/** The value after `--name` in argv, if present. */
+export function argValue(argv: readonly string[], name: string): string | undefined {
+  const i = argv.indexOf(name);
+  return i >= 0 && i + 1 < argv.length ? argv[i + 1] : undefined;
+}
+
+// ---------------------------------------------------------------------------------------
+// Formatting
+
+export const fmtMs = (ms: number | undefined) =>
+  ms === undefined || !Number.isFinite(ms) ? '-' : ms >= 100 ? ms.toFixed(0) : ms >= 10 ? ms.toFixed(1) : ms >= 1 ? ms.toFixed(2) : ms.toFixed(3);
+export const fmtNum = (x: number | undefined, digits = 1) => (x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(digits));
+export const fmtMB = (bytes: number) => `${(bytes / 1e6).toFixed(bytes >= 1e8 ? 0 : 1)} MB`;
+
+/** A Markdown table (also readable as plain text). */
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => `| ${cells.map((c, i) => c.padEnd(widths[i])).join(' | ')} |`;
+  return [line(header), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...rows.map(line)].join('\n');
+}

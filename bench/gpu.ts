@@ -1,0 +1,228 @@
+// GPU benchmark (CUDA backend). Run on a GPU machine, normally through scripts/gpu-check.sh:
+//   node dist/bench/gpu.js [--torch torch.json] [--json-out FILE] [--json] [--batches N]
+//   node dist/bench/gpu.js --dump-cases        (the workloads, for bench/torch_baselines.py)
+// Each case runs in a fresh child process. Timing: batches of launches between two
+// `await synchronize('cuda')`, per-call time = batch time / calls (JS has no CUDA events).
+// The device-to-device copy bandwidth comes from the PyTorch script of the same run
+// (--torch); the addon has no D2D copy export, so the in-process reference is fill().
+import { readFileSync, writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+import { backendInfo, createBuffer } from '../lib/index.js';
+import { deriveWorkload, GPU_CASES, TARGETS, WORKLOADS } from './cases.js';
+import {
+  argValue,
+  fmtMB,
+  fmtMs,
+  fmtNum,
+  gpuTimer,
+  instantiate,
+  measureWorkload,
+  reportToParent,
+  runCasesInChildren,
+  table,
+  type Backend,
+  type WorkloadResult,
+} from './common.js';
+
+const SCRIPT = fileURLToPath(import.meta.url);
+const FILL_FLOATS = 256 * 1024 * 1024; // 1 GiB
+
+interface FillResult {
+  fillGBps: number;
+  bytes: number;
+  ms: number;
+  /** D2D copy through DeviceBuffer.copyFrom, when the addon has that export (read + write). */
+  copyGBps?: number;
+}
+
+/** What bench/torch_baselines.py prints (see there). */
+interface TorchBaselines {
+  device?: string;
+  torch?: string;
+  copyGBps?: number;
+  workloads?: Record<string, { fusedAdamMs?: number; eager?: { factorsMs: number; minMaxEmaMs: number; stepMs: number; totalMs: number } }>;
+  error?: string;
+}
+
+// `--backend cpu` is a dry run of this script's plumbing on a machine without a GPU.
+const BACKEND: Backend = argValue(process.argv, '--backend') === 'cpu' ? 'cpu' : 'cuda';
+
+async function measureFill(batches: number): Promise<FillResult> {
+  const b = createBuffer(FILL_FLOATS, { backend: BACKEND });
+  let v = 0;
+  const timer = gpuTimer(batches, 50, 200, BACKEND);
+  const t = await timer.time(() => b.fill(++v));
+  const out: FillResult = { fillGBps: (4 * FILL_FLOATS) / (t.ms * 1e6), bytes: 4 * FILL_FLOATS, ms: t.ms };
+  // Forward-compatible: a native D2D copy export (not in the addon yet) gives the copy
+  // reference in-process; until then it comes from torch_baselines.py.
+  const copyFrom = (b as unknown as { copyFrom?: (src: unknown) => void }).copyFrom;
+  if (typeof copyFrom === 'function') {
+    const dst = createBuffer(FILL_FLOATS, { backend: BACKEND });
+    const c = await timer.time(() => copyFrom.call(dst, b));
+    out.copyGBps = (8 * FILL_FLOATS) / (c.ms * 1e6);
+    dst.dispose();
+  }
+  b.dispose();
+  return out;
+}
+
+async function measureGpuWorkload(name: string, batches: number): Promise<WorkloadResult & { device: string }> {
+  const info = backendInfo(BACKEND);
+  if (info.backend !== BACKEND) throw new Error(`the cuda backend cannot be used: ${info.reason}`);
+  const wl = deriveWorkload(WORKLOADS[name]);
+  const inst = instantiate(wl, BACKEND);
+  const result = await measureWorkload(inst, gpuTimer(batches, 25, 2000, BACKEND));
+  inst.dispose();
+  return { ...result, device: BACKEND === 'cuda' ? info.cuda.deviceName : 'cpu (dry run)' };
+}
+
+function dumpCases(): void {
+  const out: Record<string, unknown> = {};
+  for (const name of GPU_CASES) out[name] = deriveWorkload(WORKLOADS[name]);
+  console.log(JSON.stringify(out));
+}
+
+function report(
+  fill: FillResult | { error: string },
+  results: Record<string, (WorkloadResult & { device: string }) | { error: string }>,
+  torch: TorchBaselines | undefined,
+  cases: readonly string[],
+): { text: string; json: Record<string, unknown>; failures: number } {
+  const copy = torch?.copyGBps ?? ('error' in fill ? undefined : fill.copyGBps);
+  const T = TARGETS.gpu;
+  const sections: string[] = [];
+  const key: Record<string, Record<string, number | boolean | string>> = {};
+  let failures = 0;
+  let device = torch?.device ?? '';
+  for (const name of cases) {
+    const r = results[name];
+    if (!r || 'error' in r) {
+      failures++;
+      sections.push(`### ${name}\n\nFAILED: ${r ? r.error : 'no result'}`);
+      key[name] = { error: r ? r.error : 'no result' };
+      continue;
+    }
+    device = r.device;
+    const tw = torch?.workloads?.[name];
+    const onMs = r.step.guardOn.warm.timing.ms;
+    const offMs = r.step.guardOff.warm.timing.ms;
+    const k: Record<string, number | boolean | string> = {
+      stepGuardOffMs: offMs,
+      stepGuardOnMs: onMs,
+      stepGuardOffGBps20: (20 * r.parameters) / (offMs * 1e6),
+      factorsMs: r.factors.warm.timing.ms,
+      minMaxEmaMs: r.minMaxEma.ms,
+      wholeMs: r.wholeMs,
+    };
+    if (copy) {
+      k.stepGuardOffFractionOfCopy = (k.stepGuardOffGBps20 as number) / copy;
+      k.stepGuardOnFractionOfCopy20 = (20 * r.parameters) / (onMs * 1e6) / copy;
+      if (r.factors.convWarm) k.convFactorsFractionOfCopy = r.factors.convWarm.gbps / copy;
+    }
+    if (tw?.fusedAdamMs) {
+      k.fusedAdamMs = tw.fusedAdamMs;
+      k.speedupVsFusedAdamGuardOff = tw.fusedAdamMs / offMs;
+      k.speedupVsFusedAdamGuardOn = tw.fusedAdamMs / onMs;
+    }
+    if (tw?.eager) {
+      k.eagerTotalMs = tw.eager.totalMs;
+      k.wholeSpeedupVsEager = tw.eager.totalMs / r.wholeMs;
+    }
+    // Targets (booleans only where the inputs exist).
+    if (name === 'big' && k.stepGuardOffFractionOfCopy !== undefined) k.stepCopyTargetMet = (k.stepGuardOffFractionOfCopy as number) >= T.stepFractionOfCopy;
+    if (name === 'big' && k.speedupVsFusedAdamGuardOff !== undefined) k.fusedAdamTargetMet = (k.speedupVsFusedAdamGuardOff as number) >= T.stepSpeedupOverFusedAdam;
+    if (k.convFactorsFractionOfCopy !== undefined) k.convFactorsTargetMet = (k.convFactorsFractionOfCopy as number) >= T.convFactorsFractionOfCopy;
+    if (k.wholeSpeedupVsEager !== undefined) k.eagerTargetMet = (k.wholeSpeedupVsEager as number) >= T.wholeSpeedupOverEager;
+    key[name] = k;
+
+    const pct = (gbps: number) => (copy ? `${fmtNum((100 * gbps) / copy, 0)}%` : '-');
+    const rows = [
+      ['factors, all layers', r.factors.warm],
+      ...(r.factors.convWarm ? [['factors, conv layers', r.factors.convWarm] as const] : []),
+      ['step, guard on (24 B/p)', r.step.guardOn.warm],
+      ['step, guard off (20 B/p)', r.step.guardOff.warm],
+    ] as const;
+    const body = rows.map(([label, f]) => [
+      label,
+      fmtMs(f.timing.ms),
+      `${f.timing.callsPerSample}x${f.timing.samples}`,
+      fmtMB(f.bytes),
+      fmtNum(f.gbps, 0),
+      pct(f.gbps),
+    ]);
+    body.push(['min-max + EMA', fmtMs(r.minMaxEma.ms), '', '', '', `refresh ${fmtMs(r.minMaxEma.refreshStepMs)} - empty ${fmtMs(r.minMaxEma.emptyStepMs)}`]);
+    body.push(['whole (factors+mm+step on)', fmtMs(r.wholeMs), '', '', '', '']);
+    if (tw?.fusedAdamMs) body.push(['torch fused Adam step', fmtMs(tw.fusedAdamMs), 'CUDA events', fmtMB(28 * r.parameters), fmtNum((28 * r.parameters) / (tw.fusedAdamMs * 1e6), 0), '']);
+    if (tw?.eager) body.push(['eager PyTorch AdaFisher', fmtMs(tw.eager.totalMs), 'CUDA events', '', '', `f ${fmtMs(tw.eager.factorsMs)} mm ${fmtMs(tw.eager.minMaxEmaMs)} step ${fmtMs(tw.eager.stepMs)}`]);
+    const lines: string[] = [];
+    if (k.stepGuardOffFractionOfCopy !== undefined) {
+      lines.push(`step (guard off) at ${fmtNum(100 * (k.stepGuardOffFractionOfCopy as number), 0)}% of D2D copy bandwidth` + (name === 'big' ? ` (target >= ${100 * T.stepFractionOfCopy}%: ${k.stepCopyTargetMet ? 'met' : 'MISSED'})` : ''));
+    }
+    if (k.speedupVsFusedAdamGuardOff !== undefined) {
+      lines.push(`vs torch fused Adam: ${fmtNum(k.speedupVsFusedAdamGuardOff as number, 2)}x (guard off), ${fmtNum(k.speedupVsFusedAdamGuardOn as number, 2)}x (guard on)` + (name === 'big' ? ` (target >= ${T.stepSpeedupOverFusedAdam}x: ${k.fusedAdamTargetMet ? 'met' : 'MISSED'})` : ''));
+    }
+    if (k.convFactorsFractionOfCopy !== undefined) {
+      lines.push(`conv factors at ${fmtNum(100 * (k.convFactorsFractionOfCopy as number), 0)}% of copy bandwidth (target >= ${100 * T.convFactorsFractionOfCopy}%: ${k.convFactorsTargetMet ? 'met' : 'MISSED'})`);
+    }
+    if (k.wholeSpeedupVsEager !== undefined) {
+      lines.push(`whole optimizer work vs eager PyTorch AdaFisher: ${fmtNum(k.wholeSpeedupVsEager as number, 1)}x (target >= ${T.wholeSpeedupOverEager}x: ${k.eagerTargetMet ? 'met' : 'MISSED'})`);
+    }
+    sections.push(
+      `### ${name}: ${r.description} (${(r.parameters / 1e6).toFixed(3)} M parameters)\n\n` +
+        table(['kernel', 'ms/call', 'calls x batches', 'bytes', 'GB/s', '% copy BW'], body) +
+        (lines.length ? `\n\n${lines.map((l) => `- ${l}`).join('\n')}` : ''),
+    );
+  }
+  const fillText = 'error' in fill ? `fill reference FAILED: ${fill.error}` : `fill (write-only, 1 GiB) ${fmtNum(fill.fillGBps, 0)} GB/s`;
+  const copyText = copy ? `D2D copy (torch, same run, read + write) ${fmtNum(copy, 0)} GB/s` : `D2D copy: not available (${torch?.error ?? 'no --torch file'})`;
+  const header = `adafisher GPU benchmark on ${device || 'unknown device'}: ${copyText}; ${fillText}`;
+  return {
+    text: `${header}\n\n${sections.join('\n\n')}\n\nms/call = median over batches of (batch time between two synchronize('cuda')) / calls.`,
+    json: { device, copyGBps: copy ?? null, fill, torch: torch ?? null, workloads: results, key, targets: T },
+    failures,
+  };
+}
+
+async function main(argv: string[]): Promise<void> {
+  const batches = Number(argValue(argv, '--batches') ?? 15);
+  const only = argValue(argv, '--case');
+  if (argv.includes('--dump-cases')) {
+    dumpCases();
+    return;
+  }
+  if (only !== undefined) {
+    await reportToParent(() => (only === 'fill' ? measureFill(batches) : measureGpuWorkload(only, batches)));
+    return;
+  }
+  const info = backendInfo(BACKEND);
+  if (info.backend !== BACKEND) {
+    console.error(`GPU benchmark skipped: the cuda backend cannot be used (${info.reason})`);
+    process.exitCode = 2;
+    return;
+  }
+  let torch: TorchBaselines | undefined;
+  const torchFile = argValue(argv, '--torch');
+  if (torchFile) {
+    try {
+      torch = JSON.parse(readFileSync(torchFile, 'utf8')) as TorchBaselines;
+    } catch (e) {
+      torch = { error: `cannot read ${torchFile}: ${(e as Error).message}` };
+    }
+  }
+  const cases = (argValue(argv, '--cases')?.split(',') ?? [...GPU_CASES]).filter((c) => c in WORKLOADS);
+  const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', BACKEND]);
+  const { text, json, failures } = report(
+    res.fill as FillResult | { error: string },
+    res as Record<string, (WorkloadResult & { device: string }) | { error: string }>,
+    torch,
+    cases,
+  );
+  const out = argValue(argv, '--json-out');
+  if (out) writeFileSync(out, JSON.stringify(json, null, 2));
+  if (argv.includes('--json')) console.log(JSON.stringify(json, null, 2));
+  else console.log(text);
+  process.exitCode = failures ? 1 : 0;
+}
+
+void main(process.argv.slice(2));

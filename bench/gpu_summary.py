@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""The one short table at the end of scripts/gpu-check.sh, from the logs it wrote.
+
+    python3 bench/gpu_summary.py OUT_DIR
+
+Reads OUT_DIR/*.status, parity.log, golden-*.json, vitest.log, memcheck.log, racecheck.log,
+torch.json and gpu-bench.json; every file may be missing (its stage failed or was skipped).
+"""
+import glob
+import json
+import os
+import re
+import sys
+
+
+def read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def load_json(path):
+    text = read(path)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        # The log may carry lines before the JSON object.
+        i = text.find("{")
+        try:
+            return json.loads(text[i:]) if i >= 0 else None
+        except ValueError:
+            return None
+
+
+def status(out, name):
+    s = read(os.path.join(out, name + ".status"))
+    return s.strip() if s else "not run"
+
+
+def fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def parity_detail(out):
+    log = read(os.path.join(out, "parity.log"))
+    if not log:
+        return ""
+    rels = [float(m) for m in re.findall(r"rel=([0-9.eE+\-naif]+)", log) if re.match(r"^[0-9.eE+\-]+$", m)]
+    summary = re.findall(r"summary: (\d+) cases, (\d+) failed", log)
+    parts = []
+    if summary:
+        parts.append("%s cases, %s failed" % summary[-1])
+    if rels:
+        parts.append("max rel err %.2g" % max(rels))
+    fails = [l.split()[1] for l in log.splitlines() if l.startswith("FAIL ")]
+    if fails:
+        parts.append("failing: " + ", ".join(fails[:4]) + (" ..." if len(fails) > 4 else ""))
+    if "SKIP:" in log:
+        parts.append(log[log.index("SKIP:"):].splitlines()[0])
+    copy = re.search(r"bench copy\s+([0-9.]+) GB/s", log)
+    if copy:
+        parts.append("harness D2D copy %s GB/s" % copy.group(1))
+    return "; ".join(parts)
+
+
+def golden_detail(out):
+    parts = []
+    for path in sorted(glob.glob(os.path.join(out, "golden-*.json"))):
+        name = os.path.basename(path)[len("golden-"):-len(".json")]
+        rep = load_json(path)
+        if isinstance(rep, dict) and "overall" in rep:
+            parts.append("%s %.1e%s" % (name, rep["overall"], "" if rep.get("pass") else " FAIL"))
+        else:
+            text = read(path) or ""
+            err = [l.strip() for l in text.splitlines() if re.match(r"^\s*\w*Error\b", l)][:1]
+            parts.append("%s: %s" % (name, err[0][:70] if err else "no report"))
+    return ", ".join(parts)
+
+
+def vitest_detail(out):
+    log = read(os.path.join(out, "vitest.log"))
+    if not log:
+        return ""
+    log = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    lines = [l.strip() for l in log.splitlines() if re.match(r"^\s*(Test Files|Tests)\s", l)]
+    return "; ".join(lines[-2:])
+
+
+def sanitizer_detail(out, tool):
+    log = read(os.path.join(out, tool + ".log"))
+    if not log:
+        return ""
+    m = re.findall(r"ERROR SUMMARY: (\d+) error", log)
+    r = re.findall(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", log)
+    parts = []
+    if m:
+        parts.append("%s errors" % m[-1])
+    if r:
+        parts.append("%s hazards (%s errors, %s warnings)" % r[-1])
+    if not parts:
+        parts.append("no sanitizer summary (timed out or did not start?)")
+    harness = re.findall(r"summary: (\d+) cases, (\d+) failed", log)
+    if harness:
+        parts.append("harness %s cases, %s failed" % harness[-1])
+    return "; ".join(parts)
+
+
+def bench_rows(out):
+    bench = load_json(os.path.join(out, "gpu-bench.json"))
+    torch = load_json(os.path.join(out, "torch.json"))
+    rows = []
+    copy = (bench or {}).get("copyGBps") or (torch or {}).get("copyGBps")
+    head = "D2D copy %s GB/s" % fmt(copy, ".0f")
+    if torch and torch.get("error"):
+        head += "; torch error: %s" % torch["error"][:60]
+    rows.append(("bench", status(out, "bench"), head))
+    for name, k in ((bench or {}).get("key") or {}).items():
+        if "error" in k:
+            rows.append(("bench " + name, "FAIL", k["error"][:100]))
+            continue
+        parts = [
+            "step %s ms (off) / %s ms (on)" % (fmt(k.get("stepGuardOffMs")), fmt(k.get("stepGuardOnMs"))),
+        ]
+        if k.get("stepGuardOffFractionOfCopy") is not None:
+            parts.append("%.0f%% of copy" % (100 * k["stepGuardOffFractionOfCopy"]))
+        if k.get("speedupVsFusedAdamGuardOff") is not None:
+            parts.append("%.2fx fused Adam" % k["speedupVsFusedAdamGuardOff"])
+        if k.get("convFactorsFractionOfCopy") is not None:
+            parts.append("conv factors %.0f%% of copy" % (100 * k["convFactorsFractionOfCopy"]))
+        if k.get("wholeSpeedupVsEager") is not None:
+            parts.append("whole %.1fx eager" % k["wholeSpeedupVsEager"])
+        verdicts = [(t, k[t]) for t in ("stepCopyTargetMet", "fusedAdamTargetMet", "convFactorsTargetMet", "eagerTargetMet") if t in k]
+        missed = [t.replace("TargetMet", "") for t, ok in verdicts if not ok]
+        verdict = "targets met" if verdicts and not missed else ("MISSED: " + ",".join(missed) if missed else "-")
+        rows.append(("bench " + name, verdict, "; ".join(parts)))
+    return rows
+
+
+def main(out):
+    smi = (read(os.path.join(out, "nvidia-smi.txt")) or "no nvidia-smi output").strip().splitlines()
+    rows = [
+        ("build", status(out, "build"), ""),
+        ("parity", status(out, "parity"), parity_detail(out)),
+        ("golden", status(out, "golden"), golden_detail(out)),
+        ("vitest", status(out, "vitest"), vitest_detail(out)),
+        ("memcheck", status(out, "memcheck"), sanitizer_detail(out, "memcheck")),
+        ("racecheck", status(out, "racecheck"), sanitizer_detail(out, "racecheck")),
+        ("torch", status(out, "torch"), ""),
+    ] + bench_rows(out)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    print("\nGPU check: %s" % (smi[0] if smi else "?"))
+    print("| %s | %s | detail" % ("check".ljust(w0), "result".ljust(w1)))
+    print("|-%s-|-%s-|-------" % ("-" * w0, "-" * w1))
+    for name, result, detail in rows:
+        print("| %s | %s | %s" % (name.ljust(w0), result.ljust(w1), detail))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out/gpu-check")

@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# The one GPU check of this repository, run from the repository root on a lent GPU machine
+# (CUDA 13, nvcc, cmake, python3 + PyTorch, compute-sanitizer; no Node.js, no network):
+#
+#   bash scripts/gpu-check.sh            # logs under $OUT (default out/gpu-check)
+#
+# Stages, in order; each one's failure is recorded and the script goes on to the table:
+#   env       source .device/env.sh (node), nvidia-smi -L
+#   build     CUDA addon (unless a carried one loads with CUDA usable) and the parity harness
+#             (unless carried), in parallel, CUDAARCHS=90
+#   parity    test/native cuda_parity --bench (CUDA vs CPU backend, every Backend method)
+#   golden    node dist/lib/cli.js replay FILE --backend cuda, every test/golden/*.json
+#   vitest    ADAFISHER_BACKEND=cuda vitest run (only when vitest and vite were carried)
+#   memcheck  compute-sanitizer --tool memcheck over the parity harness
+#   racecheck compute-sanitizer --tool racecheck over the parity harness
+#   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher)
+#   bench     node dist/bench/gpu.js --torch torch.json
+#   table     bench/gpu_summary.py: ONE short table, printed last
+#
+# Prepare here (nvcc 13 is on this machine too) and carry, 64 MiB in all:
+#   npx tsc -p tsconfig.json                                   -> dist
+#   CUDAARCHS=90 npx cmake-js compile --out build-cuda         -> build-cuda/Release
+#   cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-native-test -j2
+#   bash ../shared/device/pack-node.sh                         -> .device
+#   carry: .device dist build-cuda/Release build-native-test node_modules/node-api-headers
+#          node_modules/node-addon-api node_modules/node-gyp-build
+# (the last three only matter if the addon must be rebuilt there or the loader needs them).
+# vitest's dependency closure (~38 MiB) does not fit next to node.xz: stage vitest is skipped
+# unless node_modules/vitest and node_modules/vite were carried.
+#
+# Knobs (environment): GPU_CHECK_BUDGET_S (default 470: stages that would not fit are
+# skipped so the table always prints), GPU_CHECK_STAGES (comma list to run a subset, e.g.
+# "parity,golden,bench" for a rerun), CUDAARCHS (default 90), ADAFISHER_ADDON (an addon
+# to use instead of looking for one).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/out/gpu-check}
+mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,vitest,memcheck,racecheck,torch,bench}
+export CUDAARCHS=${CUDAARCHS:-90}
+RESERVE=20 # seconds kept for the table
+
+elapsed() { echo $(($(date +%s) - START)); }
+log() { echo "[gpu-check +$(elapsed)s] $*" | tee -a "$OUT/gpu-check.log"; }
+wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
+status() { echo "$2" > "$OUT/$1.status"; } # PASS / FAIL ... / SKIPPED ... / TIMEOUT
+
+# run_stage NAME LIMIT_S CMD...: runs CMD under timeout with its output in $OUT/NAME.log;
+# the limit shrinks to what is left of the budget. Returns CMD's exit code (124 = timeout).
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - RESERVE - $(elapsed)))
+  if ((left < 10)); then
+    log "stage $name SKIPPED: out of time budget"
+    status "$name" "SKIPPED (time budget)"
+    return 125
+  fi
+  ((limit > left)) && limit=$left
+  log "stage $name (limit ${limit}s): $*"
+  local t0
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$rc" > "$OUT/$name.rc"
+  log "stage $name rc=$rc in $(($(date +%s) - t0))s"
+  if ((rc == 124 || rc == 137)); then status "$name" "TIMEOUT (${limit}s)"; elif ((rc == 0)); then status "$name" PASS; else status "$name" "FAIL (rc $rc)"; fi
+  return $rc
+}
+
+# ---- env ---------------------------------------------------------------------------------
+[ -d /usr/local/cuda/bin ] && export PATH=/usr/local/cuda/bin:$PATH
+if [ -f .device/env.sh ]; then
+  # shellcheck disable=SC1091
+  source .device/env.sh > "$OUT/env.log" 2>&1 || true
+fi
+{
+  echo "node: $(command -v node || echo MISSING) $(node --version 2>/dev/null)"
+  echo "nvcc: $(nvcc --version 2>/dev/null | tail -1)"
+  echo "python3: $(python3 --version 2>&1)"
+  echo "compute-sanitizer: $(command -v compute-sanitizer || echo MISSING)"
+} >> "$OUT/env.log"
+nvidia-smi -L 2>&1 | tee "$OUT/nvidia-smi.txt"
+nvidia-smi -L > /dev/null 2>&1 && status env PASS || status env "FAIL (nvidia-smi)"
+HAVE_NODE=0
+command -v node > /dev/null 2>&1 && HAVE_NODE=1
+[ -f dist/lib/cli.js ] || log "dist/ is missing: carry it (npx tsc -p tsconfig.json here first)"
+
+# ---- build -------------------------------------------------------------------------------
+# An addon is good when it loads and reports a usable CUDA device.
+addon_ok() {
+  ((HAVE_NODE)) || return 1
+  ADAFISHER_ADDON=$1 node -e "
+    import('./dist/lib/index.js').then((m) => { const r = m.backendInfo('cuda');
+      console.log(process.env.ADAFISHER_ADDON, JSON.stringify(r.cuda), r.reason);
+      process.exit(r.cuda.usable ? 0 : 1); }, (e) => { console.log(e.message); process.exit(1); });" >> "$OUT/build.log" 2>&1
+}
+HARNESS=""
+GEN=()
+command -v ninja > /dev/null 2>&1 && GEN=(-G Ninja)
+build_addon() {
+  # cmake directly, with the arguments cmake-js passes (only node-api-headers and
+  # node-addon-api are needed from node_modules), so npx/npm need not be carried.
+  cmake -S "$ROOT" -B "$ROOT/build-gpu" ${GEN[@]+"${GEN[@]}"} --no-warn-unused-cli -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/build-gpu/Release" \
+    "-DCMAKE_JS_INC=$ROOT/node_modules/node-api-headers/include;$ROOT/node_modules/node-addon-api" \
+    -DCMAKE_JS_SRC= -DCMAKE_JS_LIB= -DCMAKE_CXX_FLAGS=-DBUILDING_NODE_EXTENSION &&
+    cmake --build "$ROOT/build-gpu" -j"$(nproc)"
+}
+build_harness() {
+  cmake -S "$ROOT/test/native" -B "$ROOT/build-native-test-dev" ${GEN[@]+"${GEN[@]}"} -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" && cmake --build "$ROOT/build-native-test-dev" -j"$(nproc)"
+}
+# Look for a carried (or earlier-built) addon whose CUDA backend is usable, first of all.
+: > "$OUT/build.log"
+ADDON=""
+for a in ${ADAFISHER_ADDON:-} build-cuda/Release/adafisher.node build-gpu/Release/adafisher.node build/Release/adafisher.node; do
+  [ -f "$a" ] || continue
+  if addon_ok "$(realpath "$a")"; then ADDON=$(realpath "$a"); break; fi
+done
+if wanted build; then
+  log "stage build"
+  pids=()
+  if [ -z "$ADDON" ]; then
+    log "no carried addon with usable CUDA; building build-gpu (CUDAARCHS=$CUDAARCHS)"
+    (build_addon > "$OUT/build-addon.log" 2>&1) &
+    pids+=($!)
+  fi
+  if [ -x build-native-test/cuda_parity ]; then
+    HARNESS=$ROOT/build-native-test/cuda_parity
+  else
+    log "no carried parity harness; building build-native-test-dev"
+    (build_harness > "$OUT/build-harness.log" 2>&1) &
+    pids+=($!)
+    HARNESS=$ROOT/build-native-test-dev/cuda_parity
+  fi
+  for p in ${pids[@]+"${pids[@]}"}; do wait "$p"; done
+  if [ -z "$ADDON" ] && [ -f build-gpu/Release/adafisher.node ] && addon_ok "$ROOT/build-gpu/Release/adafisher.node"; then
+    ADDON=$ROOT/build-gpu/Release/adafisher.node
+  fi
+  msg=""
+  [ -n "$ADDON" ] || msg+=" addon (see build-addon.log)"
+  [ -x "$HARNESS" ] || msg+=" harness (see build-harness.log)"
+  if [ -z "$msg" ]; then status build PASS; else status build "FAIL:$msg"; fi
+  [ -n "$ADDON" ] && export ADAFISHER_ADDON=$ADDON
+  log "addon: ${ADDON:-none}; harness: $HARNESS"
+else
+  [ -n "$ADDON" ] && export ADAFISHER_ADDON=$ADDON
+  HARNESS=$ROOT/build-native-test/cuda_parity
+  [ -x "$HARNESS" ] || HARNESS=$ROOT/build-native-test-dev/cuda_parity
+fi
+export ADAFISHER_BACKEND=cuda
+
+# ---- (1) parity --------------------------------------------------------------------------
+if wanted parity; then
+  if [ -x "$HARNESS" ]; then
+    run_stage parity 120 "$HARNESS" --bench
+    rc=$?
+    if ((rc == 126 || rc == 127)) && [ "$HARNESS" != "$ROOT/build-native-test-dev/cuda_parity" ]; then
+      log "carried harness does not run here (rc $rc); building build-native-test-dev"
+      build_harness > "$OUT/build-harness.log" 2>&1 && HARNESS=$ROOT/build-native-test-dev/cuda_parity &&
+        run_stage parity 120 "$HARNESS" --bench
+    fi
+  else
+    status parity "SKIPPED (no harness)"
+  fi
+fi
+
+# ---- (2) golden replays and vitest ---------------------------------------------------------
+if wanted golden; then
+  if ((HAVE_NODE)) && [ -n "${ADAFISHER_ADDON:-}" ]; then
+    : > "$OUT/golden.log"
+    fails=0
+    for f in test/golden/*.json; do
+      n=$(basename "$f" .json)
+      run_stage "golden-$n" 60 node dist/lib/cli.js replay "$f" --backend cuda
+      rc=$?
+      cp "$OUT/golden-$n.log" "$OUT/golden-$n.json" 2>/dev/null
+      cat "$OUT/golden-$n.log" >> "$OUT/golden.log"
+      ((rc == 0)) || fails=$((fails + 1))
+    done
+    if ((fails == 0)); then status golden PASS; else status golden "FAIL ($fails files)"; fi
+  else
+    status golden "SKIPPED (no node or no CUDA addon)"
+  fi
+fi
+if wanted vitest; then
+  if ((HAVE_NODE)) && [ -f node_modules/vitest/vitest.mjs ] && [ -d node_modules/vite ] && [ -n "${ADAFISHER_ADDON:-}" ]; then
+    run_stage vitest 120 node node_modules/vitest/vitest.mjs run
+  else
+    status vitest "SKIPPED (vitest not carried)"
+  fi
+fi
+
+# ---- (3) compute-sanitizer -------------------------------------------------------------------
+if command -v compute-sanitizer > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
+  wanted memcheck && run_stage memcheck 100 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 --print-limit 20 "$HARNESS"
+  wanted racecheck && run_stage racecheck 100 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 "$HARNESS"
+else
+  for s in memcheck racecheck; do wanted $s && status $s "SKIPPED (no compute-sanitizer or no harness)"; done
+fi
+
+# ---- (4) benchmark -------------------------------------------------------------------------
+if wanted torch || wanted bench; then
+  if ((HAVE_NODE)); then node dist/bench/gpu.js --dump-cases > "$OUT/cases.json" 2> "$OUT/cases.err" || log "dump-cases failed"; fi
+fi
+if wanted torch; then
+  if [ -s "$OUT/cases.json" ]; then
+    run_stage torch 110 python3 bench/torch_baselines.py --cases "$OUT/cases.json" --out "$OUT/torch.json"
+  else
+    status torch "SKIPPED (no cases.json)"
+  fi
+fi
+if wanted bench; then
+  if ((HAVE_NODE)) && [ -n "${ADAFISHER_ADDON:-}" ]; then
+    targs=()
+    [ -s "$OUT/torch.json" ] && targs=(--torch "$OUT/torch.json")
+    run_stage bench 150 node dist/bench/gpu.js "${targs[@]}" --json-out "$OUT/gpu-bench.json"
+  else
+    status bench "SKIPPED (no node or no CUDA addon)"
+  fi
+fi
+
+# ---- table ---------------------------------------------------------------------------------
+log "done in $(elapsed)s; logs in $OUT"
+python3 bench/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
