@@ -131,16 +131,61 @@ function packageVersion(): string {
   return (require(join(packageRoot, 'package.json')) as { version: string }).version;
 }
 
-/** Where the loader looks, in order. */
-export function addonCandidates(): string[] {
-  const out: string[] = [];
-  if (process.env.ADAFISHER_ADDON) out.push(resolve(process.env.ADAFISHER_ADDON));
-  out.push(join(packageRoot, 'build', 'Release', 'adafisher.node'));
-  const dir = join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`);
-  if (existsSync(dir)) {
-    for (const f of readdirSync(dir).sort()) if (f.endsWith('.node')) out.push(join(dir, f));
-  } else {
-    out.push(join(dir, 'adafisher.node'));
+/** One place the loader looks; `skip` says why it is not tried when it is not. */
+export interface AddonCandidate {
+  path: string;
+  source: 'ADAFISHER_ADDON' | 'local build' | 'prebuilt';
+  skip?: string;
+}
+
+interface PrebuildTags {
+  file: string;
+  runtime?: string;
+  napi?: boolean;
+  abi?: string;
+  libc?: string;
+  specificity: number;
+}
+interface NodeGypBuild {
+  parseTags(file: string): PrebuildTags | undefined;
+  matchTags(runtime: string, abi: string): (tags: PrebuildTags | undefined) => boolean;
+  compareTags(runtime: string): (a: PrebuildTags, b: PrebuildTags) => number;
+}
+
+/** The C library node-gyp-build matches prebuilds against (LIBC overrides, as there). */
+export function hostLibc(): string {
+  if (process.platform !== 'linux') return '';
+  return process.env.LIBC || (existsSync('/etc/alpine-release') ? 'musl' : 'glibc');
+}
+
+/** The prebuilds folder for this platform and arch. */
+export function prebuildDir(): string {
+  return join(packageRoot, 'prebuilds', `${process.platform}-${process.arch}`);
+}
+
+/**
+ * Where the loader looks, in order: $ADAFISHER_ADDON alone when set; else the local build
+ * (build/Release) and then the prebuilds of this platform-arch that node-gyp-build's tag
+ * rules accept (prebuildify names N-API builds `<name>[.<libc>].node`), most specific first.
+ */
+export function addonCandidates(): AddonCandidate[] {
+  if (process.env.ADAFISHER_ADDON) return [{ path: resolve(process.env.ADAFISHER_ADDON), source: 'ADAFISHER_ADDON' }];
+  const out: AddonCandidate[] = [{ path: join(packageRoot, 'build', 'Release', 'adafisher.node'), source: 'local build' }];
+  const dir = prebuildDir();
+  const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.node')) : [];
+  if (files.length === 0) {
+    out.push({ path: join(dir, 'adafisher.node'), source: 'prebuilt' });
+    return out;
+  }
+  const ngb = require('node-gyp-build') as NodeGypBuild;
+  const runtime = 'node';
+  const abi = process.versions.modules;
+  const match = ngb.matchTags(runtime, abi);
+  const tagged = files.map((f) => ngb.parseTags(f)).filter((t): t is PrebuildTags => t !== undefined);
+  for (const t of tagged.filter(match).sort(ngb.compareTags(runtime))) out.push({ path: join(dir, t.file), source: 'prebuilt' });
+  for (const t of tagged.filter((t) => !match(t))) {
+    const why = t.libc && t.libc !== hostLibc() ? `built for ${t.libc}, this system uses ${hostLibc()}` : 'built for another runtime or ABI';
+    out.push({ path: join(dir, t.file), source: 'prebuilt', skip: why });
   }
   return out;
 }
@@ -150,36 +195,46 @@ let loaded: { binding: NativeBinding; path: string } | undefined;
 // NOTE: [addon loading]
 // A local build (build/Release) is used only when it was built from this package version
 // (the version is compiled into the binary): a stale build left from an older checkout or
-// install never shadows the prebuilt binary shipped with a newer package. Every path tried
-// and why it failed is reported, with how to fix it.
+// install never shadows the prebuilt binary shipped with a newer package. Prebuilds are
+// chosen by node-gyp-build's own tag rules, so the loader agrees with what `npm install`
+// (the `node-gyp-build` install script) decided was loadable. $ADAFISHER_ADDON, when set, is
+// the only candidate: a test that asks for a particular binary (the sanitizer build) must
+// fail rather than silently run another one. Every path tried and why it failed is
+// reported, with how to fix it.
 export function loadBinding(): { binding: NativeBinding; path: string } {
   if (loaded) return loaded;
   const version = packageVersion();
   const tried: string[] = [];
-  for (const path of addonCandidates()) {
+  for (const { path, source, skip } of addonCandidates()) {
+    if (skip) {
+      tried.push(`${source} ${path}: ${skip} (skipped)`);
+      continue;
+    }
     if (!existsSync(path)) {
-      tried.push(`${path}: not found`);
+      tried.push(`${source} ${path}: not found`);
       continue;
     }
     try {
       const b = require(path) as NativeBinding;
-      if (b.version !== version && path !== process.env.ADAFISHER_ADDON) {
-        tried.push(`${path}: built for adafisher ${b.version}, this is ${version} (stale, skipped)`);
+      if (b.version !== version && source !== 'ADAFISHER_ADDON') {
+        tried.push(`${source} ${path}: built for adafisher ${b.version}, this is ${version} (stale, skipped)`);
         continue;
       }
       loaded = { binding: b, path };
       return loaded;
     } catch (e) {
-      tried.push(`${path}: ${(e as Error).message.split('\n')[0]}`);
+      tried.push(`${source} ${path}: ${(e as Error).message.split('\n')[0]}`);
     }
   }
-  const libc = process.platform === 'linux' ? ((process.report?.getReport() as any)?.header?.glibcVersionRuntime ? 'glibc' : 'musl') : '';
+  const libc = hostLibc();
   const err = new Error(
     `Could not load the adafisher native addon for ${process.platform}-${process.arch}${libc ? ` (${libc})` : ''}, ` +
       `Node ${process.versions.node} (N-API ${process.versions.napi}).\nTried:\n  ${tried.join('\n  ')}\n` +
-      `Fix: reinstall with \`npm install adafisher\` (prebuilt binaries exist for linux-x64 glibc), or build from ` +
-      `source with a C++17 compiler: \`npm rebuild adafisher\` (CPU only, node-gyp) or, in a checkout, ` +
-      `\`npm run build:native\` (CMake, CUDA when nvcc is present).`,
+      (process.env.ADAFISHER_ADDON
+        ? 'Fix: point ADAFISHER_ADDON at a built adafisher.node, or unset it to use the installed binary.'
+        : `Fix: reinstall with \`npm install adafisher\` (prebuilt binaries exist for linux-x64 glibc), or build from ` +
+          `source with a C++17 compiler and Python: \`npm rebuild adafisher --build-from-source\` (CPU only, node-gyp) or, ` +
+          `in a checkout, \`npm run build:native\` (CMake, CUDA when nvcc is present).`),
   ) as Error & { code: string };
   err.code = 'ADAFISHER_ADDON_NOT_FOUND';
   throw err;

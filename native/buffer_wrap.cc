@@ -7,32 +7,24 @@
 namespace adafisher {
 
 Napi::Function BufferWrap::Init(Napi::Env env) {
-  Napi::Function ctor =
-      DefineClass(env, "DeviceBuffer",
-                  {InstanceAccessor<&BufferWrap::GetLength>("length"),
-                   InstanceAccessor<&BufferWrap::GetBackendName>("backend"),
-                   InstanceAccessor<&BufferWrap::GetDisposed>("disposed"), InstanceMethod<&BufferWrap::Upload>("upload"),
-                   InstanceMethod<&BufferWrap::Download>("download"), InstanceMethod<&BufferWrap::Fill>("fill"),
-                   InstanceMethod<&BufferWrap::Dispose>("dispose")});
+  using C = CheckedClass<BufferWrap>;
+  Napi::Function ctor = DefineClass(env, kClassName, {});
+  C::Method<&BufferWrap::Upload>(env, ctor, "upload");
+  C::Method<&BufferWrap::Download>(env, ctor, "download");
+  C::Method<&BufferWrap::Fill>(env, ctor, "fill");
+  C::Method<&BufferWrap::Dispose>(env, ctor, "dispose");
+  C::Getter<&BufferWrap::GetLength>(env, ctor, "length");
+  C::Getter<&BufferWrap::GetBackendName>(env, ctor, "backend");
+  C::Getter<&BufferWrap::GetDisposed>(env, ctor, "disposed");
   Instance(env).buffer_constructor = Napi::Persistent(ctor);
   return ctor;
-}
-
-BufferWrap* BufferWrap::FromValue(Napi::Env env, const Napi::Value& value) {
-  if (!value.IsObject()) return nullptr;
-  const Napi::FunctionReference& ctor = Instance(env).buffer_constructor;
-  if (ctor.IsEmpty() || !value.As<Napi::Object>().InstanceOf(ctor.Value())) return nullptr;
-  // InstanceOf is also true for Object.create(DeviceBuffer.prototype): check that a
-  // native object is really wrapped in it.
-  void* wrap = nullptr;
-  if (napi_unwrap(env, value, &wrap) != napi_ok || wrap == nullptr) return nullptr;
-  return static_cast<BufferWrap*>(wrap);
 }
 
 // new DeviceBuffer(backend, lengthOrData)
 BufferWrap::BufferWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<BufferWrap>(info) {
   Napi::Env env = info.Env();
   Guarded(env, [&]() -> Napi::Value {
+    TagObject(env, info.This(), kTypeTag);  // see NOTE: [receiver checks]
     backend_ = GetBackend(env, info[0], "backend");
     const Napi::Value init = info[1];
     if (init.IsNumber()) {

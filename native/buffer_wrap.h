@@ -12,9 +12,9 @@ namespace adafisher {
 
 class BufferWrap : public Napi::ObjectWrap<BufferWrap> {
  public:
+  static constexpr napi_type_tag kTypeTag = {0x6164616669736865ULL, 0x7242756666657201ULL};
+  static constexpr const char* kClassName = "DeviceBuffer";
   static Napi::Function Init(Napi::Env env);
-  // The BufferWrap behind `value`, or nullptr when it is not a DeviceBuffer of this addon instance.
-  static BufferWrap* FromValue(Napi::Env env, const Napi::Value& value);
 
   explicit BufferWrap(const Napi::CallbackInfo& info);
   ~BufferWrap() override;

@@ -83,6 +83,10 @@ std::string Describe(const Napi::Value& value) {
       }
       if (value.IsArray()) return "an array of length " + std::to_string(value.As<Napi::Array>().Length());
       return "an object";
+    case napi_symbol: return "a symbol";
+    case napi_function: return "a function";
+    case napi_external: return "an external";
+    case napi_bigint: return "a bigint";
     default: return "a value of type " + std::to_string(static_cast<int>(value.Type()));
   }
   return shown + " of type " + type;
@@ -99,6 +103,19 @@ Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn) {
     ThrowCoded(env, ErrorCode::kOutOfMemory, "out of host memory");
   } catch (const std::exception& e) {
     ThrowCoded(env, ErrorCode::kInternal, std::string("internal error: ") + e.what());
+  }
+}
+
+bool HasTypeTag(Napi::Env env, napi_value value, const napi_type_tag& tag) {
+  napi_valuetype type = napi_undefined;
+  if (napi_typeof(env, value, &type) != napi_ok || type != napi_object) return false;
+  bool result = false;
+  return napi_check_object_type_tag(env, value, &tag, &result) == napi_ok && result;
+}
+
+void TagObject(Napi::Env env, napi_value value, const napi_type_tag& tag) {
+  if (napi_type_tag_object(env, value, &tag) != napi_ok) {
+    ThrowCoded(env, ErrorCode::kInternal, "cannot tag a native object");
   }
 }
 
@@ -173,7 +190,7 @@ TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, con
     }
     return;
   }
-  BufferWrap* buffer = BufferWrap::FromValue(env, value);
+  BufferWrap* buffer = TaggedUnwrap<BufferWrap>(env, value);
   if (buffer == nullptr)
     ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what + " but received " + Describe(value));
   if (buffer->data() == nullptr) ThrowCoded(env, ErrorCode::kDisposed, "DeviceBuffer already disposed (" + what + ").");

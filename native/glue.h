@@ -73,6 +73,49 @@ class TensorRef {
   Napi::Reference<Napi::Value> keep_;
 };
 
+// NOTE: [receiver checks]
+// node-addon-api unwraps `this` without checking which class wrapped it: a method or getter
+// taken from one prototype and called on another wrapped object would reinterpret it as the
+// wrong C++ class. Every wrapped object is type-tagged when constructed (runs no JS, unlike
+// instanceof, which runs Proxy traps), and every method and getter goes through
+// CheckedMethod, which checks the tag before touching the object.
+bool HasTypeTag(Napi::Env env, napi_value value, const napi_type_tag& tag);
+void TagObject(Napi::Env env, napi_value value, const napi_type_tag& tag);
+
+// The T wrapped in `value` when it carries T's tag, else nullptr. Runs no JS.
+template <typename T>
+T* TaggedUnwrap(Napi::Env env, napi_value value) {
+  if (!HasTypeTag(env, value, T::kTypeTag)) return nullptr;
+  void* wrapped = nullptr;
+  if (napi_unwrap(env, value, &wrapped) != napi_ok || wrapped == nullptr) return nullptr;
+  return static_cast<T*>(static_cast<Napi::ObjectWrap<T>*>(wrapped));
+}
+
+template <typename T, Napi::Value (T::*Method)(const Napi::CallbackInfo&)>
+Napi::Value CheckedMethod(const Napi::CallbackInfo& info) {
+  T* self = TaggedUnwrap<T>(info.Env(), info.This());
+  if (self == nullptr) ThrowTypeError(info.Env(), std::string("Illegal receiver: expected a ") + T::kClassName);
+  return (self->*Method)(info);
+}
+
+// Prototype methods and getters of T, all receiver-checked, defined on the prototype once
+// the class exists (a class template can hold only primitive values).
+template <typename T>
+struct CheckedClass {
+  template <Napi::Value (T::*Fn)(const Napi::CallbackInfo&)>
+  static void Method(Napi::Env env, Napi::Function ctor, const char* name) {
+    Napi::Object proto = ctor.Get("prototype").As<Napi::Object>();
+    proto.DefineProperty(Napi::PropertyDescriptor::Value(
+        name, Napi::Function::New(env, CheckedMethod<T, Fn>, name),
+        static_cast<napi_property_attributes>(napi_writable | napi_configurable)));
+  }
+  template <Napi::Value (T::*Fn)(const Napi::CallbackInfo&)>
+  static void Getter(Napi::Env env, Napi::Function ctor, const char* name) {
+    Napi::Object proto = ctor.Get("prototype").As<Napi::Object>();
+    proto.DefineProperty(Napi::PropertyDescriptor::Accessor(env, proto, name, CheckedMethod<T, Fn>, napi_configurable));
+  }
+};
+
 Napi::Function InitBuffer(Napi::Env env);
 Napi::Function InitOptimizer(Napi::Env env);
 Napi::Value BackendInfo(const Napi::CallbackInfo& info);

@@ -28,19 +28,24 @@ constexpr int64_t kMaxDim = int64_t{1} << 40;
 
 class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
  public:
+  static constexpr napi_type_tag kTypeTag = {0x6164616669736865ULL, 0x724f7074696d6901ULL};
+  static constexpr const char* kClassName = "NativeOptimizer";
+
   static Napi::Function Init(Napi::Env env) {
-    Napi::Function ctor = DefineClass(
-        env, "NativeOptimizer",
-        {InstanceMethod<&OptimizerWrap::RecordInput>("recordInput"),
-         InstanceMethod<&OptimizerWrap::RecordOutputGrad>("recordOutputGrad"),
-         InstanceMethod<&OptimizerWrap::SetFactor>("setFactor"), InstanceMethod<&OptimizerWrap::Step>("step"),
-         InstanceMethod<&OptimizerWrap::WillRefresh>("willRefresh"),
-         InstanceMethod<&OptimizerWrap::ExportState>("exportState"),
-         InstanceMethod<&OptimizerWrap::ImportState>("importState"),
-         InstanceMethod<&OptimizerWrap::FactorLayout>("factorLayout"),
-         InstanceMethod<&OptimizerWrap::Dispose>("dispose"), InstanceAccessor<&OptimizerWrap::Steps>("steps"),
-         InstanceAccessor<&OptimizerWrap::Disposed>("disposed"),
-         InstanceAccessor<&OptimizerWrap::BackendName>("backend")});
+    using C = CheckedClass<OptimizerWrap>;
+    Napi::Function ctor = DefineClass(env, kClassName, {});
+    C::Method<&OptimizerWrap::RecordInput>(env, ctor, "recordInput");
+    C::Method<&OptimizerWrap::RecordOutputGrad>(env, ctor, "recordOutputGrad");
+    C::Method<&OptimizerWrap::SetFactor>(env, ctor, "setFactor");
+    C::Method<&OptimizerWrap::Step>(env, ctor, "step");
+    C::Method<&OptimizerWrap::WillRefresh>(env, ctor, "willRefresh");
+    C::Method<&OptimizerWrap::ExportState>(env, ctor, "exportState");
+    C::Method<&OptimizerWrap::ImportState>(env, ctor, "importState");
+    C::Method<&OptimizerWrap::FactorLayout>(env, ctor, "factorLayout");
+    C::Method<&OptimizerWrap::Dispose>(env, ctor, "dispose");
+    C::Getter<&OptimizerWrap::Steps>(env, ctor, "steps");
+    C::Getter<&OptimizerWrap::Disposed>(env, ctor, "disposed");
+    C::Getter<&OptimizerWrap::BackendName>(env, ctor, "backend");
     Instance(env).optimizer_constructor = Napi::Persistent(ctor);
     return ctor;
   }
@@ -49,6 +54,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   explicit OptimizerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<OptimizerWrap>(info) {
     Napi::Env env = info.Env();
     Guarded(env, [&]() -> Napi::Value {
+      TagObject(env, info.This(), kTypeTag);  // see NOTE: [receiver checks]
       auto backend = GetBackend(env, info[0], "backend");
       const Napi::Object c = ToObject(info[1], "config");
       OptimizerConfig config;
@@ -176,6 +182,11 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       if (ps.Length() != n) ThrowRangeError(env, "Expected " + std::to_string(n) + " params but received " + std::to_string(ps.Length()));
       if (gs.Length() != n) ThrowRangeError(env, "Expected " + std::to_string(n) + " grads but received " + std::to_string(gs.Length()));
       auto backend = SharedBackend(env);
+      // Read every element first (array getters may run JS), then resolve them, which runs
+      // no JS: no pointer taken below can be invalidated before the step (use after free).
+      std::vector<Napi::Value> pv(n), gv(n);
+      for (size_t t = 0; t < n; ++t) pv[t] = ps.Get(t);
+      for (size_t t = 0; t < n; ++t) gv[t] = gs.Get(t);
       // Every argument is resolved and checked before anything is written.
       std::vector<TensorRef> params, grads;
       params.reserve(n);
@@ -185,13 +196,12 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       std::vector<uint8_t> has_grad(n, 0);
       for (size_t t = 0; t < n; ++t) {
         const int64_t numel = core.tensors()[t].numel;
-        params.emplace_back(env, backend, ps.Get(t), numel, "params[" + std::to_string(t) + "]", true);
+        params.emplace_back(env, backend, pv[t], numel, "params[" + std::to_string(t) + "]", true);
         p[t] = params.back().data();
-        const Napi::Value gv = gs.Get(t);
-        if (gv.IsNull() || gv.IsUndefined()) {
+        if (gv[t].IsNull() || gv[t].IsUndefined()) {
           grads.emplace_back();
         } else {
-          grads.emplace_back(env, backend, gv, numel, "grads[" + std::to_string(t) + "]", false);
+          grads.emplace_back(env, backend, gv[t], numel, "grads[" + std::to_string(t) + "]", false);
           g[t] = grads.back().data();
           has_grad[t] = 1;
         }

@@ -19,14 +19,26 @@ std::string ShapeString(const std::vector<index_t>& shape) {
   return out.str();
 }
 
+// Element count of a shape. The product of the non-zero dims is bounded by 2^50 too, so
+// that no partial product of the dims (N * C, ...) can overflow anywhere downstream.
 index_t Numel(const std::vector<index_t>& shape, const std::string& what) {
-  index_t n = 1;
+  index_t n = 1, nonzero = 1;
   for (index_t d : shape) {
     if (d < 0) Invalid("Expected non-negative dimensions for " + what + " but received " + ShapeString(shape));
-    if (d != 0 && n > kMaxElements / d) Invalid("Expected at most 2^50 elements for " + what + " but received " + ShapeString(shape));
-    n *= d;
+    if (d != 0) {
+      if (nonzero > kMaxElements / d) Invalid("Expected at most 2^50 elements for " + what + " but received " + ShapeString(shape));
+      nonzero *= d;
+    } else {
+      n = 0;
+    }
   }
-  return n;
+  return n == 0 ? 0 : nonzero;
+}
+
+// a * b for sizes already known to be in [0, 2^50]; refuses products above 2^50.
+index_t CheckedProduct(index_t a, index_t b, const std::string& what) {
+  if (a != 0 && b > kMaxElements / a) Invalid("Expected at most 2^50 elements for " + what);
+  return a * b;
 }
 
 index_t CeilDiv(index_t a, index_t b) { return (a + b - 1) / b; }
@@ -59,7 +71,7 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
         p.h_length = p.k + (l.has_bias ? 1 : 0);
         break;
       case LayerKind::kConv2d: {
-        if (l.in_features < 1) Invalid("Expected " + at + ".inChannels >= 1");
+        if (l.in_features < 1 || l.in_features > kMaxElements) Invalid("Expected " + at + ".inChannels >= 1");
         if (l.groups < 1 || l.in_features % l.groups != 0 || l.out_features % l.groups != 0)
           Invalid("Expected " + at + ".groups to divide inChannels and outChannels");
         if (l.kernel_h < 1 || l.kernel_w < 1 || l.kernel_h > 65536 || l.kernel_w > 65536)
@@ -67,7 +79,8 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
         if (l.stride_h < 1 || l.stride_w < 1) Invalid("Expected " + at + ".strides >= 1");
         if (l.pad_top < 0 || l.pad_bottom < 0 || l.pad_left < 0 || l.pad_right < 0)
           Invalid("Expected " + at + ".padding >= 0");
-        p.k = (l.in_features / l.groups) * l.kernel_h * l.kernel_w;
+        p.k = CheckedProduct(CheckedProduct(l.in_features / l.groups, l.kernel_h, at + " patch size"), l.kernel_w,
+                             at + " patch size");
         p.h_length = p.k + (l.has_bias ? 1 : 0);
         break;
       }
@@ -83,6 +96,7 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
     p.h_offset = offset;
     p.s_offset = offset + p.h_length;
     offset += p.h_length + p.s_length;
+    if (offset > kMaxElements) Invalid("Expected at most 2^50 factor entries in all (at " + at + ")");
     segments_.push_back({p.h_offset, p.h_length});
     segments_.push_back({p.s_offset, p.s_length});
   }
@@ -111,7 +125,7 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
     const bool norm = l.kind == LayerKind::kBatchNorm || l.kind == LayerKind::kLayerNorm;
     if (ts.role == TensorRole::kWeight) {
       if (weight_seen[ts.layer]++) Invalid("Expected one weight tensor for layers[" + std::to_string(ts.layer) + "]");
-      const index_t expected = out * p.k;
+      const index_t expected = CheckedProduct(out, p.k, "the weight of layers[" + std::to_string(ts.layer) + "]");
       if (ts.numel != expected)
         Invalid("Expected " + at + " (weight of layers[" + std::to_string(ts.layer) + "]) to have " +
                 std::to_string(expected) + " elements but received " + std::to_string(ts.numel));
@@ -214,6 +228,7 @@ Conv2dShape OptimizerCore::ConvGeometry(int layer, const std::vector<index_t>& s
 index_t OptimizerCore::CheckInputShape(int layer, const std::vector<index_t>& shape, const std::string& what) const {
   CheckLayerIndex(layer);
   const index_t n = Numel(shape, what);
+  if (n == 0) Invalid("Expected a non-empty " + what + " but received shape " + ShapeString(shape));
   const LayerSpec& l = layers_[layer];
   switch (l.kind) {
     case LayerKind::kLinear:
@@ -245,6 +260,7 @@ index_t OptimizerCore::CheckInputShape(int layer, const std::vector<index_t>& sh
 index_t OptimizerCore::CheckOutputGradShape(int layer, const std::vector<index_t>& shape, const std::string& what) const {
   CheckLayerIndex(layer);
   const index_t n = Numel(shape, what);
+  if (n == 0) Invalid("Expected a non-empty " + what + " but received shape " + ShapeString(shape));
   const LayerSpec& l = layers_[layer];
   index_t c = -1;
   switch (l.kind) {

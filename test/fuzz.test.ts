@@ -1,0 +1,44 @@
+// Property-based fuzzing of every native entry point through the raw binding, run in a
+// child process (test/workers/fuzz-driver.mjs) so that a crash is reported with the input
+// that caused it instead of taking the test runner down. The same driver runs under
+// AddressSanitizer + UBSan via `npm run fuzz:asan` (scripts/sanitize.sh).
+//
+// ADAFISHER_FUZZ_CALLS (default 10000) and ADAFISHER_FUZZ_SEED (default: random, printed)
+// replay or extend a run: `node --expose-gc test/workers/fuzz-driver.mjs --seed S --calls N`.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { beforeAll, expect, test } from 'vitest';
+
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
+
+beforeAll(() => ensureDist());
+
+const CALLS = Number(process.env.ADAFISHER_FUZZ_CALLS ?? 10_000);
+const SEED = Number(process.env.ADAFISHER_FUZZ_SEED ?? Math.floor(Math.random() * 2 ** 31));
+
+test(`${CALLS} random calls into the native binding: each succeeds correctly or throws the documented error`, () => {
+  const dir = mkdtempSync(join(tmpdir(), 'adafisher-fuzz-'));
+  const log = join(dir, 'calls.log');
+  try {
+    const r = spawnSync(
+      process.execPath,
+      ['--expose-gc', join(repoRoot, 'test', 'workers', 'fuzz-driver.mjs'), '--calls', String(CALLS), '--seed', String(SEED), '--log', log],
+      { cwd: repoRoot, encoding: 'utf8', timeout: 300_000, env: { ...process.env, ADAFISHER_BACKEND: 'cpu' } },
+    );
+    const lastCall = existsSync(log) ? readFileSync(log, 'utf8').trim().split('\n').pop() : '(no log)';
+    const replay = `replay: node --expose-gc test/workers/fuzz-driver.mjs --seed ${SEED} --calls ${CALLS}`;
+    expect(
+      { status: r.status, signal: r.signal },
+      `the fuzz driver died; the call it was making:\n  ${lastCall}\n${replay}\n${r.stderr.slice(-3000)}`,
+    ).toEqual({ status: r.status === 1 ? 1 : 0, signal: null });
+    const report = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}');
+    console.log(`fuzz: ${report.calls} calls in ${report.seconds}s, seed ${SEED}, live allocations ${report.liveAllocations.start} -> ${report.liveAllocations.end}`);
+    expect(report.calls).toBeGreaterThanOrEqual(CALLS);
+    expect(report.findings, `${replay}\n${JSON.stringify(report.findings, null, 2)}`).toEqual([]);
+    expect(r.status).toBe(0);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -1,0 +1,250 @@
+// The published package, end to end: `npm pack` yields exactly the files a user needs, and
+// installing the tarball into a fresh project with no compiler, nvcc, cmake or python on
+// PATH loads the prebuilt binary (nothing is compiled at install), `adafisher info` reports
+// it, and a golden trajectory replays. The loader's rules are checked in that install: a
+// stale local build never shadows the prebuild, and a failed load says what was tried.
+//
+// The prebuild must exist before this runs (`npm run prebuild:binary`, several minutes for
+// the full CUDA build). When it does not and build/Release holds a current cmake-js build,
+// this suite packs that binary through the same wrapper (ADAFISHER_PREBUILD_REUSE; seconds).
+import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+
+import { ensureDist } from './workers/ensure-dist.js';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { name: string; version: string };
+const platformDir = `${process.platform}-${process.arch}`;
+const prebuildName = 'adafisher.glibc.node';
+
+// What the tarball may hold (besides package.json, README*, LICENSE*, which npm always adds).
+const ALLOWED = [
+  /^package\.json$/,
+  /^README(\.md)?$/,
+  /^LICENSE(\.md|\.txt)?$/,
+  /^dist\/lib\/.*\.(js|d\.ts)$/,
+  /^prebuilds\/[a-z0-9]+-[a-z0-9]+\/[^/]+\.node$/,
+  /^binding\.gyp$/,
+  /^native\/.*\.(cc|h)$/,
+  /^test\/golden\/[^/]+\.json$/, // data of `adafisher demo`
+];
+const REQUIRED = [
+  'package.json',
+  'binding.gyp',
+  'native/addon.cc',
+  'native/core/cuda_stub.cc',
+  'dist/lib/index.js',
+  'dist/lib/index.d.ts',
+  'dist/lib/cli.js',
+  'dist/lib/binding.js',
+  `prebuilds/${platformDir}/${prebuildName}`,
+  'test/golden/mlp_adafisher.json',
+];
+
+let work = '';
+let tarball = '';
+let packedFiles: { path: string; size: number }[] = [];
+let packedSize = 0;
+let consumer = '';
+let env: NodeJS.ProcessEnv = {};
+
+function run(cmd: string, args: string[], opts: { cwd: string; env?: NodeJS.ProcessEnv; timeout?: number }): SpawnSyncReturns<string> {
+  return spawnSync(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, encoding: 'utf8', timeout: opts.timeout ?? 300_000 });
+}
+
+function ok(r: SpawnSyncReturns<string>, what: string): string {
+  if (r.status !== 0) throw new Error(`${what} exited with ${r.status ?? r.signal}\n--- stdout\n${r.stdout}\n--- stderr\n${r.stderr}`);
+  return r.stdout;
+}
+
+function ensurePrebuild(): void {
+  const dir = join(root, 'prebuilds', platformDir);
+  if (existsSync(join(dir, prebuildName))) return;
+  const local = join(root, 'build', 'Release', 'adafisher.node');
+  if (!existsSync(local)) {
+    throw new Error(
+      `No prebuild in ${dir} and no cmake-js build in build/Release to pack: run \`npm run build:native\` ` +
+        'and then `ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node npm run prebuild:binary` (or plain ' +
+        '`npm run prebuild:binary`, which compiles for every CUDA architecture).',
+    );
+  }
+  ok(
+    run(process.execPath, [join(root, 'scripts', 'prebuild.mjs')], {
+      cwd: root,
+      env: { ...process.env, ADAFISHER_PREBUILD_REUSE: local },
+    }),
+    'scripts/prebuild.mjs (reusing build/Release)',
+  );
+}
+
+// A PATH holding only node, npm, npx and sh (npm runs scripts with `sh -c`): no
+// cc/c++/make/python/cmake/nvcc can be found, so any attempt to compile fails the install.
+function barePath(): string {
+  const bin = join(work, 'bin');
+  mkdirSync(bin);
+  const nodeDir = dirname(process.execPath);
+  symlinkSync(process.execPath, join(bin, 'node'));
+  symlinkSync('/bin/sh', join(bin, 'sh'));
+  for (const tool of ['npm', 'npx']) {
+    const p = join(nodeDir, tool);
+    if (!existsSync(p)) throw new Error(`${tool} not found next to ${process.execPath}`);
+    symlinkSync(p, join(bin, tool));
+  }
+  return bin;
+}
+
+beforeAll(() => {
+  ensurePrebuild();
+  ensureDist();
+  work = mkdtempSync(join(tmpdir(), 'adafisher-pack-'));
+  // --ignore-scripts: `prepare` would run tsc while other suites read dist/; ensureDist did it.
+  const out = ok(run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', work], { cwd: root }), 'npm pack');
+  const info = JSON.parse(out.slice(out.indexOf('['))) as { filename: string; size: number; files: { path: string; size: number }[] }[];
+  tarball = join(work, info[0].filename);
+  packedFiles = info[0].files;
+  packedSize = info[0].size;
+
+  consumer = join(work, 'consumer');
+  mkdirSync(consumer);
+  writeFileSync(join(consumer, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
+  // A minimal environment: nothing from the developer's shell (ADAFISHER_*, npm_config_*,
+  // CUDA paths) reaches the install; HOME keeps the npm cache that `npm ci` filled.
+  env = { PATH: barePath(), HOME: process.env.HOME, TMPDIR: tmpdir(), LANG: 'C.UTF-8' };
+  if (process.env.npm_config_cache) env.npm_config_cache = process.env.npm_config_cache;
+  const install = run(
+    'npm',
+    ['install', tarball, '--prefer-offline', '--no-audit', '--no-fund', '--foreground-scripts', '--loglevel=error'],
+    { cwd: consumer, env: { ...env, PATH: env.PATH } },
+  );
+  ok(install, 'npm install <tarball> with no compiler on PATH');
+}, 600_000);
+
+afterAll(() => {
+  if (work) rmSync(work, { recursive: true, force: true });
+});
+
+describe('npm pack', () => {
+  test('holds the prebuilds, compiled JS, declarations and from-source sources, and nothing else', () => {
+    const paths = packedFiles.map((f) => f.path);
+    const stray = paths.filter((p) => !ALLOWED.some((re) => re.test(p)));
+    expect(stray, 'files that should not be published').toEqual([]);
+    for (const p of REQUIRED) expect(paths, `tarball lacks ${p}`).toContain(p);
+    for (const p of paths) expect(p).not.toMatch(/^(test\/.*\.ts|build[-/]|cuda\/|lib\/|bench\/|scripts\/|\.ci\/)|\.map$/);
+    // Every source binding.gyp compiles ships.
+    const gyp = readFileSync(join(root, 'binding.gyp'), 'utf8');
+    for (const src of gyp.match(/native\/[\w/]+\.cc/g) ?? []) expect(paths).toContain(src);
+    // The compressed tarball is dominated by the prebuild; keep it well under npm's comfort zone.
+    expect(packedSize).toBeLessThan(64 * 1024 * 1024);
+    console.log(`adafisher tarball: ${packedFiles.length} files, ${(packedSize / 1e6).toFixed(2)} MB compressed`);
+  });
+});
+
+describe('installed from the tarball without a compiler', () => {
+  const installed = () => join(consumer, 'node_modules', 'adafisher');
+
+  test('nothing was compiled: the prebuild is there and no build/ folder was made', () => {
+    expect(existsSync(join(installed(), 'prebuilds', platformDir, prebuildName))).toBe(true);
+    expect(existsSync(join(installed(), 'build'))).toBe(false);
+    for (const tool of ['cc', 'gcc', 'g++', 'c++', 'make', 'python3', 'cmake', 'nvcc']) {
+      expect(readdirSync(env.PATH!)).not.toContain(tool);
+    }
+  });
+
+  test('imports and loads the prebuilt binary', () => {
+    const code = `
+      import { backendInfo, liveAllocations } from 'adafisher';
+      const r = backendInfo();
+      console.log(JSON.stringify({ path: r.addonPath, version: r.addonVersion, build: r.buildSystem, backend: r.backend, live: liveAllocations('cpu') }));`;
+    const r = JSON.parse(ok(run('node', ['--input-type=module', '-e', code], { cwd: consumer, env }), 'import adafisher'));
+    expect(relative(installed(), r.path)).toBe(join('prebuilds', platformDir, prebuildName));
+    expect(r.version).toBe(pkg.version);
+    expect(r.build).toBe('cmake-js');
+    expect(['cpu', 'cuda']).toContain(r.backend);
+  });
+
+  test('`npx adafisher info` reports version, backend and why, CUDA architectures and CPU threads', () => {
+    const text = ok(run('npx', ['--no-install', 'adafisher', 'info'], { cwd: consumer, env }), 'adafisher info');
+    console.log(text);
+    expect(text).toContain(`adafisher ${pkg.version}`);
+    expect(text).toMatch(/backend: +(cpu|cuda)/);
+    expect(text).toMatch(/CUDA compiled: +yes, architectures \S+/);
+    expect(text).toMatch(/GPU: +(none usable|.+, compute capability \d+\.\d+)/);
+    expect(text).toMatch(/CPU threads: +[1-9]\d*/);
+    const j = JSON.parse(ok(run('npx', ['--no-install', 'adafisher', 'info', '--json'], { cwd: consumer, env }), 'info --json'));
+    expect(j.version).toBe(pkg.version);
+    expect(j.cuda.compiled).toBe(true);
+    expect(j.cuda.architectures).not.toBe('');
+    if (j.backend === 'cpu') expect(j.reason).not.toBe(''); // says why CUDA is not used
+    else expect(j.cuda.computeCapability).toMatch(/^\d+\.\d+$/);
+    expect(j.cpuThreads).toBeGreaterThan(0);
+  });
+
+  test('replays a golden trajectory through the installed package', () => {
+    const golden = join(installed(), 'test', 'golden', 'mlp_adafisher.json');
+    const report = JSON.parse(ok(run('npx', ['--no-install', 'adafisher', 'replay', golden, '--backend', 'cpu'], { cwd: consumer, env }), 'replay'));
+    expect(report.pass).toBe(true);
+    expect(ok(run('npx', ['--no-install', 'adafisher', 'demo'], { cwd: consumer, env }), 'demo')).toContain('All match.');
+  });
+
+  // see NOTE: [addon loading] in lib/binding.ts
+  test('a stale local build (older version) does not shadow the prebuild; a current one is used', () => {
+    const release = join(installed(), 'build', 'Release');
+    mkdirSync(release, { recursive: true });
+    const prebuild = readFileSync(join(installed(), 'prebuilds', platformDir, prebuildName));
+    // The version is compiled in as a NUL-terminated string: rewrite it in a copy to make an
+    // "old" build of the same length (0.1.0 -> 0.0.0).
+    const current = Buffer.from(`\0${pkg.version}\0`);
+    const at = prebuild.indexOf(current);
+    expect(at, 'version string in the binary').toBeGreaterThanOrEqual(0);
+    expect(prebuild.indexOf(current, at + 1), 'version string occurs once').toBe(-1);
+    const stale = Buffer.from(prebuild);
+    const old = `\0${pkg.version.replace(/\d/g, '0')}\0`;
+    stale.write(old, at, 'latin1');
+    const local = join(release, 'adafisher.node');
+    writeFileSync(local, stale);
+    try {
+      const code = `import { backendInfo } from 'adafisher'; const r = backendInfo(); console.log(JSON.stringify([r.addonPath, r.addonVersion]));`;
+      const [path, version] = JSON.parse(ok(run('node', ['--input-type=module', '-e', code], { cwd: consumer, env }), 'stale'));
+      expect(relative(installed(), path)).toBe(join('prebuilds', platformDir, prebuildName));
+      expect(version).toBe(pkg.version);
+      // A local build of this very version (what the from-source fallback produces) wins.
+      copyFileSync(join(installed(), 'prebuilds', platformDir, prebuildName), local);
+      const [path2] = JSON.parse(ok(run('node', ['--input-type=module', '-e', code], { cwd: consumer, env }), 'current'));
+      expect(path2).toBe(local);
+    } finally {
+      rmSync(join(installed(), 'build'), { recursive: true, force: true });
+    }
+  });
+
+  test('when no binary loads, the error lists what was tried and how to fix it', () => {
+    const release = join(installed(), 'build', 'Release');
+    mkdirSync(release, { recursive: true });
+    writeFileSync(join(release, 'adafisher.node'), 'not an ELF file');
+    try {
+      const code = `import { backendInfo } from 'adafisher';
+        try { backendInfo(); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); }`;
+      // LIBC=musl is node-gyp-build's own override: the glibc prebuild no longer matches.
+      const r = JSON.parse(ok(run('node', ['--input-type=module', '-e', code], { cwd: consumer, env: { ...env, LIBC: 'musl' } }), 'no binary'));
+      expect(r.code).toBe('ADAFISHER_ADDON_NOT_FOUND');
+      expect(r.message).toContain(`${platformDir} (musl)`);
+      expect(r.message).toContain(join(release, 'adafisher.node'));
+      expect(r.message).toMatch(/prebuilt .*adafisher\.glibc\.node: built for glibc, this system uses musl/);
+      expect(r.message).toMatch(/Fix: .*npm rebuild adafisher --build-from-source/);
+    } finally {
+      rmSync(join(installed(), 'build'), { recursive: true, force: true });
+    }
+  });
+
+  test('the install script (node-gyp-build) accepts the prebuild without building', () => {
+    // Exactly what `npm install` ran: exits 0 only when a prebuild (or build) loads.
+    const pkgDir = installed();
+    const test = run('node', [join(consumer, 'node_modules', 'node-gyp-build', 'build-test.js')], { cwd: pkgDir, env });
+    ok(test, 'node-gyp-build-test');
+    const resolved = execFileSync('node', ['-e', "console.log(require('node-gyp-build').path('.'))"], { cwd: pkgDir, env, encoding: 'utf8' }).trim();
+    expect(relative(pkgDir, resolved)).toBe(join('prebuilds', platformDir, prebuildName));
+  });
+});

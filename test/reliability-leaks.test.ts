@@ -1,0 +1,41 @@
+// Leaks: 10,000 create/step/dispose cycles of an optimizer and device buffers, then 10,000
+// optimizers and buffers abandoned to the garbage collector's finalizers, in a child
+// process with --expose-gc (test/workers/leak-driver.mjs).
+//
+// The exact check is liveAllocations('cpu') (every native allocation is counted): it must
+// be back at its baseline after each phase. RSS catches what that count cannot see
+// (strings, vectors, N-API references leaked per call), with slack for the allocator and
+// the V8 heap:
+//   - disposed cycles: at most 16 MiB above the post-warm-up baseline, and at most 8 MiB
+//     growth over the second 5,000 cycles. A leak of 1.6 KiB per cycle would show; the
+//     smallest counted allocation per cycle (the 16 KiB weight) would show 100-fold.
+//   - finalizer phase: at most 64 MiB above the disposed level. Up to ~3,000 abandoned
+//     objects (~100 MiB native) await finalization at the peak; glibc keeps part of that
+//     freed heap and V8 keeps its grown heap. Leaking the 16 KiB per abandoned object would
+//     add 160 MiB.
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { beforeAll, expect, test } from 'vitest';
+
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
+
+beforeAll(() => ensureDist());
+
+test('10,000 create/step/dispose cycles and 10,000 finalized objects return to baseline', () => {
+  const r = spawnSync(process.execPath, ['--expose-gc', join(repoRoot, 'test', 'workers', 'leak-driver.mjs'), '10000'], {
+    cwd: repoRoot,
+    encoding: 'utf8',
+    timeout: 300_000,
+  });
+  expect(r.status, r.stderr).toBe(0);
+  const m = JSON.parse(r.stdout.trim().split('\n').pop()!);
+  console.log(`leaks: ${JSON.stringify(m)}`);
+  expect(m.baseline.live).toBe(m.baseline.start);
+  expect(m.half.live).toBe(m.baseline.live);
+  expect(m.disposed.live).toBe(m.baseline.live);
+  expect(m.finalized.live).toBe(m.baseline.live);
+  expect(m.finalized.peakLiveBeforeGC).toBeGreaterThan(0); // the finalizer phase did abandon objects
+  expect(m.disposed.rssMB - m.baseline.rssMB).toBeLessThanOrEqual(16);
+  expect(m.disposed.rssMB - m.half.rssMB).toBeLessThanOrEqual(8);
+  expect(m.finalized.rssMB - m.disposed.rssMB).toBeLessThanOrEqual(64);
+});

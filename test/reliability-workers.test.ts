@@ -1,0 +1,63 @@
+// worker_threads: the addon is context-aware (per-environment instance data, see NOTE:
+// [context awareness] in native/glue.cc). Two workers train their own optimizers at the
+// same time and get bit-for-bit the result of the same run on the main thread; a worker
+// terminated in the middle of training takes nothing down with it.
+import { Worker } from 'node:worker_threads';
+import { join } from 'node:path';
+import { beforeAll, describe, expect, test } from 'vitest';
+
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
+
+const workerFile = join(repoRoot, 'test', 'workers', 'train-worker.mjs');
+type TrainResult = { params: number[][]; steps: number; momenta: number[][]; factors: number[][][] };
+let train: (seed: number, steps: number) => TrainResult;
+let liveAllocations: () => number;
+
+beforeAll(async () => {
+  ensureDist();
+  ({ train, liveAllocations } = await import(join(repoRoot, 'test', 'workers', 'train.mjs')));
+});
+
+function runWorker(workerData: object): Promise<{ done: TrainResult; live: number }> {
+  return new Promise((resolve, reject) => {
+    const w = new Worker(workerFile, { workerData });
+    let result: { done: TrainResult; live: number } | undefined;
+    w.on('message', (m) => (result = m));
+    w.on('error', reject);
+    w.on('exit', (code) => (code === 0 && result ? resolve(result) : reject(new Error(`worker exited with ${code}`))));
+  });
+}
+
+describe('worker_threads', () => {
+  test('two workers train their own optimizers concurrently, matching the main thread exactly', async () => {
+    const steps = 40;
+    const [a, b] = await Promise.all([runWorker({ mode: 'train', seed: 1, steps }), runWorker({ mode: 'train', seed: 2, steps })]);
+    expect(a.done).toEqual(train(1, steps));
+    expect(b.done).toEqual(train(2, steps));
+    expect(a.done.steps).toBe(steps);
+    expect(a.done.params).not.toEqual(b.done.params);
+    // Each worker's allocations are its own (per-environment backend) and were all freed.
+    expect(a.live).toBe(0);
+    expect(b.live).toBe(0);
+  });
+
+  test('a worker terminated mid-training exits cleanly; the main thread and new workers keep working', async () => {
+    const before = liveAllocations();
+    for (let round = 0; round < 3; round++) {
+      const w = new Worker(workerFile, { workerData: { mode: 'forever', seed: 10 + round } });
+      const errors: Error[] = [];
+      w.on('error', (e) => errors.push(e));
+      // Let it get well into training (several steps, statistics recorded) before the kill.
+      await new Promise<void>((resolve) => w.on('message', (m) => m.step >= 5 + 7 * round && resolve()));
+      // Concurrently with the dying worker, the main thread trains.
+      const mainRun = train(99, 10);
+      const code = await w.terminate();
+      expect(code).toBe(1);
+      expect(errors).toEqual([]);
+      expect(mainRun).toEqual(train(99, 10));
+    }
+    expect(liveAllocations()).toBe(before);
+    const after = await runWorker({ mode: 'train', seed: 3, steps: 20 });
+    expect(after.done).toEqual(train(3, 20));
+  });
+});

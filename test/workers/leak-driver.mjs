@@ -1,0 +1,84 @@
+// Child process body of test/reliability-leaks.test.ts (run with --expose-gc): cycles of
+// create/step/dispose and buffers left to the garbage collector, measuring RSS and the
+// addon's live allocation count. Prints one JSON line.
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const api = await import(pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href);
+const { AdaFisher, createBuffer, liveAllocations } = api;
+const CYCLES = Number(process.argv[2] ?? 10000);
+
+const [inF, outF, batch] = [64, 64, 4];
+const x = new Float32Array(batch * inF).fill(0.5);
+const dy = new Float32Array(batch * outF).fill(0.25);
+const gw = new Float32Array(inF * outF).fill(1e-3);
+const gb = new Float32Array(outF).fill(1e-3);
+
+// One optimizer over a 64x64 linear layer (16 KiB weight, momenta and factors native) and
+// two device buffers, all created, used and disposed.
+function cycle() {
+  const w = createBuffer(inF * outF, { backend: 'cpu' });
+  const b = new Float32Array(outF);
+  const opt = new AdaFisher([{ kind: 'linear', inFeatures: inF, outFeatures: outF, weight: w, bias: b }], { backend: 'cpu' });
+  opt.recordInput(0, x, [batch, inF]);
+  opt.recordOutputGrad(0, dy, [batch, outF]);
+  opt.step([gw, gb]);
+  opt.exportState();
+  const buf = createBuffer(gw, { backend: 'cpu' });
+  buf.upload(gb, 7);
+  buf.download();
+  buf.fill(2);
+  buf.dispose();
+  opt.dispose();
+  w.dispose();
+}
+
+// Left to the GC: buffers and optimizers that are never disposed.
+function abandon() {
+  createBuffer(inF * outF, { backend: 'cpu' }).fill(1);
+  const w = new Float32Array(inF * outF);
+  const opt = new AdaFisher([{ kind: 'linear', inFeatures: inF, outFeatures: outF, weight: w }], { backend: 'cpu' });
+  opt.recordInput(0, x, [batch, inF]);
+  opt.recordOutputGrad(0, dy, [batch, outF]);
+  opt.step([gw]);
+}
+
+// Full GC, then let the deferred N-API finalizers (SetImmediate) run, until stable.
+async function settle() {
+  let last = -1;
+  for (let i = 0; i < 50; i++) {
+    globalThis.gc();
+    await new Promise((r) => setImmediate(r));
+    const live = liveAllocations('cpu');
+    if (live === last && i >= 3) break;
+    last = live;
+  }
+}
+const rss = () => process.memoryUsage.rss();
+const mb = (b) => Math.round((b / 2 ** 20) * 10) / 10;
+
+const out = {};
+const start = liveAllocations('cpu');
+for (let i = 0; i < 1000; i++) cycle(); // warm up: JIT, allocator arenas, V8 heap sizing
+await settle();
+out.baseline = { rssMB: mb(rss()), live: liveAllocations('cpu'), start };
+for (let i = 0; i < CYCLES / 2; i++) cycle();
+await settle();
+out.half = { rssMB: mb(rss()), live: liveAllocations('cpu') };
+for (let i = 0; i < CYCLES / 2; i++) cycle();
+await settle();
+out.disposed = { rssMB: mb(rss()), live: liveAllocations('cpu') };
+
+let peakLive = 0;
+for (let i = 0; i < CYCLES; i++) {
+  abandon();
+  if (i % 500 === 0) {
+    peakLive = Math.max(peakLive, liveAllocations('cpu'));
+    await new Promise((r) => setImmediate(r)); // let finalizers run as they would in an app
+  }
+}
+peakLive = Math.max(peakLive, liveAllocations('cpu'));
+await settle();
+out.finalized = { rssMB: mb(rss()), live: liveAllocations('cpu'), peakLiveBeforeGC: peakLive };
+console.log(JSON.stringify(out));
