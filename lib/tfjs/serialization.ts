@@ -1,0 +1,87 @@
+// The AdaFisher state as TF.js optimizer weights (what model.save({ includeOptimizer }) stores).
+import * as tf from '@tensorflow/tfjs';
+
+import { codedError, ErrorCodes } from '../errors.js';
+import type { AdaFisherState } from '../optimizer.js';
+
+// NOTE: [optimizer weight names]
+// TF.js decodes model and optimizer weights into ONE name → tensor map, so optimizer weight
+// names must never equal a model weight name. Names are built from stable identifiers that a
+// saved model keeps (LayerVariable.originalName, layer names), never from tf.Variable names,
+// which get `_1` suffixes when a model is loaded next to another:
+//   'iter'                            int32 scalar, optimizer steps (TF.js convention: first)
+//   '<weight originalName>/adafisher_m' float32, momentum of that parameter
+//   'adafisher/step_counts'           int32 [tensors], per-parameter steps (bias correction)
+//   '<layer name>/adafisher_H', '.../adafisher_S'  float32 running factors
+/** TF.js's { name, tensor } pair (not exported by @tensorflow/tfjs's typings). */
+export interface NamedTensor {
+  name: string;
+  tensor: tf.Tensor;
+}
+
+export const ITER = 'iter';
+export const STEP_COUNTS = 'adafisher/step_counts';
+export const momentumName = (key: string) => `${key}/adafisher_m`;
+export const factorName = (layer: string, which: 'H' | 'S') => `${layer}/adafisher_${which}`;
+
+/** Host copies of saved optimizer weights, by name. */
+export type SavedWeights = Map<string, Float32Array | Int32Array>;
+
+/** The names of one plan: a stable key per parameter slot and a name per preconditioned layer. */
+export interface StateNames {
+  slotKeys: string[];
+  layerNames: string[];
+}
+
+/** Copies optimizer weights out of their tensors, synchronously (TF.js disposes them right after setWeights). */
+export function readSavedWeights(weights: NamedTensor[]): SavedWeights {
+  if (!Array.isArray(weights)) throw new TypeError(`Expected an array of { name, tensor } for weights but received ${typeof weights}`);
+  const out: SavedWeights = new Map();
+  for (const w of weights) {
+    if (w?.tensor == null || typeof w.name !== 'string') throw new TypeError('Expected { name: string, tensor: tf.Tensor } entries in weights');
+    const v = w.tensor.dataSync();
+    out.set(w.name, w.tensor.dtype === 'int32' ? Int32Array.from(v) : Float32Array.from(v));
+  }
+  return out;
+}
+
+/** The state as named tensors (new tensors; the caller owns them). */
+export function stateToTensors(state: AdaFisherState, names: StateNames): NamedTensor[] {
+  const out: NamedTensor[] = [{ name: ITER, tensor: tf.scalar(state.steps, 'int32') }];
+  state.momenta.forEach((m, i) => out.push({ name: momentumName(names.slotKeys[i]), tensor: tf.tensor1d(m, 'float32') }));
+  out.push({ name: STEP_COUNTS, tensor: tf.tensor1d(Int32Array.from(state.stepCounts), 'int32') });
+  state.factors.forEach((f, j) => {
+    out.push({ name: factorName(names.layerNames[j], 'H'), tensor: tf.tensor1d(f.H, 'float32') });
+    out.push({ name: factorName(names.layerNames[j], 'S'), tensor: tf.tensor1d(f.S, 'float32') });
+  });
+  return out;
+}
+
+/**
+ * Rebuilds a core checkpoint from saved weights, using `template` (the live optimizer's own
+ * export) for structure and hyperparameters.
+ * @throws {Error} code ADAFISHER_BAD_CHECKPOINT naming the first missing or mis-sized weight.
+ */
+export function stateFromSaved(saved: SavedWeights, template: AdaFisherState, names: StateNames): AdaFisherState {
+  const bad = (msg: string) =>
+    codedError(ErrorCodes.badCheckpoint, `Cannot restore the AdaFisher optimizer weights into this model: ${msg}`);
+  const get = (name: string, length: number): Float32Array | Int32Array => {
+    const v = saved.get(name);
+    if (v === undefined) throw bad(`no saved weight '${name}' (saved: ${[...saved.keys()].slice(0, 8).join(', ')}${saved.size > 8 ? ', ...' : ''})`);
+    if (v.length !== length) throw bad(`'${name}' has ${v.length} values, this model needs ${length}`);
+    return v;
+  };
+  const iter = get(ITER, 1);
+  const counts = get(STEP_COUNTS, template.tensors.length);
+  return {
+    ...template,
+    steps: iter[0],
+    stepCounts: Array.from(counts),
+    momenta: template.momenta.map((m, i) => Float32Array.from(get(momentumName(names.slotKeys[i]), m.length))),
+    factors: template.factors.map((f, j) => ({
+      layer: f.layer,
+      H: Float32Array.from(get(factorName(names.layerNames[j], 'H'), f.H.length)),
+      S: Float32Array.from(get(factorName(names.layerNames[j], 'S'), f.S.length)),
+    })),
+  };
+}

@@ -1,0 +1,277 @@
+// Layer instrumentation for the TF.js adapter: which layers AdaFisher can precondition,
+// how to describe them to the core API, and the taps that capture each layer's input and
+// pre-activation output gradient during training.
+import * as tf from '@tensorflow/tfjs';
+
+import type { LayerSpec, Tensor as CoreTensor } from '../optimizer.js';
+
+/** The parts of a tfjs-layers LayerVariable the adapter uses. */
+export interface LayerVariableLike {
+  readonly name: string;
+  readonly originalName: string;
+  readonly shape: number[];
+  read(): tf.Variable;
+}
+
+/** The fields of tfjs-layers layers the adapter reads (all public in tfjs-layers, untyped in its d.ts). */
+interface LayerFields {
+  kernel?: LayerVariableLike | null;
+  bias?: LayerVariableLike | null;
+  gamma?: LayerVariableLike | null;
+  beta?: LayerVariableLike | null;
+  activation?: { getClassName(): string; apply(x: tf.Tensor): tf.Tensor } | null;
+  units?: number;
+  filters?: number;
+  kernelSize?: number[];
+  strides?: number[];
+  padding?: string;
+  dataFormat?: string;
+  dilationRate?: number | number[];
+  axis?: number | number[];
+  rank?: number;
+  layers?: tf.layers.Layer[];
+  call(inputs: tf.Tensor | tf.Tensor[], kwargs: Record<string, unknown>): tf.Tensor | tf.Tensor[];
+}
+type AnyLayer = tf.layers.Layer & LayerFields;
+
+export type TapKind = 'linear' | 'conv2d' | 'batchnorm' | 'layernorm';
+
+/** One row of the adapter's layer report. */
+export interface LayerReport {
+  /** The layer's name (unique within a model). */
+  name: string;
+  /** Its TF.js class, e.g. 'Dense'. */
+  className: string;
+  /** true: AdaFisher's Fisher preconditioning; false: its trainable weights get plain momentum (F = 1). */
+  preconditioned: boolean;
+  /** The core layer kind, for preconditioned layers. */
+  kind?: TapKind;
+  /** Why a layer with trainable weights is not preconditioned. */
+  reason?: string;
+  /** Names (LayerVariable.originalName) of its trainable weights. */
+  weights: string[];
+}
+
+/** A supported layer: its weight and bias variables and how to describe it to the core API. */
+export interface SupportedLayer {
+  layer: tf.layers.Layer;
+  kind: TapKind;
+  weight: LayerVariableLike;
+  bias: LayerVariableLike | null;
+  /** The core layer description over the given parameter arrays. */
+  spec(weight: CoreTensor, bias: CoreTensor | null): LayerSpec;
+  /** Core shape of an input / output-gradient tensor of this layer. */
+  inputShape(shape: number[]): number[];
+  gradShape(shape: number[]): number[];
+  /**
+   * Dense/Conv2D: the pre-activation, computed the way TF.js computes it while recording
+   * gradients (see NOTE: [taps]); BatchNormalization/LayerNormalization: absent (their output is
+   * the tapped value).
+   */
+  preActivation?: (x: tf.Tensor) => tf.Tensor;
+}
+
+/** Every distinct layer of a model, descending into nested models (Sequential or functional). */
+export function collectLayers(model: tf.LayersModel): tf.layers.Layer[] {
+  const out: tf.layers.Layer[] = [];
+  const seen = new Set<tf.layers.Layer>();
+  const visit = (layers: tf.layers.Layer[]) => {
+    for (const l of layers) {
+      if (seen.has(l)) continue;
+      seen.add(l);
+      const inner = (l as AnyLayer).layers;
+      if (Array.isArray(inner)) visit(inner);
+      else out.push(l);
+    }
+  };
+  visit(model.layers);
+  return out;
+}
+
+/** Rank of a built layer's input, when TF.js recorded it. */
+function inputRank(layer: tf.layers.Layer): number | undefined {
+  const spec = (layer as unknown as { inputSpec?: { ndim?: number }[] | null }).inputSpec;
+  if (spec?.[0]?.ndim != null) return spec[0].ndim;
+  try {
+    return (layer.input as tf.SymbolicTensor).shape.length;
+  } catch {
+    return undefined; // several inbound nodes: TF.js leaves the input ambiguous
+  }
+}
+
+function trainableNames(l: tf.layers.Layer): string[] {
+  return (l.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.originalName);
+}
+
+const flattenRows = (inner: number) => (shape: number[]) => [shape.reduce((a, b) => a * b, 1) / inner, inner];
+
+/**
+ * Decides whether a layer can be preconditioned: a SupportedLayer, or the reason it cannot.
+ * Only the TF.js layouts the native kernels take without transposes are accepted
+ * (Dense [in, out]; Conv2D [kh, kw, in, out] on NHWC; channel-last BatchNormalization; last-axis
+ * LayerNormalization).
+ */
+export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason: string } {
+  const l = layer as AnyLayer;
+  const cls = layer.getClassName();
+  if (!layer.built) return { reason: 'the layer is not built yet' };
+  switch (cls) {
+    case 'Dense': {
+      const [inF, outF] = l.kernel!.shape;
+      return {
+        layer,
+        kind: 'linear',
+        weight: l.kernel!,
+        bias: l.bias ?? null,
+        preActivation: (x) => {
+          const x2 = x.rank === 2 ? x : tf.reshape(x, [-1, inF]);
+          let y = tf.matMul(x2 as tf.Tensor2D, l.kernel!.read() as tf.Tensor2D);
+          if (l.bias != null) y = tf.add(y, l.bias.read());
+          return x.rank === 2 ? y : tf.reshape(y, [...x.shape.slice(0, -1), outF]);
+        },
+        spec: (weight, bias) => ({ kind: 'linear', inFeatures: inF, outFeatures: outF, weight, bias, layout: 'tfjs' }),
+        inputShape: flattenRows(inF),
+        gradShape: flattenRows(outF),
+      };
+    }
+    case 'Conv2D': {
+      const dil = Array.isArray(l.dilationRate) ? l.dilationRate : [l.dilationRate ?? 1];
+      if (dil.some((d) => d !== 1)) return { reason: 'dilated Conv2D (dilationRate > 1): TF.js cannot compute its gradients' };
+      if (l.dataFormat !== 'channelsLast') return { reason: "Conv2D with dataFormat 'channelsFirst': only NHWC is preconditioned" };
+      if (l.padding !== 'same' && l.padding !== 'valid') return { reason: `Conv2D padding '${l.padding}' is not supported` };
+      const [kh, kw, inC, outC] = l.kernel!.shape;
+      const stride = l.strides as [number, number];
+      return {
+        layer,
+        kind: 'conv2d',
+        weight: l.kernel!,
+        bias: l.bias ?? null,
+        preActivation: (x) => {
+          const y = tf.conv2d(x as tf.Tensor4D, l.kernel!.read() as tf.Tensor4D, stride, l.padding as 'same' | 'valid', 'NHWC');
+          return l.bias != null ? tf.add(y, l.bias.read()) : y;
+        },
+        spec: (weight, bias) => ({
+          kind: 'conv2d',
+          inChannels: inC,
+          outChannels: outC,
+          kernelSize: [kh, kw],
+          stride: [stride[0], stride[1]],
+          padding: l.padding as 'same' | 'valid',
+          dataFormat: 'NHWC',
+          weight,
+          bias,
+          layout: 'tfjs',
+        }),
+        inputShape: (s) => s,
+        gradShape: (s) => s,
+      };
+    }
+    case 'BatchNormalization': {
+      if (l.gamma == null) return { reason: 'BatchNormalization with scale: false (no gamma to precondition)' };
+      const axis = l.axis as number;
+      const rank = inputRank(layer);
+      if (!(axis === -1 || (rank !== undefined && axis === rank - 1))) {
+        return { reason: `BatchNormalization over axis ${axis}: only the last (channel) axis is preconditioned` };
+      }
+      const c = l.gamma.shape[0];
+      return {
+        layer,
+        kind: 'batchnorm',
+        weight: l.gamma,
+        bias: l.beta ?? null,
+        spec: (weight, bias) => ({ kind: 'batchnorm', channels: c, weight, bias, dataFormat: 'NHWC' }),
+        // Rank 2 is [N, C]; rank 4 is NHWC; other ranks fold the middle axes into the spatial ones.
+        inputShape: (s) => (s.length === 2 || s.length === 4 ? s : [s[0], s.slice(1, -1).reduce((a, b) => a * b, 1), 1, c]),
+        gradShape: (s) => (s.length === 2 || s.length === 4 ? s : [s[0], s.slice(1, -1).reduce((a, b) => a * b, 1), 1, c]),
+      };
+    }
+    case 'LayerNormalization': {
+      if (l.gamma == null) return { reason: 'LayerNormalization with scale: false (no gamma to precondition)' };
+      const axes = Array.isArray(l.axis) ? l.axis : [l.axis];
+      const rank = inputRank(layer);
+      if (axes.length !== 1 || !(axes[0] === -1 || (rank !== undefined && axes[0] === rank - 1))) {
+        return { reason: `LayerNormalization over axis ${JSON.stringify(l.axis)}: only the last axis is preconditioned` };
+      }
+      const d = l.gamma.shape[0];
+      return {
+        layer,
+        kind: 'layernorm',
+        weight: l.gamma,
+        bias: l.beta ?? null,
+        spec: (weight, bias) => ({ kind: 'layernorm', features: d, weight, bias }),
+        inputShape: (s) => s,
+        gradShape: (s) => s,
+      };
+    }
+    default:
+      return { reason: `${cls} is not one of Dense, Conv2D, BatchNormalization, LayerNormalization` };
+  }
+}
+
+/** Report rows for every layer of a model that has trainable weights or is a supported kind. */
+export function reportLayers(model: tf.LayersModel, preconditioned: ReadonlySet<tf.layers.Layer>): LayerReport[] {
+  return collectLayers(model)
+    .map((layer): LayerReport | null => {
+      const weights = trainableNames(layer);
+      const c = classifyLayer(layer);
+      const row: LayerReport = { name: layer.name, className: layer.getClassName(), preconditioned: preconditioned.has(layer), weights };
+      if ('kind' in c) row.kind = c.kind;
+      if (!row.preconditioned) {
+        if (weights.length === 0 && !('kind' in c)) return null;
+        row.reason = 'reason' in c ? c.reason : weights.length === 0 ? 'no trainable weights (frozen)' : 'its weights are not all trained by this optimizer';
+      }
+      return row;
+    })
+    .filter((r): r is LayerReport => r !== null);
+}
+
+/** Where taps deliver what they see. `active(i)` is checked on every call; false → the original call, untouched. */
+export interface TapSink {
+  active(index: number): boolean;
+  input(index: number, x: tf.Tensor): void;
+  outputGrad(index: number, dy: tf.Tensor): void;
+}
+
+// NOTE: [taps]
+// A tap replaces the `call` of one layer INSTANCE (the class and other instances are left alone)
+// and is removed by restoring the original. While the sink is inactive (predict, evaluate, a
+// training step that does not refresh the factors) the original call runs unchanged. While active:
+//  1. the layer input is handed to the sink (the native kernels reduce it to H right away);
+//  2. Dense/Conv2D compute their pre-activation as TF.js itself does while it records gradients:
+//     tf.fused.matMul/conv2d fall back to matMul/conv2d + add(bias) + activation when the
+//     gradient depth is > 0 (fused_util shouldFuse), so the same ops run in the same order;
+//     BatchNormalization/LayerNormalization run their original call (no activation);
+//  3. the pre-activation goes through a tf.customGrad identity whose gradient function sees
+//     dLoss/dPre-activation (handed to the sink, reduced to S) and passes it on unchanged;
+//  4. the layer's own activation object is applied to that identity's output.
+// Forward values and the gradient of every variable equal the untouched layer's (a test checks
+// them bit for bit). Not the layer's `call` with a 'linear' activation: TF.js then keeps the fused
+// op even while training, and the fused op's gradient also computes dLoss/dInput, a third matmul
+// (or conv) that the first layer of a model otherwise never pays.
+export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, index: number, sink: TapSink): () => void {
+  const l = layer as AnyLayer;
+  const hadOwn = Object.prototype.hasOwnProperty.call(l, 'call');
+  const original = l.call;
+  const gradTap = tf.customGrad(((x: tf.Tensor) => ({
+    value: x.clone(),
+    gradFunc: (dy: tf.Tensor) => {
+      sink.outputGrad(index, dy);
+      return dy;
+    },
+  })) as unknown as Parameters<typeof tf.customGrad>[0]);
+  const pre = supported.preActivation;
+  l.call = function tappedCall(this: AnyLayer, inputs, kwargs) {
+    if (!sink.active(index)) return original.call(this, inputs, kwargs);
+    if (Array.isArray(inputs) && inputs.length !== 1) throw new Error(`Layer '${layer.name}' expects exactly one input tensor.`);
+    const x = Array.isArray(inputs) ? inputs[0] : inputs;
+    sink.input(index, x);
+    if (pre === undefined) return gradTap(original.call(this, inputs, kwargs) as tf.Tensor);
+    const act = this.activation;
+    const tapped = gradTap(tf.tidy(() => pre(x)));
+    return act != null && act.getClassName() !== 'linear' ? act.apply(tapped) : tapped;
+  };
+  return () => {
+    if (hadOwn) l.call = original;
+    else delete (l as Partial<AnyLayer>).call;
+  };
+}

@@ -1,0 +1,555 @@
+// The TF.js adapter: parity with the core API and a float64 reference, save/load, leaks,
+// prediction, layer reporting, the wasm backend.
+import * as tf from '@tensorflow/tfjs';
+import { beforeAll, describe, expect, it } from 'vitest';
+
+import { AdaFisher, type LayerSpec } from '../lib/index.js';
+import { adaFisher, AdaFisherOptimizer } from '../lib/tfjs/index.js';
+
+const LR = 1e-3;
+const BETA = 0.9;
+const DAMPING = 1e-3;
+const DECAY = 0.08;
+const MIX = 0.008;
+
+beforeAll(async () => {
+  await tf.setBackend('cpu');
+});
+
+// ---------- helpers ----------
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (Math.imul(s, 1664525) + 1013904223) >>> 0;
+    return s / 2 ** 32 - 0.5;
+  };
+}
+
+function seedWeights(model: tf.LayersModel, seed: number): void {
+  const r = rng(seed);
+  model.setWeights(model.getWeights().map((w) => tf.tensor(Float32Array.from({ length: w.size }, () => r()), w.shape)));
+}
+
+function weightsOf(model: tf.LayersModel): Float32Array[] {
+  return model.getWeights().map((w) => Float32Array.from(w.dataSync()));
+}
+
+/** Max |a-b| / max |b|; NaN anywhere fails. Reports the first bad index. */
+function expectClose(actual: ArrayLike<number>, expected: ArrayLike<number>, rel: number, what: string): void {
+  expect(actual.length, `${what}: length`).toBe(expected.length);
+  let scale = 0;
+  for (let i = 0; i < expected.length; i++) scale = Math.max(scale, Math.abs(expected[i]));
+  for (let i = 0; i < expected.length; i++) {
+    const d = Math.abs(actual[i] - expected[i]);
+    if (!(d <= rel * scale + 1e-12)) {
+      throw new Error(`${what}: index ${i}: ${actual[i]} vs ${expected[i]} (|diff| ${d}, allowed ${rel * scale})`);
+    }
+  }
+}
+
+// ---------- float64 reference of ALGORITHM.md for Dense and Conv2D (TF.js layouts) ----------
+
+interface RefLayer {
+  kind: 'linear' | 'conv2d';
+  K: number; // weight rows (in, or kh*kw*in)
+  out: number;
+  R_H: Float64Array;
+  R_S: Float64Array;
+}
+
+function normalize(x: Float64Array): Float64Array {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const v of x) {
+    lo = Math.min(lo, v);
+    hi = Math.max(hi, v);
+  }
+  return x.map((v) => (v - lo) / (hi - lo + 1e-6));
+}
+
+function refLinearH(a: Float32Array, M: number, inF: number): Float64Array {
+  const H = new Float64Array(inF + 1);
+  for (let m = 0; m < M; m++) for (let k = 0; k < inF; k++) H[k] += a[m * inF + k] ** 2;
+  for (let k = 0; k < inF; k++) H[k] /= M;
+  H[inF] = 1;
+  return H;
+}
+
+function refS(g: Float32Array, rows: number, out: number): Float64Array {
+  const S = new Float64Array(out);
+  for (let m = 0; m < rows; m++) for (let o = 0; o < out; o++) S[o] += g[m * out + o] ** 2;
+  return S.map((v) => v / rows);
+}
+
+interface ConvGeom {
+  N: number;
+  Hh: number;
+  Ww: number;
+  C: number;
+  kh: number;
+  kw: number;
+  s: number;
+  padding: 'same' | 'valid';
+}
+
+function outSize(g: ConvGeom): { OH: number; OW: number; top: number; left: number } {
+  if (g.padding === 'valid') return { OH: Math.ceil((g.Hh - g.kh + 1) / g.s), OW: Math.ceil((g.Ww - g.kw + 1) / g.s), top: 0, left: 0 };
+  const OH = Math.ceil(g.Hh / g.s);
+  const OW = Math.ceil(g.Ww / g.s);
+  const ph = Math.max((OH - 1) * g.s + g.kh - g.Hh, 0);
+  const pw = Math.max((OW - 1) * g.s + g.kw - g.Ww, 0);
+  return { OH, OW, top: Math.floor(ph / 2), left: Math.floor(pw / 2) };
+}
+
+/** H in (i, j, c) order, NHWC input, bias entry last. */
+function refConvH(a: Float32Array, g: ConvGeom): Float64Array {
+  const { OH, OW, top, left } = outSize(g);
+  const K = g.kh * g.kw * g.C;
+  const H = new Float64Array(K + 1);
+  for (let n = 0; n < g.N; n++)
+    for (let oh = 0; oh < OH; oh++)
+      for (let ow = 0; ow < OW; ow++)
+        for (let i = 0; i < g.kh; i++)
+          for (let j = 0; j < g.kw; j++) {
+            const y = oh * g.s + i - top;
+            const x = ow * g.s + j - left;
+            if (y < 0 || y >= g.Hh || x < 0 || x >= g.Ww) continue;
+            for (let c = 0; c < g.C; c++) H[(i * g.kw + j) * g.C + c] += a[((n * g.Hh + y) * g.Ww + x) * g.C + c] ** 2;
+          }
+  for (let k = 0; k < K; k++) H[k] /= g.N * OH * OW;
+  H[K] = 1;
+  return H;
+}
+
+/** One reference step for a layer with weight [K, out] (o fastest) and bias [out]. */
+function refLayerStep(
+  L: RefLayer,
+  H: Float64Array,
+  S: Float64Array,
+  params: Float64Array[],
+  grads: Float32Array[],
+  moms: Float64Array[],
+  t: number,
+): void {
+  const nh = normalize(H);
+  const ns = normalize(S);
+  L.R_H = L.R_H.map((r, i) => DECAY * r + MIX * nh[i]);
+  L.R_S = L.R_S.map((r, i) => DECAY * r + MIX * ns[i]);
+  const bc = 1 - BETA ** t;
+  const [w, b] = params;
+  for (let k = 0; k < L.K; k++)
+    for (let o = 0; o < L.out; o++) {
+      const i = k * L.out + o;
+      moms[0][i] = BETA * moms[0][i] + (1 - BETA) * grads[0][i];
+      w[i] -= ((LR / bc) * moms[0][i]) / (L.R_S[o] * L.R_H[k] + DAMPING);
+    }
+  for (let o = 0; o < L.out; o++) {
+    moms[1][o] = BETA * moms[1][o] + (1 - BETA) * grads[1][o];
+    b[o] -= ((LR / bc) * moms[1][o]) / (L.R_S[o] * L.R_H[L.K] + DAMPING);
+  }
+}
+
+// ---------- the models under test, and their statistics computed independently ----------
+
+interface Stats {
+  /** per preconditioned layer: input, its core shape, output gradient, its core shape */
+  layers: { a: Float32Array; aShape: number[]; g: Float32Array; gShape: number[] }[];
+  /** gradients of every weight, in model.getWeights() order */
+  grads: Float32Array[];
+}
+
+/**
+ * Model: [conv2d (relu) →] flatten → dense(relu) → dense(linear), loss MSE. The statistics are
+ * computed here with plain TF.js ops and a test-local customGrad capture, not by the adapter.
+ */
+function manualStats(weights: Float32Array[], shapes: number[][], x: tf.Tensor, y: tf.Tensor, conv?: { s: number; padding: 'same' | 'valid' }): Stats {
+  const captured: Float32Array[] = [];
+  const capture = (slot: number) =>
+    tf.customGrad(((z: tf.Tensor) => ({
+      value: z.clone(),
+      gradFunc: (dy: tf.Tensor) => {
+        captured[slot] = Float32Array.from(dy.dataSync());
+        return dy;
+      },
+    })) as unknown as Parameters<typeof tf.customGrad>[0]);
+  const vars = weights.map((w, i) => tf.variable(tf.tensor(w, shapes[i]), true));
+  const inputs: { a: Float32Array; shape: number[] }[] = [];
+  const pre: number[][] = [];
+  const { grads } = tf.variableGrads(() => {
+    let h = x;
+    let v = 0;
+    let layer = 0;
+    if (conv) {
+      inputs.push({ a: Float32Array.from(h.dataSync()), shape: h.shape });
+      const z = tf.add(tf.conv2d(h as tf.Tensor4D, vars[0] as tf.Tensor4D, conv.s, conv.padding), vars[1]);
+      pre.push(z.shape);
+      h = tf.relu(capture(layer++)(z));
+      h = tf.reshape(h, [h.shape[0], -1]);
+      v = 2;
+    }
+    for (let d = 0; d < 2; d++) {
+      inputs.push({ a: Float32Array.from(h.dataSync()), shape: h.shape });
+      const z = tf.add(tf.matMul(h as tf.Tensor2D, vars[v] as tf.Tensor2D), vars[v + 1]);
+      pre.push(z.shape);
+      const zc = capture(layer++)(z);
+      h = d === 0 ? tf.relu(zc) : zc;
+      v += 2;
+    }
+    return tf.losses.meanSquaredError(y, h) as tf.Scalar;
+  }, vars);
+  const out: Stats = {
+    layers: inputs.map((inp, i) => ({ a: inp.a, aShape: inp.shape, g: captured[i], gShape: pre[i] })),
+    grads: vars.map((v) => Float32Array.from(grads[v.name].dataSync())),
+  };
+  tf.dispose(grads);
+  tf.dispose(vars);
+  return out;
+}
+
+function buildModel(conv?: { s: number; padding: 'same' | 'valid' }): tf.LayersModel {
+  const layers: tf.layers.Layer[] = [];
+  if (conv) {
+    layers.push(tf.layers.conv2d({ inputShape: [7, 6, 2], filters: 3, kernelSize: 3, strides: conv.s, padding: conv.padding, activation: 'relu' }));
+    layers.push(tf.layers.flatten());
+    layers.push(tf.layers.dense({ units: 5, activation: 'relu' }));
+  } else {
+    layers.push(tf.layers.dense({ inputShape: [6], units: 5, activation: 'relu' }));
+  }
+  layers.push(tf.layers.dense({ units: 3 }));
+  const model = tf.sequential({ layers });
+  seedWeights(model, conv ? 7 : 3);
+  return model;
+}
+
+function batch(step: number, conv: boolean): { x: tf.Tensor; y: tf.Tensor } {
+  const r = rng(1000 + step);
+  const xs = conv ? [4, 7, 6, 2] : [8, 6];
+  const n = xs.reduce((a, b) => a * b, 1);
+  return {
+    x: tf.tensor(Float32Array.from({ length: n }, () => 2 * r()), xs),
+    y: tf.tensor(Float32Array.from({ length: xs[0] * 3 }, () => r()), [xs[0], 3]),
+  };
+}
+
+// ---------- tests ----------
+
+describe.each([
+  { name: 'Dense', conv: undefined },
+  { name: "Conv2D NHWC 'same' stride 2", conv: { s: 2, padding: 'same' as const } },
+  { name: "Conv2D NHWC 'valid' stride 2", conv: { s: 2, padding: 'valid' as const } },
+])('fit on a tiny $name model', ({ conv }) => {
+  it('matches the core API on the same statistics and a float64 reference, step by step', async () => {
+    const model = buildModel(conv);
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const shapes = model.getWeights().map((w) => w.shape);
+    const start = weightsOf(model);
+
+    // Core API over host copies, fed the independently computed statistics.
+    const coreParams = start.map((w) => w.slice());
+    const specs: LayerSpec[] = [];
+    let p = 0;
+    if (conv) {
+      specs.push({ kind: 'conv2d', inChannels: 2, outChannels: 3, kernelSize: 3, stride: conv.s, padding: conv.padding, dataFormat: 'NHWC', layout: 'tfjs', weight: coreParams[0], bias: coreParams[1] });
+      p = 2;
+    }
+    for (; p < coreParams.length; p += 2) {
+      const [inF, outF] = shapes[p];
+      specs.push({ kind: 'linear', inFeatures: inF, outFeatures: outF, layout: 'tfjs', weight: coreParams[p], bias: coreParams[p + 1] });
+    }
+    const core = new AdaFisher(specs, { lr: LR, backend: 'cpu' });
+
+    // float64 reference
+    const ref64 = start.map((w) => Float64Array.from(w));
+    const moms = start.map((w) => new Float64Array(w.length));
+    const refLayers: RefLayer[] = specs.map((s) => {
+      const K = s.kind === 'conv2d' ? 9 * 2 : (s as { inFeatures: number }).inFeatures;
+      const out = s.kind === 'conv2d' ? 3 : (s as { outFeatures: number }).outFeatures;
+      return { kind: s.kind as 'linear' | 'conv2d', K, out, R_H: new Float64Array(K + 1).fill(1), R_S: new Float64Array(out).fill(1) };
+    });
+
+    for (let step = 1; step <= 5; step++) {
+      const { x, y } = batch(step, conv !== undefined);
+      const stats = manualStats(coreParams, shapes, x, y, conv);
+      stats.layers.forEach((l, i) => {
+        const s = specs[i];
+        if (s.kind === 'conv2d') {
+          core.recordInput(i, l.a, l.aShape);
+          core.recordOutputGrad(i, l.g, l.gShape);
+        } else {
+          core.recordInput(i, l.a, l.aShape);
+          core.recordOutputGrad(i, l.g, l.gShape);
+        }
+      });
+      expect(core.step(stats.grads)).toEqual({ applied: true, refreshed: true });
+
+      // float64: statistics from the same captured tensors
+      stats.layers.forEach((l, i) => {
+        const L = refLayers[i];
+        const H =
+          L.kind === 'conv2d'
+            ? refConvH(l.a, { N: l.aShape[0], Hh: 7, Ww: 6, C: 2, kh: 3, kw: 3, s: conv!.s, padding: conv!.padding })
+            : refLinearH(l.a, l.aShape[0], L.K);
+        const S = refS(l.g, l.g.length / L.out, L.out);
+        refLayerStep(L, H, S, [ref64[2 * i], ref64[2 * i + 1]], [stats.grads[2 * i], stats.grads[2 * i + 1]], [moms[2 * i], moms[2 * i + 1]], step);
+      });
+
+      await model.fit(x, y, { batchSize: x.shape[0], epochs: 1, shuffle: false, verbose: 0 });
+      tf.dispose([x, y]);
+      const got = weightsOf(model);
+      got.forEach((w, i) => {
+        expectClose(w, coreParams[i], 1e-5, `step ${step} weight ${i} vs core API`);
+        expectClose(w, ref64[i], 1e-4, `step ${step} weight ${i} vs float64 reference`);
+      });
+      // the step actually moved the parameters
+      expect(got.some((w, i) => w.some((v, j) => v !== start[i][j]))).toBe(true);
+    }
+    expect(opt.steps).toBe(5);
+    core.dispose();
+    opt.dispose();
+    model.dispose();
+  });
+});
+
+describe('gradients and prediction', () => {
+  it('leaves predict(), model JSON and the gradients of every variable bit-identical', async () => {
+    const tapped = buildModel({ s: 2, padding: 'same' });
+    const plain = buildModel({ s: 2, padding: 'same' });
+    const json = JSON.stringify(tapped.toJSON(null, false));
+    const opt = adaFisher(tapped, { lr: LR });
+    tapped.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, true);
+    // capture the gradients the adapter receives on a refreshing step (taps active)
+    let seen: Float32Array[] = [];
+    const apply = opt.applyGradients.bind(opt);
+    opt.applyGradients = (g) => {
+      seen = (g as { name: string; tensor: tf.Tensor }[]).map((e) => Float32Array.from(e.tensor.dataSync()));
+      apply(g);
+    };
+    const vars = (tapped.trainableWeights as unknown as { read(): tf.Variable }[]).map((w) => w.read());
+    const plainVars = (plain.trainableWeights as unknown as { read(): tf.Variable }[]).map((w) => w.read());
+    const loss = (m: tf.LayersModel) => () => tf.losses.meanSquaredError(y, m.apply(x, { training: true }) as tf.Tensor) as tf.Scalar;
+    const expected = tf.variableGrads(loss(plain), plainVars);
+    tf.dispose(opt.minimize(loss(tapped), true, vars));
+    expect(opt.lastStep?.refreshed).toBe(true);
+    plainVars.forEach((v, i) => expect(Array.from(seen[i])).toEqual(Array.from(expected.grads[v.name].dataSync())));
+    tf.dispose(expected.grads);
+    tf.dispose(expected.value);
+
+    // predict: equal to an untouched model holding the same weights, and records nothing
+    plain.setWeights(tapped.getWeights());
+    const stepsBefore = opt.steps;
+    const a = tapped.predict(x) as tf.Tensor;
+    const b = plain.predict(x) as tf.Tensor;
+    expect(Array.from(a.dataSync())).toEqual(Array.from(b.dataSync()));
+    tf.dispose(tapped.evaluate(x, y) as tf.Scalar);
+    expect(opt.steps).toBe(stepsBefore);
+    expect(JSON.stringify(tapped.toJSON(null, false))).toBe(json);
+    tf.dispose([a, b, x, y]);
+    opt.dispose();
+    // taps removed: the layer instances have no own `call` any more
+    expect(tapped.layers.every((l) => !Object.prototype.hasOwnProperty.call(l, 'call'))).toBe(true);
+    tapped.dispose();
+    plain.dispose();
+  });
+
+  it('updates in place on the cpu backend without touching tensors that share the data', async () => {
+    const a = buildModel();
+    const b = buildModel();
+    b.setWeights(a.getWeights()); // TF.js now keeps a's and b's variables on the same arrays
+    const snapshot = a.getWeights().map((w) => w.clone()); // clones share the data too
+    const before = weightsOf(b);
+    a.compile({ optimizer: adaFisher(a, { lr: LR }), loss: 'meanSquaredError' });
+    const { x, y } = batch(3, false);
+    await a.fit(x, y, { batchSize: 8, epochs: 1, verbose: 0 });
+    weightsOf(b).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    snapshot.forEach((w, i) => expect(Array.from(w.dataSync())).toEqual(Array.from(before[i])));
+    expect(weightsOf(a).some((w, i) => w.some((v, j) => v !== before[i][j]))).toBe(true);
+    tf.dispose([x, y, ...snapshot]);
+    a.optimizer.dispose();
+  });
+
+  it('keeps tf.memory().numTensors flat over many fit / trainOnBatch / fitDataset steps', async () => {
+    const model = buildModel({ s: 2, padding: 'valid' });
+    model.compile({ optimizer: adaFisher(model, { lr: LR }), loss: 'meanSquaredError' });
+    const { x, y } = batch(2, true);
+    const ds = tf.data.zip({ xs: tf.data.array(x.unstack()), ys: tf.data.array(y.unstack()) }).batch(2);
+    await model.fit(x, y, { batchSize: 2, epochs: 1, verbose: 0 });
+    const before = tf.memory().numTensors;
+    await model.fit(x, y, { batchSize: 2, epochs: 10, verbose: 0 });
+    for (let i = 0; i < 10; i++) await model.trainOnBatch(x, y);
+    await model.fitDataset(ds as tf.data.Dataset<{ xs: tf.Tensor; ys: tf.Tensor }>, { epochs: 3, verbose: 0 });
+    expect(tf.memory().numTensors).toBe(before);
+    expect((model.optimizer as AdaFisherOptimizer).steps).toBe(2 + 20 + 10 + 6);
+    tf.dispose([x, y]);
+    model.optimizer.dispose();
+    model.dispose();
+  });
+});
+
+describe('save and load', () => {
+  it('save → load → re-attach → continue equals an uninterrupted run', async () => {
+    const model = buildModel({ s: 2, padding: 'same' });
+    model.compile({ optimizer: adaFisher(model, { lr: LR, tcov: 2 }), loss: 'meanSquaredError' });
+    for (let s = 1; s <= 3; s++) {
+      const { x, y } = batch(s, true);
+      await model.fit(x, y, { batchSize: 4, epochs: 1, verbose: 0, shuffle: false });
+      tf.dispose([x, y]);
+    }
+    let artifacts: tf.io.ModelArtifacts | undefined;
+    await model.save(
+      tf.io.withSaveHandler(async (a) => {
+        artifacts = a;
+        return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } };
+      }),
+      { includeOptimizer: true },
+    );
+    const loaded = await tf.loadLayersModel(tf.io.fromMemory(artifacts!));
+    const lopt = loaded.optimizer as AdaFisherOptimizer;
+    expect(lopt).toBeInstanceOf(AdaFisherOptimizer);
+    expect(lopt.hyperparameters.tcov).toBe(2);
+    // before attach() it hands back what it restored
+    const restored = await lopt.getWeights();
+    expect(restored.map((w) => w.name)).toEqual(artifacts!.weightSpecs!.filter((s) => s.group === 'optimizer').map((s) => s.name));
+    expect(restored.find((w) => w.name === 'iter')!.tensor.shape).toEqual([]);
+    expect(restored.find((w) => w.name === 'iter')!.tensor.dataSync()[0]).toBe(3);
+    const { x, y } = batch(9, true);
+    await expect(loaded.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toThrow(/not attached to a model.*attach\(model\)/);
+    lopt.attach(loaded);
+    for (let s = 4; s <= 7; s++) {
+      const b = batch(s, true);
+      await model.fit(b.x, b.y, { batchSize: 4, epochs: 1, verbose: 0, shuffle: false });
+      await loaded.fit(b.x, b.y, { batchSize: 4, epochs: 1, verbose: 0, shuffle: false });
+      tf.dispose([b.x, b.y]);
+    }
+    const a = weightsOf(model);
+    const b = weightsOf(loaded);
+    a.forEach((w, i) => expect(Array.from(b[i])).toEqual(Array.from(w)));
+    expect(lopt.steps).toBe(7);
+    const sa = await (model.optimizer as AdaFisherOptimizer).getWeights();
+    const sb = await lopt.getWeights();
+    expect(sb.map((w) => w.name)).toEqual(sa.map((w) => w.name));
+    sa.forEach((w, i) => expect(Array.from(sb[i].tensor.dataSync())).toEqual(Array.from(w.tensor.dataSync())));
+    tf.dispose([x, y]);
+    model.optimizer.dispose();
+    lopt.dispose();
+    model.dispose();
+    loaded.dispose();
+  });
+
+  it('refuses optimizer weights that do not fit the model, naming the weight', async () => {
+    const model = buildModel();
+    const opt = adaFisher(model);
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    await opt.setWeights([{ name: 'iter', tensor: tf.scalar(3, 'int32') }]);
+    const { x, y } = batch(1, false);
+    await expect(model.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toThrow(/Cannot restore the AdaFisher optimizer weights into this model: no saved weight 'adafisher\/step_counts'/);
+    tf.dispose([x, y]);
+  });
+});
+
+describe('layer coverage', () => {
+  it('reports preconditioned and fallback layers in functional, nested and shared-layer models', async () => {
+    const inner = tf.sequential({
+      name: 'inner',
+      layers: [tf.layers.dense({ inputShape: [4], units: 4, name: 'inner_dense' }), tf.layers.layerNormalization({ name: 'ln' })],
+    });
+    const shared = tf.layers.dense({ units: 4, activation: 'tanh', name: 'shared' });
+    const in1 = tf.input({ shape: [4] });
+    const in2 = tf.input({ shape: [4] });
+    const h = tf.layers.concatenate().apply([shared.apply(in1) as tf.SymbolicTensor, shared.apply(in2) as tf.SymbolicTensor]) as tf.SymbolicTensor;
+    const bn = tf.layers.batchNormalization({ name: 'bn' }).apply(h) as tf.SymbolicTensor;
+    const pre = tf.layers.prelu({ name: 'prelu' }).apply(bn) as tf.SymbolicTensor;
+    const emb = tf.layers.dense({ units: 4, name: 'to_inner' }).apply(pre) as tf.SymbolicTensor;
+    const out = tf.layers.dense({ units: 2, name: 'out' }).apply(inner.apply(emb) as tf.SymbolicTensor) as tf.SymbolicTensor;
+    const model = tf.model({ inputs: [in1, in2], outputs: out });
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const report = opt.layerReport();
+    const by = Object.fromEntries(report.map((r) => [r.name, r]));
+    expect(Object.keys(by).sort()).toEqual(['bn', 'inner_dense', 'ln', 'out', 'prelu', 'shared', 'to_inner']);
+    expect(by.shared).toMatchObject({ preconditioned: true, kind: 'linear' });
+    expect(by.bn).toMatchObject({ preconditioned: true, kind: 'batchnorm' });
+    expect(by.ln).toMatchObject({ preconditioned: true, kind: 'layernorm' });
+    expect(by.inner_dense).toMatchObject({ preconditioned: true, kind: 'linear' });
+    expect(by.prelu.preconditioned).toBe(false);
+    expect(by.prelu.reason).toMatch(/PReLU is not one of Dense, Conv2D/);
+
+    // The shared layer's H is the mean square over both uses (one batch of 2N rows).
+    const r = rng(5);
+    const x1 = tf.tensor(Float32Array.from({ length: 24 }, () => r()), [6, 4]);
+    const x2 = tf.tensor(Float32Array.from({ length: 24 }, () => 3 * r()), [6, 4]);
+    const y = tf.zeros([6, 2]);
+    const n0 = tf.memory().numTensors;
+    await model.fit([x1, x2], y, { batchSize: 6, epochs: 1, verbose: 0 });
+    expect(tf.memory().numTensors).toBe(n0);
+    const w = await opt.getWeights();
+    const H = w.find((e) => e.name === 'shared/adafisher_H')!.tensor.dataSync();
+    const both = new Float32Array(48);
+    both.set(x1.dataSync());
+    both.set(x2.dataSync(), 24);
+    const expectedH = normalize(refLinearH(both, 12, 4)).map((v) => DECAY + MIX * v);
+    expectClose(H, expectedH, 1e-5, 'shared layer running H');
+    tf.dispose([x1, x2, y]);
+    opt.dispose();
+  });
+
+  it('says clearly when TF.js cannot train a layer (dilated Conv2D)', async () => {
+    const model = tf.sequential({
+      layers: [tf.layers.conv2d({ inputShape: [6, 6, 1], filters: 2, kernelSize: 3, dilationRate: 2, name: 'dil' }), tf.layers.flatten(), tf.layers.dense({ units: 1 })],
+    });
+    const opt = adaFisher(model);
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    expect(opt.layerReport().find((r) => r.name === 'dil')).toMatchObject({ preconditioned: false, reason: expect.stringMatching(/dilated.*cannot compute its gradients/) });
+    const x = tf.ones([2, 6, 6, 1]);
+    const y = tf.ones([2, 1]);
+    await expect(model.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toThrow(/Conv2D layer 'dil' has dilationRate \[2,2\].*cannot compute gradients of dilated convolutions/);
+    tf.dispose([x, y]);
+  });
+
+  it('rejects bad options and non-models with clear errors', () => {
+    const model = buildModel();
+    expect(() => adaFisher(model, { lr: -1 })).toThrow(RangeError);
+    expect(() => adaFisher(model, { lr: -1 })).toThrow(/options\.lr/);
+    expect(() => adaFisher({} as tf.LayersModel)).toThrow(/Expected a tf.LayersModel/);
+    expect(() => adaFisher(model).applyGradients([])).toThrow(/before any minimize/);
+  });
+});
+
+describe('wasm backend', () => {
+  it('trains a Dense model like the cpu backend, without leaks, and refuses Conv2D training clearly', async () => {
+    // Registers the backend; in Node its .wasm binaries load from the package in node_modules
+    // (no setWasmPaths, no network).
+    await import('@tensorflow/tfjs-backend-wasm');
+    const run = async (backend: string) => {
+      await tf.setBackend(backend);
+      expect(tf.getBackend()).toBe(backend);
+      const model = buildModel();
+      model.compile({ optimizer: adaFisher(model, { lr: LR }), loss: 'meanSquaredError' });
+      let n0 = 0;
+      for (let s = 1; s <= 6; s++) {
+        const { x, y } = batch(s, false);
+        await model.fit(x, y, { batchSize: 8, epochs: 1, verbose: 0, shuffle: false });
+        tf.dispose([x, y]);
+        if (s === 1) n0 = tf.memory().numTensors;
+      }
+      expect(tf.memory().numTensors).toBe(n0);
+      const w = weightsOf(model);
+      model.optimizer.dispose();
+      model.dispose();
+      return w;
+    };
+    const onWasm = await run('wasm');
+    const onCpu = await run('cpu');
+    onWasm.forEach((w, i) => expectClose(w, onCpu[i], 1e-4, `wasm vs cpu weight ${i}`));
+
+    await tf.setBackend('wasm');
+    const conv = buildModel({ s: 1, padding: 'same' });
+    conv.compile({ optimizer: adaFisher(conv), loss: 'meanSquaredError' });
+    const { x, y } = batch(1, true);
+    await expect(conv.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toThrow(/cannot be trained on the TF.js 'wasm' backend.*Conv2DBackpropFilter/);
+    tf.dispose([x, y]);
+    await tf.setBackend('cpu');
+  });
+});
