@@ -17,6 +17,7 @@
         "native"
       ],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED",
+                  "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS",
                   "ADAFISHER_VERSION=\"<!(node -p \"require('./package.json').version\")\"",
                   "ADAFISHER_BUILD_SYSTEM=\"node-gyp\""],
       "cflags!": ["-fno-exceptions"],

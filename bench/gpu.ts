@@ -54,15 +54,11 @@ async function measureFill(batches: number): Promise<FillResult> {
   const timer = gpuTimer(batches, 50, 200, BACKEND);
   const t = await timer.time(() => b.fill(++v));
   const out: FillResult = { fillGBps: (4 * FILL_FLOATS) / (t.ms * 1e6), bytes: 4 * FILL_FLOATS, ms: t.ms };
-  // Forward-compatible: a native D2D copy export (not in the addon yet) gives the copy
-  // reference in-process; until then it comes from torch_baselines.py.
-  const copyFrom = (b as unknown as { copyFrom?: (src: unknown) => void }).copyFrom;
-  if (typeof copyFrom === 'function') {
-    const dst = createBuffer(FILL_FLOATS, { backend: BACKEND });
-    const c = await timer.time(() => copyFrom.call(dst, b));
-    out.copyGBps = (8 * FILL_FLOATS) / (c.ms * 1e6);
-    dst.dispose();
-  }
+  // The in-process device-to-device copy reference (read + write).
+  const dst = createBuffer(FILL_FLOATS, { backend: BACKEND });
+  const c = await timer.time(() => dst.copyFrom(b));
+  out.copyGBps = (8 * FILL_FLOATS) / (c.ms * 1e6);
+  dst.dispose();
   b.dispose();
   return out;
 }

@@ -66,6 +66,8 @@ export interface NativeDeviceBuffer {
   upload(data: Float32Array, offset?: number): void;
   download(into?: Float32Array): Float32Array;
   fill(value: number): void;
+  /** Device-to-device copy from a buffer of the same backend and length. */
+  copyFrom(src: NativeDeviceBuffer): void;
   dispose(): void;
 }
 

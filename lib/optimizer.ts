@@ -422,6 +422,8 @@ export class AdaFisher {
    * One AdaFisher step for every parameter: refresh the factors when due (tcov), then
    * m ← βm + (1-β)g and p ← p - lr/bc · m / (S⊗H + λ). All arguments are checked before
    * anything is written; a NaN/Inf gradient or statistic skips the step (applied: false).
+   * Statistics recorded since the previous step belong to this step and are consumed by it,
+   * applied or skipped: record the next batch's before the next step.
    * @param grads one gradient per parameterSlots() entry; null leaves that parameter as is.
    * @param params optional replacement parameter tensors (same order), e.g. after reallocation.
    * @throws {TypeError|RangeError} for bad gradients; code ADAFISHER_MISSING_STATISTICS when a refreshing step lacks statistics.

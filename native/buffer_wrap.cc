@@ -12,6 +12,7 @@ Napi::Function BufferWrap::Init(Napi::Env env) {
   C::Method<&BufferWrap::Upload>(env, ctor, "upload");
   C::Method<&BufferWrap::Download>(env, ctor, "download");
   C::Method<&BufferWrap::Fill>(env, ctor, "fill");
+  C::Method<&BufferWrap::CopyFrom>(env, ctor, "copyFrom");
   C::Method<&BufferWrap::Dispose>(env, ctor, "dispose");
   C::Getter<&BufferWrap::GetLength>(env, ctor, "length");
   C::Getter<&BufferWrap::GetBackendName>(env, ctor, "backend");
@@ -109,6 +110,26 @@ Napi::Value BufferWrap::Fill(const Napi::CallbackInfo& info) {
     CheckAlive(env);
     if (!info[0].IsNumber()) ThrowTypeError(env, "Expected a number for value but received " + Describe(info[0]));
     backend_->Fill(data_, info[0].As<Napi::Number>().FloatValue(), static_cast<size_t>(length_));
+    return env.Undefined();
+  });
+}
+
+// copyFrom(src: DeviceBuffer): copies src into this buffer on the device (same backend,
+// same length); the benchmark's in-process copy-bandwidth reference.
+Napi::Value BufferWrap::CopyFrom(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    CheckAlive(env);
+    BufferWrap* src = TaggedUnwrap<BufferWrap>(env, info[0]);
+    if (src == nullptr) ThrowTypeError(env, "Expected a DeviceBuffer for src but received " + Describe(info[0]));
+    if (src->data_ == nullptr) ThrowCoded(env, ErrorCode::kDisposed, "DeviceBuffer already disposed (src).");
+    if (src->backend_.get() != backend_.get())
+      ThrowCoded(env, ErrorCode::kForeignBuffer, "Expected a DeviceBuffer of the " + std::string(backend_->name()) +
+                                                     " backend for src but received one of the " + src->backend_->name() + " backend");
+    if (src->length_ != length_)
+      ThrowRangeError(env, "Expected " + std::to_string(length_) + " elements for src but received a DeviceBuffer of " +
+                               std::to_string(src->length_));
+    backend_->Copy(data_, src->data_, static_cast<size_t>(length_));
     return env.Undefined();
   });
 }

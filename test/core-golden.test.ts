@@ -7,7 +7,8 @@ import { fileURLToPath } from 'node:url';
 
 import { afterAll, describe, expect, test } from 'vitest';
 
-import { createBuffer, readGolden, replayGolden, type GoldenCase, type LayerSpec } from '../lib/index.js';
+import { createBuffer, readGolden, replayGolden, type GoldenCase } from '../lib/index.js';
+import { goldenLayers } from '../lib/replay.js';
 import { maxAbs } from './helpers.js';
 import { ReferenceAdaFisher, referenceGradFactor, referenceInputFactor } from './reference.js';
 
@@ -57,33 +58,6 @@ describe.each(files)('golden %s', (file) => {
   });
 });
 
-function goldenSpecs(g: GoldenCase): LayerSpec[] {
-  return g.layers.map((l, i): LayerSpec => {
-    const weight = Float32Array.from(g.init[i].weight);
-    const bias = l.bias ? Float32Array.from(g.init[i].bias!) : null;
-    switch (l.kind) {
-      case 'linear':
-        return { kind: 'linear', inFeatures: l.in!, outFeatures: l.out!, weight, bias };
-      case 'conv2d':
-        return {
-          kind: 'conv2d',
-          inChannels: l.inChannels!,
-          outChannels: l.outChannels!,
-          kernelSize: l.kernel!,
-          stride: l.stride!,
-          padding: l.padding!,
-          groups: l.groups ?? 1,
-          weight,
-          bias,
-        };
-      case 'batchnorm2d':
-        return { kind: 'batchnorm', channels: l.channels!, weight, bias };
-      case 'layernorm':
-        return { kind: 'layernorm', features: l.shape![0], weight, bias };
-    }
-  });
-}
-
 function relError(ours: ArrayLike<number>, golden: number[]): number {
   let err = 0;
   for (let i = 0; i < golden.length; i++) err = Math.max(err, Math.abs(ours[i] - golden[i]));
@@ -92,7 +66,7 @@ function relError(ours: ArrayLike<number>, golden: number[]): number {
 }
 
 function replayReference(g: GoldenCase): Record<(typeof KINDS)[number], number> {
-  const specs = goldenSpecs(g);
+  const specs = goldenLayers(g).layers;
   const c = g.config;
   const ref = new ReferenceAdaFisher(specs, {
     lr: c.lr,

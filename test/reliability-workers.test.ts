@@ -60,4 +60,20 @@ describe('worker_threads', () => {
     const after = await runWorker({ mode: 'train', seed: 3, steps: 20 });
     expect(after.done).toEqual(train(3, 20));
   });
+
+  // Termination lands at random points inside native calls: a JS exception cannot be thrown
+  // into a terminating environment, and node-addon-api would then abort the whole process
+  // (std::terminate) unless built with NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS. Without it
+  // this test crashed the process within a few rounds.
+  test('40 workers terminated at random points inside training: the process survives', async () => {
+    const before = liveAllocations();
+    for (let round = 0; round < 40; round++) {
+      const w = new Worker(workerFile, { workerData: { mode: 'forever', seed: 100 + round } });
+      await new Promise<void>((resolve) => w.on('message', (m) => m.step >= 1 + (round % 7) && resolve()));
+      await new Promise((resolve) => setTimeout(resolve, Math.random() * 3));
+      expect(await w.terminate()).toBe(1);
+    }
+    expect(liveAllocations()).toBe(before);
+    expect((await runWorker({ mode: 'train', seed: 4, steps: 10 })).done).toEqual(train(4, 10));
+  });
 });
