@@ -15,6 +15,7 @@
 #   racecheck compute-sanitizer --tool racecheck over the parity harness
 #   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher)
 #   bench     node dist/bench/gpu.js --torch torch.json
+#   package   the carried npm tarball, unpacked as an installed package: `adafisher info`
 #   table     bench/gpu_summary.py: ONE short table, printed last
 #
 # Prepare here (nvcc 13 is on this machine too) and carry, 64 MiB in all:
@@ -39,7 +40,7 @@ OUT=${OUT:-$ROOT/out/gpu-check}
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,vitest,memcheck,racecheck,torch,bench}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,vitest,memcheck,racecheck,torch,bench,package}
 export CUDAARCHS=${CUDAARCHS:-90}
 RESERVE=20 # seconds kept for the table
 
@@ -224,6 +225,24 @@ if wanted bench; then
   fi
 fi
 
+# ---- (5) the packed tarball picks CUDA by itself ----------------------------------------------
+# Carry the `npm pack` tarball (adafisher-*.tgz; `npm pack` here after `npm run
+# prebuild:binary`) and node_modules/node-gyp-build: it is unpacked as an installed package
+# (no npm on this machine; nothing is compiled) and `adafisher info` runs with no backend
+# forced, so the prebuilt binary's own choice shows.
+TARBALL=$(ls adafisher-*.tgz 2> /dev/null | head -1)
+if wanted package && ((HAVE_NODE)) && [ -n "$TARBALL" ] && [ -d node_modules/node-gyp-build ]; then
+  PKG=$(mktemp -d)/app
+  mkdir -p "$PKG/node_modules/adafisher"
+  tar -xzf "$TARBALL" -C "$PKG/node_modules/adafisher" --strip-components=1 &&
+    cp -r node_modules/node-gyp-build "$PKG/node_modules/"
+  (cd "$PKG" && env -u ADAFISHER_ADDON -u ADAFISHER_BACKEND node node_modules/adafisher/dist/lib/cli.js info) > "$OUT/package-info.txt" 2>&1
+  if grep -q '^backend: *cuda' "$OUT/package-info.txt"; then status package PASS; else status package "FAIL (see package-info.txt)"; fi
+elif wanted package; then
+  status package "SKIPPED (no adafisher-*.tgz or node-gyp-build carried)"
+fi
+
 # ---- table ---------------------------------------------------------------------------------
 log "done in $(elapsed)s; logs in $OUT"
 python3 bench/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
+[ -f "$OUT/package-info.txt" ] && { echo; echo "packed tarball, adafisher info ($(cat "$OUT/package.status" 2>/dev/null)):"; cat "$OUT/package-info.txt"; }
