@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Prepares, on a machine without a GPU, everything scripts/gpu-check.sh needs on a lent GPU
+# machine (which has CUDA, cmake and python3 but no Node.js, npm or network), then prints
+# the `carry` list and the command to run there. From the repository root, after `npm ci`:
+#   bash scripts/prepare-gpu-run.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CUDAARCHS=${CUDAARCHS:-90}
+
+node node_modules/typescript/bin/tsc -p tsconfig.json
+# The addon for the GPU (one architecture keeps the build short) ...
+node node_modules/cmake-js/bin/cmake-js compile --out build-cuda
+# ... the standalone parity harness (compute-sanitizer runs it) ...
+cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" > /dev/null
+cmake --build build-native-test -j"$(nproc)"
+# ... the npm tarball with the full prebuilt binary (all architectures), to see which
+# backend an installed package picks there ...
+if [ ! -f build/Release/adafisher.node ] || ! node -e "process.exit(require('./build/Release/adafisher.node').backendInfo().cudaCompiled ? 0 : 1)"; then
+  env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build
+fi
+ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node node scripts/prebuild.mjs
+rm -f adafisher-*.tgz
+npm pack --silent > /dev/null
+# ... and Node.js itself.
+bash ../shared/device/pack-node.sh > /dev/null
+
+cat <<'TXT'
+Ready. Run on the GPU machine (device tool), with:
+  carry:   [".device", "dist", "build-cuda/Release", "build-native-test", "adafisher-0.1.0.tgz",
+            "node_modules/node-gyp-build", "node_modules/node-api-headers", "node_modules/node-addon-api"]
+  command: GPU_CHECK_BUDGET_S=420 bash scripts/gpu-check.sh
+  timeout_s: 480
+TXT
+du -shc .device dist build-cuda/Release build-native-test adafisher-*.tgz node_modules/node-gyp-build \
+  node_modules/node-api-headers node_modules/node-addon-api | tail -1
