@@ -12,6 +12,7 @@
 // Host code computes the per-tensor scalars (stepSize, bc) in double and rounds them once.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -64,6 +65,19 @@ struct StepScalars {
   float lr;             // AdaFisherW: lr
   float bias_correction;  // AdaFisherW: bc = 1 - beta^t
 };
+
+// The scalars of a tensor's t-th step (t >= 1), computed in double and rounded once (host).
+inline StepScalars step_scalars(double lr, double beta, double weight_decay, int64_t t) {
+  const double bc = 1.0 - std::pow(beta, static_cast<double>(t));
+  StepScalars s;
+  s.beta = static_cast<float>(beta);
+  s.one_minus_beta = static_cast<float>(1.0 - beta);
+  s.weight_decay = static_cast<float>(weight_decay);
+  s.step_size = static_cast<float>(lr / bc);
+  s.lr = static_cast<float>(lr);
+  s.bias_correction = static_cast<float>(bc);
+  return s;
+}
 
 // The AdaFisher (L2 weight decay) update of one element.
 ADAFISHER_HD void adafisher_update(float& p, float& m, float g, float fisher, const StepScalars& s) {

@@ -387,14 +387,7 @@ StepOutcome OptimizerCore::Step(const std::vector<float*>& params, const std::ve
     st.param = params[t];
     st.grad = grads[t];
     st.momentum = momenta_[t];
-    const double step = static_cast<double>(step_counts_[t] + 1);
-    const double bc = 1.0 - std::pow(config_.beta, step);
-    st.scalars.beta = static_cast<float>(config_.beta);
-    st.scalars.one_minus_beta = static_cast<float>(1.0 - config_.beta);
-    st.scalars.weight_decay = static_cast<float>(config_.weight_decay);
-    st.scalars.step_size = static_cast<float>(config_.lr / bc);
-    st.scalars.lr = static_cast<float>(config_.lr);
-    st.scalars.bias_correction = static_cast<float>(bc);
+    st.scalars = math::step_scalars(config_.lr, config_.beta, config_.weight_decay, step_counts_[t] + 1);
     active.push_back(st);
   }
   StepRequest req;

@@ -735,13 +735,7 @@ std::vector<Snapshot> RunScenario(Backend& b, const Scenario& sc) {
       st.preconditioned = tp.preconditioned;
       st.h_offset = tp.h_offset, st.s_offset = tp.s_offset;
       st.o_stride = tp.o_stride, st.o_count = tp.o_count, st.k_stride = tp.k_stride, st.k_count = tp.k_count;
-      const double bc = 1.0 - std::pow(sc.beta, static_cast<double>(counts[t] + 1));
-      st.scalars.beta = static_cast<float>(sc.beta);
-      st.scalars.one_minus_beta = static_cast<float>(1.0 - sc.beta);
-      st.scalars.weight_decay = static_cast<float>(sc.weight_decay);
-      st.scalars.step_size = static_cast<float>(sc.lr / bc);
-      st.scalars.lr = static_cast<float>(sc.lr);
-      st.scalars.bias_correction = static_cast<float>(bc);
+      st.scalars = math::step_scalars(sc.lr, sc.beta, sc.weight_decay, counts[t] + 1);
     }
     StepRequest r;
     r.rule = sc.rule;
