@@ -87,16 +87,23 @@ void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, i
     }
     return;
   }
-  // Planes: x[a, b, :] is a contiguous run of `inner` values. Tasks are (a block, b).
-  const index_t planes_per_task = std::max<index_t>(1, kTaskElements / inner);
-  const index_t a_blocks = CeilDiv(outer, planes_per_task);
-  std::vector<double> partial(static_cast<size_t>(a_blocks * kept));
-  pool.Run(a_blocks * kept, [&](int64_t task) {
-    const index_t ab = task / kept, b = task % kept;
-    const index_t a0 = ab * planes_per_task, a1 = std::min(outer, a0 + planes_per_task);
-    double acc = 0.0;
-    for (index_t a = a0; a < a1; ++a) acc += SumRun<kSquare>(x + (a * kept + b) * inner, inner);
-    partial[ab * kept + b] = acc;
+  // Planes: x[a, b, :] is a contiguous run of `inner` values. A task is (a block, b block)
+  // and reads x[a0..a1, b0..b1, :], which is contiguous when the b block spans every b: the
+  // hardware prefetcher then streams it (one task per 4 KiB plane would restart at every
+  // page). partial[a block][b] is combined in a-block order.
+  const index_t b_per_task = std::clamp<index_t>(kTaskElements / inner, 1, kept);
+  const index_t b_blocks = CeilDiv(kept, b_per_task);
+  const index_t a_per_task = std::max<index_t>(1, kTaskElements / (b_per_task * inner));
+  const index_t a_blocks = CeilDiv(outer, a_per_task);
+  std::vector<double> partial(static_cast<size_t>(a_blocks * kept), 0.0);
+  pool.Run(a_blocks * b_blocks, [&](int64_t task) {
+    const index_t ab = task / b_blocks, bb = task % b_blocks;
+    const index_t a0 = ab * a_per_task, a1 = std::min(outer, a0 + a_per_task);
+    const index_t b0 = bb * b_per_task, b1 = std::min(kept, b0 + b_per_task);
+    double* acc = partial.data() + ab * kept;
+    for (index_t a = a0; a < a1; ++a) {
+      for (index_t b = b0; b < b1; ++b) acc[b] += SumRun<kSquare>(x + (a * kept + b) * inner, inner);
+    }
   });
   for (index_t ab = 0; ab < a_blocks; ++ab) {
     for (index_t b = 0; b < kept; ++b) sums[b] += partial[ab * kept + b];
@@ -110,8 +117,7 @@ void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, i
 // error stays below out_h * 2^-24 (~2e-6 for 32 rows), far inside the 1e-5 parity bound,
 // and it doubles the SIMD width of the hot loop.
 struct PatchScratch {
-  std::vector<float> rows;     // [kh][W][lanes]: per kernel row i, column sums of squares
-  std::vector<float> squared;  // [W][lanes]: one input row, squared
+  std::vector<float> rows;  // [kh][W][lanes]: per kernel row i, column sums of squares
 };
 
 // The geometry of a conv's windows, worked out once per call (no divisions in the loops):
@@ -143,32 +149,33 @@ struct PatchPlan {
 // Sums of squares of the patch entries (i, j) of one channel plane (or, for NHWC, a
 // block of `lanes` channels stored contiguously): adds into acc[l * kh*kw + i*kw + j].
 // `x_stride` is the distance between horizontally adjacent values (1 for NCHW, C for
-// NHWC) and `y_stride` between rows. Each input row is read and squared once and added to
-// the accumulators of every kernel row i whose windows cover it.
+// NHWC) and `y_stride` between rows. Each input row is squared and added to the
+// accumulators of every kernel row i whose windows cover it (rows_i, in float: see
+// NOTE: [conv factor precision]); the column sums of rows_i per tap j are double.
 ADAFISHER_CPU_CLONES void PatchSums(const float* plane, const Conv2dShape& s, const PatchPlan& plan, index_t x_stride,
                                     index_t y_stride, index_t lanes, PatchScratch& scratch, double* acc) {
   const index_t kh = s.kernel_h, kw = s.kernel_w, W = s.width;
   const index_t row_len = W * lanes;
   scratch.rows.assign(static_cast<size_t>(kh * row_len), 0.0f);
-  scratch.squared.resize(static_cast<size_t>(row_len));
-  float* __restrict sq = scratch.squared.data();
-  index_t squared_row = -1;
   for (const PatchPlan::RowTap& tap : plan.row_taps) {
-    if (tap.y != squared_row) {
-      const float* __restrict src = plane + tap.y * y_stride;
-      if (lanes == 1) {
-        for (index_t x = 0; x < W; ++x) sq[x] = src[x * x_stride] * src[x * x_stride];
-      } else {
-        for (index_t x = 0; x < W; ++x) {
-          const float* __restrict px = src + x * x_stride;
-          float* __restrict qx = sq + x * lanes;
-          for (index_t l = 0; l < lanes; ++l) qx[l] = px[l] * px[l];
-        }
-      }
-      squared_row = tap.y;
-    }
+    // Squared in registers for each kernel row it feeds (a multiply is cheaper than a
+    // stored and reloaded row of squares).
+    const float* __restrict src = plane + tap.y * y_stride;
     float* __restrict r = scratch.rows.data() + tap.i * row_len;
-    for (index_t e = 0; e < row_len; ++e) r[e] += sq[e];
+    if (lanes == 1 && x_stride == 1) {
+      for (index_t x = 0; x < W; ++x) r[x] += src[x] * src[x];
+    } else if (lanes == 1) {
+      for (index_t x = 0; x < W; ++x) {
+        const float v = src[x * x_stride];
+        r[x] += v * v;
+      }
+    } else {
+      for (index_t x = 0; x < W; ++x) {
+        const float* __restrict px = src + x * x_stride;
+        float* __restrict rx = r + x * lanes;
+        for (index_t l = 0; l < lanes; ++l) rx[l] += px[l] * px[l];
+      }
+    }
   }
   // acc[l][i*kw + j] += sum over output cols ow of rows_i[x = ow*sw + j - pad_left][l].
   for (index_t i = 0; i < kh; ++i) {
@@ -176,12 +183,18 @@ ADAFISHER_CPU_CLONES void PatchSums(const float* plane, const Conv2dShape& s, co
     for (index_t j = 0; j < kw; ++j) {
       const index_t first = plan.col_first[j], end = plan.col_end[j];
       double* __restrict out = acc + i * kw + j;
+      const index_t step = s.stride_w * lanes;
       for (index_t l = 0; l < lanes; ++l) {
-        double sum = 0.0;
+        // Two interleaved partial sums (even and odd ow) halve the add-latency chain.
+        double even = 0.0, odd = 0.0;
         const float* __restrict col = r + (first * s.stride_w + j - s.pad_left) * lanes + l;
-        const index_t step = s.stride_w * lanes;
-        for (index_t ow = first; ow < end; ++ow, col += step) sum += *col;
-        out[l * kh * kw] += sum;
+        index_t ow = first;
+        for (; ow + 2 <= end; ow += 2, col += 2 * step) {
+          even += col[0];
+          odd += col[step];
+        }
+        if (ow < end) even += col[0];
+        out[l * kh * kw] += even + odd;
       }
     }
   }
