@@ -77,6 +77,10 @@ class HostileError extends Error {}
 // to objects that merely inherit from DeviceBuffer.prototype.
 const realBuffers = new WeakSet();
 const otherReal = (self, e) => self !== e?.buf && realBuffers.has(self);
+// Likewise for optimizers: `maybe` may swap in another live optimizer, on which a call can
+// rightly succeed (e.g. step([], []) on one with no tensors).
+const realOpts = new WeakSet();
+const otherRealOpt = (self, e) => self !== e?.opt && realOpts.has(self);
 const isF32 = (v) => ArrayBuffer.isView(v) && isA(v, Float32Array); // not a Proxy of one
 // instanceof that survives hostile proxies (their getPrototypeOf trap throws).
 function isA(v, C) {
@@ -461,7 +465,12 @@ function fuzzOne(world) {
       const data = world.maybe(randomF32(g, n));
       const offset = g(fc.boolean) ? undefined : world.maybe(g(fc.integer, { min: 0, max: (e?.buf.length ?? 2) + 1 }));
       call(world, 'upload', () => DeviceBuffer.prototype.upload.call(self, data, offset), () => {
-        if (otherReal(self, e) && isF32(data)) return;
+        if (otherReal(self, e) && isF32(data)) {
+          // `maybe` swapped in another live buffer: that one's shadow changes instead.
+          const other = world.buffers.find((b) => b.buf === self);
+          if (other && data.length > 0) other.shadow.set(data, offset ?? 0);
+          return;
+        }
         if (self !== e?.buf || !isF32(data)) return 'accepted a bad receiver or data';
         if (data.length > 0) e.shadow.set(data, offset ?? 0);
         if (!bytesEqual(e.buf.download(), e.shadow)) return 'contents differ from the shadow after upload';
@@ -485,7 +494,10 @@ function fuzzOne(world) {
       const self = e ? world.maybe(e.buf) : world.any();
       const v = world.maybe(g(fc.constantFrom, 0, 1.5, -2, NaN, Infinity, 1e40));
       call(world, 'fill', () => DeviceBuffer.prototype.fill.call(self, v), () => {
-        if (otherReal(self, e) && typeof v === 'number') return;
+        if (otherReal(self, e) && typeof v === 'number') {
+          world.buffers.find((b) => b.buf === self)?.shadow.fill(v);
+          return;
+        }
         if (self !== e?.buf || typeof v !== 'number') return 'accepted a bad receiver or value';
         e.shadow.fill(v);
         if (!bytesEqual(e.buf.download(), e.shadow)) return 'contents differ after fill';
@@ -540,6 +552,7 @@ function fuzzOne(world) {
       }, () => `(${describe(backend)}, ${describe(config)}, ${describe(layers)}, ${describe(tensors)})`);
       if (r.ok && layers === model.layers && tensors === model.tensors) {
         const params = model.tensors.map((t) => (g(fc.integer, { min: 0, max: 3 }) === 0 ? new DeviceBuffer('cpu', randomF32(g, t.numel)) : randomF32(g, t.numel)));
+        realOpts.add(r.result);
         world.opts.push({ opt: r.result, model, params });
       } else if (r.ok) {
         r.result.dispose(); // accepted a mutated plan; keep the world to known models
@@ -562,6 +575,7 @@ function fuzzOne(world) {
       if (opts.avoid && KNOWN_CRASHES.divByOverflow(shape)) return void avoided.divByOverflow++;
       const method = grad ? 'recordOutputGrad' : 'recordInput';
       call(world, method, () => NativeOptimizer.prototype[method].call(self, layer, data, shape), () => {
+        if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
       }, () => `${describe(self)}.${method}(${describe(layer)}, ${describe(data)}, ${describe(shape)})`);
       return;
@@ -576,6 +590,7 @@ function fuzzOne(world) {
       const self = e ? world.maybe(e.opt) : world.any();
       const layer = world.maybe(layerIdx);
       call(world, 'setFactor', () => NativeOptimizer.prototype.setFactor.call(self, layer, which, data), () => {
+        if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
       }, () => `${describe(self)}.setFactor(${describe(layer)}, ${describe(which)}, ${describe(data)})`);
       return;
@@ -595,7 +610,10 @@ function fuzzOne(world) {
       if (detach && opts.avoid) avoided.reentrantDetach++;
       else if (detach) {
         // A getter that detaches an earlier parameter's memory while step() reads its arguments.
-        const victim = Array.isArray(params) ? params.find((p) => isF32(p) && p.length > 0) : undefined;
+        // (A SharedArrayBuffer cannot be transferred, so shared views are no victims.)
+        const victim = Array.isArray(params)
+          ? params.find((p) => isF32(p) && p.length > 0 && !(p.buffer instanceof SharedArrayBuffer))
+          : undefined;
         if (victim && Array.isArray(grads) && grads.length > 0) {
           grads = [...grads];
           const last = grads.length - 1;
@@ -612,6 +630,7 @@ function fuzzOne(world) {
       }
       const snap = e && self === e.opt ? snapshot(e) : null;
       call(world, 'step', () => NativeOptimizer.prototype.step.call(self, params, grads), (r) => {
+        if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
         if (typeof r?.applied !== 'boolean' || typeof r?.refreshed !== 'boolean') return `result ${describe(r)}`;
         const after = snapshot(e);
@@ -630,6 +649,7 @@ function fuzzOne(world) {
       const state = world.mutate(g(fc.boolean) ? exported : { ...exported, momenta: world.mutate(exported.momenta), stepCounts: world.mutate(exported.stepCounts) });
       const fresh = e && self === e.opt && state === exported;
       call(world, 'importState', () => NativeOptimizer.prototype.importState.call(self, state), () => {
+        if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
         if (fresh && !sameSnapshot({ s: exported, params: [] }, { s: e.opt.exportState(), params: [] })) return 'round trip changed state';
       }, () => `${describe(self)}.importState(${describe(state)})`);
