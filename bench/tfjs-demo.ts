@@ -259,6 +259,7 @@ function svgPlot(runs: Run[], title: string, stepsPerEpoch: number): string {
     xLabel: string,
     yFmt: (v: number) => string,
     floor: number,
+    legendAt: 'top' | 'bottom',
   ) => {
     const pw = 400;
     const ph = 260;
@@ -283,11 +284,16 @@ function svgPlot(runs: Run[], title: string, stepsPerEpoch: number): string {
       out += `<text x="${sx(xv)}" y="${y0 + ph + 16}" text-anchor="middle" font-size="11">${Number(xv.toFixed(2))}</text>`;
     }
     out += `<text x="${x0 + pw / 2}" y="${y0 + ph + 34}" text-anchor="middle" font-size="12">${xLabel}</text>`;
+    // Legend in a white box, in the corner the curves leave free (loss falls, accuracy rises).
+    const ly = legendAt === 'top' ? y0 + 8 : y0 + ph - 12 - 18 * series.length;
+    out += series.length ? `<rect x="${x0 + pw - 128}" y="${ly}" width="120" height="${8 + 18 * series.length}" fill="white" stroke="#bbb"/>` : '';
     series.forEach((s, k) => {
       out += `<polyline fill="none" stroke="${s.color}" stroke-width="2" points="${s.pts.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(' ')}"/>`;
       for (const [x, y] of s.pts.length <= 30 ? s.pts : []) out += `<circle cx="${sx(x).toFixed(1)}" cy="${sy(y).toFixed(1)}" r="3" fill="${s.color}"/>`;
-      out += `<rect x="${x0 + pw - 120}" y="${y0 + 10 + 18 * k}" width="12" height="3" fill="${s.color}"/>`;
-      out += `<text x="${x0 + pw - 102}" y="${y0 + 15 + 18 * k}" font-size="12">${s.name}</text>`;
+    });
+    series.forEach((s, k) => {
+      out += `<rect x="${x0 + pw - 120}" y="${ly + 10 + 18 * k}" width="14" height="3" fill="${s.color}"/>`;
+      out += `<text x="${x0 + pw - 100}" y="${ly + 16 + 18 * k}" font-size="12">${s.name}</text>`;
     });
     return out;
   };
@@ -305,8 +311,8 @@ function svgPlot(runs: Run[], title: string, stepsPerEpoch: number): string {
     `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif">`,
     `<rect width="${W}" height="${H}" fill="white"/>`,
     `<text x="${W / 2}" y="24" text-anchor="middle" font-size="13">${title}</text>`,
-    panel(60, 'training loss (EMA of batch losses)', lossSeries, 'epoch', (v) => v.toFixed(3), 0),
-    panel(540, 'test accuracy (%)', accSeries, 'epoch', (v) => v.toFixed(1), -Infinity),
+    panel(60, 'training loss (EMA of batch losses)', lossSeries, 'epoch', (v) => v.toFixed(3), 0, 'top'),
+    panel(540, 'test accuracy (%)', accSeries, 'epoch', (v) => v.toFixed(1), -Infinity, 'bottom'),
     '</svg>',
   ].join('\n');
 }
