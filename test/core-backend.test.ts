@@ -1,4 +1,4 @@
-// Backend selection (option, ADAFISHER_BACKEND, auto) and DeviceBuffers of the cpu backend.
+// Backend selection (option, ADAFISHER_BACKEND, auto) and DeviceBuffers of every usable backend.
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 
 import { AdaFisher, backendInfo, createBuffer, ErrorCodes, isDeviceBuffer, liveAllocations, type LayerSpec, type Tensor } from '../lib/index.js';
@@ -98,17 +98,17 @@ describe('backend selection', () => {
   });
 });
 
-describe('DeviceBuffer (cpu backend)', () => {
+describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('DeviceBuffer (%s backend)', (backend) => {
   test('createBuffer(length) is zero-filled; createBuffer(data) copies', () => {
-    const z = createBuffer(5, { backend: 'cpu' });
+    const z = createBuffer(5, { backend });
     expect(isDeviceBuffer(z)).toBe(true);
     expect(isDeviceBuffer(new Float32Array(5))).toBe(false);
     expect(z.length).toBe(5);
-    expect(z.backend).toBe('cpu');
+    expect(z.backend).toBe(backend);
     expect(z.disposed).toBe(false);
     assertBitIdentical(z.download(), new Float32Array(5), 'zeros');
     const src = Float32Array.of(1, -2, 3.5, NaN);
-    const b = createBuffer(src, { backend: 'cpu' });
+    const b = createBuffer(src, { backend });
     src[0] = 99;
     assertBitIdentical(b.download(), Float32Array.of(1, -2, 3.5, NaN), 'copy of the data at creation');
     z.dispose();
@@ -116,7 +116,7 @@ describe('DeviceBuffer (cpu backend)', () => {
   });
 
   test('upload (with offset), download (new array or into), fill', () => {
-    const b = createBuffer(6, { backend: 'cpu' });
+    const b = createBuffer(6, { backend });
     b.upload(Float32Array.of(1, 2, 3));
     b.upload(Float32Array.of(8, 9), 4);
     assertBitIdentical(b.download(), Float32Array.of(1, 2, 3, 0, 8, 9), 'after uploads');
@@ -135,14 +135,14 @@ describe('DeviceBuffer (cpu backend)', () => {
   });
 
   test('dispose frees the allocation at once and is idempotent', () => {
-    const before = liveAllocations('cpu');
-    const b = createBuffer(10, { backend: 'cpu' });
-    expect(liveAllocations('cpu')).toBe(before + 1);
+    const before = liveAllocations(backend);
+    const b = createBuffer(10, { backend });
+    expect(liveAllocations(backend)).toBe(before + 1);
     b.dispose();
     expect(b.disposed).toBe(true);
-    expect(liveAllocations('cpu')).toBe(before);
+    expect(liveAllocations(backend)).toBe(before);
     b.dispose();
-    expect(liveAllocations('cpu')).toBe(before);
+    expect(liveAllocations(backend)).toBe(before);
   });
 
   test('DeviceBuffers as params, gradients and statistics give the same result as Float32Arrays', () => {
@@ -155,10 +155,10 @@ describe('DeviceBuffer (cpu backend)', () => {
       { kind: 'param', param: wrap(init[6]) },
     ];
     const host = (a: Float32Array) => a.slice();
-    const device = (a: Float32Array) => createBuffer(a, { backend: 'cpu' });
+    const device = (a: Float32Array) => createBuffer(a, { backend });
     const specsH = build(host);
     const specsD = build(device);
-    const opts = { lr: 1e-2, weightDecay: 1e-3, tcov: 2 };
+    const opts = { lr: 1e-2, weightDecay: 1e-3, tcov: 2, backend };
     const h = new AdaFisher(specsH, opts);
     const d = new AdaFisher(specsD, opts);
     const dataRng = new Rng(32);
@@ -194,11 +194,11 @@ describe('DeviceBuffer (cpu backend)', () => {
     const rng = new Rng(33);
     const w = rng.array(12);
     const results = (['host', 'device'] as const).map((kind) => {
-      const weight = kind === 'host' ? w.slice() : createBuffer(w, { backend: 'cpu' });
-      const opt = new AdaFisher([{ kind: 'linear', inFeatures: 4, outFeatures: 3, weight }], { lr: 1e-2 });
+      const weight = kind === 'host' ? w.slice() : createBuffer(w, { backend });
+      const opt = new AdaFisher([{ kind: 'linear', inFeatures: 4, outFeatures: 3, weight }], { lr: 1e-2, backend });
       const H = Float32Array.of(0.5, 1, 2, 0.25);
       const S = Float32Array.of(3, 1, 0.1);
-      opt.setFactors(0, kind === 'host' ? { H, S } : { H: createBuffer(H, { backend: 'cpu' }), S: createBuffer(S, { backend: 'cpu' }) });
+      opt.setFactors(0, kind === 'host' ? { H, S } : { H: createBuffer(H, { backend }), S: createBuffer(S, { backend }) });
       opt.step([Float32Array.of(...new Array(12).fill(0.5))]);
       const out = hostCopy(weight);
       opt.dispose();

@@ -6,6 +6,7 @@ import { describe, expect, test } from 'vitest';
 
 import {
   AdaFisher,
+  backendInfo,
   createBuffer,
   ErrorCodes,
   liveAllocations,
@@ -55,7 +56,7 @@ function fixture(options: AdaFisherOptions = {}): Fixture {
 }
 
 function disposedBuffer(n: number) {
-  const b = createBuffer(n, { backend: 'cpu' });
+  const b = createBuffer(n);
   b.dispose();
   return b;
 }
@@ -369,9 +370,9 @@ describe('bad input is refused with a precise error, and nothing is half-applied
       f.recordOutputGrad();
     }
     const before = snapshot(f.opt, params);
-    const allocations = liveAllocations('cpu');
+    const allocations = liveAllocations(backendInfo().backend);
     expectThrows(() => c.call(f), { cls: c.cls, message: c.message, code: c.code });
-    expect(liveAllocations('cpu'), 'native allocations after the failed call').toBe(allocations);
+    expect(liveAllocations(backendInfo().backend), 'native allocations after the failed call').toBe(allocations);
     assertSnapshotsIdentical(snapshot(f.opt, params), before, 'after the failed call');
     // The optimizer is still usable: a good step is applied.
     f.recordInput();
@@ -397,9 +398,9 @@ describe('use after dispose', () => {
     const f = fixture();
     const params = paramsOf(f.specs) as Float32Array[];
     const before = params.map((p) => p.slice());
-    const allocations = liveAllocations('cpu');
+    const allocations = liveAllocations(backendInfo().backend);
     f.opt.dispose();
-    expect(liveAllocations('cpu'), 'dispose frees the optimizer state').toBeLessThan(allocations);
+    expect(liveAllocations(backendInfo().backend), 'dispose frees the optimizer state').toBeLessThan(allocations);
     expect(f.opt.disposed).toBe(true);
     expectThrows(() => call(f), { cls: Error, message: /^Optimizer already disposed\.$/, code: ErrorCodes.disposed });
     params.forEach((p, i) => assertBitIdentical(p, before[i], `params[${i}]`));
@@ -408,7 +409,7 @@ describe('use after dispose', () => {
   });
 
   test('a disposed DeviceBuffer refuses upload, download and fill', () => {
-    const b = createBuffer(new Float32Array([1, 2, 3]), { backend: 'cpu' });
+    const b = createBuffer(new Float32Array([1, 2, 3]));
     b.dispose();
     expect(b.disposed).toBe(true);
     for (const call of [() => b.download(), () => b.upload(new Float32Array(3)), () => b.fill(0)]) {

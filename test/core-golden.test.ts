@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 
 import { afterAll, describe, expect, test } from 'vitest';
 
-import { createBuffer, readGolden, replayGolden, type GoldenCase } from '../lib/index.js';
+import { backendInfo, createBuffer, readGolden, replayGolden, type GoldenCase } from '../lib/index.js';
 import { goldenLayers } from '../lib/replay.js';
 import { maxAbs } from './helpers.js';
 import { ReferenceAdaFisher, referenceGradFactor, referenceInputFactor } from './reference.js';
@@ -19,6 +19,8 @@ const files = readdirSync(dir)
 const KINDS = ['weights', 'biases', 'momenta', 'H', 'S'] as const;
 // ALGORITHM.md "Tolerances": 1e-4 relative (max abs error over max abs value) per array.
 const TOLERANCE = 1e-4;
+// Every backend this machine can run: cpu, and cuda on a GPU (or the CUDA host emulator build).
+const BACKENDS = backendInfo('auto').cuda.usable ? (['cpu', 'cuda'] as const) : (['cpu'] as const);
 
 const rows: string[] = [];
 afterAll(() => {
@@ -32,12 +34,12 @@ test('there are golden files to replay', () => {
 describe.each(files)('golden %s', (file) => {
   const g = readGolden(join(dir, file));
 
-  test('replays within 1e-4 relative through the public API, per array kind', () => {
-    const report = replayGolden(g, { file, backend: 'cpu' });
+  test.each(BACKENDS)('replays within 1e-4 relative through the public API, per array kind (%s)', (backend) => {
+    const report = replayGolden(g, { file, backend });
     rows.push(
-      `  api ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${report.maxRelError[k].toExponential(2)}`).join('  ') + `  (worst ${report.worst.kind} step ${report.worst.step} layer ${report.worst.layer})`,
+      `  ${backend.padEnd(4)} ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${report.maxRelError[k].toExponential(2)}`).join('  ') + `  (worst ${report.worst.kind} step ${report.worst.step} layer ${report.worst.layer})`,
     );
-    expect(report.backend).toBe('cpu');
+    expect(report.backend).toBe(backend);
     expect(report.steps).toBe(g.steps.length);
     for (const k of KINDS) {
       expect(report.maxRelError[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
@@ -46,14 +48,14 @@ describe.each(files)('golden %s', (file) => {
     expect(report.pass).toBe(true);
   });
 
-  test('replays within 1e-4 with DeviceBuffers for every tensor', () => {
-    const report = replayGolden(g, { backend: 'cpu', upload: (a) => createBuffer(a, { backend: 'cpu' }) });
+  test.each(BACKENDS)('replays within 1e-4 with DeviceBuffers for every tensor (%s)', (backend) => {
+    const report = replayGolden(g, { backend, upload: (a) => createBuffer(a, { backend }) });
     for (const k of KINDS) expect(report.maxRelError[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
   });
 
   test('the float64 reference replays it within 1e-4 too', () => {
     const errors = replayReference(g);
-    rows.push(`  ref ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${errors[k].toExponential(2)}`).join('  '));
+    rows.push(`  ref  ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${errors[k].toExponential(2)}`).join('  '));
     for (const k of KINDS) expect(errors[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
   });
 });

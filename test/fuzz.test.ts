@@ -5,6 +5,8 @@
 //
 // ADAFISHER_FUZZ_CALLS (default 10000) and ADAFISHER_FUZZ_SEED (default: fixed, printed)
 // replay or extend a run: `node --expose-gc test/workers/fuzz-driver.mjs --seed S --calls N`.
+// The calls use the backend ADAFISHER_BACKEND names (default cpu): with cuda, the CUDA backend
+// (a GPU, or the CUDA host emulator's build of the addon, test/cuda-emulator).
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,24 +22,25 @@ const CALLS = Number(process.env.ADAFISHER_FUZZ_CALLS ?? 10_000);
 // random); ADAFISHER_FUZZ_SEED=random explores, any number replays.
 const SEED_ENV = process.env.ADAFISHER_FUZZ_SEED;
 const SEED = SEED_ENV === 'random' ? Math.floor(Math.random() * 2 ** 31) : Number(SEED_ENV ?? 20261128);
+const BACKEND = process.env.ADAFISHER_BACKEND || 'cpu';
 
-test(`${CALLS} random calls into the native binding: each succeeds correctly or throws the documented error`, () => {
+test(`${CALLS} random calls into the native binding (${BACKEND} backend): each succeeds correctly or throws the documented error`, () => {
   const dir = mkdtempSync(join(tmpdir(), 'adafisher-fuzz-'));
   const log = join(dir, 'calls.log');
   try {
     const r = spawnSync(
       process.execPath,
-      ['--expose-gc', join(repoRoot, 'test', 'workers', 'fuzz-driver.mjs'), '--calls', String(CALLS), '--seed', String(SEED), '--log', log],
-      { cwd: repoRoot, encoding: 'utf8', timeout: 300_000, env: { ...process.env, ADAFISHER_BACKEND: 'cpu' } },
+      ['--expose-gc', join(repoRoot, 'test', 'workers', 'fuzz-driver.mjs'), '--calls', String(CALLS), '--seed', String(SEED), '--log', log, '--backend', BACKEND],
+      { cwd: repoRoot, encoding: 'utf8', timeout: 300_000 },
     );
     const lastCall = existsSync(log) ? readFileSync(log, 'utf8').trim().split('\n').pop() : '(no log)';
-    const replay = `replay: node --expose-gc test/workers/fuzz-driver.mjs --seed ${SEED} --calls ${CALLS}`;
+    const replay = `replay: node --expose-gc test/workers/fuzz-driver.mjs --seed ${SEED} --calls ${CALLS} --backend ${BACKEND}`;
     expect(
       { status: r.status, signal: r.signal },
       `the fuzz driver died; the call it was making:\n  ${lastCall}\n${replay}\n${r.stderr.slice(-3000)}`,
     ).toEqual({ status: r.status === 1 ? 1 : 0, signal: null });
     const report = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}');
-    console.log(`fuzz: ${report.calls} calls in ${report.seconds}s, seed ${SEED}, live allocations ${report.liveAllocations.start} -> ${report.liveAllocations.end}`);
+    console.log(`fuzz: ${report.calls} calls on ${report.backend} in ${report.seconds}s, seed ${SEED}, live allocations ${report.liveAllocations.start} -> ${report.liveAllocations.end}`);
     expect(report.calls).toBeGreaterThanOrEqual(CALLS);
     expect(report.findings, `${replay}\n${JSON.stringify(report.findings, null, 2)}`).toEqual([]);
     expect(r.status).toBe(0);

@@ -11,7 +11,7 @@ const rng = new Rng(2024);
 const [inF, hid, outF, batch] = [12, 10, 6, 5];
 
 function model(deviceBuffers: boolean): { specs: LayerSpec[]; params: Tensor[] } {
-  const t = (n: number): Tensor => (deviceBuffers ? createBuffer(rng.array(n, 0.5), { backend: 'cpu' }) : rng.array(n, 0.5));
+  const t = (n: number): Tensor => (deviceBuffers ? createBuffer(rng.array(n, 0.5)) : rng.array(n, 0.5));
   const specs: LayerSpec[] = [
     { kind: 'linear', inFeatures: inF, outFeatures: hid, weight: t(inF * hid), bias: t(hid) },
     { kind: 'layernorm', features: hid, weight: t(hid), bias: t(hid) },
@@ -55,7 +55,7 @@ const detached = (n: number) => {
   return a;
 };
 const disposedBuffer = (n: number) => {
-  const b = createBuffer(n, { backend: 'cpu' });
+  const b = createBuffer(n);
   b.dispose();
   return b;
 };
@@ -73,7 +73,7 @@ describe('a failed step changes nothing', () => {
     for (const c of CASES) {
       test(`third layer's gradient is ${c.name} (${deviceBuffers ? 'DeviceBuffer' : 'Float32Array'} params)`, () => {
         const { specs, params } = model(deviceBuffers);
-        const opt = new AdaFisher(specs, { lr: 1e-2, tcov: 1, backend: 'cpu' });
+        const opt = new AdaFisher(specs, { lr: 1e-2, tcov: 1 });
         for (let i = 0; i < 3; i++) {
           record(opt);
           expect(opt.step(grads()).applied).toBe(true);
@@ -108,7 +108,7 @@ describe('a failed step changes nothing', () => {
 
   test('a refreshing step without statistics for the third layer changes nothing', () => {
     const { specs, params } = model(false);
-    const opt = new AdaFisher(specs, { lr: 1e-2, tcov: 1, backend: 'cpu' });
+    const opt = new AdaFisher(specs, { lr: 1e-2, tcov: 1 });
     record(opt);
     opt.step(grads());
     opt.recordInput(0, rng.array(batch * inF), [batch, inF]);

@@ -3,7 +3,11 @@
 // (lib/binding.ts `binding()`), bypassing every TypeScript check.
 //
 //   node [--expose-gc] test/workers/fuzz-driver.mjs --calls 10000 --seed 42 --log fuzz.log [--avoid]
+//        [--backend cpu|cuda]
 //
+// --backend (default: ADAFISHER_BACKEND, else cpu) is the backend the valid values use:
+// buffers and optimizers are made on it and every result is checked there. Any backend
+// the binding reports usable is accepted; any other name must be refused.
 // Each fast-check run builds a small world (device buffers with a host shadow copy,
 // optimizers with a snapshot of their state) and makes a sequence of calls whose arguments
 // are drawn from valid values, valid values with one part broken, and hostile values
@@ -34,6 +38,7 @@ const { values: opts } = parseArgs({
     seed: { type: 'string' },
     log: { type: 'string' },
     avoid: { type: 'boolean', default: false },
+    backend: { type: 'string', default: process.env.ADAFISHER_BACKEND || 'cpu' },
   },
 });
 const targetCalls = Number(opts.calls);
@@ -46,6 +51,9 @@ if (process.env.ADAFISHER_ADDON && addonPath !== resolve(process.env.ADAFISHER_A
   throw new Error(`loaded ${addonPath}, not ADAFISHER_ADDON=${process.env.ADAFISHER_ADDON}`);
 }
 const { DeviceBuffer, NativeOptimizer } = b;
+const BACKEND = opts.backend;
+const USABLE = new Set(['cpu', ...(b.backendInfo().cudaUsable ? ['cuda'] : [])]);
+if (!USABLE.has(BACKEND)) throw new Error(`--backend ${BACKEND} is not usable with ${addonPath}`);
 
 // Input classes that crash the process today (reported to the lead; see the final report
 // and test/fuzz-regressions.test.ts). Skipped only with --avoid.
@@ -281,7 +289,7 @@ class World {
       case 20: return tag(new Proxy(new Float32Array(4), {}), 'Float32Array proxy');
       case 21: {
         class Sub extends DeviceBuffer {}
-        const sub = new Sub('cpu', 2);
+        const sub = new Sub(BACKEND, 2);
         realBuffers.add(sub);
         return tag(sub, 'DeviceBuffer subclass');
       }
@@ -314,7 +322,7 @@ class World {
   }
   disposedBuffer() {
     if (this.disposedBuffers.length) return this.disposedBuffers[0];
-    const d = new DeviceBuffer('cpu', 2);
+    const d = new DeviceBuffer(BACKEND, 2);
     realBuffers.add(d);
     d.dispose();
     this.disposedBuffers.push(tag(d, 'disposed DeviceBuffer'));
@@ -322,7 +330,7 @@ class World {
   }
   disposedOptimizer() {
     if (this.disposedOpts.length) return this.disposedOpts[0];
-    const o = new NativeOptimizer('cpu', CONFIG, [], []);
+    const o = new NativeOptimizer(BACKEND, CONFIG, [], []);
     o.dispose();
     this.disposedOpts.push(tag(o, 'disposed optimizer'));
     return o;
@@ -339,7 +347,7 @@ class World {
     switch (g(fc.integer, { min: 0, max: 9 })) {
       case 0: return this.any();
       case 1: {
-        const buf = new DeviceBuffer('cpu', randomF32(g, n));
+        const buf = new DeviceBuffer(BACKEND, randomF32(g, n));
         realBuffers.add(buf);
         this.buffers.push({ buf, shadow: buf.download() });
         return tag(buf, `DeviceBuffer(${n})`);
@@ -443,15 +451,15 @@ function fuzzOne(world) {
   const op = g(fc.integer, { min: 0, max: 21 });
   switch (op) {
     case 0: { // new DeviceBuffer(backend, lengthOrData)
-      const backend = world.maybe('cpu');
+      const backend = world.maybe(BACKEND);
       const init = g(fc.boolean) ? world.maybe(g(fc.integer, { min: 0, max: 40 })) : world.maybe(randomF32(g, g(fc.integer, { min: 0, max: 40 })));
       const initCopy = isF32(init) ? (init.buffer.byteLength > 0 ? init.slice() : new Float32Array(0)) : init;
       const r = call(world, 'new DeviceBuffer', () => new DeviceBuffer(backend, init), (buf) => {
         if (!(buf instanceof DeviceBuffer)) return 'not a DeviceBuffer';
-        if (backend !== 'cpu') return `accepted backend ${describe(backend)}`;
+        if (!USABLE.has(backend)) return `accepted backend ${describe(backend)}`;
         const expected = typeof init === 'number' ? new Float32Array(init) : initCopy;
         if (!(expected instanceof Float32Array)) return `accepted ${describe(init)}`;
-        if (buf.length !== expected.length || buf.backend !== 'cpu' || buf.disposed) return `length ${buf.length}, expected ${expected.length}`;
+        if (buf.length !== expected.length || buf.backend !== backend || buf.disposed) return `length ${buf.length}, expected ${expected.length}`;
         if (!bytesEqual(buf.download(), expected)) return 'contents differ';
       }, () => `(${describe(backend)}, ${describe(init)})`);
       if (r.ok && r.result instanceof DeviceBuffer) realBuffers.add(r.result);
@@ -526,10 +534,10 @@ function fuzzOne(world) {
     }
     case 6: { // module functions
       const fname = g(fc.constantFrom, 'backendInfo', 'liveAllocations', 'synchronize');
-      const arg = world.maybe('cpu');
+      const arg = world.maybe(BACKEND);
       call(world, fname, () => b[fname](arg), (r) => {
         if (fname === 'liveAllocations' && !(Number.isInteger(r) && r >= 0)) return `liveAllocations ${r}`;
-        if (fname === 'liveAllocations' && arg !== 'cpu') return `accepted ${describe(arg)}`;
+        if (fname === 'liveAllocations' && !USABLE.has(arg)) return `accepted ${describe(arg)}`;
         if (fname === 'synchronize') {
           if (!(r instanceof Promise)) return 'not a Promise';
           pending.push(r.then(() => undefined, (err) => (acceptableError(err) ? undefined : finding('bad rejection', 'synchronize', err?.message, describe(arg)))));
@@ -541,17 +549,17 @@ function fuzzOne(world) {
     case 7:
     case 8: { // new NativeOptimizer
       const model = makeModel(g);
-      const backend = world.maybe('cpu');
+      const backend = world.maybe(BACKEND);
       const config = world.mutate({ ...CONFIG, rule: g(fc.integer, { min: 0, max: 1 }), tcov: g(fc.integer, { min: 1, max: 3 }), guard: g(fc.boolean) });
       const layers = g(fc.boolean) ? model.layers : world.mutate(model.layers.map((l) => world.mutate(l)));
       const tensors = g(fc.boolean) ? model.tensors : world.mutate(model.tensors.map((t) => world.mutate(t)));
       if (opts.avoid && KNOWN_CRASHES.layerOverflow(layers)) return void avoided.layerOverflow++;
       const r = call(world, 'new NativeOptimizer', () => new NativeOptimizer(backend, config, layers, tensors), (o) => {
-        if (o.steps !== 0 || o.disposed || o.backend !== 'cpu') return 'bad fresh optimizer';
+        if (o.steps !== 0 || o.disposed || o.backend !== backend) return 'bad fresh optimizer';
         if (!Array.isArray(layers) || o.factorLayout().length !== layers.length) return 'factorLayout length';
       }, () => `(${describe(backend)}, ${describe(config)}, ${describe(layers)}, ${describe(tensors)})`);
       if (r.ok && layers === model.layers && tensors === model.tensors) {
-        const params = model.tensors.map((t) => (g(fc.integer, { min: 0, max: 3 }) === 0 ? new DeviceBuffer('cpu', randomF32(g, t.numel)) : randomF32(g, t.numel)));
+        const params = model.tensors.map((t) => (g(fc.integer, { min: 0, max: 3 }) === 0 ? new DeviceBuffer(BACKEND, randomF32(g, t.numel)) : randomF32(g, t.numel)));
         realOpts.add(r.result);
         world.opts.push({ opt: r.result, model, params });
       } else if (r.ok) {
@@ -685,7 +693,7 @@ function fuzzOne(world) {
       const C = g(fc.constantFrom, DeviceBuffer, NativeOptimizer);
       const args = g(fc.array, fc.constant(0), { maxLength: 5 }).map(() => world.any());
       const r = call(world, `new ${C.name}(any)`, () => Reflect.construct(C, args), (o) => {
-        if (C === DeviceBuffer && args[0] !== 'cpu') return `accepted backend ${describe(args[0])}`;
+        if (C === DeviceBuffer && !USABLE.has(args[0])) return `accepted backend ${describe(args[0])}`;
       }, () => `new ${C.name}(${args.map((a) => describe(a)).join(', ')})`);
       if (r.ok) r.result.dispose();
     }
@@ -695,7 +703,7 @@ function fuzzOne(world) {
 const pending = [];
 const CALLS_PER_RUN = 25;
 const runs = Math.ceil(targetCalls / CALLS_PER_RUN);
-const startLive = b.liveAllocations('cpu');
+const startLive = b.liveAllocations(BACKEND);
 const t0 = Date.now();
 fc.assert(
   fc.property(fc.gen(), (g) => {
@@ -722,11 +730,12 @@ globalThis.gc?.();
 await new Promise((r) => setImmediate(r));
 globalThis.gc?.();
 await new Promise((r) => setTimeout(r, 50));
-const endLive = b.liveAllocations('cpu');
+const endLive = b.liveAllocations(BACKEND);
 if (logFd >= 0) closeSync(logFd);
 
 const report = {
   addon: addonPath,
+  backend: BACKEND,
   seed,
   calls,
   seconds: (Date.now() - t0) / 1000,

@@ -6,6 +6,8 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const api = await import(pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href);
+// The backend under test: ADAFISHER_BACKEND (cuda on a GPU or the CUDA host emulator), else cpu.
+const BACKEND = (process.env.ADAFISHER_BACKEND || 'cpu').toLowerCase();
 
 function rng(seed) {
   let s = seed >>> 0;
@@ -32,7 +34,7 @@ export function train(seed, steps, onStep = () => {}) {
       { kind: 'linear', inFeatures: inF, outFeatures: outF, weight: w, bias },
       { kind: 'layernorm', features: outF, weight: g, bias: beta },
     ],
-    { lr: 1e-2, tcov: 2, backend: 'cpu' },
+    { lr: 1e-2, tcov: 2, backend: BACKEND },
   );
   for (let i = 0; i < steps; i++) {
     if (opt.willRefreshFactors) {
@@ -55,4 +57,4 @@ export function train(seed, steps, onStep = () => {}) {
   };
 }
 
-export const liveAllocations = () => api.liveAllocations('cpu');
+export const liveAllocations = () => api.liveAllocations(BACKEND);
