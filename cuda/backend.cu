@@ -484,6 +484,7 @@ CudaInfo QueryCuda() {
     info.device_name = prop.name;
     info.compute_major = prop.major;
     info.compute_minor = prop.minor;
+    info.memory_bytes = static_cast<double>(prop.totalGlobalMem);
     int mode = 0;
     if (cudaDeviceGetAttribute(&mode, cudaDevAttrComputeMode, device) == cudaSuccess &&
         mode == cudaComputeModeProhibited) {

@@ -21,6 +21,8 @@ export interface BackendReport {
     usable: boolean;
     deviceName: string;
     computeCapability: string;
+    /** Total device memory in bytes (0 without a usable device). */
+    memoryBytes: number;
     driverVersion: number;
     runtimeVersion: number;
     architectures: string;
@@ -72,6 +74,7 @@ export function backendInfo(backend?: BackendName): BackendReport {
       usable: info.cudaUsable,
       deviceName: info.deviceName,
       computeCapability: info.computeCapability,
+      memoryBytes: info.deviceMemory,
       driverVersion: info.driverVersion,
       runtimeVersion: info.runtimeVersion,
       architectures: info.cudaArchitectures,

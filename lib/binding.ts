@@ -94,6 +94,8 @@ export interface NativeBackendInfo {
   cudaReason: string;
   deviceName: string;
   computeCapability: string;
+  /** Total memory of the device in bytes; 0 when no device. */
+  deviceMemory: number;
   driverVersion: number;
   runtimeVersion: number;
   cudaArchitectures: string;

@@ -30,7 +30,7 @@ function info(json: boolean): number {
     `backend:        ${r.backend}${r.reason ? ` (${r.reason})` : ''}`,
     `requested:      ${r.requested} (${r.source})`,
     `CUDA compiled:  ${r.cuda.compiled ? `yes, architectures ${r.cuda.architectures}` : 'no'}`,
-    `GPU:            ${r.cuda.usable ? `${r.cuda.deviceName}, compute capability ${r.cuda.computeCapability}` : 'none usable'}`,
+    `GPU:            ${r.cuda.usable ? `${r.cuda.deviceName}, compute capability ${r.cuda.computeCapability}, ${(r.cuda.memoryBytes / 2 ** 30).toFixed(1)} GiB` : 'none usable'}`,
     `CPU threads:    ${r.cpuThreads}`,
   ];
   console.log(lines.join('\n'));

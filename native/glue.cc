@@ -244,6 +244,7 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
     out.Set("deviceName", cuda.device_name);
     out.Set("computeCapability",
             cuda.usable ? std::to_string(cuda.compute_major) + "." + std::to_string(cuda.compute_minor) : std::string());
+    out.Set("deviceMemory", cuda.usable ? cuda.memory_bytes : 0.0);
     out.Set("driverVersion", cuda.driver_version);
     out.Set("runtimeVersion", cuda.runtime_version);
     out.Set("cudaArchitectures", cuda.architectures);

@@ -153,6 +153,7 @@ struct CudaInfo {
   std::string reason;          // why not, when !usable
   std::string device_name;
   int compute_major = 0, compute_minor = 0;
+  double memory_bytes = 0;     // the device's total memory
   int driver_version = 0, runtime_version = 0;
   std::string architectures;   // e.g. "75;80;86;89;90;PTX"
 };
