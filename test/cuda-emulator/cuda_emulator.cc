@@ -15,13 +15,25 @@
 // shuffle's mask must take part (else the kernel fails with cudaErrorLaunchFailure, sticky
 // as on a GPU, and a message on stderr). Fresh device memory holds NaNs, not zeros.
 //
+// NOTE: [protected device memory]
+// Device memory is host memory here, so host code that dereferences a device pointer -- a
+// segmentation fault on a GPU machine -- would silently work. With
+// ADAFISHER_CUDA_EMULATOR_PROTECT=1 every device allocation lives in one address range that is
+// PROT_NONE except while the emulated device runs queued work; a host access then faults
+// and a SIGSEGV handler names the allocation before the process aborts. Without it,
+// allocations come from malloc, which AddressSanitizer checks byte-exactly (kernels'
+// out-of-bounds accesses and use-after-free included; use that for the ASan runs).
+//
 // Environment: ADAFISHER_CUDA_EMULATOR_DEVICES (default 1; 0 = no device),
 // ADAFISHER_CUDA_EMULATOR_MEMORY_MIB (device memory, default 8192; read at every
 // cudaMalloc), ADAFISHER_CUDA_EMULATOR_ORDER (forward | reverse: the order in which the
-// threads of a block and the blocks of a grid start, default forward).
+// threads of a block and the blocks of a grid start, default forward),
+// ADAFISHER_CUDA_EMULATOR_PROTECT (1: see NOTE: [protected device memory]).
 #include <cuda_runtime.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -44,10 +56,10 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
-thread_local uint3 threadIdx;
-thread_local uint3 blockIdx;
-thread_local dim3 blockDim;
-thread_local dim3 gridDim;
+__thread uint3 threadIdx;
+__thread uint3 blockIdx;
+__thread dim3 blockDim;
+__thread dim3 gridDim;
 
 namespace cuda_emu {
 
@@ -83,6 +95,10 @@ long EnvLong(const char* name, long fallback) {
 }
 int DeviceCount() { return static_cast<int>(EnvLong("ADAFISHER_CUDA_EMULATOR_DEVICES", 1)); }
 size_t MemoryLimit() { return static_cast<size_t>(EnvLong("ADAFISHER_CUDA_EMULATOR_MEMORY_MIB", 8192)) << 20; }
+bool Protect() {
+  static const bool on = EnvLong("ADAFISHER_CUDA_EMULATOR_PROTECT", 0) != 0;
+  return on;
+}
 bool Reverse() {
   const char* v = std::getenv("ADAFISHER_CUDA_EMULATOR_ORDER");
   return v != nullptr && std::string(v) == "reverse";
@@ -121,7 +137,112 @@ Stream* Resolve(cudaStream_t s) {
   return g_streams.count(s) != 0 ? s : nullptr;
 }
 
+// ---- protected device memory (see NOTE: [protected device memory]) --------------------------
+// One reserved address range of page-rounded allocations. Where the CPU has memory
+// protection keys the whole range carries one key, and opening or closing the device is a
+// write of the calling thread's PKRU register (other threads stay closed); elsewhere it is
+// an mprotect of the range's used part (slow for large live sets). Freed pages go back to
+// the kernel; their addresses are reused only by an allocation of the same page count.
+constexpr size_t kArenaBytes = size_t{1} << 40;
+char* g_arena = nullptr;
+int g_pkey = -1;
+size_t g_arena_used = 0;
+std::map<size_t, std::vector<char*>> g_arena_free;  // page-rounded size -> freed ranges
+int g_device_running = 0;  // > 0 while queued work runs: the arena is open
+struct sigaction g_previous_segv;
+
+size_t PageSize() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+void SetDeviceAccess(bool open) {
+  if (g_pkey >= 0) {
+    pkey_set(g_pkey, open ? 0 : PKEY_DISABLE_ACCESS);
+  } else if (g_arena_used > 0) {
+    mprotect(g_arena, g_arena_used, open ? PROT_READ | PROT_WRITE : PROT_NONE);
+  }
+}
+struct DeviceRunning {
+  DeviceRunning() {
+    if (g_device_running++ == 0 && Protect()) SetDeviceAccess(true);
+  }
+  ~DeviceRunning() {
+    if (--g_device_running == 0 && Protect()) SetDeviceAccess(false);
+  }
+};
+
+void OnSegv(int sig, siginfo_t* info, void* context) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(info->si_addr);
+  const uintptr_t arena = reinterpret_cast<uintptr_t>(g_arena);
+  if (g_arena != nullptr && a >= arena && a < arena + kArenaBytes) {
+    uintptr_t start = 0;
+    size_t bytes = 0;
+    auto it = g_device.upper_bound(a);
+    if (it != g_device.begin() && (--it)->first + it->second > a) start = it->first, bytes = it->second;
+    char text[256];
+    const int n = std::snprintf(text, sizeof text, "cuda emulator: host code touched device memory at %p (%s%p, %zu bytes)\n",
+                                info->si_addr, start != 0 ? "allocation " : "freed or never allocated; ",
+                                reinterpret_cast<void*>(start), bytes);
+    if (n > 0) (void)!write(2, text, static_cast<size_t>(n));
+    signal(SIGSEGV, SIG_DFL);
+    raise(SIGSEGV);
+    return;
+  }
+  // Not ours (V8's WebAssembly trap handler, for one): pass it on.
+  if ((g_previous_segv.sa_flags & SA_SIGINFO) != 0 && g_previous_segv.sa_sigaction != nullptr) {
+    g_previous_segv.sa_sigaction(sig, info, context);
+  } else if (g_previous_segv.sa_handler == SIG_DFL || g_previous_segv.sa_handler == SIG_IGN) {
+    signal(SIGSEGV, SIG_DFL);
+    raise(SIGSEGV);
+  } else {
+    g_previous_segv.sa_handler(sig);
+  }
+}
+
+void* MapDevice(size_t bytes) {
+  if (g_arena == nullptr) {
+    void* reserved = mmap(nullptr, kArenaBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (reserved == MAP_FAILED) return nullptr;
+    g_arena = static_cast<char*>(reserved);
+    g_pkey = pkey_alloc(0, PKEY_DISABLE_ACCESS);
+    if (g_pkey >= 0 && pkey_mprotect(g_arena, kArenaBytes, PROT_READ | PROT_WRITE, g_pkey) != 0) {
+      pkey_free(g_pkey);
+      g_pkey = -1;
+    }
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = OnSegv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_previous_segv);
+  }
+  const size_t size = (bytes + PageSize() - 1) / PageSize() * PageSize();
+  char* p = nullptr;
+  auto reuse = g_arena_free.find(size);
+  if (reuse != g_arena_free.end() && !reuse->second.empty()) {
+    p = reuse->second.back();
+    reuse->second.pop_back();
+  } else {
+    if (size > kArenaBytes - g_arena_used) return nullptr;
+    p = g_arena + g_arena_used;
+    g_arena_used += size;
+  }
+  if (g_pkey >= 0) {
+    DeviceRunning open;
+    std::memset(p, 0xff, bytes);
+  } else {
+    mprotect(p, size, PROT_READ | PROT_WRITE);
+    std::memset(p, 0xff, bytes);
+    if (g_device_running == 0) mprotect(p, size, PROT_NONE);
+  }
+  return p;
+}
+void UnmapDevice(void* p, size_t bytes) {
+  const size_t size = (bytes + PageSize() - 1) / PageSize() * PageSize();
+  madvise(p, size, MADV_DONTNEED);  // the pages go back; the addresses stay reserved
+  g_arena_free[size].push_back(static_cast<char*>(p));
+}
+
 void Flush(Stream* s, uint64_t upto) {
+  if (s->executed >= upto || s->ops.empty()) return;
+  DeviceRunning running;
   while (s->executed < upto && !s->ops.empty()) {
     std::function<void()> op = std::move(s->ops.front());
     s->ops.pop_front();
@@ -473,9 +594,14 @@ unsigned long long ShuffleDown(unsigned mask, unsigned long long value, unsigned
   b->exchange[static_cast<size_t>(f.linear)] = value;
   WarpBarrier(*b, f);
   const int segment_lane = lane % width;
-  unsigned long long result = value;
-  if (segment_lane + static_cast<int>(delta) < width && lane + static_cast<int>(delta) < members) {
-    result = b->exchange[static_cast<size_t>(f.linear + static_cast<int>(delta))];
+  unsigned long long result = value;  // a source past the lane's segment: its own value
+  if (segment_lane + static_cast<int>(delta) < width) {
+    if (lane + static_cast<int>(delta) < members) {
+      result = b->exchange[static_cast<size_t>(f.linear + static_cast<int>(delta))];
+    } else {
+      Violation(*b, "shuffle reads lane " + std::to_string(lane + static_cast<int>(delta)) + " of a warp of " +
+                        std::to_string(members) + " threads (undefined on a GPU)");
+    }
   }
   WarpBarrier(*b, f);
   return result;
@@ -606,8 +732,13 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
   const size_t limit = cuda_emu::MemoryLimit();
   if (bytes > limit || cuda_emu::g_device_used > limit - bytes) return cuda_emu::Record(cudaErrorMemoryAllocation);
   void* p = nullptr;
-  if (posix_memalign(&p, 256, bytes) != 0 || p == nullptr) return cuda_emu::Record(cudaErrorMemoryAllocation);
-  std::memset(p, 0xff, bytes);  // NaN: a GPU's fresh memory holds whatever was there
+  if (cuda_emu::Protect()) {
+    p = cuda_emu::MapDevice(bytes);  // NaN-filled too
+    if (p == nullptr) return cuda_emu::Record(cudaErrorMemoryAllocation);
+  } else {
+    if (posix_memalign(&p, 256, bytes) != 0 || p == nullptr) return cuda_emu::Record(cudaErrorMemoryAllocation);
+    std::memset(p, 0xff, bytes);  // NaN: a GPU's fresh memory holds whatever was there
+  }
   cuda_emu::g_device[reinterpret_cast<uintptr_t>(p)] = bytes;
   cuda_emu::g_device_used += bytes;
   *ptr = p;
@@ -622,9 +753,14 @@ cudaError_t cudaFree(void* ptr) {
     cuda_emu::Complain("cudaFree of a pointer that is not a device allocation");
     return cuda_emu::Record(cudaErrorInvalidDevicePointer);
   }
-  cuda_emu::g_device_used -= it->second;
+  const size_t bytes = it->second;
+  cuda_emu::g_device_used -= bytes;
   cuda_emu::g_device.erase(it);
-  std::free(ptr);
+  if (cuda_emu::Protect()) {
+    cuda_emu::UnmapDevice(ptr, bytes);
+  } else {
+    std::free(ptr);
+  }
   return cuda_emu::g_sticky;
 }
 cudaError_t cudaHostAlloc(void** ptr, size_t bytes, unsigned /*flags*/) {

@@ -24,3 +24,9 @@ function(adafisher_use_cuda_emulator target)
   target_include_directories(${target} BEFORE PRIVATE ${ADAFISHER_CUDA_EMULATOR_DIR}/include)
   target_compile_definitions(${target} PRIVATE ADAFISHER_CUDA_EMULATOR=1)
 endfunction()
+
+# The emulator's own self-test (self_test.cc): what it computes and what it catches.
+function(adafisher_add_cuda_emulator_self_test target)
+  add_executable(${target} ${ADAFISHER_CUDA_EMULATOR_DIR}/self_test.cc ${ADAFISHER_CUDA_EMULATOR_DIR}/cuda_emulator.cc)
+  target_include_directories(${target} BEFORE PRIVATE ${ADAFISHER_CUDA_EMULATOR_DIR}/include)
+endfunction()
