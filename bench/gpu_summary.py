@@ -3,8 +3,9 @@
 
     python3 bench/gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/*.status, parity.log, golden-*.json, vitest.log, memcheck.log, racecheck.log,
-torch.json and gpu-bench.json; every file may be missing (its stage failed or was skipped).
+Reads OUT_DIR/*.status, parity.log, golden-*.json, vitest.log, fuzz.log, oom.log,
+memcheck.log, racecheck.log, torch.json and gpu-bench.json; every file may be missing (its
+stage failed or was skipped).
 """
 import glob
 import json
@@ -90,6 +91,34 @@ def vitest_detail(out):
     return "; ".join(lines[-2:])
 
 
+def fuzz_detail(out):
+    rep = load_json(os.path.join(out, "fuzz.log"))
+    if not isinstance(rep, dict) or "calls" not in rep:
+        return ""
+    live = rep.get("liveAllocations") or {}
+    return "%s calls on %s, %d findings, live allocations %s -> %s" % (
+        rep["calls"], rep.get("backend", "?"), len(rep.get("findings") or []), live.get("start"), live.get("end"))
+
+
+def oom_detail(out):
+    log = read(os.path.join(out, "oom.log")) or ""
+    line = next((l for l in reversed(log.splitlines()) if l.startswith("{")), None)
+    rep = load_json_text(line)
+    if not isinstance(rep, dict) or "checks" not in rep:
+        return ""
+    bad = [c["name"] for c in rep["checks"] if not c.get("ok")]
+    first = rep["checks"][0].get("detail", "")[:90] if rep["checks"] else ""
+    return "%d/%d checks ok%s; %s" % (len(rep["checks"]) - len(bad), len(rep["checks"]),
+                                      (" (failed: " + "; ".join(bad)[:80] + ")") if bad else "", first)
+
+
+def load_json_text(text):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
 def sanitizer_detail(out, tool):
     log = read(os.path.join(out, tool + ".log"))
     if not log:
@@ -147,6 +176,8 @@ def main(out):
         ("parity", status(out, "parity"), parity_detail(out)),
         ("golden", status(out, "golden"), golden_detail(out)),
         ("vitest", status(out, "vitest"), vitest_detail(out)),
+        ("fuzz", status(out, "fuzz"), fuzz_detail(out)),
+        ("oom", status(out, "oom"), oom_detail(out)),
         ("memcheck", status(out, "memcheck"), sanitizer_detail(out, "memcheck")),
         ("racecheck", status(out, "racecheck"), sanitizer_detail(out, "racecheck")),
         ("torch", status(out, "torch"), ""),

@@ -11,6 +11,8 @@
 #   parity    test/native cuda_parity --bench (CUDA vs CPU backend, every Backend method)
 #   golden    node dist/lib/cli.js replay FILE --backend cuda, every test/golden/*.json
 #   vitest    ADAFISHER_BACKEND=cuda vitest run (only when vitest and vite were carried)
+#   fuzz      test/workers/fuzz-driver.mjs --backend cuda: 10,000 fuzzed calls on the GPU
+#   oom       test/workers/oom-driver.mjs: out of GPU memory is catchable, leaks nothing
 #   memcheck  compute-sanitizer --tool memcheck over the parity harness
 #   racecheck compute-sanitizer --tool racecheck over the parity harness
 #   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher)
@@ -23,16 +25,19 @@
 #   CUDAARCHS=90 npx cmake-js compile --out build-cuda         -> build-cuda/Release
 #   cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-native-test -j2
 #   bash ../shared/device/pack-node.sh                         -> .device
-#   carry: .device dist build-cuda/Release build-native-test node_modules/node-api-headers
-#          node_modules/node-addon-api node_modules/node-gyp-build
-# (the last three only matter if the addon must be rebuilt there or the loader needs them).
+#   build-gpu-carry/: the npm tarball and the node_modules the stages need (node-gyp-build,
+#   node-api-headers, node-addon-api, fast-check, pure-rand); copied into node_modules here
+#   carry: .device dist build-cuda/Release build-native-test build-gpu-carry
+# (scripts/prepare-gpu-run.sh does all of it).
 # vitest's dependency closure (~38 MiB) does not fit next to node.xz: stage vitest is skipped
 # unless node_modules/vitest and node_modules/vite were carried.
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (default 470: stages that would not fit are
 # skipped so the table always prints), GPU_CHECK_STAGES (comma list to run a subset, e.g.
 # "parity,golden,bench" for a rerun), CUDAARCHS (default 90), ADAFISHER_ADDON (an addon
-# to use instead of looking for one).
+# to use instead of looking for one), GPU_CHECK_HARNESS (a parity harness to use instead).
+# A dry run of the plumbing without a GPU: ADAFISHER_ADDON set to the CUDA host emulator's
+# build (test/cuda-emulator) and GPU_CHECK_STAGES=golden,fuzz,oom,package.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
@@ -40,7 +45,7 @@ OUT=${OUT:-$ROOT/out/gpu-check}
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,vitest,memcheck,racecheck,torch,bench,package}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,vitest,fuzz,oom,memcheck,racecheck,torch,bench,package}
 export CUDAARCHS=${CUDAARCHS:-90}
 RESERVE=20 # seconds kept for the table
 
@@ -74,6 +79,9 @@ run_stage() {
 
 # ---- env ---------------------------------------------------------------------------------
 [ -d /usr/local/cuda/bin ] && export PATH=/usr/local/cuda/bin:$PATH
+if [ -d build-gpu-carry/node_modules ]; then
+  mkdir -p node_modules && cp -rn build-gpu-carry/node_modules/. node_modules/
+fi
 if [ -f .device/env.sh ]; then
   # shellcheck disable=SC1091
   source .device/env.sh > "$OUT/env.log" 2>&1 || true
@@ -130,7 +138,9 @@ if wanted build; then
     (build_addon > "$OUT/build-addon.log" 2>&1) &
     pids+=($!)
   fi
-  if [ -x build-native-test/cuda_parity ]; then
+  if [ -n "${GPU_CHECK_HARNESS:-}" ]; then
+    HARNESS=$GPU_CHECK_HARNESS
+  elif [ -x build-native-test/cuda_parity ]; then
     HARNESS=$ROOT/build-native-test/cuda_parity
   else
     log "no carried parity harness; building build-native-test-dev"
@@ -150,7 +160,7 @@ if wanted build; then
   log "addon: ${ADDON:-none}; harness: $HARNESS"
 else
   [ -n "$ADDON" ] && export ADAFISHER_ADDON=$ADDON
-  HARNESS=$ROOT/build-native-test/cuda_parity
+  HARNESS=${GPU_CHECK_HARNESS:-$ROOT/build-native-test/cuda_parity}
   [ -x "$HARNESS" ] || HARNESS=$ROOT/build-native-test-dev/cuda_parity
 fi
 export ADAFISHER_BACKEND=cuda
@@ -196,6 +206,23 @@ if wanted vitest; then
   fi
 fi
 
+# ---- reliability on the GPU: fuzzing, out of memory ----------------------------------------
+if wanted fuzz; then
+  if ((HAVE_NODE)) && [ -n "${ADAFISHER_ADDON:-}" ] && [ -d node_modules/fast-check ]; then
+    run_stage fuzz 90 node --expose-gc test/workers/fuzz-driver.mjs --calls 10000 --seed 20261128 --backend cuda \
+      --log "$OUT/fuzz-calls.log"
+  else
+    status fuzz "SKIPPED (no node, CUDA addon or fast-check)"
+  fi
+fi
+if wanted oom; then
+  if ((HAVE_NODE)) && [ -n "${ADAFISHER_ADDON:-}" ]; then
+    run_stage oom 90 node test/workers/oom-driver.mjs
+  else
+    status oom "SKIPPED (no node or no CUDA addon)"
+  fi
+fi
+
 # ---- (3) compute-sanitizer -------------------------------------------------------------------
 if command -v compute-sanitizer > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
   wanted memcheck && run_stage memcheck 100 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 --print-limit 20 "$HARNESS"
@@ -230,7 +257,7 @@ fi
 # prebuild:binary`) and node_modules/node-gyp-build: it is unpacked as an installed package
 # (no npm on this machine; nothing is compiled) and `adafisher info` runs with no backend
 # forced, so the prebuilt binary's own choice shows.
-TARBALL=$(ls adafisher-*.tgz 2> /dev/null | head -1)
+TARBALL=$(ls build-gpu-carry/adafisher-*.tgz adafisher-*.tgz 2> /dev/null | head -1)
 if wanted package && ((HAVE_NODE)) && [ -n "$TARBALL" ] && [ -d node_modules/node-gyp-build ]; then
   PKG=$(mktemp -d)/app
   mkdir -p "$PKG/node_modules/adafisher"

@@ -19,17 +19,20 @@ if [ ! -f build/Release/adafisher.node ] || ! node -e "process.exit(require('./b
   env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build
 fi
 ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node node scripts/prebuild.mjs
-rm -f adafisher-*.tgz
-npm pack --silent > /dev/null
+rm -rf build-gpu-carry adafisher-*.tgz
+mkdir -p build-gpu-carry/node_modules
+npm pack --silent --pack-destination build-gpu-carry > /dev/null
+# ... the few packages the stages load (one carry path for all of them) ...
+for m in node-gyp-build node-api-headers node-addon-api fast-check pure-rand; do
+  cp -r "node_modules/$m" build-gpu-carry/node_modules/
+done
 # ... and Node.js itself.
 bash ../shared/device/pack-node.sh > /dev/null
 
 cat <<'TXT'
 Ready. Run on the GPU machine (device tool), with:
-  carry:   [".device", "dist", "build-cuda/Release", "build-native-test", "adafisher-0.1.0.tgz",
-            "node_modules/node-gyp-build", "node_modules/node-api-headers", "node_modules/node-addon-api"]
+  carry:   [".device", "dist", "build-cuda/Release", "build-native-test", "build-gpu-carry"]
   command: GPU_CHECK_BUDGET_S=420 bash scripts/gpu-check.sh
   timeout_s: 480
 TXT
-du -shc .device dist build-cuda/Release build-native-test adafisher-*.tgz node_modules/node-gyp-build \
-  node_modules/node-api-headers node_modules/node-addon-api | tail -1
+du -shc .device dist build-cuda/Release build-native-test build-gpu-carry | tail -1

@@ -1,0 +1,101 @@
+// Out of CUDA memory, as a child process (test/reliability-oom.test.ts runs it; so does
+// scripts/gpu-check.sh on a GPU machine, without vitest). Needs a usable cuda backend: a GPU,
+// or the CUDA host emulator's build of the addon, whose device it shrinks to 64 MiB.
+// Prints one JSON line {device, deviceBytes, checks: [{name, ok, detail}]}; exit 1 when a
+// check fails, 2 when there is no usable CUDA device.
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const { AdaFisher, backendInfo, createBuffer, ErrorCodes, liveAllocations } = await import(
+  pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href
+);
+
+const info = backendInfo('auto');
+if (!info.cuda.usable) {
+  console.log(JSON.stringify({ skipped: info.reason }));
+  process.exit(2);
+}
+const emulated = info.cuda.deviceName === 'CUDA host emulator';
+const EMULATOR_MIB = 64;
+if (emulated) process.env.ADAFISHER_CUDA_EMULATOR_MEMORY_MIB = String(EMULATOR_MIB);
+const deviceBytes = emulated ? EMULATOR_MIB * 2 ** 20 : info.cuda.memoryBytes;
+
+const checks = [];
+const check = (name, ok, detail = '') => checks.push({ name, ok: Boolean(ok), detail: String(detail) });
+function thrown(fn) {
+  try {
+    fn();
+  } catch (e) {
+    return e;
+  }
+  return undefined;
+}
+const isOom = (e) => e instanceof Error && e.code === ErrorCodes.outOfMemory && /cudaErrorMemoryAllocation/.test(e.message);
+
+function rng(seed) {
+  let s = seed >>> 0;
+  return () => {
+    let t = (s = (s + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
+  };
+}
+const fill = (n, r) => Float32Array.from({ length: n }, r);
+function smallModel() {
+  const r = rng(1);
+  const weight = fill(32, r);
+  return { specs: [{ kind: 'linear', inFeatures: 8, outFeatures: 4, weight, bias: fill(4, r) }], weight };
+}
+function trainStep(opt, seed) {
+  const r = rng(seed);
+  opt.recordInput(0, fill(16, r), [2, 8]);
+  opt.recordOutputGrad(0, fill(8, r), [2, 4]);
+  return opt.step([fill(32, r), fill(4, r)]).applied;
+}
+
+const start = liveAllocations('cuda');
+
+// 1. One buffer larger than the whole device, next to a training optimizer.
+const model = smallModel();
+const opt = new AdaFisher(model.specs, { backend: 'cuda', tcov: 1 });
+trainStep(opt, 2);
+let live = liveAllocations('cuda');
+const e1 = thrown(() => createBuffer(Math.ceil(deviceBytes / 4) + 2 ** 20, { backend: 'cuda' }));
+check('a buffer larger than the device throws ADAFISHER_OUT_OF_MEMORY naming cudaErrorMemoryAllocation', isOom(e1), e1?.message ?? 'no error');
+check('the failed allocation leaves no allocation behind', liveAllocations('cuda') === live, `${live} -> ${liveAllocations('cuda')}`);
+const applied = trainStep(opt, 3);
+const fresh = smallModel();
+const again = new AdaFisher(fresh.specs, { backend: 'cuda', tcov: 1 });
+trainStep(again, 2);
+trainStep(again, 3);
+const same = model.weight.every((v, i) => Object.is(v, fresh.weight[i]));
+check('the optimizer made before keeps training, with the numbers of an undisturbed run', applied && same);
+const small = createBuffer(Float32Array.of(1, 2, 3), { backend: 'cuda' });
+check('new buffers work afterwards', small.download().join(',') === '1,2,3');
+small.dispose();
+opt.dispose();
+again.dispose();
+
+// 2. An optimizer whose state does not fit beside its parameters.
+live = liveAllocations('cuda');
+const n = Math.floor((deviceBytes * 0.6) / 4);
+const param = createBuffer(n, { backend: 'cuda' });
+const e2 = thrown(() => new AdaFisher([{ kind: 'param', param }], { backend: 'cuda' }));
+check('an optimizer whose momentum does not fit: the constructor throws ADAFISHER_OUT_OF_MEMORY', isOom(e2), e2?.message ?? 'no error');
+check('the failed constructor frees what it took', liveAllocations('cuda') === live + 1, `${live + 1} expected, ${liveAllocations('cuda')}`);
+param.dispose();
+const quarter = createBuffer(Math.floor(n / 4), { backend: 'cuda' });
+const grad = createBuffer(quarter.length, { backend: 'cuda' });
+grad.fill(1);
+const fits = new AdaFisher([{ kind: 'param', param: quarter }], { backend: 'cuda' });
+const stepped = fits.step([grad]).applied && quarter.download(new Float32Array(quarter.length))[0] < 0;
+check('a quarter of the size fits and steps', stepped, `${quarter.length} elements`);
+fits.dispose();
+grad.dispose();
+quarter.dispose();
+check('every allocation is freed at the end', liveAllocations('cuda') === start, `${start} -> ${liveAllocations('cuda')}`);
+
+console.log(JSON.stringify({ device: info.cuda.deviceName, deviceBytes, checks }));
+process.exit(checks.every((c) => c.ok) ? 0 : 1);
