@@ -10,6 +10,7 @@ const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const { AdaFisher, backendInfo, createBuffer, ErrorCodes, liveAllocations } = await import(
   pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href
 );
+const { fill, rng } = await import('./train.mjs');
 
 const info = backendInfo('auto');
 if (!info.cuda.usable) {
@@ -33,16 +34,6 @@ function thrown(fn) {
 }
 const isOom = (e) => e instanceof Error && e.code === ErrorCodes.outOfMemory && /cudaErrorMemoryAllocation/.test(e.message);
 
-function rng(seed) {
-  let s = seed >>> 0;
-  return () => {
-    let t = (s = (s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
-  };
-}
-const fill = (n, r) => Float32Array.from({ length: n }, r);
 function smallModel() {
   const r = rng(1);
   const weight = fill(32, r);

@@ -9,7 +9,8 @@ const api = await import(pathToFileURL(join(root, 'dist', 'lib', 'index.js')).hr
 // The backend under test: ADAFISHER_BACKEND (cuda on a GPU or the CUDA host emulator), else cpu.
 const BACKEND = (process.env.ADAFISHER_BACKEND || 'cpu').toLowerCase();
 
-function rng(seed) {
+/** A seeded uniform generator in [-0.5, 0.5) (mulberry32). */
+export function rng(seed) {
   let s = seed >>> 0;
   return () => {
     let t = (s = (s + 0x6d2b79f5) >>> 0);
@@ -18,7 +19,7 @@ function rng(seed) {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
   };
 }
-const fill = (n, r) => Float32Array.from({ length: n }, r);
+export const fill = (n, r) => Float32Array.from({ length: n }, r);
 
 /**
  * Trains a 2-layer model (linear 32->16 with bias, layernorm 16) for `steps` steps on
