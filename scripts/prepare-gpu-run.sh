@@ -15,9 +15,8 @@ cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS
 cmake --build build-native-test -j"$(nproc)"
 # ... the npm tarball with the full prebuilt binary (all architectures), to see which
 # backend an installed package picks there ...
-if [ ! -f build/Release/adafisher.node ] || ! node -e "process.exit(require('./build/Release/adafisher.node').backendInfo().cudaCompiled ? 0 : 1)"; then
-  env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build
-fi
+# (always through cmake-js: incremental, and never a stale binary from an older checkout).
+env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build
 ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node node scripts/prebuild.mjs
 rm -rf build-gpu-carry adafisher-*.tgz
 mkdir -p build-gpu-carry/node_modules
