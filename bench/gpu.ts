@@ -4,7 +4,7 @@
 // Each case runs in a fresh child process. Timing: batches of launches between two
 // `await synchronize('cuda')`, per-call time = batch time / calls (JS has no CUDA events).
 // The device-to-device copy bandwidth comes from the PyTorch script of the same run
-// (--torch); the addon has no D2D copy export, so the in-process reference is fill().
+// (--torch), else from DeviceBuffer.copyFrom in this process; fill() is a write-only reference.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
@@ -171,7 +171,8 @@ function report(
     );
   }
   const fillText = 'error' in fill ? `fill reference FAILED: ${fill.error}` : `fill (write-only, 1 GiB) ${fmtNum(fill.fillGBps, 0)} GB/s`;
-  const copyText = copy ? `D2D copy (torch, same run, read + write) ${fmtNum(copy, 0)} GB/s` : `D2D copy: not available (${torch?.error ?? 'no --torch file'})`;
+  const copySource = torch?.copyGBps !== undefined ? 'torch, same run' : 'DeviceBuffer.copyFrom, same process';
+  const copyText = copy ? `D2D copy (${copySource}, read + write) ${fmtNum(copy, 0)} GB/s` : `D2D copy: not available (${torch?.error ?? 'no --torch file'})`;
   const header = `adafisher GPU benchmark on ${device || 'unknown device'}: ${copyText}; ${fillText}`;
   return {
     text: `${header}\n\n${sections.join('\n\n')}\n\nms/call = median over batches of (batch time between two synchronize('cuda')) / calls.`,

@@ -18,9 +18,10 @@
 // NOTE: [protected device memory]
 // Device memory is host memory here, so host code that dereferences a device pointer -- a
 // segmentation fault on a GPU machine -- would silently work. With
-// ADAFISHER_CUDA_EMULATOR_PROTECT=1 every device allocation lives in one address range that is
-// PROT_NONE except while the emulated device runs queued work; a host access then faults
-// and a SIGSEGV handler names the allocation before the process aborts. Without it,
+// ADAFISHER_CUDA_EMULATOR_PROTECT=1 every device allocation lives in one address range that
+// host code cannot touch except while the emulated device runs queued work (a memory
+// protection key, or PROT_NONE); a host access then faults and a SIGSEGV handler names the
+// allocation before the process aborts. Without it,
 // allocations come from malloc, which AddressSanitizer checks byte-exactly (kernels'
 // out-of-bounds accesses and use-after-free included; use that for the ASan runs).
 //
