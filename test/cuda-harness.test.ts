@@ -59,3 +59,35 @@ describe.skipIf(missing !== null)('CUDA parity harness (test/native)', () => {
     expect(status).toBe(0);
   });
 });
+
+// The step and factor kernels are memory-bound by design (cuda/README.md, performance
+// contract): a register spill or a stack frame would add local-memory traffic to every
+// element. ptxas reports both per kernel; compiled here for sm_90 with the addon's flags.
+describe.skipIf(missing !== null)('CUDA kernels: no spills, no stack (ptxas -v, sm_90)', () => {
+  it('every kernel of cuda/*.cu has 0 bytes of stack frame, spill stores and spill loads', () => {
+    const files = ['backend.cu', 'factor_kernels.cu', 'step_kernels.cu'];
+    const outDir = join(buildDir, 'ptxas');
+    execFileSync('mkdir', ['-p', outDir]);
+    const reports = files.map((f) =>
+      spawnSync(
+        'nvcc',
+        ['-std=c++17', '-O3', '--fmad=false', '--expt-relaxed-constexpr', '-arch=sm_90', '-Xptxas', '-v', `-I${join(root, 'native')}`, '-c', join(root, 'cuda', f), '-o', join(outDir, `${f}.o`)],
+        { encoding: 'utf8' },
+      ),
+    );
+    const kernels: string[] = [];
+    for (const [i, r] of reports.entries()) {
+      expect(r.status, `${files[i]}:\n${r.stderr}`).toBe(0);
+      const lines = r.stderr.split('\n');
+      lines.forEach((line, j) => {
+        const m = /Function properties for (\S+)/.exec(line);
+        if (!m) return;
+        kernels.push(m[1]);
+        expect(lines[j + 1], `${m[1]}`).toMatch(/0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads/);
+      });
+    }
+    console.log(`ptxas: ${kernels.length} kernels, none with stack or spills`);
+    expect(kernels.length).toBeGreaterThanOrEqual(16);
+  }, 300_000);
+});
+
