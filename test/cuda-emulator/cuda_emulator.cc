@@ -29,7 +29,10 @@
 // ADAFISHER_CUDA_EMULATOR_MEMORY_MIB (device memory, default 8192; read at every
 // cudaMalloc), ADAFISHER_CUDA_EMULATOR_ORDER (forward | reverse: the order in which the
 // threads of a block and the blocks of a grid start, default forward),
-// ADAFISHER_CUDA_EMULATOR_PROTECT (1: see NOTE: [protected device memory]).
+// ADAFISHER_CUDA_EMULATOR_PROTECT (1: see NOTE: [protected device memory]),
+// ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH=N (the N-th kernel launch after the variable is set
+// or changed faults when it runs, like a kernel hitting an illegal address on a GPU: sticky
+// cudaErrorLaunchFailure; for tests of what a faulted device does to the process).
 #include <cuda_runtime.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -616,6 +619,17 @@ cudaError_t FuncAttributes(cudaFuncAttributes* attributes) {
   return cudaSuccess;
 }
 
+// Whether this launch is the one ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH asks to fault.
+bool InjectFault() {
+  static std::string armed;  // the variable's value when counting started
+  static long launches = 0;
+  const char* v = std::getenv("ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH");
+  const std::string value = v != nullptr ? v : "";
+  if (value != armed) armed = value, launches = 0;
+  if (value.empty()) return false;
+  return ++launches == EnvLong("ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH", 0);
+}
+
 void LaunchGrid(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                 size_t argument_bytes, std::function<void()> thread_body) {
   std::lock_guard<std::recursive_mutex> lock(g_mutex);
@@ -639,6 +653,13 @@ void LaunchGrid(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, 
   Stream* s = Resolve(stream);
   if (s == nullptr) {
     Record(cudaErrorInvalidResourceHandle);
+    return;
+  }
+  if (InjectFault()) {
+    Enqueue(s, [kernel] {
+      Complain(std::string(kernel) + ": injected fault (ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH)");
+      g_sticky = cudaErrorLaunchFailure;
+    });
     return;
   }
   Enqueue(s, [kernel, grid, block, body = std::move(thread_body)] { RunGrid(kernel, grid, block, body); });
