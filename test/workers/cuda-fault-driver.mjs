@@ -12,35 +12,16 @@ const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const { AdaFisher, backendInfo, createBuffer, ErrorCodes, liveAllocations, synchronize } = await import(
   pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href
 );
-const { fill, rng } = await import('./train.mjs');
+const { check, finish, linearLayer, thrown, trainLinearStep: trainStep } = await import('./checks.mjs');
 
 if (backendInfo('auto').cuda.deviceName !== 'CUDA host emulator') {
   console.log(JSON.stringify({ skipped: 'fault injection needs the CUDA host emulator' }));
   process.exit(2);
 }
 
-const checks = [];
-const check = (name, ok, detail = '') => checks.push({ name, ok: Boolean(ok), detail: String(detail) });
-function thrown(fn) {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  return undefined;
-}
 const isCudaError = (e) => e instanceof Error && e.code === ErrorCodes.cudaError && /cudaErrorLaunchFailure/.test(e.message);
 
-function model(backend) {
-  const r = rng(5);
-  return new AdaFisher([{ kind: 'linear', inFeatures: 8, outFeatures: 4, weight: fill(32, r), bias: fill(4, r) }], { backend, tcov: 1 });
-}
-function trainStep(opt, seed) {
-  const r = rng(seed);
-  opt.recordInput(0, fill(16, r), [2, 8]);
-  opt.recordOutputGrad(0, fill(8, r), [2, 4]);
-  return opt.step([fill(32, r), fill(4, r)]).applied;
-}
+const model = (backend) => new AdaFisher(linearLayer(5).specs, { backend, tcov: 1 });
 
 const opt = model('cuda');
 const buffer = createBuffer(Float32Array.of(1, 2, 3), { backend: 'cuda' });
@@ -75,5 +56,4 @@ const cpu = model('cpu');
 check('the cpu backend still trains', trainStep(cpu, 4));
 cpu.dispose();
 
-console.log(JSON.stringify({ checks }));
-process.exit(checks.every((c) => c.ok) ? 0 : 1);
+finish();

@@ -10,7 +10,7 @@ const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const { AdaFisher, backendInfo, createBuffer, ErrorCodes, liveAllocations } = await import(
   pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href
 );
-const { fill, rng } = await import('./train.mjs');
+const { check, finish, linearLayer, thrown, trainLinearStep: trainStep } = await import('./checks.mjs');
 
 const info = backendInfo('auto');
 if (!info.cuda.usable) {
@@ -22,34 +22,13 @@ const EMULATOR_MIB = 64;
 if (emulated) process.env.ADAFISHER_CUDA_EMULATOR_MEMORY_MIB = String(EMULATOR_MIB);
 const deviceBytes = emulated ? EMULATOR_MIB * 2 ** 20 : info.cuda.memoryBytes;
 
-const checks = [];
-const check = (name, ok, detail = '') => checks.push({ name, ok: Boolean(ok), detail: String(detail) });
-function thrown(fn) {
-  try {
-    fn();
-  } catch (e) {
-    return e;
-  }
-  return undefined;
-}
 const isOom = (e) => e instanceof Error && e.code === ErrorCodes.outOfMemory && /cudaErrorMemoryAllocation/.test(e.message);
 
-function smallModel() {
-  const r = rng(1);
-  const weight = fill(32, r);
-  return { specs: [{ kind: 'linear', inFeatures: 8, outFeatures: 4, weight, bias: fill(4, r) }], weight };
-}
-function trainStep(opt, seed) {
-  const r = rng(seed);
-  opt.recordInput(0, fill(16, r), [2, 8]);
-  opt.recordOutputGrad(0, fill(8, r), [2, 4]);
-  return opt.step([fill(32, r), fill(4, r)]).applied;
-}
 
 const start = liveAllocations('cuda');
 
 // 1. One buffer larger than the whole device, next to a training optimizer.
-const model = smallModel();
+const model = linearLayer(1);
 const opt = new AdaFisher(model.specs, { backend: 'cuda', tcov: 1 });
 trainStep(opt, 2);
 let live = liveAllocations('cuda');
@@ -57,7 +36,7 @@ const e1 = thrown(() => createBuffer(Math.ceil(deviceBytes / 4) + 2 ** 20, { bac
 check('a buffer larger than the device throws ADAFISHER_OUT_OF_MEMORY naming cudaErrorMemoryAllocation', isOom(e1), e1?.message ?? 'no error');
 check('the failed allocation leaves no allocation behind', liveAllocations('cuda') === live, `${live} -> ${liveAllocations('cuda')}`);
 const applied = trainStep(opt, 3);
-const fresh = smallModel();
+const fresh = linearLayer(1);
 const again = new AdaFisher(fresh.specs, { backend: 'cuda', tcov: 1 });
 trainStep(again, 2);
 trainStep(again, 3);
@@ -90,5 +69,4 @@ grad.dispose();
 quarter.dispose();
 check('every allocation is freed at the end', liveAllocations('cuda') === start, `${start} -> ${liveAllocations('cuda')}`);
 
-console.log(JSON.stringify({ device: info.cuda.deviceName, deviceBytes, checks }));
-process.exit(checks.every((c) => c.ok) ? 0 : 1);
+finish({ device: info.cuda.deviceName, deviceBytes });
