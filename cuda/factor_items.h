@@ -160,6 +160,17 @@ ADAFISHER_HD void ValidOutputRange(int64_t tap, int64_t pad, int64_t stride, int
   }
 }
 
+// Sum of line[(o * stride + tap - pad) * pitch] over the output positions o whose window
+// tap lands inside the input line of `size` pixels: one axis of the conv patch factor.
+ADAFISHER_HD double TapSum(const double* line, int64_t pitch, int64_t tap, int64_t pad, int64_t stride, int64_t size,
+                           int64_t out) {
+  int64_t first, end;
+  ValidOutputRange(tap, pad, stride, size, out, &first, &end);
+  double sum = 0.0;
+  for (int64_t o = first; o < end; ++o) sum += line[(o * stride + tap - pad) * pitch];
+  return sum;
+}
+
 // Phase 2a, item = U index: U[c'][i][x] = sum over output rows oh of T[c'][oh*sh + i - pt][x].
 // Items are numbered like U: (c' * kh + i) * W + x for NCHW, (i * W + x) * cg + c' for NHWC.
 ADAFISHER_HD double ConvRowTap(const double* T, const ConvPlan& p, int64_t item) {
@@ -175,16 +186,11 @@ ADAFISHER_HD double ConvRowTap(const double* T, const ConvPlan& p, int64_t item)
     i = t % p.kh;
     cp = t / p.kh;
   }
-  int64_t first, end;
-  ValidOutputRange(i, p.pt, p.sh, p.H, p.OH, &first, &end);
   // T index of (c', y, x) = c' * t_c + y * t_y + x * t_x.
   const int64_t t_c = p.nhwc ? 1 : p.H * p.W;
   const int64_t t_y = p.nhwc ? p.W * p.cg : p.W;
   const int64_t t_x = p.nhwc ? p.cg : 1;
-  const double* column = T + cp * t_c + x * t_x;
-  double sum = 0.0;
-  for (int64_t oh = first; oh < end; ++oh) sum += column[(oh * p.sh + i - p.pt) * t_y];
-  return sum;
+  return TapSum(T + cp * t_c + x * t_x, t_y, i, p.pt, p.sh, p.H, p.OH);
 }
 
 // Phase 2b, item = c' * kh * kw + i * kw + j: sum over output columns ow of
@@ -196,16 +202,11 @@ ADAFISHER_HD double ConvColTap(const double* U, const ConvPlan& p, int64_t item,
   const int64_t i = ij / p.kw;
   const int64_t j = ij - i * p.kw;
   *k = p.channel_major ? item : ij * p.cg + cp;
-  int64_t first, end;
-  ValidOutputRange(j, p.pl, p.sw, p.W, p.OW, &first, &end);
   // U index of (c', i, x) = c' * u_c + i * u_i + x * u_x (see ConvRowTap's numbering).
   const int64_t u_c = p.nhwc ? 1 : p.kh * p.W;
   const int64_t u_i = p.nhwc ? p.W * p.cg : p.W;
   const int64_t u_x = p.nhwc ? p.cg : 1;
-  const double* row = U + cp * u_c + i * u_i;
-  double sum = 0.0;
-  for (int64_t ow = first; ow < end; ++ow) sum += row[(ow * p.sw + j - p.pl) * u_x];
-  return sum;
+  return TapSum(U + cp * u_c + i * u_i, u_x, j, p.pl, p.sw, p.W, p.OW);
 }
 
 }  // namespace cuda

@@ -140,6 +140,14 @@ bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
+// One parity case: the GPU result against the CPU one, and a second GPU run bit for bit.
+void RecordParity(const std::string& name, const std::vector<float>& want, const std::vector<float>& got,
+                  const std::vector<float>& again) {
+  const Diff d = Compare(got, want);
+  const bool same = SameBits(got, again);
+  Record(name, d.Ok() && same, d.Str() + (same ? ", deterministic" : ", NOT DETERMINISTIC"));
+}
+
 std::vector<float> Normal(size_t n, uint64_t seed, float scale = 1.0f) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> dist(0.0f, scale);
@@ -593,12 +601,8 @@ void TestReductions(Backend& cpu, Backend& gpu) {
                            out.ptr() + k + 3);
           return out.Read();
         };
-        const std::vector<float> want = run(cpu);
-        const std::vector<float> got = run(gpu);
-        const std::vector<float> again = run(gpu);
-        const Diff d = Compare(got, want);
-        const bool same = SameBits(got, again);
-        Record(name, d.Ok() && same, d.Str() + (same ? ", deterministic" : ", NOT DETERMINISTIC"));
+        const std::vector<float> want = run(cpu), got = run(gpu), again = run(gpu);
+        RecordParity(name, want, got, again);
       });
     }
   }
@@ -618,12 +622,8 @@ void TestConv(Backend& cpu, Backend& gpu) {
           b.Conv2dPatchFactor(x.ptr(), c.shape, c.bias, out.ptr());
           return out.Read();
         };
-        const std::vector<float> want = run(cpu);
-        const std::vector<float> got = run(gpu);
-        const std::vector<float> again = run(gpu);
-        const Diff d = Compare(got, want);
-        const bool same = SameBits(got, again);
-        Record(name, d.Ok() && same, d.Str() + (same ? ", deterministic" : ", NOT DETERMINISTIC"));
+        const std::vector<float> want = run(cpu), got = run(gpu), again = run(gpu);
+        RecordParity(name, want, got, again);
       });
     }
   }
