@@ -90,6 +90,8 @@ export const TARGETS = {
     stepOverFloor: 1.5,
     /** conv factor time <= this x (bytes of the conv activations / copy bandwidth). */
     convFactorsOverFloor: 3,
+    /** eager PyTorch AdaFisher time / our whole optimizer time (both warm), same machine and threads. */
+    wholeSpeedupOverEager: 1,
   },
   gpu: {
     /** step bandwidth (20 B/param) >= this fraction of D2D copy bandwidth, on 'big'. */

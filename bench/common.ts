@@ -1,10 +1,14 @@
 // Shared benchmark machinery: random tensors, the per-workload measurement (factors,
 // min-max + EMA, step with and without the non-finite guard), timers, one-process-per-case
 // runner and table formatting. See bench/README.md for what each figure means.
-import { fork } from 'node:child_process';
+import { fork, spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 import { AdaFisher, createBuffer, synchronize, type DeviceBuffer, type LayerSpec, type Tensor } from '../lib/index.js';
-import type { DerivedWorkload } from './cases.js';
+import { deriveWorkload, WORKLOADS, type DerivedWorkload } from './cases.js';
 
 export type Backend = 'cpu' | 'cuda';
 
@@ -383,6 +387,91 @@ export async function reportToParent(fn: () => Promise<unknown>): Promise<void> 
 export function argValue(argv: readonly string[], name: string): string | undefined {
   const i = argv.indexOf(name);
   return i >= 0 && i + 1 < argv.length ? argv[i + 1] : undefined;
+}
+
+// ---------------------------------------------------------------------------------------
+// PyTorch baselines (bench/torch_baselines.py)
+
+/** What bench/torch_baselines.py prints (see there). */
+export interface TorchBaselines {
+  device?: string;
+  torch?: string;
+  threads?: number;
+  copyGBps?: number;
+  /** The eager AdaFisher's max relative error against each golden trajectory. */
+  golden?: Record<string, { maxRelError: number; worst: string }>;
+  workloads?: Record<
+    string,
+    {
+      /** "fused", or "foreach" where this torch build has no fused Adam for the device. */
+      adam?: string;
+      fusedAdamMs?: number;
+      eager?: { factorsMs: number; minMaxEmaMs: number; stepMs: number; totalMs: number };
+      error?: string;
+    }
+  >;
+  error?: string;
+}
+
+/** Reads a --torch file; a file that cannot be read becomes { error }. */
+export function readTorchBaselines(file: string): TorchBaselines {
+  try {
+    return JSON.parse(readFileSync(file, 'utf8')) as TorchBaselines;
+  } catch (e) {
+    return { error: `cannot read ${file}: ${(e as Error).message}` };
+  }
+}
+
+const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/**
+ * Runs bench/torch_baselines.py with `python` (in its own process, after ours) on the given
+ * workloads, with the golden trajectories as its self-check. Returns { skipped } when
+ * python or torch is not installed: the PyTorch figures are then simply absent.
+ */
+export function runTorchBaselines(opts: {
+  cases: readonly string[];
+  device: Backend;
+  threads?: number;
+  reps: number;
+  python?: string;
+}): TorchBaselines | { skipped: string } {
+  const python = opts.python ?? 'python3';
+  const probe = spawnSync(python, ['-c', 'import torch; print(torch.__version__)'], { encoding: 'utf8' });
+  if (probe.error || probe.status !== 0) {
+    const why = probe.error ? probe.error.message : (probe.stderr.trim().split('\n').pop() ?? `exit ${probe.status}`);
+    return { skipped: `${python} cannot import torch (${why})` };
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'adafisher-torch-'));
+  try {
+    const cases: Record<string, DerivedWorkload> = {};
+    for (const name of opts.cases) cases[name] = deriveWorkload(WORKLOADS[name]);
+    writeFileSync(join(dir, 'cases.json'), JSON.stringify(cases));
+    const goldenDir = join(REPO, 'test', 'golden');
+    const golden = readdirSync(goldenDir).filter((f) => f.endsWith('.json')).map((f) => join(goldenDir, f));
+    const args = [join(REPO, 'bench', 'torch_baselines.py'), '--device', opts.device, '--reps', String(opts.reps)];
+    if (opts.threads) args.push('--threads', String(opts.threads));
+    args.push('--cases', join(dir, 'cases.json'), '--out', join(dir, 'torch.json'), '--check-golden', ...golden);
+    const run = spawnSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
+    const out = readTorchBaselines(join(dir, 'torch.json'));
+    if (run.status !== 0 && !out.error) out.error = `torch_baselines.py exited with ${run.status}: ${run.stderr.trim().slice(-300)}`;
+    return out;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** One line on the PyTorch baselines of a run: version, threads, golden self-check. */
+export function describeTorch(t: TorchBaselines | { skipped: string } | undefined): string {
+  if (!t) return 'PyTorch baselines: not measured (no --torch file)';
+  if ('skipped' in t) return `PyTorch baselines: not measured: ${t.skipped}`;
+  const parts = [`PyTorch baselines (same run): torch ${t.torch ?? '?'} on ${t.device ?? '?'}${t.threads ? `, ${t.threads} threads` : ''}`];
+  if (t.golden) {
+    const errs = Object.values(t.golden).map((g) => g.maxRelError);
+    parts.push(`its eager AdaFisher reproduces the ${errs.length} golden trajectories to max rel. error ${Math.max(...errs).toExponential(1)}`);
+  }
+  if (t.error) parts.push(`ERROR: ${t.error}`);
+  return parts.join('; ');
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 // CPU benchmark: `npm run bench` (table) or `npm run bench -- --json` (one JSON object).
 // Every case (the copy-bandwidth reference and each workload) runs in a fresh child
-// process; ratios are taken against the bandwidth measured in the same run.
+// process; ratios are taken against the bandwidth measured in the same run. Where python3
+// can import torch, bench/torch_baselines.py then runs the same workloads (torch Adam,
+// eager PyTorch AdaFisher) with the backend's thread count, in the same run
+// (`--no-torch` to leave it out, `--torch FILE` to use a file it wrote).
 import { cpus, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
@@ -10,6 +13,7 @@ import { CPU_CASES, CPU_QUOTED, deriveWorkload, TARGETS, WORKLOADS } from './cas
 import {
   argValue,
   cpuTimer,
+  describeTorch,
   fmtMB,
   fmtMs,
   fmtNum,
@@ -17,10 +21,13 @@ import {
   measureWorkload,
   median,
   randomArray,
+  readTorchBaselines,
   reportToParent,
   runCasesInChildren,
+  runTorchBaselines,
   table,
   type KernelFigures,
+  type TorchBaselines,
   type WorkloadResult,
 } from './common.js';
 
@@ -120,12 +127,14 @@ interface Row {
   kernel: string;
   fig?: { cold?: KernelFigures; warm: KernelFigures };
   ms?: number;
+  warmMs?: number;
   note?: string;
 }
 
 function report(
   bw: BandwidthResult,
   results: Record<string, WorkloadResult | { error: string }>,
+  torch: TorchBaselines | { skipped: string },
   cases: readonly string[],
   json: boolean,
 ): number {
@@ -165,6 +174,28 @@ function report(
       const ours = q.ours === 'step' ? onCold : r.factors.cold!.timing.ms;
       v.quoted = { ...q, oursMs: ours, speedupVsQuotedLow: q.lowMs / ours, speedupVsQuotedHigh: q.highMs / ours };
     }
+    // PyTorch on this machine, same run: every torch figure is back-to-back (warm), so it is
+    // compared with our warm figure; our whole-work figure is also given cold (caches flushed).
+    const tw = 'skipped' in torch ? undefined : torch.workloads?.[name];
+    const wholeWarm = r.factors.warm.timing.ms + r.minMaxEma.ms + r.step.guardOn.warm.timing.ms;
+    if (tw?.eager && tw.fusedAdamMs) {
+      v.torch = {
+        adam: tw.adam,
+        fusedAdamMs: tw.fusedAdamMs,
+        eager: tw.eager,
+        oursWholeWarmMs: wholeWarm,
+        wholeSpeedupVsEager: tw.eager.totalMs / wholeWarm,
+        wholeColdSpeedupVsEager: tw.eager.totalMs / r.wholeMs,
+        factorsSpeedupVsEager: tw.eager.factorsMs / r.factors.warm.timing.ms,
+        stepSpeedupVsEager: tw.eager.stepMs / r.step.guardOn.warm.timing.ms,
+        stepSpeedupVsAdamGuardOn: tw.fusedAdamMs / r.step.guardOn.warm.timing.ms,
+        stepSpeedupVsAdamGuardOff: tw.fusedAdamMs / r.step.guardOff.warm.timing.ms,
+        target: TARGETS.cpu.wholeSpeedupOverEager,
+        met: tw.eager.totalMs / wholeWarm >= TARGETS.cpu.wholeSpeedupOverEager,
+      };
+    } else if (tw?.error) {
+      v.torch = { error: tw.error };
+    }
     verdicts[name] = v;
 
     const rows: Row[] = [
@@ -173,10 +204,15 @@ function report(
       { kernel: 'min-max + EMA', ms: r.minMaxEma.ms, note: `${r.minMaxEma.entries} entries; refresh ${fmtMs(r.minMaxEma.refreshStepMs)} - empty ${fmtMs(r.minMaxEma.emptyStepMs)} ms` },
       { kernel: 'step, guard on (24 B/p)', fig: r.step.guardOn },
       { kernel: 'step, guard off (20 B/p)', fig: r.step.guardOff },
-      { kernel: 'whole (factors+mm+step)', ms: r.wholeMs },
+      { kernel: 'whole (factors+mm+step)', ms: r.wholeMs, warmMs: wholeWarm },
     ];
+    if (tw?.fusedAdamMs) rows.push({ kernel: `torch ${tw.adam ?? 'fused'} Adam step`, warmMs: tw.fusedAdamMs, note: 'PyTorch, same run' });
+    if (tw?.eager) {
+      const e = tw.eager;
+      rows.push({ kernel: 'eager PyTorch AdaFisher', warmMs: e.totalMs, note: `factors ${fmtMs(e.factorsMs)}, min-max+EMA ${fmtMs(e.minMaxEmaMs)}, step ${fmtMs(e.stepMs)} ms` });
+    }
     const body = rows.map((row) => {
-      if (!row.fig) return [row.kernel, fmtMs(row.ms), '', '', '', '', '', row.note ?? ''];
+      if (!row.fig) return [row.kernel, fmtMs(row.ms), fmtMs(row.warmMs), '', '', '', '', row.note ?? ''];
       const c = row.fig.cold ?? row.fig.warm;
       const fl = floorMs(c.bytes);
       return [
@@ -204,6 +240,20 @@ function report(
           `target <= ${TARGETS.cpu.convFactorsOverFloor}x: ${v.convFactorsMet ? 'met' : 'MISSED'}`,
       );
     }
+    const vt = v.torch as { wholeSpeedupVsEager: number; wholeColdSpeedupVsEager: number; factorsSpeedupVsEager: number; stepSpeedupVsEager: number; stepSpeedupVsAdamGuardOn: number; stepSpeedupVsAdamGuardOff: number; met: boolean } | { error: string } | undefined;
+    if (vt && 'error' in vt) {
+      lines.push(`PyTorch baselines FAILED: ${vt.error}`);
+    } else if (vt) {
+      lines.push(
+        `vs eager PyTorch AdaFisher (same run, > 1: ours faster): whole ${fmtNum(vt.wholeSpeedupVsEager, 1)}x warm ` +
+          `(${fmtNum(vt.wholeColdSpeedupVsEager, 1)}x with our figures cold); factors ${fmtNum(vt.factorsSpeedupVsEager, 1)}x, ` +
+          `step ${fmtNum(vt.stepSpeedupVsEager, 1)}x; target whole >= ${TARGETS.cpu.wholeSpeedupOverEager}x: ${vt.met ? 'met' : 'MISSED'}`,
+      );
+      lines.push(
+        `vs torch ${tw?.adam ?? 'fused'} Adam step (warm): ${fmtNum(vt.stepSpeedupVsAdamGuardOn, 2)}x with our guard on, ` +
+          `${fmtNum(vt.stepSpeedupVsAdamGuardOff, 2)}x off (Adam moves 28 B/param, ours 20-24)`,
+      );
+    }
     if (q) {
       const qq = v.quoted as { oursMs: number };
       lines.push(
@@ -225,14 +275,15 @@ function report(
     addon: `${info.addonVersion} (${info.buildSystem})`,
   };
   if (json) {
-    console.log(JSON.stringify({ machine, bandwidth: bw, workloads: results, verdicts, targets: TARGETS.cpu }, null, 2));
+    console.log(JSON.stringify({ machine, bandwidth: bw, torch, workloads: results, verdicts, targets: TARGETS.cpu }, null, 2));
   } else {
     console.log(`adafisher CPU benchmark: ${machine.cpu}, ${machine.logicalCpus} logical CPUs, backend threads ${machine.backendThreads}, Node ${machine.node}`);
     console.log(
       `memory copy bandwidth (same run, 256 MiB buffers, counted as read + write): ` +
         `${(bw.runs ?? [bw]).map((b, i) => `${i ? 'last' : 'first'}: 1 thread ${fmtNum(b.copy1GBps)}, 2 threads ${fmtNum(b.copy2GBps)} GB/s`).join('; ')} ` +
-        `-> reference ${fmtNum(copy)} GB/s. 1-min load average ${fmtNum(bw.loadAverage1m?.before, 2)} before, ${fmtNum(bw.loadAverage1m?.after, 2)} after.\n`,
+        `-> reference ${fmtNum(copy)} GB/s. 1-min load average ${fmtNum(bw.loadAverage1m?.before, 2)} before, ${fmtNum(bw.loadAverage1m?.after, 2)} after.`,
     );
+    console.log(`${describeTorch(torch)}.\n`);
     console.log(sections.join('\n\n'));
     console.log(
       '\ncold = caches flushed (128 MiB written) before every timed call; warm = back-to-back calls. ' +
@@ -257,6 +308,14 @@ async function main(argv: string[]): Promise<void> {
   // is the machine's limit, so a burst of foreign load during one of them does not inflate ratios.
   const first = await runCasesInChildren(SCRIPT, ['bandwidth'], ['--reps', String(reps)]);
   const res = await runCasesInChildren(SCRIPT, cases, ['--reps', String(reps)]);
+  // PyTorch on the same workloads, after ours and before the closing bandwidth reference.
+  const torchFile = argValue(argv, '--torch');
+  if (!json && !torchFile && !argv.includes('--no-torch')) console.error('running the PyTorch baselines (bench/torch_baselines.py) ...');
+  const torch = torchFile
+    ? readTorchBaselines(torchFile)
+    : argv.includes('--no-torch')
+      ? { skipped: '--no-torch' }
+      : runTorchBaselines({ cases, device: 'cpu', threads: backendInfo('cpu').cpuThreads, reps: Math.min(reps, 15) });
   const last = await runCasesInChildren(SCRIPT, ['bandwidth'], ['--reps', String(reps)]);
   const b1 = first.bandwidth as BandwidthResult | { error: string };
   const b2 = last.bandwidth as BandwidthResult | { error: string };
@@ -270,7 +329,7 @@ async function main(argv: string[]): Promise<void> {
     runs: [b1, b2],
     loadAverage1m: { before: loadBefore, after: loadavg()[0] },
   };
-  const failures = report(bw, res as Record<string, WorkloadResult | { error: string }>, cases, json);
+  const failures = report(bw, res as Record<string, WorkloadResult | { error: string }>, torch, cases, json);
   process.exitCode = failures ? 1 : 0;
 }
 

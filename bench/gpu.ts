@@ -5,23 +5,26 @@
 // `await synchronize('cuda')`, per-call time = batch time / calls (JS has no CUDA events).
 // The device-to-device copy bandwidth comes from the PyTorch script of the same run
 // (--torch), else from DeviceBuffer.copyFrom in this process; fill() is a write-only reference.
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
 import { backendInfo, createBuffer } from '../lib/index.js';
 import { deriveWorkload, GPU_CASES, TARGETS, WORKLOADS } from './cases.js';
 import {
   argValue,
+  describeTorch,
   fmtMB,
   fmtMs,
   fmtNum,
   gpuTimer,
   instantiate,
   measureWorkload,
+  readTorchBaselines,
   reportToParent,
   runCasesInChildren,
   table,
   type Backend,
+  type TorchBaselines,
   type WorkloadResult,
 } from './common.js';
 
@@ -34,15 +37,6 @@ interface FillResult {
   ms: number;
   /** D2D copy through DeviceBuffer.copyFrom, when the addon has that export (read + write). */
   copyGBps?: number;
-}
-
-/** What bench/torch_baselines.py prints (see there). */
-interface TorchBaselines {
-  device?: string;
-  torch?: string;
-  copyGBps?: number;
-  workloads?: Record<string, { fusedAdamMs?: number; eager?: { factorsMs: number; minMaxEmaMs: number; stepMs: number; totalMs: number } }>;
-  error?: string;
 }
 
 // `--backend cpu` is a dry run of this script's plumbing on a machine without a GPU.
@@ -149,7 +143,7 @@ function report(
     ]);
     body.push(['min-max + EMA', fmtMs(r.minMaxEma.ms), '', '', '', `refresh ${fmtMs(r.minMaxEma.refreshStepMs)} - empty ${fmtMs(r.minMaxEma.emptyStepMs)}`]);
     body.push(['whole (factors+mm+step on)', fmtMs(r.wholeMs), '', '', '', '']);
-    if (tw?.fusedAdamMs) body.push(['torch fused Adam step', fmtMs(tw.fusedAdamMs), 'CUDA events', fmtMB(28 * r.parameters), fmtNum((28 * r.parameters) / (tw.fusedAdamMs * 1e6), 0), '']);
+    if (tw?.fusedAdamMs) body.push([`torch ${tw.adam ?? 'fused'} Adam step`, fmtMs(tw.fusedAdamMs), 'CUDA events', fmtMB(28 * r.parameters), fmtNum((28 * r.parameters) / (tw.fusedAdamMs * 1e6), 0), '']);
     if (tw?.eager) body.push(['eager PyTorch AdaFisher', fmtMs(tw.eager.totalMs), 'CUDA events', '', '', `f ${fmtMs(tw.eager.factorsMs)} mm ${fmtMs(tw.eager.minMaxEmaMs)} step ${fmtMs(tw.eager.stepMs)}`]);
     const lines: string[] = [];
     if (k.stepGuardOffFractionOfCopy !== undefined) {
@@ -175,7 +169,7 @@ function report(
   const copyText = copy ? `D2D copy (${copySource}, read + write) ${fmtNum(copy, 0)} GB/s` : `D2D copy: not available (${torch?.error ?? 'no --torch file'})`;
   const header = `adafisher GPU benchmark on ${device || 'unknown device'}: ${copyText}; ${fillText}`;
   return {
-    text: `${header}\n\n${sections.join('\n\n')}\n\nms/call = median over batches of (batch time between two synchronize('cuda')) / calls.`,
+    text: `${header}\n${describeTorch(torch)}\n\n${sections.join('\n\n')}\n\nms/call = median over batches of (batch time between two synchronize('cuda')) / calls.`,
     json: { device, copyGBps: copy ?? null, fill, torch: torch ?? null, workloads: results, key, targets: T },
     failures,
   };
@@ -198,15 +192,8 @@ async function main(argv: string[]): Promise<void> {
     process.exitCode = 2;
     return;
   }
-  let torch: TorchBaselines | undefined;
   const torchFile = argValue(argv, '--torch');
-  if (torchFile) {
-    try {
-      torch = JSON.parse(readFileSync(torchFile, 'utf8')) as TorchBaselines;
-    } catch (e) {
-      torch = { error: `cannot read ${torchFile}: ${(e as Error).message}` };
-    }
-  }
+  const torch = torchFile ? readTorchBaselines(torchFile) : undefined;
   const cases = (argValue(argv, '--cases')?.split(',') ?? [...GPU_CASES]).filter((c) => c in WORKLOADS);
   const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', BACKEND]);
   const { text, json, failures } = report(

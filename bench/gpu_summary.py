@@ -138,6 +138,20 @@ def sanitizer_detail(out, tool):
     return "; ".join(parts)
 
 
+def torch_detail(out):
+    torch = load_json(os.path.join(out, "torch.json"))
+    if not isinstance(torch, dict):
+        return ""
+    parts = ["torch %s" % torch.get("torch", "?")]
+    golden = torch.get("golden") or {}
+    if golden:
+        errs = [g.get("maxRelError", float("nan")) for g in golden.values()]
+        parts.append("eager AdaFisher reproduces %d golden files to %.1e" % (len(errs), max(errs)))
+    if torch.get("error"):
+        parts.append("error: %s" % torch["error"][:60])
+    return "; ".join(parts)
+
+
 def bench_rows(out):
     bench = load_json(os.path.join(out, "gpu-bench.json"))
     torch = load_json(os.path.join(out, "torch.json"))
@@ -180,7 +194,7 @@ def main(out):
         ("oom", status(out, "oom"), oom_detail(out)),
         ("memcheck", status(out, "memcheck"), sanitizer_detail(out, "memcheck")),
         ("racecheck", status(out, "racecheck"), sanitizer_detail(out, "racecheck")),
-        ("torch", status(out, "torch"), ""),
+        ("torch", status(out, "torch"), torch_detail(out)),
     ] + bench_rows(out)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)

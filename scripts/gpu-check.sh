@@ -15,7 +15,8 @@
 #   oom       test/workers/oom-driver.mjs: out of GPU memory is catchable, leaks nothing
 #   memcheck  compute-sanitizer --tool memcheck over the parity harness
 #   racecheck compute-sanitizer --tool racecheck over the parity harness
-#   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher)
+#   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
+#             first replays test/golden/ on the GPU to show it computes AdaFisher)
 #   bench     node dist/bench/gpu.js --torch torch.json
 #   package   the carried npm tarball, unpacked as an installed package: `adafisher info`
 #   table     bench/gpu_summary.py: ONE short table, printed last
@@ -237,7 +238,8 @@ if wanted torch || wanted bench; then
 fi
 if wanted torch; then
   if [ -s "$OUT/cases.json" ]; then
-    run_stage torch 110 python3 bench/torch_baselines.py --cases "$OUT/cases.json" --out "$OUT/torch.json"
+    run_stage torch 110 python3 bench/torch_baselines.py --cases "$OUT/cases.json" --out "$OUT/torch.json" \
+      --check-golden test/golden/*.json
   else
     status torch "SKIPPED (no cases.json)"
   fi
