@@ -10,7 +10,6 @@
 #             (unless carried), in parallel, CUDAARCHS=90
 #   parity    test/native cuda_parity --bench (CUDA vs CPU backend, every Backend method)
 #   golden    node dist/lib/cli.js replay FILE --backend cuda, every test/golden/*.json
-#   vitest    ADAFISHER_BACKEND=cuda vitest run (only when vitest and vite were carried)
 #   fuzz      test/workers/fuzz-driver.mjs --backend cuda: 10,000 fuzzed calls on the GPU
 #   oom       test/workers/oom-driver.mjs: out of GPU memory is catchable, leaks nothing
 #   memcheck  compute-sanitizer --tool memcheck over the parity harness
@@ -18,6 +17,8 @@
 #   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
 #             first replays test/golden/ on the GPU to show it computes AdaFisher)
 #   bench     node dist/bench/gpu.js --torch torch.json
+#   vitest    ADAFISHER_BACKEND=cuda vitest run: the test suite on the GPU, with whatever time
+#             is left (not the tests that need npm, cmake or the CUDA host emulator)
 #   package   the carried npm tarball, unpacked as an installed package: `adafisher info`
 #   table     bench/gpu_summary.py: ONE short table, printed last
 #
@@ -26,12 +27,12 @@
 #   CUDAARCHS=90 npx cmake-js compile --out build-cuda         -> build-cuda/Release
 #   cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-native-test -j2
 #   bash ../shared/device/pack-node.sh                         -> .device
-#   build-gpu-carry/: the npm tarball and the node_modules the stages need (node-gyp-build,
-#   node-api-headers, node-addon-api, fast-check, pure-rand); copied into node_modules here
+#   build-gpu-carry/: the npm tarball, the node_modules the stages need (node-gyp-build,
+#   node-api-headers, node-addon-api, fast-check, pure-rand), copied into node_modules here,
+#   and test-modules.tar.xz (what the test suite loads from node_modules: vitest's closure
+#   and TF.js's Node bundles, scripts/test-modules.mjs), unpacked into node_modules here
 #   carry: .device dist build-cuda/Release build-native-test build-gpu-carry
-# (scripts/prepare-gpu-run.sh does all of it).
-# vitest's dependency closure (~38 MiB) does not fit next to node.xz: stage vitest is skipped
-# unless node_modules/vitest and node_modules/vite were carried.
+# (scripts/prepare-gpu-run.sh does all of it; about 48 MB).
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (default 470: stages that would not fit are
 # skipped so the table always prints), GPU_CHECK_STAGES (comma list to run a subset, e.g.
@@ -46,7 +47,7 @@ OUT=${OUT:-$ROOT/out/gpu-check}
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,vitest,fuzz,oom,memcheck,racecheck,torch,bench,package}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,fuzz,oom,memcheck,racecheck,torch,bench,vitest,package}
 export CUDAARCHS=${CUDAARCHS:-90}
 RESERVE=20 # seconds kept for the table
 
@@ -82,6 +83,13 @@ run_stage() {
 [ -d /usr/local/cuda/bin ] && export PATH=/usr/local/cuda/bin:$PATH
 if [ -d build-gpu-carry/node_modules ]; then
   mkdir -p node_modules && cp -rn build-gpu-carry/node_modules/. node_modules/
+fi
+if [ -f build-gpu-carry/test-modules.tar.xz ]; then
+  if command -v xz > /dev/null 2>&1; then
+    tar -xJf build-gpu-carry/test-modules.tar.xz
+  else
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall('.')" build-gpu-carry/test-modules.tar.xz
+  fi || echo "cannot unpack build-gpu-carry/test-modules.tar.xz" >> "$OUT/env.log"
 fi
 if [ -f .device/env.sh ]; then
   # shellcheck disable=SC1091
@@ -181,7 +189,7 @@ if wanted parity; then
   fi
 fi
 
-# ---- (2) golden replays and vitest ---------------------------------------------------------
+# ---- (2) golden replays ---------------------------------------------------------------------
 if wanted golden; then
   if ((HAVE_NODE)) && [ -n "${ADAFISHER_ADDON:-}" ]; then
     : > "$OUT/golden.log"
@@ -197,13 +205,6 @@ if wanted golden; then
     if ((fails == 0)); then status golden PASS; else status golden "FAIL ($fails files)"; fi
   else
     status golden "SKIPPED (no node or no CUDA addon)"
-  fi
-fi
-if wanted vitest; then
-  if ((HAVE_NODE)) && [ -f node_modules/vitest/vitest.mjs ] && [ -d node_modules/vite ] && [ -n "${ADAFISHER_ADDON:-}" ]; then
-    run_stage vitest 120 node node_modules/vitest/vitest.mjs run
-  else
-    status vitest "SKIPPED (vitest not carried)"
   fi
 fi
 
@@ -251,6 +252,17 @@ if wanted bench; then
     run_stage bench 150 node dist/bench/gpu.js "${targs[@]}" --json-out "$OUT/gpu-bench.json"
   else
     status bench "SKIPPED (no node or no CUDA addon)"
+  fi
+fi
+
+# ---- the test suite on the GPU, last: it gets the time that is left --------------------------
+# Left out: package (needs npm), cuda-harness (cmake + nvcc builds), cuda-emulator (its own build).
+if wanted vitest; then
+  if ((HAVE_NODE)) && [ -f node_modules/vitest/vitest.mjs ] && [ -d node_modules/vite ] && [ -n "${ADAFISHER_ADDON:-}" ]; then
+    run_stage vitest 180 node node_modules/vitest/vitest.mjs run --exclude test/package.test.ts \
+      --exclude test/cuda-harness.test.ts --exclude test/cuda-emulator.test.ts
+  else
+    status vitest "SKIPPED (vitest not carried: build-gpu-carry/test-modules.tar.xz)"
   fi
 fi
 

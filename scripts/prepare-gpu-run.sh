@@ -25,6 +25,10 @@ npm pack --silent --pack-destination build-gpu-carry > /dev/null
 for m in node-gyp-build node-api-headers node-addon-api fast-check pure-rand; do
   cp -r "node_modules/$m" build-gpu-carry/node_modules/
 done
+# ... the test suite's run-time modules for stage vitest (11 MB of xz; scripts/test-modules.mjs) ...
+node scripts/test-modules.mjs > build-gpu-carry/test-modules.txt
+tar -cf - -T build-gpu-carry/test-modules.txt | xz -6 -T0 > build-gpu-carry/test-modules.tar.xz
+rm build-gpu-carry/test-modules.txt
 # ... and Node.js itself.
 bash ../shared/device/pack-node.sh > /dev/null
 
