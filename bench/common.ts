@@ -142,12 +142,22 @@ export interface Instance {
   dispose(): void;
 }
 
-/** Allocates parameters, gradients, layer inputs and output gradients with random data. */
-export function instantiate(wl: DerivedWorkload, backend: Backend): Instance {
+/**
+ * Allocates parameters, gradients, layer inputs and output gradients with random data, or,
+ * with `constant`, filled on the device (fast: the extra copies that cold GPU timings cycle
+ * through, where the values do not matter).
+ */
+export function instantiate(wl: DerivedWorkload, backend: Backend, { constant = false } = {}): Instance {
   const all: DeviceBuffer[] = [];
   let seed = 1;
   const buf = (n: number, scale: number, offset = 0): DeviceBuffer => {
-    const b = createBuffer(randomArray(n, seed++, scale, offset), { backend });
+    let b: DeviceBuffer;
+    if (constant) {
+      b = createBuffer(n, { backend });
+      b.fill(offset + scale / 2);
+    } else {
+      b = createBuffer(randomArray(n, seed++, scale, offset), { backend });
+    }
     all.push(b);
     return b;
   };
@@ -218,13 +228,18 @@ export interface WorkloadResult {
   description: string;
   backend: Backend;
   parameters: number;
-  /** Cold: caches flushed before every timed call (CPU only). Warm: back-to-back calls. */
+  /**
+   * Cold: every call starts from memory (CPU: caches flushed before it; GPU: it works on the
+   * next of `rotation` copies of its data). Warm: back-to-back calls on the same buffers.
+   */
   factors: { cold?: KernelFigures; warm: KernelFigures; convCold?: KernelFigures; convWarm?: KernelFigures; perLayerWarmMs?: number[] };
   minMaxEma: { ms: number; refreshStepMs: number; emptyStepMs: number; entries: number };
   step: {
     guardOn: { cold?: KernelFigures; warm: KernelFigures };
     guardOff: { cold?: KernelFigures; warm: KernelFigures };
   };
+  /** Copies of the data that cold GPU calls cycle through (1: no rotation). */
+  rotation: { factorCopies: number; stepCopies: number };
   /** factors + min-max/EMA + guarded step (cold figures where measured). */
   wholeMs: number;
 }
@@ -233,12 +248,18 @@ function figures(timing: Timing, bytes: number): KernelFigures {
   return { timing, bytes, gbps: bytes / (timing.ms * 1e6) };
 }
 
-function recordAll(opt: AdaFisher, inst: Instance, onlyConv = false): void {
+/** Records every layer's input and output gradient, from `data` (default: inst's own). */
+function recordAll(opt: AdaFisher, inst: Instance, onlyConv = false, data: Instance = inst): void {
   inst.wl.shapes.forEach((s, i) => {
     if (onlyConv && s.def.kind !== 'conv2d') return;
-    opt.recordInput(i, inst.inputs[i], s.inputShape);
-    opt.recordOutputGrad(i, inst.outGrads[i], s.outputShape);
+    opt.recordInput(i, data.inputs[i], s.inputShape);
+    opt.recordOutputGrad(i, data.outGrads[i], s.outputShape);
   });
+}
+
+/** Copies so that `copies x bytes` exceeds `rotateBytes` (at least 1, at most 256). */
+function rotationCopies(bytes: number, rotateBytes: number | undefined): number {
+  return rotateBytes ? Math.min(256, Math.max(1, Math.ceil(rotateBytes / Math.max(bytes, 1)))) : 1;
 }
 
 function setAllFactors(opt: AdaFisher, inst: Instance): void {
@@ -246,21 +267,34 @@ function setAllFactors(opt: AdaFisher, inst: Instance): void {
 }
 
 /**
- * Measures one workload on one backend. `flush` (CPU) evicts the caches before each cold
- * sample; without it only warm (back-to-back) figures are taken.
+ * Measures one workload on one backend: warm figures (back-to-back calls on the same
+ * buffers) and, when asked, cold ones, where every call starts from memory:
+ * - `flush` (CPU): evicts the caches before each timed call (untimed);
+ * - `rotateBytes` (GPU, where a batch of calls cannot be split): each call works on the
+ *   next of several copies of its inputs (and, for the step, of the parameters, gradients
+ *   and optimizer state), cycling through more than `rotateBytes` of them, so a call never
+ *   finds its data in L2.
  */
 export async function measureWorkload(
   inst: Instance,
   timer: Timer,
-  opts: { flush?: () => void; log?: (s: string) => void } = {},
+  opts: { flush?: () => void; rotateBytes?: number; log?: (s: string) => void } = {},
 ): Promise<WorkloadResult> {
   const { wl, backend } = inst;
   const log = opts.log ?? (() => {});
   const sync = async () => {
     if (backend === 'cuda') await synchronize(backend);
   };
-  const mk = (extra: { tcov: number; nonFiniteGuard: boolean }) =>
-    new AdaFisher(inst.layers, { lr: 1e-4, backend, ...extra });
+  const mk = (extra: { tcov: number; nonFiniteGuard: boolean }, on: Instance = inst) =>
+    new AdaFisher(on.layers, { lr: 1e-4, backend, ...extra });
+  const P = wl.parameters;
+  // The rotation's data: inst and constant-filled copies (the values do not matter), made
+  // before any timing and shared by the kernels.
+  const copies: Instance[] = [];
+  const rotation = (n: number): Instance[] => {
+    while (copies.length < n - 1) copies.push(instantiate(wl, backend, { constant: true }));
+    return [inst, ...copies.slice(0, n - 1)];
+  };
 
   // --- factor accumulation: recordInput + recordOutputGrad of every layer ---------------
   const actBytes = 4 * (wl.inputElements + wl.outputGradElements);
@@ -269,10 +303,18 @@ export async function measureWorkload(
   log('factors');
   const factorsWarm = figures(await timer.time(() => recordAll(fOpt, inst)), actBytes);
   const factors: WorkloadResult['factors'] = { warm: factorsWarm };
-  if (opts.flush) factors.cold = figures(await timer.time(() => recordAll(fOpt, inst), { before: opts.flush }), actBytes);
+  const rf = rotationCopies(actBytes, opts.rotateBytes);
+  const coldFactors = async (onlyConv: boolean) => {
+    if (opts.flush) return timer.time(() => recordAll(fOpt, inst, onlyConv), { before: opts.flush });
+    const data = rotation(rf);
+    let i = 0;
+    return timer.time(() => recordAll(fOpt, inst, onlyConv, data[i++ % rf]));
+  };
+  const cold = opts.flush !== undefined || rf > 1;
+  if (cold) factors.cold = figures(await coldFactors(false), actBytes);
   if (convBytes > 0) {
     factors.convWarm = figures(await timer.time(() => recordAll(fOpt, inst, true)), convBytes);
-    if (opts.flush) factors.convCold = figures(await timer.time(() => recordAll(fOpt, inst, true), { before: opts.flush }), convBytes);
+    if (cold) factors.convCold = figures(await coldFactors(true), convBytes);
   }
   if (backend === 'cpu') {
     // Per-layer split (warm), for "where does the time go".
@@ -310,25 +352,41 @@ export async function measureWorkload(
 
   // --- step: guard on / off, non-refreshing ---------------------------------------------
   const step = {} as WorkloadResult['step'];
-  const P = wl.parameters;
+  const rs = rotationCopies(20 * P, opts.rotateBytes);
   for (const guard of [true, false]) {
     log(`step guard ${guard ? 'on' : 'off'}`);
-    const opt = mk({ tcov: NEVER, nonFiniteGuard: guard });
-    recordAll(opt, inst);
-    opt.step(inst.grads); // the one refreshing step
+    // One optimizer per copy (each owns its momentum), after its one refreshing step.
+    const replicas = rotation(opts.flush ? 1 : rs).map((on) => {
+      const opt = mk({ tcov: NEVER, nonFiniteGuard: guard }, on);
+      recordAll(opt, on);
+      opt.step(on.grads);
+      return { opt, grads: on.grads };
+    });
     const fn = () => {
-      opt.step(inst.grads);
+      replicas[0].opt.step(replicas[0].grads);
     };
     // 20 B/param: read p, g, m; write p, m. The guard reads g once more: 24 B/param.
     const bytes = P * (guard ? 24 : 20);
     const warm = figures(await timer.time(fn), bytes);
     const entry: { cold?: KernelFigures; warm: KernelFigures } = { warm };
-    if (opts.flush) entry.cold = figures(await timer.time(fn, { before: opts.flush }), bytes);
+    if (opts.flush) {
+      entry.cold = figures(await timer.time(fn, { before: opts.flush }), bytes);
+    } else if (rs > 1) {
+      let i = 0;
+      entry.cold = figures(
+        await timer.time(() => {
+          const r = replicas[i++ % rs];
+          r.opt.step(r.grads);
+        }),
+        bytes,
+      );
+    }
     if (guard) step.guardOn = entry;
     else step.guardOff = entry;
-    opt.dispose();
+    replicas.forEach((r) => r.opt.dispose());
     await sync();
   }
+  copies.forEach((c) => c.dispose());
 
   const mm = Math.max(0, refreshT.ms - emptyT.ms);
   const pick = (f: { cold?: KernelFigures; warm: KernelFigures }) => (f.cold ?? f.warm).timing.ms;
@@ -340,6 +398,7 @@ export async function measureWorkload(
     factors,
     minMaxEma: { ms: mm, refreshStepMs: refreshT.ms, emptyStepMs: emptyT.ms, entries: wl.factorEntries },
     step,
+    rotation: { factorCopies: cold && !opts.flush ? rf : 1, stepCopies: opts.flush ? 1 : rs },
     wholeMs: pick(factors as { cold?: KernelFigures; warm: KernelFigures }) + mm + pick(step.guardOn),
   };
 }
