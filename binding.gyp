@@ -7,6 +7,7 @@
         "native/glue.cc",
         "native/buffer_wrap.cc",
         "native/optimizer_wrap.cc",
+        "native/timing_wrap.cc",
         "native/core/cpu_backend.cc",
         "native/core/optimizer.cc",
         "native/core/thread_pool.cc",

@@ -251,6 +251,40 @@ void CudaBackend::Synchronize() {
   if (error != cudaSuccess) ThrowCudaError(error, __FILE__, __LINE__);
 }
 
+// Timing marks are CUDA events (with timing) recorded on the backend's stream.
+void* CudaBackend::CreateTimingMark() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  cudaEvent_t event = nullptr;
+  ADAFISHER_CUDA_CHECK(cudaEventCreate(&event));
+  live_.fetch_add(1, std::memory_order_relaxed);
+  return event;
+}
+
+void CudaBackend::RecordTimingMark(void* mark) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  ADAFISHER_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(mark), stream_));
+}
+
+double CudaBackend::ElapsedMs(void* from, void* to) {
+  // Waiting on an event needs no lock: other threads may keep queueing work meanwhile.
+  Activate();
+  ADAFISHER_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(from)));
+  ADAFISHER_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(to)));
+  float ms = 0.0f;
+  ADAFISHER_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(from), static_cast<cudaEvent_t>(to)));
+  return ms;
+}
+
+void CudaBackend::DestroyTimingMark(void* mark) noexcept {
+  if (mark == nullptr) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (cudaSetDevice(device_) == cudaSuccess) cudaEventDestroy(static_cast<cudaEvent_t>(mark));
+  cudaGetLastError();
+  live_.fetch_sub(1, std::memory_order_relaxed);
+}
+
 void* CudaBackend::Scratch(size_t bytes) {
   if (bytes <= scratch_bytes_) return scratch_;
   // Kernels still queued may use the old buffer.

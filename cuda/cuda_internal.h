@@ -57,6 +57,10 @@ class CudaBackend final : public Backend {
   void Fill(float* dst, float value, size_t count) override;
   // Thread-safe, lock-free: see NOTE: [cuda threading] in cuda_backend.h.
   void Synchronize() override;
+  void* CreateTimingMark() override;
+  void RecordTimingMark(void* mark) override;
+  double ElapsedMs(void* from, void* to) override;
+  void DestroyTimingMark(void* mark) noexcept override;
   size_t LiveAllocations() const override { return live_.load(std::memory_order_relaxed); }
 
   void MeanSquareFactor(const float* x, index_t outer, index_t kept, index_t inner, double count, bool has_appended,

@@ -1,5 +1,5 @@
 // Backend selection and device buffers.
-import { binding, loadBinding, type NativeBackendName, type NativeDeviceBuffer } from './binding.js';
+import { binding, loadBinding, type NativeBackendName, type NativeDeviceBuffer, type NativeTimingEvent } from './binding.js';
 import { codedError, ErrorCodes, typeError } from './errors.js';
 import { checkInteger, checkOneOf } from './validate.js';
 
@@ -133,7 +133,31 @@ export function synchronize(backend: BackendName = 'auto'): Promise<void> {
   return binding().synchronize(resolveBackend(backend));
 }
 
-/** Number of live native allocations of a backend (buffers, optimizer state). */
+/**
+ * A mark on a backend's queue for timing device work: a CUDA event on `cuda` (device
+ * time, not host time), the host clock on `cpu` (whose calls finish before they return).
+ * `record()` places it after everything submitted so far; `a.elapsedMs(b)` is the time from
+ * mark `a` to mark `b` in milliseconds. elapsedMs waits until the backend has reached both
+ * marks: call it after `await synchronize()` to keep the event loop free.
+ */
+export type TimingEvent = NativeTimingEvent;
+
+/**
+ * Creates a TimingEvent on a backend.
+ * @param options.backend 'auto' (default), 'cpu' or 'cuda'.
+ * @example
+ * const [start, end] = [createTimingEvent({ backend: 'cuda' }), createTimingEvent({ backend: 'cuda' })];
+ * start.record();
+ * optimizer.step(grads);
+ * end.record();
+ * await synchronize('cuda');
+ * start.elapsedMs(end); // milliseconds of device time
+ */
+export function createTimingEvent(options: { backend?: BackendName } = {}): TimingEvent {
+  return new (binding().TimingEvent)(resolveBackend(options.backend));
+}
+
+/** Number of live native allocations of a backend (buffers, optimizer state, timing events). */
 export function liveAllocations(backend: NativeBackendName = 'cpu'): number {
   return binding().liveAllocations(backend);
 }

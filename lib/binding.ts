@@ -73,6 +73,15 @@ export interface NativeDeviceBuffer {
 
 export type NativeTensorArg = Float32Array | NativeDeviceBuffer;
 
+export interface NativeTimingEvent {
+  readonly backend: NativeBackendName;
+  readonly disposed: boolean;
+  readonly recorded: boolean;
+  record(): void;
+  elapsedMs(end: NativeTimingEvent): number;
+  dispose(): void;
+}
+
 export interface NativeOptimizer {
   readonly steps: number;
   readonly disposed: boolean;
@@ -116,6 +125,7 @@ export interface NativeBinding {
     layers: NativeLayer[],
     tensors: NativeTensor[],
   ) => NativeOptimizer;
+  TimingEvent: new (backend: NativeBackendName) => NativeTimingEvent;
 }
 
 /** The package root (holds package.json), from dist/lib/ or lib/. */

@@ -17,8 +17,8 @@ export type {
   Tensor,
   WeightLayoutName,
 } from './optimizer.js';
-export { backendInfo, createBuffer, isDeviceBuffer, liveAllocations, resolveBackend, synchronize } from './backend.js';
-export type { BackendName, BackendReport, DeviceBuffer } from './backend.js';
+export { backendInfo, createBuffer, createTimingEvent, isDeviceBuffer, liveAllocations, resolveBackend, synchronize } from './backend.js';
+export type { BackendName, BackendReport, DeviceBuffer, TimingEvent } from './backend.js';
 export { ErrorCodes } from './errors.js';
 export type { ErrorCode } from './errors.js';
 export { GoldenFormatError, readGolden, replayGolden, validateGolden } from './replay.js';

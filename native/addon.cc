@@ -3,6 +3,7 @@
 
 #include "buffer_wrap.h"
 #include "glue.h"
+#include "timing_wrap.h"
 
 #ifndef ADAFISHER_VERSION
 #define ADAFISHER_VERSION "unknown"
@@ -22,6 +23,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
   exports.Set("DeviceBuffer", BufferWrap::Init(env));
   exports.Set("NativeOptimizer", InitOptimizer(env));
+  exports.Set("TimingEvent", TimingEventWrap::Init(env));
   return exports;
 }
 

@@ -1,7 +1,20 @@
-// Backend selection (option, ADAFISHER_BACKEND, auto) and DeviceBuffers of every usable backend.
+// Backend selection (option, ADAFISHER_BACKEND, auto), and DeviceBuffers and TimingEvents of
+// every usable backend.
 import { afterEach, beforeEach, describe, expect, test } from 'vitest';
 
-import { AdaFisher, backendInfo, createBuffer, ErrorCodes, isDeviceBuffer, liveAllocations, type LayerSpec, type Tensor } from '../lib/index.js';
+import {
+  AdaFisher,
+  backendInfo,
+  createBuffer,
+  createTimingEvent,
+  ErrorCodes,
+  isDeviceBuffer,
+  liveAllocations,
+  synchronize,
+  type LayerSpec,
+  type Tensor,
+  type TimingEvent,
+} from '../lib/index.js';
 import { assertBitIdentical, assertSnapshotsIdentical, expectThrows, hostCopy, paramsOf, Rng, snapshot } from './helpers.js';
 
 const saved = process.env.ADAFISHER_BACKEND;
@@ -206,5 +219,61 @@ describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('Dev
     });
     assertBitIdentical(results[1], results[0], 'weight');
     expect(results[0][0]).not.toBe(w[0]);
+  });
+});
+
+describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('TimingEvent (%s backend)', (backend) => {
+  test('measures the work queued between two marks, within the host time around it', async () => {
+    const start = createTimingEvent({ backend });
+    const end = createTimingEvent({ backend });
+    expect([start.backend, start.recorded, start.disposed]).toEqual([backend, false, false]);
+    const big = createBuffer(1 << 24, { backend });
+    const t0 = performance.now();
+    start.record();
+    for (let i = 0; i < 8; ++i) big.fill(i);
+    end.record();
+    await synchronize(backend);
+    const wall = performance.now() - t0;
+    expect([start.recorded, end.recorded]).toEqual([true, true]);
+    const ms = start.elapsedMs(end);
+    expect(ms).toBeGreaterThan(0);
+    expect(ms).toBeLessThanOrEqual(wall + 0.5);
+    expect(end.elapsedMs(start)).toBeCloseTo(-ms, 3);
+    // Recording again moves the mark: nothing queued in between.
+    start.record();
+    end.record();
+    await synchronize(backend);
+    expect(start.elapsedMs(end)).toBeLessThan(ms);
+    assertBitIdentical(big.download().subarray(0, 4), new Float32Array(4).fill(7), 'the timed fills ran');
+    for (const x of [big, start, end]) x.dispose();
+  });
+
+  test('bad use is a clear error: unrecorded, not a TimingEvent, disposed, another backend', () => {
+    const a = createTimingEvent({ backend });
+    const b = createTimingEvent({ backend });
+    expectThrows(() => a.elapsedMs(b), { cls: RangeError, message: /Expected a recorded TimingEvent \(call record\(\) first\) but this one was never recorded/, code: ErrorCodes.invalidArgument });
+    a.record();
+    expectThrows(() => a.elapsedMs(b), { cls: RangeError, message: /Expected a recorded TimingEvent for end .* but received one that was never recorded/, code: ErrorCodes.invalidArgument });
+    const buf = createBuffer(1, { backend });
+    expectThrows(() => a.elapsedMs(buf as unknown as TimingEvent), { cls: TypeError, message: /Expected a TimingEvent for end but received/, code: ErrorCodes.invalidArgument });
+    expectThrows(() => Reflect.apply(Object.getPrototypeOf(a).record, buf, []), { cls: TypeError, message: /Illegal receiver: expected a TimingEvent/ });
+    buf.dispose();
+    expectThrows(() => createTimingEvent({ backend: 'gpu' as never }), { cls: RangeError, message: /Expected one of 'auto', 'cpu', 'cuda' for options.backend/ });
+    b.dispose();
+    b.dispose();
+    expect(b.disposed).toBe(true);
+    expectThrows(() => b.record(), { cls: Error, message: /TimingEvent already disposed\./, code: ErrorCodes.disposed });
+    expectThrows(() => a.elapsedMs(b), { cls: Error, message: /TimingEvent already disposed \(end\)/, code: ErrorCodes.disposed });
+    const other = backend === 'cuda' ? 'cpu' : cudaUsable ? 'cuda' : undefined;
+    if (other) {
+      const c = createTimingEvent({ backend: other });
+      c.record();
+      expectThrows(() => a.elapsedMs(c), { cls: Error, message: new RegExp(`Expected a TimingEvent of the ${backend} backend for end but received one of the ${other} backend`), code: ErrorCodes.foreignBuffer });
+      c.dispose();
+    }
+    // Each live event is one native allocation of its backend, released by dispose.
+    const live = liveAllocations(backend);
+    a.dispose();
+    expect(liveAllocations(backend)).toBe(live - 1);
   });
 });

@@ -116,7 +116,16 @@ class Backend {
   virtual void Copy(float* dst, const float* src, size_t count) = 0;
   virtual void Fill(float* dst, float value, size_t count) = 0;
   virtual void Synchronize() = 0;
-  virtual size_t LiveAllocations() const = 0;
+  virtual size_t LiveAllocations() const = 0;  // buffers and timing marks not yet released
+
+  // Timing marks (CUDA events; on the CPU backend, whose calls are done when they return,
+  // the host clock). Record puts the mark on the backend's queue after all work submitted
+  // so far; ElapsedMs waits until both marks are reached and returns the milliseconds from
+  // `from` to `to`. Both must have been recorded (the glue checks).
+  virtual void* CreateTimingMark() = 0;  // throws on failure
+  virtual void RecordTimingMark(void* mark) = 0;
+  virtual double ElapsedMs(void* from, void* to) = 0;
+  virtual void DestroyTimingMark(void* mark) noexcept = 0;
 
   // Fresh factors. x is viewed as [outer, kept, inner]; each writes `kept` (+1) floats.
   // out[b] = sum_{a,c} x[a,b,c]^2 / count; with has_appended, out[kept] = appended.

@@ -2,6 +2,7 @@
 // compiler vectorizes. Reductions accumulate in double and combine per-task partials in
 // task order, so results do not depend on the number of threads.
 #include <algorithm>
+#include <chrono>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -320,6 +321,25 @@ class CpuBackend final : public Backend {
       }
     }
     if (has_bias) out[K] = static_cast<float>(s.groups);
+  }
+
+  void* CreateTimingMark() override {
+    void* mark = new std::chrono::steady_clock::time_point();
+    live_.fetch_add(1, std::memory_order_relaxed);
+    return mark;
+  }
+  void RecordTimingMark(void* mark) override {
+    *static_cast<std::chrono::steady_clock::time_point*>(mark) = std::chrono::steady_clock::now();
+  }
+  double ElapsedMs(void* from, void* to) override {
+    using Clock = std::chrono::steady_clock;
+    return std::chrono::duration<double, std::milli>(*static_cast<Clock::time_point*>(to) -
+                                                     *static_cast<Clock::time_point*>(from))
+        .count();
+  }
+  void DestroyTimingMark(void* mark) noexcept override {
+    delete static_cast<std::chrono::steady_clock::time_point*>(mark);
+    live_.fetch_sub(1, std::memory_order_relaxed);
   }
 
   bool Step(const StepRequest& r) override {

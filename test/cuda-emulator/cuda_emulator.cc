@@ -39,6 +39,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -74,6 +75,9 @@ struct Stream {
 struct Event {
   Stream* stream = nullptr;
   uint64_t position = 0;
+  unsigned flags = 0;
+  bool recorded = false;
+  double stamp_ms = 0;  // host clock when its stream reached it (cudaEventElapsedTime)
 };
 
 namespace {
@@ -888,10 +892,11 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   cuda_emu::Flush(s, s->enqueued);
   return cuda_emu::g_sticky;
 }
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned /*flags*/) {
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
   Lock lock(g_mutex);
   if (event == nullptr) return cuda_emu::Record(cudaErrorInvalidValue);
   *event = new cuda_emu::Event();
+  (*event)->flags = flags;
   cuda_emu::g_events.insert(*event);
   return cudaSuccess;
 }
@@ -907,6 +912,13 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   cuda_emu::Stream* s = cuda_emu::Resolve(stream);
   if (cuda_emu::g_events.count(event) == 0 || s == nullptr) return cuda_emu::Record(cudaErrorInvalidResourceHandle);
   event->stream = s;
+  event->recorded = true;
+  // The time stamp is taken when the stream gets there (a destroyed event is skipped).
+  cuda_emu::Enqueue(s, [event] {
+    if (cuda_emu::g_events.count(event) != 0) {
+      event->stamp_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+    }
+  });
   event->position = s->enqueued;
   return cuda_emu::g_sticky;
 }
@@ -922,8 +934,19 @@ cudaError_t cudaEventQuery(cudaEvent_t event) {
   if (event->stream != nullptr && event->stream->executed < event->position) return cudaErrorNotReady;
   return cuda_emu::g_sticky;
 }
-cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t /*start*/, cudaEvent_t /*end*/) {
+// As documented for the runtime: an unknown, never-recorded or timing-disabled event is
+// cudaErrorInvalidResourceHandle; one its stream has not reached yet, cudaErrorNotReady.
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  Lock lock(g_mutex);
   if (ms == nullptr) return cuda_emu::Record(cudaErrorInvalidValue);
-  *ms = 0.0f;
-  return cudaSuccess;
+  for (cudaEvent_t e : {start, end}) {
+    if (cuda_emu::g_events.count(e) == 0 || !e->recorded || (e->flags & cudaEventDisableTiming) != 0) {
+      return cuda_emu::Record(cudaErrorInvalidResourceHandle);
+    }
+  }
+  for (cudaEvent_t e : {start, end}) {
+    if (e->stream != nullptr && e->stream->executed < e->position) return cudaErrorNotReady;
+  }
+  *ms = static_cast<float>(end->stamp_ms - start->stamp_ms);
+  return cuda_emu::g_sticky;
 }

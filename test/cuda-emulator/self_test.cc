@@ -186,6 +186,29 @@ void TestDeferredStreams() {
         not_ready && pinned[0] == 7.0f && after_event == 7.0f && after_sync == 9.0f,
         std::to_string(pinned[0]) + " " + std::to_string(after_event) + " " + std::to_string(after_sync));
 
+  // Elapsed time between two events, with the runtime's errors: not reached yet is
+  // cudaErrorNotReady; never recorded or timing disabled is cudaErrorInvalidResourceHandle.
+  cudaEvent_t t0, t1, never;
+  cudaEventCreate(&t0);
+  cudaEventCreate(&t1);
+  cudaEventCreate(&never);
+  cudaEventRecord(t0, s);
+  cuda_emu::Launch("WriteKernel", WriteKernel, 1, 8, 0, s)(d, 11.0f);
+  cudaEventRecord(t1, s);
+  float ms = -1.0f, unused = 0.0f;
+  const cudaError_t early = cudaEventElapsedTime(&ms, t0, t1);
+  cudaEventSynchronize(t1);
+  const cudaError_t reached = cudaEventElapsedTime(&ms, t0, t1);
+  const cudaError_t unrecorded = cudaEventElapsedTime(&unused, t0, never);
+  const cudaError_t untimed = cudaEventElapsedTime(&unused, t0, e);
+  cudaGetLastError();
+  Check("events: elapsed time once both are reached, the runtime's errors otherwise",
+        early == cudaErrorNotReady && reached == cudaSuccess && ms >= 0.0f &&
+            unrecorded == cudaErrorInvalidResourceHandle && untimed == cudaErrorInvalidResourceHandle,
+        std::string(cudaGetErrorName(early)) + " " + cudaGetErrorName(reached) + " " + std::to_string(ms) + " " +
+            cudaGetErrorName(unrecorded) + " " + cudaGetErrorName(untimed));
+  for (cudaEvent_t x : {t0, t1, never}) cudaEventDestroy(x);
+
   // A pageable source is copied at the call: changing it afterwards changes nothing.
   std::vector<float> host(8, 3.0f);
   cudaMemcpyAsync(d, host.data(), 8 * sizeof(float), cudaMemcpyHostToDevice, s);
