@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { beforeAll, expect, test } from 'vitest';
 
+import { loadBinding } from '../lib/binding.js';
 import { ensureDist, repoRoot } from './workers/ensure-dist.js';
 
 beforeAll(() => ensureDist());
@@ -42,6 +43,20 @@ test(`${CALLS} random calls into the native binding (${BACKEND} backend): each s
     const report = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}');
     console.log(`fuzz: ${report.calls} calls on ${report.backend} in ${report.seconds}s, seed ${SEED}, live allocations ${report.liveAllocations.start} -> ${report.liveAllocations.end}`);
     expect(report.calls).toBeGreaterThanOrEqual(CALLS);
+    // Every entry point the binding exports was called: module functions, constructors, and
+    // each method and getter of each class (read from the binding, so a new one counts).
+    const entryPoints: string[] = [];
+    for (const [name, value] of Object.entries(loadBinding().binding)) {
+      if (typeof value !== 'function') continue;
+      if (!/^[A-Z]/.test(name)) {
+        entryPoints.push(name);
+        continue;
+      }
+      entryPoints.push(`new ${name}`, ...Object.getOwnPropertyNames(value.prototype).filter((p) => p !== 'constructor').map((p) => `${name}.${p}`));
+    }
+    const entries = report.entries as Record<string, { calls: number; succeeded: number }>;
+    expect(entryPoints.length).toBeGreaterThan(30);
+    expect(entryPoints.filter((e) => !(entries[e]?.calls > 0)), 'entry points the fuzz run never called').toEqual([]);
     expect(report.findings, `${replay}\n${JSON.stringify(report.findings, null, 2)}`).toEqual([]);
     expect(r.status).toBe(0);
   } finally {

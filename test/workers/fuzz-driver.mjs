@@ -50,7 +50,7 @@ const { binding: b, path: addonPath } = loadBinding();
 if (process.env.ADAFISHER_ADDON && addonPath !== resolve(process.env.ADAFISHER_ADDON)) {
   throw new Error(`loaded ${addonPath}, not ADAFISHER_ADDON=${process.env.ADAFISHER_ADDON}`);
 }
-const { DeviceBuffer, NativeOptimizer } = b;
+const { DeviceBuffer, NativeOptimizer, TimingEvent } = b;
 const BACKEND = opts.backend;
 const USABLE = new Set(['cpu', ...(b.backendInfo().cudaUsable ? ['cuda'] : [])]);
 if (!USABLE.has(BACKEND)) throw new Error(`--backend ${BACKEND} is not usable with ${addonPath}`);
@@ -76,7 +76,7 @@ const KNOWN_CRASHES = {
   // native/buffer_wrap.cc / native/optimizer_wrap.cc InstanceAccessor getters: V8 does not
   // check their receiver, so a getter called on the other class's instance unwraps it as the
   // wrong C++ type (type confusion; the optimizer's `backend` getter on a DeviceBuffer segfaults).
-  accessorConfusion: (self, cls) => isA(self, cls === DeviceBuffer ? NativeOptimizer : DeviceBuffer),
+  accessorConfusion: (self, cls) => [DeviceBuffer, NativeOptimizer, TimingEvent].some((C) => C !== cls && isA(self, C)),
 };
 const avoided = { divByOverflow: 0, layerOverflow: 0, reentrantDetach: 0, accessorConfusion: 0 };
 
@@ -257,12 +257,13 @@ class World {
     this.opts = []; // { opt, model, params, state }
     this.disposedBuffers = [];
     this.disposedOpts = [];
+    this.events = []; // TimingEvents made by the calls (disposed at the end of the run)
   }
 
   // A value of any kind; `hint` makes valid-looking ones likelier.
   any() {
     const g = this.g;
-    switch (g(fc.integer, { min: 0, max: 22 })) {
+    switch (g(fc.integer, { min: 0, max: 24 })) {
       case 0: return g(fc.constantFrom, undefined, null, true, false);
       case 1: return g(fc.constantFrom, ...HUGE);
       case 2: return g(fc.constantFrom, ...ODD_NUMBERS);
@@ -287,6 +288,8 @@ class World {
       case 18: return tag(new Proxy({}, { get: hostile, has: hostile, ownKeys: hostile, getPrototypeOf: hostile }), 'hostile proxy');
       case 19: return tag(new Proxy([1, 2], {}), 'array proxy');
       case 20: return tag(new Proxy(new Float32Array(4), {}), 'Float32Array proxy');
+      case 22: return this.events.length ? tag(this.events[g(fc.integer, { min: 0, max: this.events.length - 1 })], 'TimingEvent') : null;
+      case 23: return tag(Object.create(TimingEvent.prototype), 'Object.create(TimingEvent.prototype)');
       case 21: {
         class Sub extends DeviceBuffer {}
         const sub = new Sub(BACKEND, 2);
@@ -420,8 +423,11 @@ function sameSnapshot(a, b) {
   return a.params.every((p, i) => p === null || b.params[i] === null || bytesEqual(p, b.params[i]));
 }
 
+const entryCalls = new Map(); // entry point -> calls made
+const entryOk = new Map(); // entry point -> calls that succeeded (and passed their check)
 function call(world, entryName, fn, check, desc) {
   calls++;
+  entryCalls.set(entryName, (entryCalls.get(entryName) ?? 0) + 1);
   if (logFd >= 0) writeSync(logFd, `${calls} ${entryName} ${desc()}\n`);
   const before = world.opts.map(snapshot);
   let result;
@@ -438,6 +444,7 @@ function call(world, entryName, fn, check, desc) {
   try {
     const problem = check?.(result, before);
     if (problem) finding('wrong result', entryName, problem, desc());
+    else entryOk.set(entryName, (entryOk.get(entryName) ?? 0) + 1);
   } catch (e) {
     finding('check threw', entryName, `${e?.constructor?.name} ${e?.message}`, desc());
   }
@@ -448,7 +455,7 @@ function fuzzOne(world) {
   const g = world.g;
   const pickBuf = () => world.buffers.length ? world.buffers[g(fc.integer, { min: 0, max: world.buffers.length - 1 })] : undefined;
   const pickOpt = () => world.opts.length ? world.opts[g(fc.integer, { min: 0, max: world.opts.length - 1 })] : undefined;
-  const op = g(fc.integer, { min: 0, max: 21 });
+  const op = g(fc.integer, { min: 0, max: 25 });
   switch (op) {
     case 0: { // new DeviceBuffer(backend, lengthOrData)
       const backend = world.maybe(BACKEND);
@@ -472,7 +479,7 @@ function fuzzOne(world) {
       const n = e ? g(fc.integer, { min: 0, max: e.buf.length + 1 }) : 2;
       const data = world.maybe(randomF32(g, n));
       const offset = g(fc.boolean) ? undefined : world.maybe(g(fc.integer, { min: 0, max: (e?.buf.length ?? 2) + 1 }));
-      call(world, 'upload', () => DeviceBuffer.prototype.upload.call(self, data, offset), () => {
+      call(world, 'DeviceBuffer.upload', () => DeviceBuffer.prototype.upload.call(self, data, offset), () => {
         if (otherReal(self, e) && isF32(data)) {
           // `maybe` swapped in another live buffer: that one's shadow changes instead.
           const other = world.buffers.find((b) => b.buf === self);
@@ -489,7 +496,7 @@ function fuzzOne(world) {
       const e = pickBuf();
       const self = e ? world.maybe(e.buf) : world.any();
       const into = g(fc.boolean) ? undefined : world.maybe(new Float32Array(e?.buf.length ?? 0));
-      call(world, 'download', () => DeviceBuffer.prototype.download.call(self, into), (out) => {
+      call(world, 'DeviceBuffer.download', () => DeviceBuffer.prototype.download.call(self, into), (out) => {
         if (otherReal(self, e)) return;
         if (self !== e?.buf) return 'accepted a bad receiver';
         if (into !== undefined && out !== into) return 'did not return `into`';
@@ -501,7 +508,7 @@ function fuzzOne(world) {
       const e = pickBuf();
       const self = e ? world.maybe(e.buf) : world.any();
       const v = world.maybe(g(fc.constantFrom, 0, 1.5, -2, NaN, Infinity, 1e40));
-      call(world, 'fill', () => DeviceBuffer.prototype.fill.call(self, v), () => {
+      call(world, 'DeviceBuffer.fill', () => DeviceBuffer.prototype.fill.call(self, v), () => {
         if (otherReal(self, e) && typeof v === 'number') {
           world.buffers.find((b) => b.buf === self)?.shadow.fill(v);
           return;
@@ -582,7 +589,7 @@ function fuzzOne(world) {
       const layer = world.maybe(layerIdx);
       if (opts.avoid && KNOWN_CRASHES.divByOverflow(shape)) return void avoided.divByOverflow++;
       const method = grad ? 'recordOutputGrad' : 'recordInput';
-      call(world, method, () => NativeOptimizer.prototype[method].call(self, layer, data, shape), () => {
+      call(world, `NativeOptimizer.${method}`, () => NativeOptimizer.prototype[method].call(self, layer, data, shape), () => {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
       }, () => `${describe(self)}.${method}(${describe(layer)}, ${describe(data)}, ${describe(shape)})`);
@@ -597,7 +604,7 @@ function fuzzOne(world) {
       const data = world.tensor(n);
       const self = e ? world.maybe(e.opt) : world.any();
       const layer = world.maybe(layerIdx);
-      call(world, 'setFactor', () => NativeOptimizer.prototype.setFactor.call(self, layer, which, data), () => {
+      call(world, 'NativeOptimizer.setFactor', () => NativeOptimizer.prototype.setFactor.call(self, layer, which, data), () => {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
       }, () => `${describe(self)}.setFactor(${describe(layer)}, ${describe(which)}, ${describe(data)})`);
@@ -637,7 +644,7 @@ function fuzzOne(world) {
         }
       }
       const snap = e && self === e.opt ? snapshot(e) : null;
-      call(world, 'step', () => NativeOptimizer.prototype.step.call(self, params, grads), (r) => {
+      call(world, 'NativeOptimizer.step', () => NativeOptimizer.prototype.step.call(self, params, grads), (r) => {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
         if (typeof r?.applied !== 'boolean' || typeof r?.refreshed !== 'boolean') return `result ${describe(r)}`;
@@ -656,7 +663,7 @@ function fuzzOne(world) {
       const exported = e && !e.opt.disposed ? e.opt.exportState() : { steps: 0, stepCounts: [], momenta: [], factors: new Float32Array(0) };
       const state = world.mutate(g(fc.boolean) ? exported : { ...exported, momenta: world.mutate(exported.momenta), stepCounts: world.mutate(exported.stepCounts) });
       const fresh = e && self === e.opt && state === exported;
-      call(world, 'importState', () => NativeOptimizer.prototype.importState.call(self, state), () => {
+      call(world, 'NativeOptimizer.importState', () => NativeOptimizer.prototype.importState.call(self, state), () => {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
         if (fresh && !sameSnapshot({ s: exported, params: [] }, { s: e.opt.exportState(), params: [] })) return 'round trip changed state';
@@ -683,17 +690,74 @@ function fuzzOne(world) {
       world.disposedOpts.push(e.opt);
       return;
     }
+    case 21: { // new TimingEvent(backend)
+      const backend = world.maybe(BACKEND);
+      const r = call(world, 'new TimingEvent', () => new TimingEvent(backend), (ev) => {
+        if (!USABLE.has(backend)) return `accepted backend ${describe(backend)}`;
+        if (ev.backend !== backend || ev.disposed || ev.recorded) return 'bad fresh TimingEvent';
+      }, () => `(${describe(backend)})`);
+      if (r.ok && isA(r.result, TimingEvent)) world.events.push(r.result);
+      return;
+    }
+    case 22: { // record / elapsedMs / dispose of TimingEvent, on any receiver
+      // Mostly recorded, live events for elapsedMs, so that it also succeeds.
+      const name = g(fc.constantFrom, 'record', 'record', 'elapsedMs', 'elapsedMs', 'dispose');
+      const recorded = world.events.filter((x) => x.recorded && !x.disposed);
+      const pool = name === 'elapsedMs' && recorded.length && g(fc.integer, { min: 0, max: 3 }) > 0 ? recorded : world.events;
+      const pick = () => (pool.length ? pool[g(fc.integer, { min: 0, max: pool.length - 1 })] : undefined);
+      const ev = pick();
+      const self = ev ? world.maybe(ev) : world.any();
+      const end = name === 'elapsedMs' ? world.maybe(pick()) : undefined;
+      const live = (x) => isA(x, TimingEvent) && world.events.includes(x) && !x.disposed;
+      call(world, `TimingEvent.${name}`, () => TimingEvent.prototype[name].call(self, end), (v) => {
+        if (!isA(self, TimingEvent) || !world.events.includes(self)) return `accepted receiver ${describe(self)}`;
+        if (name !== 'dispose' && self.disposed) return 'used a disposed TimingEvent';
+        if (name === 'record' && !self.recorded) return 'not recorded after record()';
+        if (name === 'dispose' && !self.disposed) return 'still alive after dispose';
+        if (name === 'elapsedMs') {
+          if (!live(end) || !self.recorded || !end.recorded || end.backend !== self.backend) return `accepted end ${describe(end)}`;
+          if (typeof v !== 'number' || !Number.isFinite(v)) return `elapsedMs ${describe(v)}`;
+        }
+      }, () => `${describe(self)}.${name}(${describe(end)})`);
+      return;
+    }
+    case 23: { // getters of TimingEvent, on any receiver
+      const self = world.events.length && g(fc.boolean) ? world.events[0] : world.any();
+      const name = g(fc.constantFrom, 'backend', 'disposed', 'recorded');
+      const get = Object.getOwnPropertyDescriptor(TimingEvent.prototype, name).get;
+      if (opts.avoid && KNOWN_CRASHES.accessorConfusion(self, TimingEvent)) return void avoided.accessorConfusion++;
+      call(world, `TimingEvent.${name}`, () => get.call(self), (v) => {
+        if (!isA(self, TimingEvent) || !world.events.includes(self)) return `returned ${describe(v)} for a foreign receiver`;
+      }, () => `get ${name} of ${describe(self)}`);
+      return;
+    }
+    case 24: { // copyFrom: a source of the same length most of the time
+      const e = pickBuf();
+      const self = e ? world.maybe(e.buf) : world.any();
+      const same = world.buffers.filter((x) => x.buf.length === e?.buf.length);
+      const s0 = same.length && g(fc.boolean) ? same[g(fc.integer, { min: 0, max: same.length - 1 })] : pickBuf();
+      const src = world.maybe(s0?.buf);
+      call(world, 'DeviceBuffer.copyFrom', () => DeviceBuffer.prototype.copyFrom.call(self, src), () => {
+        const dst = world.buffers.find((x) => x.buf === self);
+        const from = world.buffers.find((x) => x.buf === src);
+        if (!dst || !from) return realBuffers.has(self) && realBuffers.has(src) ? undefined : `accepted ${describe(self)}.copyFrom(${describe(src)})`;
+        if (dst.buf.disposed || from.buf.disposed || dst.buf.length !== from.buf.length) return 'accepted a disposed or mismatched buffer';
+        dst.shadow.set(from.shadow);
+        if (!bytesEqual(dst.buf.download(), dst.shadow)) return 'contents differ after copyFrom';
+      }, () => `${describe(self)}.copyFrom(${describe(src)})`);
+      return;
+    }
     case 20: { // constructors called without new / on odd receivers
-      const C = g(fc.constantFrom, DeviceBuffer, NativeOptimizer);
+      const C = g(fc.constantFrom, DeviceBuffer, NativeOptimizer, TimingEvent);
       const args = [world.any(), world.any(), world.any(), world.any()];
       call(world, `${C.name}()`, () => C(...args), () => 'a class constructor ran without new', () => `${C.name}(${args.map((a) => describe(a)).join(', ')})`);
       return;
     }
     default: { // Reflect.construct with arbitrary argument lists
-      const C = g(fc.constantFrom, DeviceBuffer, NativeOptimizer);
+      const C = g(fc.constantFrom, DeviceBuffer, NativeOptimizer, TimingEvent);
       const args = g(fc.array, fc.constant(0), { maxLength: 5 }).map(() => world.any());
       const r = call(world, `new ${C.name}(any)`, () => Reflect.construct(C, args), (o) => {
-        if (C === DeviceBuffer && !USABLE.has(args[0])) return `accepted backend ${describe(args[0])}`;
+        if (C !== NativeOptimizer && !USABLE.has(args[0])) return `accepted backend ${describe(args[0])}`;
       }, () => `new ${C.name}(${args.map((a) => describe(a)).join(', ')})`);
       if (r.ok) r.result.dispose();
     }
@@ -718,6 +782,7 @@ fc.assert(
       }
     }
     for (const { buf } of world.buffers) buf.dispose();
+    for (const ev of world.events) ev.dispose();
     for (const { opt, params } of world.opts) {
       opt.dispose();
       for (const p of params) if (!(p instanceof Float32Array)) p.dispose();
@@ -740,6 +805,7 @@ const report = {
   calls,
   seconds: (Date.now() - t0) / 1000,
   liveAllocations: { start: startLive, end: endLive },
+  entries: Object.fromEntries([...entryCalls].sort().map(([k, n]) => [k, { calls: n, succeeded: entryOk.get(k) ?? 0 }])),
   avoided: opts.avoid ? avoided : undefined,
   findings: [...findings].map(([signature, { count, example }]) => ({ signature, count, example })),
 };
