@@ -6,7 +6,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const api = await import(pathToFileURL(join(root, 'dist', 'lib', 'index.js')).href);
-const { AdaFisher, createBuffer, liveAllocations } = api;
+const { AdaFisher, createBuffer, createTimingEvent, liveAllocations } = api;
 const CYCLES = Number(process.argv[2] ?? 10000);
 // The backend under test: ADAFISHER_BACKEND (cuda on a GPU or the CUDA host emulator), else cpu.
 const BACKEND = (process.env.ADAFISHER_BACKEND || 'cpu').toLowerCase();
@@ -17,9 +17,11 @@ const dy = new Float32Array(batch * outF).fill(0.25);
 const gw = new Float32Array(inF * outF).fill(1e-3);
 const gb = new Float32Array(outF).fill(1e-3);
 
-// One optimizer over a 64x64 linear layer (16 KiB weight, momenta and factors native) and
-// two device buffers, all created, used and disposed.
+// One optimizer over a 64x64 linear layer (16 KiB weight, momenta and factors native), two
+// device buffers and a timing event, all created, used and disposed.
 function cycle() {
+  const t = createTimingEvent({ backend: BACKEND });
+  t.record();
   const w = createBuffer(inF * outF, { backend: BACKEND });
   const b = new Float32Array(outF);
   const opt = new AdaFisher([{ kind: 'linear', inFeatures: inF, outFeatures: outF, weight: w, bias: b }], { backend: BACKEND });
@@ -34,11 +36,15 @@ function cycle() {
   buf.dispose();
   opt.dispose();
   w.dispose();
+  t.record();
+  t.elapsedMs(t);
+  t.dispose();
 }
 
-// Left to the GC: buffers and optimizers that are never disposed.
+// Left to the GC: buffers, optimizers and timing events that are never disposed.
 function abandon() {
   createBuffer(inF * outF, { backend: BACKEND }).fill(1);
+  createTimingEvent({ backend: BACKEND }).record();
   const w = new Float32Array(inF * outF);
   const opt = new AdaFisher([{ kind: 'linear', inFeatures: inF, outFeatures: outF, weight: w }], { backend: BACKEND });
   opt.recordInput(0, x, [batch, inF]);
@@ -62,7 +68,7 @@ const mb = (b) => Math.round((b / 2 ** 20) * 10) / 10;
 
 const out = { backend: BACKEND };
 const start = liveAllocations(BACKEND);
-for (let i = 0; i < 1000; i++) cycle(); // warm up: JIT, allocator arenas, V8 heap sizing
+for (let i = 0; i < 10000; i++) cycle(); // warm up: JIT, allocator arenas, V8 heap sizing (see the test)
 await settle();
 out.baseline = { rssMB: mb(rss()), live: liveAllocations(BACKEND), start };
 for (let i = 0; i < CYCLES / 2; i++) cycle();
