@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { AdaFisher, createBuffer, synchronize, type DeviceBuffer, type LayerSpec, type Tensor } from '../lib/index.js';
+import { AdaFisher, createBuffer, createTimingEvent, synchronize, type DeviceBuffer, type LayerSpec, type Tensor } from '../lib/index.js';
 import { deriveWorkload, WORKLOADS, type DerivedWorkload } from './cases.js';
 
 export type Backend = 'cpu' | 'cuda';
@@ -74,8 +74,8 @@ const nowMs = () => Number(process.hrtime.bigint()) / 1e6;
 /**
  * A timer turns "run fn" into per-call milliseconds.
  * - CPU: every call is one sample; `before` runs untimed before each (cache flush).
- * - GPU: a sample is a batch of calls between two `await synchronize('cuda')`; the
- *   per-call time is the batch time over the batch size (there are no CUDA events in JS).
+ * - GPU: a sample is a batch of calls between two TimingEvents (CUDA events); the
+ *   per-call time is the batch's device time over the batch size.
  */
 export interface Timer {
   time(fn: () => void, opts?: { before?: () => void; reps?: number; warmup?: number }): Promise<Timing>;
@@ -101,25 +101,26 @@ export function cpuTimer(defaultReps: number): Timer {
 }
 
 export function gpuTimer(batches: number, targetBatchMs = 25, maxCalls = 2000, backend: Backend = 'cuda'): Timer {
+  // A batch is timed by two TimingEvents (CUDA events on the GPU) recorded around it.
+  const start = createTimingEvent({ backend });
+  const end = createTimingEvent({ backend });
+  const batchMs = async (fn: () => void, calls: number) => {
+    start.record();
+    for (let i = 0; i < calls; ++i) fn();
+    end.record();
+    await synchronize(backend);
+    return start.elapsedMs(end);
+  };
   return {
     async time(fn, { before, reps = batches, warmup = 5 } = {}) {
       if (before) throw new Error('gpuTimer: per-call untimed hooks cannot be separated from a batch');
       for (let i = 0; i < warmup; ++i) fn();
       await synchronize(backend);
       // Probe one batch to size the others to ~targetBatchMs.
-      let t0 = nowMs();
-      for (let i = 0; i < 5; ++i) fn();
-      await synchronize(backend);
-      const perCall = (nowMs() - t0) / 5;
+      const perCall = (await batchMs(fn, 5)) / 5;
       const calls = Math.max(5, Math.min(maxCalls, Math.ceil(targetBatchMs / Math.max(perCall, 1e-4))));
       const samples: number[] = [];
-      for (let b = 0; b < reps; ++b) {
-        await synchronize(backend);
-        t0 = nowMs();
-        for (let i = 0; i < calls; ++i) fn();
-        await synchronize(backend);
-        samples.push((nowMs() - t0) / calls);
-      }
+      for (let b = 0; b < reps; ++b) samples.push((await batchMs(fn, calls)) / calls);
       return summarize(samples, calls);
     },
   };

@@ -2,7 +2,7 @@
 //   node dist/bench/gpu.js [--torch torch.json] [--json-out FILE] [--json] [--batches N]
 //   node dist/bench/gpu.js --dump-cases        (the workloads, for bench/torch_baselines.py)
 // Each case runs in a fresh child process. Timing: batches of launches between two
-// `await synchronize('cuda')`, per-call time = batch time / calls (JS has no CUDA events).
+// TimingEvents (CUDA events), per-call time = the batch's device time / calls.
 // The device-to-device copy bandwidth comes from the PyTorch script of the same run
 // (--torch), else from DeviceBuffer.copyFrom in this process; fill() is a write-only reference.
 import { writeFileSync } from 'node:fs';
@@ -181,7 +181,7 @@ function report(
   return {
     text:
       `${header}\n${describeTorch(torch)}\n\n${sections.join('\n\n')}\n\n` +
-      `ms/call = median over batches of (batch time between two synchronize('cuda')) / calls, each call on the next ` +
+      `ms/call = median over batches of (device time between two CUDA events around the batch) / calls, each call on the next ` +
       `of several copies of its data (> ${ROTATE_BYTES >> 20} MiB in all: read from DRAM, not L2); warm = back-to-back ` +
       `calls on the same buffers; bytes, GB/s and % copy BW are of the ms/call column. The torch figures are back-to-back.`,
     json: { device, copyGBps: copy ?? null, fill, torch: torch ?? null, workloads: results, key, targets: T },
