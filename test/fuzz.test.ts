@@ -44,7 +44,7 @@ test(`${CALLS} random calls into the native binding (${BACKEND} backend): each s
     console.log(`fuzz: ${report.calls} calls on ${report.backend} in ${report.seconds}s, seed ${SEED}, live allocations ${report.liveAllocations.start} -> ${report.liveAllocations.end}`);
     expect(report.calls).toBeGreaterThanOrEqual(CALLS);
     // Every entry point the binding exports was called: module functions, constructors, and
-    // each method and getter of each class (read from the binding, so a new one counts).
+    // each method and getter of each class (read from the binding, so a new one counts) ...
     const entryPoints: string[] = [];
     for (const [name, value] of Object.entries(loadBinding().binding)) {
       if (typeof value !== 'function') continue;
@@ -57,6 +57,9 @@ test(`${CALLS} random calls into the native binding (${BACKEND} backend): each s
     const entries = report.entries as Record<string, { calls: number; succeeded: number }>;
     expect(entryPoints.length).toBeGreaterThan(30);
     expect(entryPoints.filter((e) => !(entries[e]?.calls > 0)), 'entry points the fuzz run never called').toEqual([]);
+    // ... and every one also succeeded (and passed its check) at least once: the fuzz
+    // exercises the working paths, not only the refusals.
+    expect(entryPoints.filter((e) => !(entries[e]?.succeeded > 0)), 'entry points that never succeeded').toEqual([]);
     expect(report.findings, `${replay}\n${JSON.stringify(report.findings, null, 2)}`).toEqual([]);
     expect(r.status).toBe(0);
   } finally {

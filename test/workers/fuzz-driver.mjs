@@ -451,6 +451,40 @@ function call(world, entryName, fn, check, desc) {
   return { ok: true, result };
 }
 
+// new NativeOptimizer, with arguments that may be broken (valid = false) or are all valid; a
+// valid one is sometimes primed with every layer's statistics, so that its steps can succeed.
+function newOptimizer(world, valid) {
+  const g = world.g;
+  const model = makeModel(g);
+  const backend = valid ? BACKEND : world.maybe(BACKEND);
+  const config0 = { ...CONFIG, rule: g(fc.integer, { min: 0, max: 1 }), tcov: g(fc.integer, { min: 1, max: 3 }), guard: g(fc.boolean) };
+  const config = valid ? config0 : world.mutate(config0);
+  const layers = valid || g(fc.boolean) ? model.layers : world.mutate(model.layers.map((l) => world.mutate(l)));
+  const tensors = valid || g(fc.boolean) ? model.tensors : world.mutate(model.tensors.map((t) => world.mutate(t)));
+  if (opts.avoid && KNOWN_CRASHES.layerOverflow(layers)) return void avoided.layerOverflow++;
+  const r = call(world, 'new NativeOptimizer', () => new NativeOptimizer(backend, config, layers, tensors), (o) => {
+    if (o.steps !== 0 || o.disposed || o.backend !== backend) return 'bad fresh optimizer';
+    if (!Array.isArray(layers) || o.factorLayout().length !== layers.length) return 'factorLayout length';
+  }, () => `(${describe(backend)}, ${describe(config)}, ${describe(layers)}, ${describe(tensors)})`);
+  if (r.ok && layers === model.layers && tensors === model.tensors) {
+    const params = model.tensors.map((t) => (g(fc.integer, { min: 0, max: 3 }) === 0 ? new DeviceBuffer(BACKEND, randomF32(g, t.numel)) : randomF32(g, t.numel)));
+    realOpts.add(r.result);
+    const e = { opt: r.result, model, params };
+    world.opts.push(e);
+    if (valid && g(fc.boolean)) {
+      model.layers.forEach((l, i) => {
+        for (const method of ['recordInput', 'recordOutputGrad']) {
+          const shape = method === 'recordInput' ? inputShape(g, l) : gradShape(g, l);
+          const data = randomF32(g, prod(shape));
+          call(world, `NativeOptimizer.${method}`, () => e.opt[method](i, data, shape), undefined, () => `(valid) ${method}(${i}, ${describe(data)}, ${describe(shape)})`);
+        }
+      });
+    }
+  } else if (r.ok) {
+    r.result.dispose(); // accepted a mutated plan; keep the world to known models
+  }
+}
+
 function fuzzOne(world) {
   const g = world.g;
   const pickBuf = () => world.buffers.length ? world.buffers[g(fc.integer, { min: 0, max: world.buffers.length - 1 })] : undefined;
@@ -554,26 +588,9 @@ function fuzzOne(world) {
       return;
     }
     case 7:
-    case 8: { // new NativeOptimizer
-      const model = makeModel(g);
-      const backend = world.maybe(BACKEND);
-      const config = world.mutate({ ...CONFIG, rule: g(fc.integer, { min: 0, max: 1 }), tcov: g(fc.integer, { min: 1, max: 3 }), guard: g(fc.boolean) });
-      const layers = g(fc.boolean) ? model.layers : world.mutate(model.layers.map((l) => world.mutate(l)));
-      const tensors = g(fc.boolean) ? model.tensors : world.mutate(model.tensors.map((t) => world.mutate(t)));
-      if (opts.avoid && KNOWN_CRASHES.layerOverflow(layers)) return void avoided.layerOverflow++;
-      const r = call(world, 'new NativeOptimizer', () => new NativeOptimizer(backend, config, layers, tensors), (o) => {
-        if (o.steps !== 0 || o.disposed || o.backend !== backend) return 'bad fresh optimizer';
-        if (!Array.isArray(layers) || o.factorLayout().length !== layers.length) return 'factorLayout length';
-      }, () => `(${describe(backend)}, ${describe(config)}, ${describe(layers)}, ${describe(tensors)})`);
-      if (r.ok && layers === model.layers && tensors === model.tensors) {
-        const params = model.tensors.map((t) => (g(fc.integer, { min: 0, max: 3 }) === 0 ? new DeviceBuffer(BACKEND, randomF32(g, t.numel)) : randomF32(g, t.numel)));
-        realOpts.add(r.result);
-        world.opts.push({ opt: r.result, model, params });
-      } else if (r.ok) {
-        r.result.dispose(); // accepted a mutated plan; keep the world to known models
-      }
+    case 8: // new NativeOptimizer
+      newOptimizer(world, false);
       return;
-    }
     case 9:
     case 10:
     case 11: { // recordInput / recordOutputGrad
@@ -615,12 +632,14 @@ function fuzzOne(world) {
     case 15:
     case 16: { // step
       const e = pickOpt();
-      const self = e ? world.maybe(e.opt) : world.any();
+      // One step in three is wholly valid (receiver, parameters, every gradient).
+      const allValid = e !== undefined && g(fc.integer, { min: 0, max: 2 }) === 0;
+      const self = e ? (allValid ? e.opt : world.maybe(e.opt)) : world.any();
       const ts = e?.model.tensors ?? [];
       let params = e ? e.params : [];
-      let grads = ts.map((t) => (g(fc.integer, { min: 0, max: 5 }) === 0 ? null : world.tensor(t.numel)));
-      if (g(fc.integer, { min: 0, max: 3 }) === 0) params = world.mutate(params.map((p) => (g(fc.integer, { min: 0, max: 5 }) === 0 ? world.tensor(p.length) : p)));
-      if (g(fc.integer, { min: 0, max: 5 }) === 0) grads = world.mutate(grads);
+      let grads = ts.map((t) => (allValid ? randomF32(g, t.numel) : g(fc.integer, { min: 0, max: 5 }) === 0 ? null : world.tensor(t.numel)));
+      if (!allValid && g(fc.integer, { min: 0, max: 3 }) === 0) params = world.mutate(params.map((p) => (g(fc.integer, { min: 0, max: 5 }) === 0 ? world.tensor(p.length) : p)));
+      if (!allValid && g(fc.integer, { min: 0, max: 5 }) === 0) grads = world.mutate(grads);
       const detach = g(fc.integer, { min: 0, max: 9 }) === 0;
       if (detach && opts.avoid) avoided.reentrantDetach++;
       else if (detach) {
@@ -672,7 +691,7 @@ function fuzzOne(world) {
     }
     case 18: { // no-argument methods and getters of NativeOptimizer, on any receiver
       const e = pickOpt();
-      const self = e && g(fc.boolean) ? e.opt : world.any();
+      const self = e && g(fc.integer, { min: 0, max: 3 }) > 0 ? e.opt : world.any();
       const name = g(fc.constantFrom, 'willRefresh', 'exportState', 'factorLayout', 'steps', 'disposed', 'backend');
       const d = Object.getOwnPropertyDescriptor(NativeOptimizer.prototype, name);
       const fn = d.get ?? d.value;
@@ -773,6 +792,17 @@ fc.assert(
   fc.property(fc.gen(), (g) => {
     const world = new World(g);
     const start = calls;
+    if (g(fc.boolean)) newOptimizer(world, true); // half the worlds start with a valid optimizer
+    if (g(fc.boolean)) {
+      // ... and half with two recorded timing events, so that elapsedMs can succeed.
+      for (let i = 0; i < 2; i++) {
+        const r = call(world, 'new TimingEvent', () => new TimingEvent(BACKEND), undefined, () => `(valid) (${BACKEND})`);
+        if (r.ok) {
+          world.events.push(r.result);
+          call(world, 'TimingEvent.record', () => r.result.record(), () => (r.result.recorded ? undefined : 'not recorded'), () => '(valid) record()');
+        }
+      }
+    }
     while (calls - start < CALLS_PER_RUN) {
       try {
         fuzzOne(world);
