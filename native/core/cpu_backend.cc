@@ -2,8 +2,8 @@
 // compiler vectorizes. Reductions accumulate in double and combine per-task partials in
 // task order, so results do not depend on the number of threads.
 #include <algorithm>
-#include <chrono>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
