@@ -190,7 +190,7 @@ def check_golden(torch, device, path):
     def tensor(values, shape):
         return torch.tensor(values, dtype=torch.float32, device=device).reshape(shape)
 
-    params, momenta = [], []
+    params = []
     for l, init in zip(layers, gold["init"]):
         params.append(tensor(init["weight"], l.weight_shape))
         if l.bias:
