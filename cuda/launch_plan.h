@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 
@@ -18,40 +19,49 @@ inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // NOTE: [multi-tensor launch]
 // The step touches every parameter tensor of the model in one native call. Following
 // PyTorch's MultiTensorApply.cuh, each tensor is cut into chunks of kChunkElements and one
-// CUDA block processes one (tensor, chunk) pair; the pairs travel in the kernel-argument
-// struct (BlockSlots), so a block finds its work without reading device memory first.
-// Unlike PyTorch, the per-tensor descriptors (pointers, geometry, scalars) live in a device
-// table uploaded once per step, so tensor count never forces an extra launch: a launch is
-// cut only when kMaxBlocksPerLaunch slots are full, and a tensor whose chunks do not all
-// fit continues in the next launch. Empty tensors get no block.
+// CUDA block processes one (tensor, chunk) pair. Unlike PyTorch, the per-block map of
+// (tensor, chunk) pairs does not travel in the kernel arguments (4 KiB: about 480 blocks,
+// so a model of more than 31 M parameters needed several launches, the last one often a
+// few blocks on an otherwise idle GPU): it is written into the device table that the step
+// uploads anyway (per-tensor descriptors, guard ranges, factor segments), one 8-byte
+// BlockSlot per block. So the update is ONE launch for every parameter of the model,
+// whatever its size and tensor count, and the guard one more. A block reads its slot, then
+// its descriptor: two small loads, against the 1.3 MB its chunk moves. Empty tensors get
+// no block.
 constexpr int64_t kChunkElements = 65536;
 constexpr int kStepThreads = 512;  // 512 threads x 4 floats = 2048 elements per sweep
-// 480 slots x 8 bytes = 3840 bytes: with the other arguments the struct stays below the
-// 4 KiB kernel-parameter limit that every supported driver accepts.
-constexpr int kMaxBlocksPerLaunch = 480;
 
-struct BlockSlots {
-  int32_t tensor[kMaxBlocksPerLaunch];
-  int32_t chunk[kMaxBlocksPerLaunch];
+struct BlockSlot {
+  int32_t tensor;
+  int32_t chunk;
 };
 
-// Calls launch(slots, blocks) once per launch, in order. numel(t) gives tensor t's size.
-template <typename NumelFn, typename LaunchFn>
-void PlanMultiTensor(size_t tensor_count, NumelFn&& numel, LaunchFn&& launch) {
-  BlockSlots slots;
-  int used = 0;
+// The number of blocks that cover tensors [0, tensor_count) of sizes numel(t): the grid of
+// one multi-tensor launch. Throws when it would exceed a grid's 2^31 - 1 blocks (2^47
+// elements) or a tensor index would not fit in int32.
+template <typename NumelFn>
+int64_t CountBlocks(size_t tensor_count, NumelFn&& numel) {
+  if (tensor_count > static_cast<size_t>(INT32_MAX)) {
+    throw BackendError(ErrorCode::kInvalidArgument, "too many tensors for one multi-tensor launch");
+  }
+  int64_t blocks = 0;
   for (size_t t = 0; t < tensor_count; ++t) {
-    const int64_t chunks = CeilDiv(static_cast<int64_t>(numel(t)), kChunkElements);
-    for (int64_t c = 0; c < chunks; ++c) {
-      slots.tensor[used] = static_cast<int32_t>(t);
-      slots.chunk[used] = static_cast<int32_t>(c);
-      if (++used == kMaxBlocksPerLaunch) {
-        launch(static_cast<const BlockSlots&>(slots), used);
-        used = 0;
-      }
+    blocks += CeilDiv(static_cast<int64_t>(numel(t)), kChunkElements);
+    if (blocks > INT32_MAX) {
+      throw BackendError(ErrorCode::kInvalidArgument, "too many elements for one multi-tensor launch");
     }
   }
-  if (used > 0) launch(static_cast<const BlockSlots&>(slots), used);
+  return blocks;
+}
+
+// Writes the block map of CountBlocks(tensor_count, numel) blocks: every (tensor, chunk) in
+// tensor order, then chunk order.
+template <typename NumelFn>
+void PlanBlocks(size_t tensor_count, NumelFn&& numel, BlockSlot* out) {
+  for (size_t t = 0; t < tensor_count; ++t) {
+    const int64_t chunks = CeilDiv(static_cast<int64_t>(numel(t)), kChunkElements);
+    for (int64_t c = 0; c < chunks; ++c) *out++ = BlockSlot{static_cast<int32_t>(t), static_cast<int32_t>(c)};
+  }
 }
 
 // ---------------------------------------------------------------------------------------

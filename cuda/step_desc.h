@@ -84,20 +84,19 @@ ADAFISHER_HD float FisherWide(const StepDesc& d, int64_t i, float damping) {
   return math::fisher_diagonal(LoadReadOnly(d.s + o), LoadReadOnly(d.h + k), damping);
 }
 
-// Kernel-argument structs of the multi-tensor launches; kept under the 4 KiB limit.
+// Kernel arguments of the multi-tensor launches: block b works on slots[b] (see NOTE:
+// [multi-tensor launch]); the slots and the table live in the step's device table.
 struct StepLaunchArgs {
-  BlockSlots slots;
+  const BlockSlot* slots;
   const StepDesc* table;
   const int* flag;  // non-null when guarded: a set flag means "write nothing"
   float damping;
 };
 struct GuardLaunchArgs {
-  BlockSlots slots;
+  const BlockSlot* slots;
   const GuardDesc* table;
   int* flag;
 };
-static_assert(sizeof(StepLaunchArgs) <= 4000, "kernel arguments must stay below 4 KiB");
-static_assert(sizeof(GuardLaunchArgs) <= 4000, "kernel arguments must stay below 4 KiB");
 
 }  // namespace cuda
 }  // namespace adafisher

@@ -31,8 +31,9 @@ __device__ __forceinline__ bool Aligned16(const void* p) { return (reinterpret_c
 // Guard: one block per (range, chunk); any non-finite value sets *flag = 1. Every block
 // that finds one writes the same value, so the outcome does not depend on timing.
 __global__ void __launch_bounds__(kStepThreads) GuardKernel(const GuardLaunchArgs args) {
-  const GuardDesc d = args.table[args.slots.tensor[blockIdx.x]];
-  const int64_t start = int64_t{args.slots.chunk[blockIdx.x]} * kChunkElements;
+  const BlockSlot slot = args.slots[blockIdx.x];
+  const GuardDesc d = args.table[slot.tensor];
+  const int64_t start = int64_t{slot.chunk} * kChunkElements;
   const int n = static_cast<int>(min(kChunkElements, d.numel - start));
   const float* __restrict__ x = d.data + start;
   bool finite = true;
@@ -152,8 +153,9 @@ template <math::UpdateRule kRule>
 __global__ void __launch_bounds__(kStepThreads) UpdateKernel(const StepLaunchArgs args) {
   // Written by GuardKernel in an earlier launch: every thread sees the same value.
   if (args.flag != nullptr && *args.flag != 0) return;
-  const StepDesc d = args.table[args.slots.tensor[blockIdx.x]];
-  const int64_t start = int64_t{args.slots.chunk[blockIdx.x]} * kChunkElements;
+  const BlockSlot slot = args.slots[blockIdx.x];
+  const StepDesc d = args.table[slot.tensor];
+  const int64_t start = int64_t{slot.chunk} * kChunkElements;
   const int n = static_cast<int>(min(kChunkElements, d.numel - start));
   if (!d.preconditioned) {
     UpdateChunk<kRule, false, false>(d, start, n, args.damping);
@@ -187,11 +189,17 @@ bool CudaBackend::Step(const StepRequest& r) {
   }
   const size_t guard_count = guards.size();
   const size_t segment_count = refresh ? r.segment_count : 0;
+  const int64_t guard_blocks = CountBlocks(guard_count, [&](size_t i) { return guards[i].numel; });
+  const int64_t step_blocks = CountBlocks(r.tensor_count, [&](size_t t) { return r.tensors[t].numel; });
+  // The device table (see NOTE: [multi-tensor launch]): descriptors, guard ranges, factor
+  // segments, then the block maps of the update and guard launches.
   const size_t guard_offset = Align16(r.tensor_count * sizeof(StepDesc));
   const size_t segment_offset = guard_offset + Align16(guard_count * sizeof(GuardDesc));
-  const size_t total = segment_offset + segment_count * sizeof(FactorSegment);
+  const size_t step_slots_offset = segment_offset + Align16(segment_count * sizeof(FactorSegment));
+  const size_t guard_slots_offset = step_slots_offset + Align16(static_cast<size_t>(step_blocks) * sizeof(BlockSlot));
+  const size_t total = guard_slots_offset + static_cast<size_t>(guard_blocks) * sizeof(BlockSlot);
 
-  // One upload of every table (see NOTE: [multi-tensor launch]).
+  // One upload of every table.
   if (total > 0) {
     // The previous step's upload may still be reading the pinned buffer.
     ADAFISHER_CUDA_CHECK(cudaEventSynchronize(meta_uploaded_));
@@ -215,6 +223,10 @@ bool CudaBackend::Step(const StepRequest& r) {
     if (segment_count > 0) {
       std::memcpy(host + segment_offset, r.segments, segment_count * sizeof(FactorSegment));
     }
+    PlanBlocks(r.tensor_count, [&](size_t t) { return r.tensors[t].numel; },
+               reinterpret_cast<BlockSlot*>(host + step_slots_offset));
+    PlanBlocks(guard_count, [&](size_t i) { return guards[i].numel; },
+               reinterpret_cast<BlockSlot*>(host + guard_slots_offset));
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(meta_device_, meta_host_, total, cudaMemcpyHostToDevice, stream_));
     ADAFISHER_CUDA_CHECK(cudaEventRecord(meta_uploaded_, stream_));
   }
@@ -225,17 +237,11 @@ bool CudaBackend::Step(const StepRequest& r) {
 
   if (r.guard) {
     ADAFISHER_CUDA_CHECK(cudaMemsetAsync(flag_device_, 0, sizeof(int), stream_));
-    if (guard_count > 0) {
-      GuardLaunchArgs args;
-      args.table = guard_table;
-      args.flag = flag_device_;
-      PlanMultiTensor(
-          guard_count, [&](size_t i) { return guards[i].numel; },
-          [&](const BlockSlots& slots, int blocks) {
-            args.slots = slots;
-            GuardKernel<<<blocks, kStepThreads, 0, stream_>>>(args);
-            ADAFISHER_CUDA_LAUNCH_CHECK();
-          });
+    if (guard_blocks > 0) {
+      const GuardLaunchArgs args{reinterpret_cast<const BlockSlot*>(device + guard_slots_offset), guard_table,
+                                 flag_device_};
+      GuardKernel<<<static_cast<unsigned>(guard_blocks), kStepThreads, 0, stream_>>>(args);
+      ADAFISHER_CUDA_LAUNCH_CHECK();
     }
   }
   const int* flag = r.guard ? flag_device_ : nullptr;
@@ -247,22 +253,16 @@ bool CudaBackend::Step(const StepRequest& r) {
     ADAFISHER_CUDA_LAUNCH_CHECK();
   }
 
-  if (r.tensor_count > 0) {
-    StepLaunchArgs args;
-    args.table = step_table;
-    args.flag = flag;
-    args.damping = r.damping;
-    PlanMultiTensor(
-        r.tensor_count, [&](size_t t) { return r.tensors[t].numel; },
-        [&](const BlockSlots& slots, int blocks) {
-          args.slots = slots;
-          if (r.rule == math::UpdateRule::kAdaFisher) {
-            UpdateKernel<math::UpdateRule::kAdaFisher><<<blocks, kStepThreads, 0, stream_>>>(args);
-          } else {
-            UpdateKernel<math::UpdateRule::kAdaFisherW><<<blocks, kStepThreads, 0, stream_>>>(args);
-          }
-          ADAFISHER_CUDA_LAUNCH_CHECK();
-        });
+  if (step_blocks > 0) {
+    const StepLaunchArgs args{reinterpret_cast<const BlockSlot*>(device + step_slots_offset), step_table, flag,
+                              r.damping};
+    const unsigned blocks = static_cast<unsigned>(step_blocks);
+    if (r.rule == math::UpdateRule::kAdaFisher) {
+      UpdateKernel<math::UpdateRule::kAdaFisher><<<blocks, kStepThreads, 0, stream_>>>(args);
+    } else {
+      UpdateKernel<math::UpdateRule::kAdaFisherW><<<blocks, kStepThreads, 0, stream_>>>(args);
+    }
+    ADAFISHER_CUDA_LAUNCH_CHECK();
   }
 
   if (!r.guard) return true;

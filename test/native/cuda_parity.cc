@@ -319,18 +319,16 @@ void EmulateMultiTensorPlan() {
   std::vector<int64_t> numels = {0, 1, 65535, 65536, 65537, 278011, 0, 3, 0};
   std::mt19937_64 rng(11);
   for (int i = 0; i < 700; ++i) numels.push_back(static_cast<int64_t>(rng() % 300));
-  numels.push_back(cu::kChunkElements * cu::kMaxBlocksPerLaunch + 17);  // one tensor over several launches
+  numels.push_back(cu::kChunkElements * 1000 + 17);  // one tensor of 1001 blocks
   numels.push_back(0);
+  auto numel = [&](size_t t) { return numels[t]; };
+  const int64_t blocks = cu::CountBlocks(numels.size(), numel);
+  std::vector<cu::BlockSlot> slots(static_cast<size_t>(blocks) + 1, cu::BlockSlot{-1, -1});
+  cu::PlanBlocks(numels.size(), numel, slots.data());
+  bool ok = slots.back().tensor == -1;  // wrote exactly `blocks` slots
+  slots.pop_back();
   std::vector<std::pair<int32_t, int32_t>> seen;
-  int launches = 0;
-  bool ok = true;
-  cu::PlanMultiTensor(
-      numels.size(), [&](size_t t) { return numels[t]; },
-      [&](const cu::BlockSlots& slots, int blocks) {
-        ++launches;
-        ok &= blocks > 0 && blocks <= cu::kMaxBlocksPerLaunch;
-        for (int b = 0; b < blocks; ++b) seen.emplace_back(slots.tensor[b], slots.chunk[b]);
-      });
+  for (const cu::BlockSlot& s : slots) seen.emplace_back(s.tensor, s.chunk);
   // Every (tensor, chunk) exactly once, in order, and nothing for empty tensors.
   size_t next = 0;
   for (size_t t = 0; t < numels.size() && ok; ++t) {
@@ -340,7 +338,15 @@ void EmulateMultiTensorPlan() {
     }
   }
   ok &= next == seen.size();
-  Record("emulate/multi_tensor_plan", ok, Format("%zu blocks in %d launches", seen.size(), launches));
+  // A grid holds at most 2^31 - 1 blocks: more is refused before anything is written.
+  bool refused = false;
+  try {
+    cu::CountBlocks(2, [](size_t) { return int64_t{1} << 46; });  // 2 x 2^30 blocks
+  } catch (const adafisher::BackendError&) {
+    refused = true;
+  }
+  ok &= refused;
+  Record("emulate/multi_tensor_plan", ok, Format("%zu blocks in one launch; 2^31 blocks refused", seen.size()));
 }
 
 void EmulateFisherIndex() {
@@ -806,7 +812,7 @@ Scenario MixedScenario(math::UpdateRule rule, double weight_decay) {
     t.o_stride = 4, t.o_count = 7, t.k_stride = 2, t.k_count = 5;
     sc.tensors.push_back(t);
   }
-  // More tensors than one launch has block slots (kMaxBlocksPerLaunch).
+  // Many tensors (600) and blocks in one launch.
   std::mt19937_64 rng(17);
   for (int i = 0; i < 300; ++i) {
     sc.AddLayer(1 + static_cast<index_t>(rng() % 20), 1 + static_cast<index_t>(rng() % 15), i % 2 == 1, i % 3 == 0,
