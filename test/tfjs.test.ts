@@ -553,3 +553,37 @@ describe('wasm backend', () => {
     await tf.setBackend('cpu');
   });
 });
+
+// ---------- optimizers, models and their life cycle ----------
+
+describe('two optimizers on one model (recompiling after unfreezing a layer)', () => {
+  it.each(['old first', 'new first'])('disposing them in either order (%s) keeps the live one working and ends with no taps', async (order) => {
+    const model = buildModel();
+    model.layers[0].trainable = false;
+    const o1 = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: o1, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    model.layers[0].trainable = true;
+    const o2 = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: o2, loss: 'meanSquaredError' });
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    const [first, second] = order === 'old first' ? [o1, o2] : [o2, o1];
+    first.dispose();
+    if (first === o1) {
+      await model.fit(x, y, { epochs: 1, verbose: 0 });
+      expect(o2.steps).toBe(2);
+      expect(o2.lastStep).toEqual({ applied: true, refreshed: true });
+    }
+    second.dispose();
+    expect(model.layers.every((l) => !Object.prototype.hasOwnProperty.call(l, 'call'))).toBe(true);
+    // a third optimizer still gets its statistics
+    const o3 = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: o3, loss: 'meanSquaredError' });
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    expect(o3.lastStep).toEqual({ applied: true, refreshed: true });
+    o3.dispose();
+    tf.dispose([x, y]);
+  });
+});
+

@@ -234,7 +234,7 @@ export interface TapSink {
 
 // NOTE: [taps]
 // A tap replaces the `call` of one layer INSTANCE (the class and other instances are left alone)
-// and is removed by restoring the original. While the sink is inactive (predict, evaluate, a
+// and is removed by restoring the original (see NOTE: [stacked taps]). While the sink is inactive (predict, evaluate, a
 // training step that does not refresh the factors) the original call runs unchanged. While active:
 //  1. the layer input is handed to the sink (the native kernels reduce it to H right away);
 //  2. Dense/Conv2D compute their pre-activation as TF.js itself does while it records gradients:
@@ -248,10 +248,34 @@ export interface TapSink {
 // them bit for bit). Not the layer's `call` with a 'linear' activation: TF.js then keeps the fused
 // op even while training, and the fused op's gradient also computes dLoss/dInput, a third matmul
 // (or conv) that the first layer of a model otherwise never pays.
+// NOTE: [stacked taps]
+// Several optimizers can tap one layer: recompiling a model with a new adaFisher(model) (after
+// unfreezing a layer, say) installs a second tap over the first one's. Removing a tap must not
+// remove the taps stacked over it, and may not restore a `call` that another tap has captured as
+// its original. So removal marks the tap removed (from then on it only calls its original, a
+// pass-through) and then pops every removed tap off the top of the layer's chain: the layer is as
+// before once all its taps are removed, in whatever order.
+interface TapRecord {
+  original: AnyLayer['call'];
+  /** whether `original` was the instance's own `call` (else it is the class's, restored by deleting ours) */
+  hadOwn: boolean;
+  removed: boolean;
+}
+const tapRecords = new WeakMap<AnyLayer['call'], TapRecord>();
+
+function popRemovedTaps(l: AnyLayer): void {
+  while (Object.prototype.hasOwnProperty.call(l, 'call')) {
+    const rec = tapRecords.get(l.call);
+    if (rec === undefined || !rec.removed) return;
+    if (rec.hadOwn) l.call = rec.original;
+    else delete (l as Partial<AnyLayer>).call;
+  }
+}
+
 export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, index: number, sink: TapSink): () => void {
   const l = layer as AnyLayer;
-  const hadOwn = Object.prototype.hasOwnProperty.call(l, 'call');
-  const original = l.call;
+  const rec: TapRecord = { original: l.call, hadOwn: Object.prototype.hasOwnProperty.call(l, 'call'), removed: false };
+  const original = rec.original;
   const gradTap = tf.customGrad(((x: tf.Tensor) => ({
     value: x.clone(),
     gradFunc: (dy: tf.Tensor) => {
@@ -260,8 +284,8 @@ export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, in
     },
   })) as unknown as Parameters<typeof tf.customGrad>[0]);
   const pre = supported.preActivation;
-  l.call = function tappedCall(this: AnyLayer, inputs, kwargs) {
-    if (!sink.active(index)) return original.call(this, inputs, kwargs);
+  const tappedCall: AnyLayer['call'] = function tappedCall(this: AnyLayer, inputs, kwargs) {
+    if (rec.removed || !sink.active(index)) return original.call(this, inputs, kwargs);
     if (Array.isArray(inputs) && inputs.length !== 1) throw new Error(`Layer '${layer.name}' expects exactly one input tensor.`);
     const x = Array.isArray(inputs) ? inputs[0] : inputs;
     sink.input(index, x);
@@ -270,8 +294,10 @@ export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, in
     const tapped = gradTap(tf.tidy(() => pre(x)));
     return act != null && act.getClassName() !== 'linear' ? act.apply(tapped) : tapped;
   };
+  tapRecords.set(tappedCall, rec);
+  l.call = tappedCall;
   return () => {
-    if (hadOwn) l.call = original;
-    else delete (l as Partial<AnyLayer>).call;
+    rec.removed = true;
+    popRemovedTaps(l);
   };
 }
