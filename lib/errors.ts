@@ -1,6 +1,7 @@
 // NOTE: [error codes]
 // Every error this package raises on purpose carries a stable `code`. Native failures use
 // the same codes (native/core/backend.h ErrorCode, native/core/cpu_backend.cc ErrorCodeName).
+// The last codes are raised by TypeScript only (addon loader, TF.js adapter).
 export const ErrorCodes = {
   invalidArgument: 'ADAFISHER_INVALID_ARGUMENT',
   disposed: 'ADAFISHER_DISPOSED',
@@ -12,11 +13,16 @@ export const ErrorCodes = {
   badCheckpoint: 'ADAFISHER_BAD_CHECKPOINT',
   internal: 'ADAFISHER_INTERNAL',
   addonNotFound: 'ADAFISHER_ADDON_NOT_FOUND',
+  /** TF.js adapter: the optimizer is not attached to the model (or variables) being trained. */
+  modelMismatch: 'ADAFISHER_MODEL_MISMATCH',
+  /** TF.js adapter: a layer that neither TF.js nor AdaFisher can train as it is used. */
+  unsupportedLayer: 'ADAFISHER_UNSUPPORTED_LAYER',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
 
-function withCode<E extends Error>(e: E, code: ErrorCode): E & { code: ErrorCode } {
+/** Gives an error a stable code; returns it. */
+export function withCode<E extends Error>(e: E, code: ErrorCode): E & { code: ErrorCode } {
   (e as E & { code: ErrorCode }).code = code;
   return e as E & { code: ErrorCode };
 }

@@ -548,7 +548,10 @@ describe('wasm backend', () => {
     const conv = buildModel({ s: 1, padding: 'same' });
     conv.compile({ optimizer: adaFisher(conv), loss: 'meanSquaredError' });
     const { x, y } = batch(1, true);
-    await expect(conv.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toThrow(/cannot be trained on the TF.js 'wasm' backend.*Conv2DBackpropFilter/);
+    await expect(conv.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toMatchObject({
+      code: 'ADAFISHER_UNSUPPORTED_LAYER',
+      message: expect.stringMatching(/cannot be trained on the TF.js 'wasm' backend.*Conv2DBackpropFilter/),
+    });
     tf.dispose([x, y]);
     await tf.setBackend('cpu');
   });
@@ -587,3 +590,74 @@ describe('two optimizers on one model (recompiling after unfreezing a layer)', (
   });
 });
 
+
+/** The error a call throws or rejects with (fails the test when it succeeds). */
+async function errorOf(f: () => unknown): Promise<Error & { code?: string }> {
+  try {
+    await f();
+  } catch (e) {
+    return e as Error & { code?: string };
+  }
+  throw new Error('expected an error, but the call succeeded');
+}
+
+describe('errors and options', () => {
+  it('gives every error it raises on purpose a stable code', async () => {
+    const model = buildModel();
+    const bad = await errorOf(() => adaFisher({} as tf.LayersModel));
+    expect(bad).toBeInstanceOf(TypeError);
+    expect(bad.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(bad.message).toMatch(/Expected a tf.LayersModel .* for model but received an object \(Object\)/);
+
+    const opt = adaFisher(model, { lr: LR });
+    const other = buildModel();
+    const twice = await errorOf(() => opt.attach(other));
+    expect(twice.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(twice.message).toMatch(/already attached to model/);
+    const detached = await errorOf(() => new AdaFisherOptimizer().layerReport());
+    expect(detached.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(detached.message).toMatch(/not attached to a model/);
+    const notWeights = await errorOf(() => opt.setWeights([{ name: 'iter' }] as unknown as []));
+    expect(notWeights).toBeInstanceOf(TypeError);
+    expect(notWeights.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(notWeights.message).toMatch(/Expected \{ name: string, tensor: tf.Tensor \} for weights\[0\]/);
+
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    const g = tf.zeros([3]);
+    const unknown = await errorOf(() => opt.applyGradients([{ name: 'not_a_variable', tensor: g }]));
+    expect(unknown.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(unknown.message).toMatch(/variable 'not_a_variable' is not one this optimizer was set up for/);
+
+    const dil = tf.sequential({
+      layers: [tf.layers.conv2d({ inputShape: [6, 6, 1], filters: 2, kernelSize: 3, dilationRate: 2 }), tf.layers.flatten(), tf.layers.dense({ units: 1 })],
+    });
+    dil.compile({ optimizer: adaFisher(dil), loss: 'meanSquaredError' });
+    const dx = tf.ones([2, 6, 6, 1]);
+    const dy = tf.ones([2, 1]);
+    const dilated = await errorOf(() => dil.fit(dx, dy, { epochs: 1, verbose: 0 }));
+    expect(dilated.code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
+    expect(dilated.message).toMatch(/dilationRate/);
+
+    // one Conv2D applied to inputs of two sizes: its uses cannot be combined
+    const conv = tf.layers.conv2d({ filters: 2, kernelSize: 3, padding: 'same', name: 'shared_conv' });
+    const pool = () => tf.layers.globalAveragePooling2d({});
+    const i1 = tf.input({ shape: [6, 6, 1] });
+    const i2 = tf.input({ shape: [4, 4, 1] });
+    const h = tf.layers
+      .concatenate()
+      .apply([pool().apply(conv.apply(i1)) as tf.SymbolicTensor, pool().apply(conv.apply(i2)) as tf.SymbolicTensor]) as tf.SymbolicTensor;
+    const shared = tf.model({ inputs: [i1, i2], outputs: tf.layers.dense({ units: 1 }).apply(h) as tf.SymbolicTensor });
+    shared.compile({ optimizer: adaFisher(shared), loss: 'meanSquaredError' });
+    const s1 = tf.ones([2, 6, 6, 1]);
+    const s2 = tf.ones([2, 4, 4, 1]);
+    const mixed = await errorOf(() => shared.fit([s1, s2], dy, { epochs: 1, verbose: 0 }));
+    expect(mixed.code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
+    expect(mixed.message).toMatch(/layer 'shared_conv' is used 2 times in one step with inputs of different shapes/);
+
+    tf.dispose([x, y, g, dx, dy, s1, s2]);
+    [opt, dil.optimizer, shared.optimizer].forEach((o) => o.dispose());
+  });
+
+});

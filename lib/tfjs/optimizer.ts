@@ -1,7 +1,7 @@
 // AdaFisher as a TF.js optimizer: model.compile({ optimizer: adaFisher(model) }).
 import * as tf from '@tensorflow/tfjs';
 
-import { codedError, ErrorCodes } from '../errors.js';
+import { codedError, describe, ErrorCodes, withCode } from '../errors.js';
 import {
   AdaFisher,
   resolveHyperparameters,
@@ -113,13 +113,23 @@ export class AdaFisherOptimizer extends tf.Optimizer {
   /**
    * Instruments a model's layers for this optimizer. Call once per optimizer; adaFisher() does it.
    * @returns this
-   * @throws {Error} when already attached to another model, or when `model` is not a tf.LayersModel.
+   * @throws {TypeError} code ADAFISHER_INVALID_ARGUMENT when `model` is not a tf.LayersModel.
+   * @throws {Error} code ADAFISHER_MODEL_MISMATCH when already attached to another model.
    */
   attach(model: tf.LayersModel): this {
     if (!(model instanceof tf.LayersModel)) {
-      throw new TypeError(`${PREFIX} Expected a tf.LayersModel (tf.sequential or tf.model) for model but received ${describeValue(model)}`);
+      throw withCode(
+        new TypeError(`${PREFIX} Expected a tf.LayersModel (tf.sequential or tf.model) for model but received ${describe(model)}`),
+        ErrorCodes.invalidArgument,
+      );
     }
-    if (this.#model !== null && this.#model !== model) throw new Error(`${PREFIX} this optimizer is already attached to model '${this.#model.name}'.`);
+    if (this.#model !== null && this.#model !== model) {
+      throw codedError(
+        ErrorCodes.modelMismatch,
+        `${PREFIX} this optimizer is already attached to model '${this.#model.name}'; an optimizer trains one model. ` +
+          `Create one for model '${model.name}' with adaFisher(model).`,
+      );
+    }
     this.#model = model;
     return this;
   }
@@ -195,7 +205,8 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    * One AdaFisher step with gradients computed by minimize() (which also records the layer
    * statistics). Called by TF.js; calling it directly with your own gradients works on steps
    * that do not refresh the factors only.
-   * @throws {Error} for a variable this optimizer does not know, or missing statistics.
+   * @throws {Error} code ADAFISHER_MODEL_MISMATCH for a variable this optimizer was not set up
+   *   for; code ADAFISHER_MISSING_STATISTICS for missing statistics.
    */
   override applyGradients(variableGradients: tf.NamedTensorMap | NamedTensor[]): void {
     const plan = this.#plan;
@@ -215,7 +226,8 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     for (const { name, tensor } of entries) {
       const i = plan.slotOf.get(name);
       if (i === undefined) {
-        throw new Error(
+        throw codedError(
+          ErrorCodes.modelMismatch,
           `${PREFIX} variable '${name}' is not one this optimizer was set up for (the trainable weights of model ` +
             `'${this.#model?.name}' at its first training step). Create a new optimizer after changing which weights are trainable.`,
         );
@@ -264,7 +276,8 @@ export class AdaFisherOptimizer extends tf.Optimizer {
 
   #requireModel(): tf.LayersModel {
     if (this.#model === null) {
-      throw new Error(
+      throw codedError(
+        ErrorCodes.modelMismatch,
         `${PREFIX} this optimizer is not attached to a model. A model loaded with tf.loadLayersModel() carries its ` +
           'AdaFisher optimizer detached: call model.optimizer.attach(model) before training.',
       );
@@ -282,13 +295,15 @@ export class AdaFisherOptimizer extends tf.Optimizer {
       if (!trained) continue;
       const dil = (layer as unknown as { dilationRate: number | number[] }).dilationRate;
       if ((Array.isArray(dil) ? dil : [dil]).some((d) => d !== 1)) {
-        throw new Error(
+        throw codedError(
+          ErrorCodes.unsupportedLayer,
           `${PREFIX} Conv2D layer '${layer.name}' has dilationRate ${JSON.stringify(dil)}: TF.js ${tf.version.tfjs} cannot compute ` +
             'gradients of dilated convolutions, so no optimizer can train it. Freeze it (layer.trainable = false) or use dilationRate 1.',
         );
       }
       if (backend === 'wasm') {
-        throw new Error(
+        throw codedError(
+          ErrorCodes.unsupportedLayer,
           `${PREFIX} Conv2D layer '${layer.name}' cannot be trained on the TF.js 'wasm' backend: TF.js ${tf.version.tfjs} has no ` +
             "wasm kernel for Conv2D's weight gradient (Conv2DBackpropFilter). Train it on the 'cpu' backend (await tf.setBackend('cpu')).",
         );
@@ -304,7 +319,9 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     const vars = varList ?? (model.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.read());
     const byName = new Map(vars.map((v) => [v.name, v]));
     for (const v of vars) {
-      if (v.dtype !== 'float32') throw new TypeError(`${PREFIX} variable '${v.name}' is ${v.dtype}; AdaFisher trains float32 variables.`);
+      if (v.dtype !== 'float32') {
+        throw withCode(new TypeError(`${PREFIX} variable '${v.name}' is ${v.dtype}; AdaFisher trains float32 variables.`), ErrorCodes.invalidArgument);
+      }
     }
     const specs: LayerSpec[] = [];
     const variables: tf.Variable[] = [];
@@ -384,7 +401,8 @@ export class AdaFisherOptimizer extends tf.Optimizer {
       const tail = JSON.stringify(use.shape.slice(1));
       const bad = uses.find((u) => JSON.stringify(u.shape.slice(1)) !== tail);
       if (bad) {
-        throw new Error(
+        throw codedError(
+          ErrorCodes.unsupportedLayer,
           `${PREFIX} layer '${s.layer.name}' is used ${uses.length} times in one step with ${which === 'input' ? 'inputs' : 'outputs'} ` +
             `of different shapes ([${bad.shape}] and [${use.shape}]); AdaFisher combines the uses of a shared layer only when they agree.`,
         );
@@ -483,9 +501,3 @@ export class AdaFisherOptimizer extends tf.Optimizer {
 }
 
 tf.serialization.registerClass(AdaFisherOptimizer);
-
-function describeValue(v: unknown): string {
-  if (v === null) return 'null';
-  if (typeof v === 'object') return `an object (${(v as object).constructor?.name ?? 'null prototype'})`;
-  return `${String(v)} of type ${typeof v}`;
-}

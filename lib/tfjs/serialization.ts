@@ -1,7 +1,7 @@
 // The AdaFisher state as TF.js optimizer weights (what model.save({ includeOptimizer }) stores).
 import * as tf from '@tensorflow/tfjs';
 
-import { codedError, ErrorCodes } from '../errors.js';
+import { codedError, ErrorCodes, typeError } from '../errors.js';
 import type { AdaFisherState } from '../optimizer.js';
 
 // NOTE: [optimizer weight names]
@@ -35,10 +35,10 @@ export interface StateNames {
 
 /** Copies optimizer weights out of their tensors, synchronously (TF.js disposes them right after setWeights). */
 export function readSavedWeights(weights: NamedTensor[]): SavedWeights {
-  if (!Array.isArray(weights)) throw new TypeError(`Expected an array of { name, tensor } for weights but received ${typeof weights}`);
+  if (!Array.isArray(weights)) throw typeError('weights', 'an array of { name, tensor }', weights);
   const out: SavedWeights = new Map();
-  for (const w of weights) {
-    if (w?.tensor == null || typeof w.name !== 'string') throw new TypeError('Expected { name: string, tensor: tf.Tensor } entries in weights');
+  for (const [i, w] of weights.entries()) {
+    if (w?.tensor == null || typeof w.name !== 'string') throw typeError(`weights[${i}]`, '{ name: string, tensor: tf.Tensor }', w);
     const v = w.tensor.dataSync();
     out.set(w.name, w.tensor.dtype === 'int32' ? Int32Array.from(v) : Float32Array.from(v));
   }

@@ -3,6 +3,7 @@
 // pre-activation output gradient during training.
 import * as tf from '@tensorflow/tfjs';
 
+import { codedError, ErrorCodes } from '../errors.js';
 import type { LayerSpec, Tensor as CoreTensor } from '../optimizer.js';
 
 /** The parts of a tfjs-layers LayerVariable the adapter uses. */
@@ -286,7 +287,9 @@ export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, in
   const pre = supported.preActivation;
   const tappedCall: AnyLayer['call'] = function tappedCall(this: AnyLayer, inputs, kwargs) {
     if (rec.removed || !sink.active(index)) return original.call(this, inputs, kwargs);
-    if (Array.isArray(inputs) && inputs.length !== 1) throw new Error(`Layer '${layer.name}' expects exactly one input tensor.`);
+    if (Array.isArray(inputs) && inputs.length !== 1) {
+      throw codedError(ErrorCodes.unsupportedLayer, `AdaFisher (TF.js): layer '${layer.name}' was called with ${inputs.length} input tensors; it takes one.`);
+    }
     const x = Array.isArray(inputs) ? inputs[0] : inputs;
     sink.input(index, x);
     if (pre === undefined) return gradTap(original.call(this, inputs, kwargs) as tf.Tensor);
