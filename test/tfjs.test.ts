@@ -661,3 +661,101 @@ describe('errors and options', () => {
   });
 
 });
+
+describe('an optimizer trains only the model it is attached to', () => {
+  it('refuses variables of another compiled model, naming the variable', async () => {
+    const m1 = buildModel();
+    const m2 = buildModel();
+    const o = adaFisher(m1);
+    m2.compile({ optimizer: o, loss: 'meanSquaredError' });
+    const before = weightsOf(m2);
+    const { x, y } = batch(1, false);
+    const e = await errorOf(() => m2.fit(x, y, { epochs: 1, verbose: 0 }));
+    expect(e.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    const v0 = (m2.trainableWeights[0] as unknown as { name: string }).name;
+    expect(e.message).toContain(`'${v0}'`);
+    expect(e.message).toMatch(new RegExp(`not a weight of model '${m1.name}'.*adaFisher\\(model\\).*attach`));
+    weightsOf(m2).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    expect(o.steps).toBe(0);
+
+    // also once it has trained its own model
+    m1.compile({ optimizer: o, loss: 'meanSquaredError' });
+    await m1.fit(x, y, { epochs: 1, verbose: 0 });
+    m2.compile({ optimizer: o, loss: 'meanSquaredError' });
+    expect((await errorOf(() => m2.fit(x, y, { epochs: 1, verbose: 0 }))).code).toBe('ADAFISHER_MODEL_MISMATCH');
+    // refused before any gradient is computed: nothing leaks (TF.js's fit itself leaks one
+    // tensor whenever an optimizer throws, so this calls minimize directly)
+    const vars = (m2.trainableWeights as unknown as { read(): tf.Variable }[]).map((w) => w.read());
+    const n0 = tf.memory().numTensors;
+    const direct = await errorOf(() => o.minimize(() => tf.losses.meanSquaredError(y, m2.apply(x) as tf.Tensor) as tf.Scalar, true, vars));
+    expect(direct.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(tf.memory().numTensors).toBe(n0);
+    weightsOf(m2).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    expect(o.steps).toBe(1);
+    tf.dispose([x, y]);
+    o.dispose();
+  });
+
+  it('refuses a weight unfrozen after its first step before computing any gradient', async () => {
+    const model = buildModel();
+    model.layers[0].trainable = false;
+    const o = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: o, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    model.layers[0].trainable = true;
+    const vars = (model.trainableWeights as unknown as { read(): tf.Variable }[]).map((w) => w.read());
+    const n0 = tf.memory().numTensors;
+    const e = await errorOf(() => o.minimize(() => tf.losses.meanSquaredError(y, model.apply(x) as tf.Tensor) as tf.Scalar, true, vars));
+    expect(e.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(e.message).toMatch(new RegExp(`variable '${vars[0].name}' is not one this optimizer was set up for.*Create a new optimizer`));
+    expect(tf.memory().numTensors).toBe(n0);
+    expect(o.steps).toBe(1);
+    tf.dispose([x, y]);
+    o.dispose();
+  });
+
+  it('refuses to train an outer model with an optimizer attached to an inner one', async () => {
+    const inner = tf.sequential({ layers: [tf.layers.dense({ inputShape: [6], units: 4, activation: 'relu' })] });
+    const outer = tf.sequential({ layers: [inner, tf.layers.dense({ units: 3, name: 'outer_head' })] });
+    const o = adaFisher(inner);
+    outer.compile({ optimizer: o, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    const e = await errorOf(() => outer.fit(x, y, { epochs: 1, verbose: 0 }));
+    expect(e.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(e.message).toMatch(/'outer_head\/kernel[^']*' is not a weight of model/);
+    // attached to the outer model, the nested one is preconditioned
+    const ok = adaFisher(outer, { lr: LR });
+    outer.compile({ optimizer: ok, loss: 'meanSquaredError' });
+    await outer.fit(x, y, { epochs: 1, verbose: 0 });
+    expect(ok.steps).toBe(1);
+    expect(ok.layerReport().every((r) => r.preconditioned)).toBe(true);
+    tf.dispose([x, y]);
+    o.dispose();
+    ok.dispose();
+  });
+
+  it('still trains unsupported layers (Embedding, LSTM) with momentum and reports them', async () => {
+    const model = tf.sequential({
+      layers: [
+        tf.layers.embedding({ inputDim: 10, outputDim: 4, inputLength: 3, name: 'emb' }),
+        tf.layers.lstm({ units: 3, name: 'lstm' }),
+        tf.layers.dense({ units: 2, name: 'head' }),
+      ],
+    });
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const before = weightsOf(model);
+    const x = tf.tensor2d([[1, 2, 3], [4, 5, 6]]);
+    const y = tf.ones([2, 2]);
+    await model.fit(x, y, { epochs: 2, verbose: 0 });
+    expect(opt.steps).toBe(2);
+    weightsOf(model).forEach((w, i) => expect(w.some((v, j) => v !== before[i][j])).toBe(true));
+    const by = Object.fromEntries(opt.layerReport().map((r) => [r.name, r]));
+    expect(by.emb.preconditioned).toBe(false);
+    expect(by.lstm.preconditioned).toBe(false);
+    expect(by.head).toMatchObject({ preconditioned: true, kind: 'linear' });
+    tf.dispose([x, y]);
+    opt.dispose();
+  });
+});

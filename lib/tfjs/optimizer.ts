@@ -186,8 +186,17 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     return reportLayers(model, pre);
   }
 
+  /**
+   * One training step (TF.js's fit, fitDataset and trainOnBatch call it): records the layer
+   * statistics while computing the gradients, then applies them.
+   * @throws {Error} code ADAFISHER_MODEL_MISMATCH when `varList` holds a variable that is not a
+   *   weight of the attached model, or one this optimizer was not set up for at its first step.
+   */
   override minimize(f: () => tf.Scalar, returnCost = false, varList?: tf.Variable[]): tf.Scalar | null {
+    const model = this.#requireModel();
+    if (varList !== undefined) this.#checkOwnVariables(model, varList);
     const plan = this.#ensurePlan(varList);
+    for (const v of varList ?? []) if (!plan.slotOf.has(v.name)) throw this.#unknownVariable(v.name);
     this.#checkTrainable(varList ?? plan.variables);
     this.#capturing = plan.core.willRefreshFactors;
     try {
@@ -225,13 +234,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     const grads: (Float32Array | null)[] = new Array(n).fill(null);
     for (const { name, tensor } of entries) {
       const i = plan.slotOf.get(name);
-      if (i === undefined) {
-        throw codedError(
-          ErrorCodes.modelMismatch,
-          `${PREFIX} variable '${name}' is not one this optimizer was set up for (the trainable weights of model ` +
-            `'${this.#model?.name}' at its first training step). Create a new optimizer after changing which weights are trainable.`,
-        );
-      }
+      if (i === undefined) throw this.#unknownVariable(name);
       if (tensor != null) grads[i] = floatData(tensor);
     }
     const core = plan.core;
@@ -251,6 +254,34 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     this.#last = result;
     this.#timing.stepMs += performance.now() - t0;
     this.#timing.steps++;
+  }
+
+  #unknownVariable(name: string): Error {
+    return codedError(
+      ErrorCodes.modelMismatch,
+      `${PREFIX} variable '${name}' is not one this optimizer was set up for (the trainable weights of model ` +
+        `'${this.#model?.name}' at its first training step). Create a new optimizer after changing which weights are trainable.`,
+    );
+  }
+
+  // NOTE: [one model per optimizer]
+  // model.compile() does not tell an optimizer which model it is compiled into. One created for
+  // (attached to) another model, or to a model nested in the one being trained, would find none
+  // of the trained variables among its model's layers and train them all with plain momentum,
+  // silently. So every variable it is asked to train must be a weight of the attached model
+  // (nested models, shared layers and layers it does not precondition included).
+  #checkOwnVariables(model: tf.LayersModel, varList: tf.Variable[]): void {
+    const own = new Set((model.weights as unknown as LayerVariableLike[]).map((w) => w.read()));
+    for (const v of varList) {
+      if (own.has(v)) continue;
+      throw codedError(
+        ErrorCodes.modelMismatch,
+        `${PREFIX} variable '${v.name}' is not a weight of model '${model.name}', the model this optimizer is attached to. ` +
+          'An AdaFisher optimizer trains the model it was created for: compile each model with its own, ' +
+          'model.compile({ optimizer: adaFisher(model) }), or call optimizer.attach(model) on the model it will train ' +
+          '(a model loaded with tf.loadLayersModel carries its optimizer detached).',
+      );
+    }
   }
 
   // A refreshing step needs H and S for every preconditioned layer. A layer none of whose
