@@ -759,3 +759,81 @@ describe('an optimizer trains only the model it is attached to', () => {
     opt.dispose();
   });
 });
+
+async function saveToMemory(model: tf.LayersModel): Promise<tf.io.ModelArtifacts> {
+  let artifacts: tf.io.ModelArtifacts | undefined;
+  await model.save(
+    tf.io.withSaveHandler(async (a) => {
+      artifacts = a;
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } };
+    }),
+    { includeOptimizer: true },
+  );
+  return artifacts!;
+}
+
+describe('a model saved before its first training step', () => {
+  it('loads, re-attaches and trains exactly like a fresh optimizer', async () => {
+    const model = buildModel({ s: 2, padding: 'same' });
+    model.compile({ optimizer: adaFisher(model, { lr: LR, tcov: 2 }), loss: 'meanSquaredError' });
+    const artifacts = await saveToMemory(model);
+    expect(artifacts.weightSpecs!.filter((s) => s.group === 'optimizer').map((s) => s.name)).toEqual(['iter']);
+    const loaded = await tf.loadLayersModel(tf.io.fromMemory(artifacts));
+    const lopt = loaded.optimizer as AdaFisherOptimizer;
+    lopt.attach(loaded);
+    for (let s = 1; s <= 4; s++) {
+      const b = batch(s, true);
+      await model.fit(b.x, b.y, { batchSize: 4, epochs: 1, verbose: 0, shuffle: false });
+      await loaded.fit(b.x, b.y, { batchSize: 4, epochs: 1, verbose: 0, shuffle: false });
+      tf.dispose([b.x, b.y]);
+    }
+    expect(lopt.steps).toBe(4);
+    const a = weightsOf(model);
+    weightsOf(loaded).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(a[i])));
+    model.optimizer.dispose();
+    lopt.dispose();
+    model.dispose();
+    loaded.dispose();
+  });
+
+  it('setWeights of a fresh state resets a trained optimizer; a partial state is still refused', async () => {
+    const model = buildModel();
+    const twin = buildModel();
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const fresh = await (adaFisher(twin)).getWeights();
+    const b1 = batch(1, false);
+    await model.fit(b1.x, b1.y, { batchSize: 8, epochs: 1, verbose: 0 });
+    expect(opt.steps).toBe(1);
+    await opt.setWeights(fresh);
+    expect(opt.steps).toBe(0);
+    // continues exactly like a fresh optimizer from the same weights
+    twin.setWeights(model.getWeights());
+    const topt = adaFisher(twin, { lr: LR });
+    twin.compile({ optimizer: topt, loss: 'meanSquaredError' });
+    for (let s = 2; s <= 3; s++) {
+      const b = batch(s, false);
+      await model.fit(b.x, b.y, { batchSize: 8, epochs: 1, verbose: 0, shuffle: false });
+      await twin.fit(b.x, b.y, { batchSize: 8, epochs: 1, verbose: 0, shuffle: false });
+      tf.dispose([b.x, b.y]);
+    }
+    const a = weightsOf(twin);
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(a[i])));
+    expect(opt.steps).toBe(2);
+
+    // iter 0 plus part of a state is not the fresh state: refused, naming the missing weight
+    const key = (model.trainableWeights[0] as unknown as { originalName: string }).originalName;
+    const partial = buildModel();
+    const popt = adaFisher(partial);
+    partial.compile({ optimizer: popt, loss: 'meanSquaredError' });
+    await popt.setWeights([
+      { name: 'iter', tensor: tf.scalar(0, 'int32') },
+      { name: `${key}/adafisher_m`, tensor: tf.zeros([30]) },
+    ]);
+    const e = await errorOf(() => partial.fit(b1.x, b1.y, { epochs: 1, verbose: 0 }));
+    expect(e.code).toBe('ADAFISHER_BAD_CHECKPOINT');
+    expect(e.message).toMatch(/no saved weight 'adafisher\/step_counts'/);
+    tf.dispose([b1.x, b1.y]);
+    [opt, topt, popt].forEach((o) => o.dispose());
+  });
+});

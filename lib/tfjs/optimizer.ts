@@ -10,7 +10,17 @@ import {
   type LayerSpec,
   type StepResult,
 } from '../optimizer.js';
-import { ITER, readSavedWeights, type NamedTensor, stateFromSaved, stateToTensors, type SavedWeights, type StateNames } from './serialization.js';
+import {
+  freshStateTensors,
+  isFreshState,
+  ITER,
+  readSavedWeights,
+  stateFromSaved,
+  stateToTensors,
+  type NamedTensor,
+  type SavedWeights,
+  type StateNames,
+} from './serialization.js';
 import {
   classifyLayer,
   collectLayers,
@@ -466,7 +476,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
           tensor: tf.tensor(v, name === ITER ? [] : [v.length], v instanceof Int32Array ? 'int32' : 'float32'),
         }));
       } else {
-        this.#savedTensors = [{ name: ITER, tensor: tf.scalar(0, 'int32') }];
+        this.#savedTensors = freshStateTensors();
       }
     } else {
       this.#savedTensors = stateToTensors(this.#plan.core.exportState(), this.#plan.names);
@@ -477,11 +487,18 @@ export class AdaFisherOptimizer extends tf.Optimizer {
   /**
    * Restores the state saved by getWeights() (TF.js calls this when loading a model saved with
    * its optimizer). Before attach() and the first training step the values are kept and applied
-   * when the optimizer is set up for the model.
+   * when the optimizer is set up for the model. The weights of an optimizer saved before its
+   * first step restore a fresh optimizer (set up for the model's trainable weights at the next step).
    * @throws {Error} code ADAFISHER_BAD_CHECKPOINT when the weights do not fit the model.
    */
   override async setWeights(weightValues: NamedTensor[]): Promise<void> {
     const saved = readSavedWeights(weightValues);
+    if (isFreshState(saved)) {
+      this.#dropPlan();
+      this.#pending = null;
+      this.iterations_ = 0;
+      return;
+    }
     if (this.#plan === null) {
       this.#pending = saved;
       return;
@@ -489,6 +506,15 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     const core = this.#plan.core;
     core.loadState(stateFromSaved(saved, core.exportState(), this.#plan.names));
     this.iterations_ = core.steps;
+  }
+
+  // Back to no plan: taps removed, native state freed; the next step sets up a fresh one.
+  #dropPlan(): void {
+    if (this.#plan === null) return;
+    this.#plan.uninstall.forEach((u) => u());
+    this.#plan.core.dispose();
+    this.#plan = null;
+    this.#last = null;
   }
 
   /** The hyperparameters (what model.save stores in its training config). */
@@ -520,11 +546,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
 
   /** Frees the native state, removes the taps (the model's layers are as before) and drops saved tensors. */
   override dispose(): void {
-    if (this.#plan) {
-      this.#plan.uninstall.forEach((u) => u());
-      this.#plan.core.dispose();
-      this.#plan = null;
-    }
+    this.#dropPlan();
     tf.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
     super.dispose();

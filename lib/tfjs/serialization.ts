@@ -13,6 +13,9 @@ import type { AdaFisherState } from '../optimizer.js';
 //   '<weight originalName>/adafisher_m' float32, momentum of that parameter
 //   'adafisher/step_counts'           int32 [tensors], per-parameter steps (bias correction)
 //   '<layer name>/adafisher_H', '.../adafisher_S'  float32 running factors
+// An optimizer that has not made its first step has no state to name yet (it is set up for
+// the model's trainable weights at that step) and saves 'iter' = 0 alone: the fresh state,
+// which restores as a fresh optimizer. Anything else must be a complete state.
 /** TF.js's { name, tensor } pair (not exported by @tensorflow/tfjs's typings). */
 export interface NamedTensor {
   name: string;
@@ -43,6 +46,17 @@ export function readSavedWeights(weights: NamedTensor[]): SavedWeights {
     out.set(w.name, w.tensor.dtype === 'int32' ? Int32Array.from(v) : Float32Array.from(v));
   }
   return out;
+}
+
+/** The weights of an optimizer that has made no step (see NOTE: [optimizer weight names]). */
+export function freshStateTensors(): NamedTensor[] {
+  return [{ name: ITER, tensor: tf.scalar(0, 'int32') }];
+}
+
+/** True for what freshStateTensors() saves: 'iter' = 0 and nothing else. */
+export function isFreshState(saved: SavedWeights): boolean {
+  const iter = saved.get(ITER);
+  return saved.size === 1 && iter !== undefined && iter.length === 1 && iter[0] === 0;
 }
 
 /** The state as named tensors (new tensors; the caller owns them). */
