@@ -660,6 +660,54 @@ describe('errors and options', () => {
     [opt, dil.optimizer, shared.optimizer].forEach((o) => o.dispose());
   });
 
+  it('round-trips every option through getConfig / fromConfig and model.save, backend included', async () => {
+    const options = { lr: 0.01, beta: 0.8, damping: 0.002, decay: 0.05, mix: 0.004, tcov: 3, weightDecay: 0.1, decoupled: true, backend: 'cpu' as const, nonFiniteGuard: false };
+    const opt = new AdaFisherOptimizer(options);
+    const config = opt.getConfig();
+    expect(config).toEqual(options);
+    const back = AdaFisherOptimizer.fromConfig(AdaFisherOptimizer, config) as AdaFisherOptimizer;
+    expect(back.getConfig()).toEqual(options);
+    expect(new AdaFisherOptimizer({ lr: 0.01 }).getConfig()).not.toHaveProperty('backend');
+    expect(() => new AdaFisherOptimizer({ backend: 'gpu' as 'cpu' })).toThrow(/options\.backend/);
+    const model = buildModel();
+    model.compile({ optimizer: adaFisher(model, options), loss: 'meanSquaredError' });
+    const loaded = await tf.loadLayersModel(tf.io.fromMemory(await saveToMemory(model)));
+    expect(loaded.optimizer.getConfig()).toEqual(options);
+    model.optimizer.dispose();
+    loaded.optimizer.dispose();
+  });
+
+  it('throws ADAFISHER_DISPOSED when a disposed optimizer is used again', async () => {
+    const model = buildModel();
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    opt.dispose();
+    opt.dispose(); // idempotent
+    const before = weightsOf(model);
+    const e = await errorOf(() => model.fit(x, y, { epochs: 1, verbose: 0 }));
+    expect(e.code).toBe('ADAFISHER_DISPOSED');
+    expect(e.message).toMatch(/disposed/);
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    expect((await errorOf(() => opt.getWeights())).code).toBe('ADAFISHER_DISPOSED');
+    tf.dispose([x, y]);
+  });
+
+  it("refuses backend 'cuda' when it is attached, not at the first fit, where CUDA cannot run", async () => {
+    const { backendInfo } = await import('../lib/index.js');
+    const model = buildModel();
+    if (backendInfo('cuda').backend === 'cuda') {
+      const opt = adaFisher(model, { backend: 'cuda' });
+      expect(opt.model).toBe(model);
+      opt.dispose();
+      return;
+    }
+    const e = await errorOf(() => adaFisher(model, { backend: 'cuda' }));
+    expect(e.code).toBe('ADAFISHER_BACKEND_UNAVAILABLE');
+    expect(e.message).toMatch(/cuda backend was requested \(option\) but cannot be used/);
+  });
+
 });
 
 describe('an optimizer trains only the model it is attached to', () => {

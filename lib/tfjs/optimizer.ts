@@ -1,6 +1,7 @@
 // AdaFisher as a TF.js optimizer: model.compile({ optimizer: adaFisher(model) }).
 import * as tf from '@tensorflow/tfjs';
 
+import { BACKEND_NAMES, resolveBackend, type BackendName } from '../backend.js';
 import { codedError, describe, ErrorCodes, withCode } from '../errors.js';
 import {
   AdaFisher,
@@ -10,6 +11,7 @@ import {
   type LayerSpec,
   type StepResult,
 } from '../optimizer.js';
+import { checkOneOf } from '../validate.js';
 import {
   freshStateTensors,
   isFreshState,
@@ -109,24 +111,45 @@ export class AdaFisherOptimizer extends tf.Optimizer {
   #savedTensors: NamedTensor[] = [];
   #last: StepResult | null = null;
   #timing = { statisticsMs: 0, stepMs: 0, steps: 0 };
+  #disposed = false;
 
   /**
-   * @param options hyperparameters as in the core API; checked here.
+   * @param options hyperparameters as in the core API; checked here (whether a requested 'cuda'
+   *   backend can run is checked by attach()).
    * @throws {TypeError|RangeError} naming a bad option.
    */
   constructor(options: AdaFisherTfjsOptions = {}) {
     super();
     this.#hyper = resolveHyperparameters(options);
+    if (options.backend !== undefined) checkOneOf('options.backend', options.backend, BACKEND_NAMES);
     this.#options = { ...options };
+  }
+
+  #alive(): void {
+    if (this.#disposed) {
+      throw codedError(ErrorCodes.disposed, `${PREFIX} this optimizer was disposed. Create a new one for the model with adaFisher(model).`);
+    }
+  }
+
+  // NOTE: [tfjs backend default]
+  // TF.js in Node keeps tensors in host memory (cpu, wasm): the native cpu backend updates
+  // them in place, while the cuda backend would copy every statistic, gradient and
+  // parameter to the device and back each step. So the adapter runs on 'cpu' unless told
+  // otherwise, by options.backend or ADAFISHER_BACKEND.
+  #backendRequest(): BackendName | undefined {
+    return this.#options.backend ?? (process.env.ADAFISHER_BACKEND ? undefined : 'cpu');
   }
 
   /**
    * Instruments a model's layers for this optimizer. Call once per optimizer; adaFisher() does it.
    * @returns this
    * @throws {TypeError} code ADAFISHER_INVALID_ARGUMENT when `model` is not a tf.LayersModel.
-   * @throws {Error} code ADAFISHER_MODEL_MISMATCH when already attached to another model.
+   * @throws {Error} code ADAFISHER_MODEL_MISMATCH when already attached to another model; code
+   *   ADAFISHER_BACKEND_UNAVAILABLE when backend 'cuda' (option or ADAFISHER_BACKEND) cannot run
+   *   here, as the core API; code ADAFISHER_DISPOSED after dispose().
    */
   attach(model: tf.LayersModel): this {
+    this.#alive();
     if (!(model instanceof tf.LayersModel)) {
       throw withCode(
         new TypeError(`${PREFIX} Expected a tf.LayersModel (tf.sequential or tf.model) for model but received ${describe(model)}`),
@@ -140,6 +163,10 @@ export class AdaFisherOptimizer extends tf.Optimizer {
           `Create one for model '${model.name}' with adaFisher(model).`,
       );
     }
+    // Refuse a backend that cannot run now, not at the first training step. (Not in the
+    // constructor: tf.loadLayersModel constructs the optimizer saved with a model, and the model
+    // must load for prediction on a machine without CUDA too.)
+    resolveBackend(this.#backendRequest());
     this.#model = model;
     return this;
   }
@@ -183,6 +210,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    * the model's current trainable weights.
    */
   layerReport(): LayerReport[] {
+    this.#alive();
     const model = this.#requireModel();
     const pre = new Set<tf.layers.Layer>();
     if (this.#plan) for (const t of this.#plan.taps) pre.add(t.supported.layer);
@@ -203,6 +231,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    *   weight of the attached model, or one this optimizer was not set up for at its first step.
    */
   override minimize(f: () => tf.Scalar, returnCost = false, varList?: tf.Variable[]): tf.Scalar | null {
+    this.#alive();
     const model = this.#requireModel();
     if (varList !== undefined) this.#checkOwnVariables(model, varList);
     const plan = this.#ensurePlan(varList);
@@ -228,6 +257,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    *   for; code ADAFISHER_MISSING_STATISTICS for missing statistics.
    */
   override applyGradients(variableGradients: tf.NamedTensorMap | NamedTensor[]): void {
+    this.#alive();
     const plan = this.#plan;
     if (plan === null) {
       throw codedError(
@@ -394,13 +424,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
       specs.push({ kind: 'param', param: floatData(v) });
       addSlot(v);
     }
-    // NOTE: [tfjs backend default]
-    // TF.js in Node keeps tensors in host memory (cpu, wasm): the native cpu backend updates
-    // them in place, while the cuda backend would copy every statistic, gradient and
-    // parameter to the device and back each step. So the adapter runs on 'cpu' unless told
-    // otherwise, by options.backend or ADAFISHER_BACKEND.
-    const backend = this.#options.backend ?? (process.env.ADAFISHER_BACKEND ? undefined : 'cpu');
-    const core = new AdaFisher(specs, { ...this.#options, backend });
+    const core = new AdaFisher(specs, { ...this.#options, backend: this.#backendRequest() });
     const plan: Plan = {
       core,
       variables,
@@ -466,6 +490,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    * The tensors stay valid until the next getWeights() or dispose().
    */
   override async getWeights(): Promise<NamedTensor[]> {
+    this.#alive();
     tf.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
     if (this.#plan === null) {
@@ -492,6 +517,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    * @throws {Error} code ADAFISHER_BAD_CHECKPOINT when the weights do not fit the model.
    */
   override async setWeights(weightValues: NamedTensor[]): Promise<void> {
+    this.#alive();
     const saved = readSavedWeights(weightValues);
     if (isFreshState(saved)) {
       this.#dropPlan();
@@ -517,9 +543,10 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     this.#last = null;
   }
 
-  /** The hyperparameters (what model.save stores in its training config). */
+  /** The hyperparameters, and the backend when one was asked for (what model.save stores in its training config). */
   override getConfig(): tf.serialization.ConfigDict {
     const h = this.#hyper;
+    const backend = this.#options.backend;
     return {
       lr: h.lr,
       beta: h.beta,
@@ -530,6 +557,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
       weightDecay: h.weightDecay,
       decoupled: h.decoupled,
       nonFiniteGuard: h.nonFiniteGuard,
+      ...(backend !== undefined ? { backend } : {}),
     };
   }
 
@@ -538,14 +566,19 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     config: tf.serialization.ConfigDict,
   ): T {
     // TF.js adds its own entries (customObjects) to the stored config: keep the hyperparameters.
-    const keys = ['lr', 'beta', 'damping', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'nonFiniteGuard'] as const;
+    const keys = ['lr', 'beta', 'damping', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'nonFiniteGuard', 'backend'] as const;
     const options: Record<string, unknown> = {};
     for (const k of keys) if (config[k] !== undefined) options[k] = config[k];
     return new cls(options as AdaFisherTfjsOptions);
   }
 
-  /** Frees the native state, removes the taps (the model's layers are as before) and drops saved tensors. */
+  /**
+   * Frees the native state, removes the taps (the model's layers are as before) and drops saved
+   * tensors. Further training, attach, getWeights and setWeights throw code ADAFISHER_DISPOSED. Idempotent.
+   */
   override dispose(): void {
+    this.#disposed = true;
+    this.#pending = null;
     this.#dropPlan();
     tf.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
