@@ -17,6 +17,8 @@ export const ErrorCodes = {
   modelMismatch: 'ADAFISHER_MODEL_MISMATCH',
   /** TF.js adapter: a layer that neither TF.js nor AdaFisher can train as it is used. */
   unsupportedLayer: 'ADAFISHER_UNSUPPORTED_LAYER',
+  /** TF.js adapter: the optional peer dependency @tensorflow/tfjs is not installed. */
+  tfjsNotFound: 'ADAFISHER_TFJS_NOT_FOUND',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

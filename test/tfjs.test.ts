@@ -1,10 +1,17 @@
 // The TF.js adapter: parity with the core API and a float64 reference, save/load, leaks,
-// prediction, layer reporting, the wasm backend.
+// prediction, layer reporting, the wasm backend, the optimizer's life cycle and errors, and
+// loading the compiled adapter with require() and import.
+import { spawnSync } from 'node:child_process';
+import { cpSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
 import * as tf from '@tensorflow/tfjs';
 import { beforeAll, describe, expect, it } from 'vitest';
 
 import { AdaFisher, type LayerSpec } from '../lib/index.js';
 import { adaFisher, AdaFisherOptimizer } from '../lib/tfjs/index.js';
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
 
 const LR = 1e-3;
 const BETA = 0.9;
@@ -883,5 +890,57 @@ describe('a model saved before its first training step', () => {
     expect(e.message).toMatch(/no saved weight 'adafisher\/step_counts'/);
     tf.dispose([b1.x, b1.y]);
     [opt, topt, popt].forEach((o) => o.dispose());
+  });
+});
+
+describe('loading adafisher/tfjs', () => {
+  // Plain Node processes on the compiled package (dist/), as an application loads it.
+  const script = (load: string) => `
+    ${load}
+    (async () => {
+      await tf.setBackend('cpu');
+      const m = tf.sequential({ layers: [tf.layers.dense({ inputShape: [2], units: 1 })] });
+      const o = adaFisher(m);
+      m.compile({ optimizer: o, loss: 'meanSquaredError' });
+      await m.fit(tf.ones([4, 2]), tf.ones([4, 1]), { epochs: 2, verbose: 0 });
+      console.log(JSON.stringify({ steps: o.steps, isOptimizer: o instanceof tf.Optimizer, isClass: o instanceof AdaFisherOptimizer }));
+    })().catch((e) => { console.error(e); process.exit(1); });`;
+  const node = (args: string[], cwd: string) => {
+    const env = { ...process.env };
+    delete env.NODE_PATH;
+    delete env.NODE_OPTIONS; // vitest's own loader hooks
+    return spawnSync(process.execPath, args, { cwd, env, encoding: 'utf8', timeout: 60_000 });
+  };
+
+  beforeAll(() => ensureDist());
+
+  it.each([
+    ['require()', ['-e'], "const tf = require('@tensorflow/tfjs'); const { adaFisher, AdaFisherOptimizer } = require('adafisher/tfjs');"],
+    ['import', ['--input-type=module', '-e'], "import * as tf from '@tensorflow/tfjs'; import { adaFisher, AdaFisherOptimizer } from 'adafisher/tfjs';"],
+  ])('works with %s, on the application\'s own TF.js instance', (_, flags, load) => {
+    const r = node([...flags, script(load)], repoRoot);
+    expect(r.stderr).not.toMatch(/ERR_REQUIRE_ASYNC_MODULE|Error/);
+    expect(r.status).toBe(0);
+    expect(JSON.parse(r.stdout.trim().split('\n').pop()!)).toEqual({ steps: 2, isOptimizer: true, isClass: true });
+  });
+
+  it('says how to install @tensorflow/tfjs when it is missing, to require() and import alike', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'adafisher-no-tfjs-'));
+    try {
+      cpSync(join(repoRoot, 'dist', 'lib'), join(dir, 'lib'), { recursive: true });
+      writeFileSync(join(dir, 'package.json'), JSON.stringify({ type: 'module' }));
+      for (const args of [
+        ['-e', "try { require('./lib/tfjs/index.js') } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })) }"],
+        ['--input-type=module', '-e', "try { await import('./lib/tfjs/index.js') } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })) }"],
+      ]) {
+        const r = node(args, dir);
+        expect(r.status, r.stderr).toBe(0);
+        const e = JSON.parse(r.stdout.trim().split('\n').pop()!);
+        expect(e.code).toBe('ADAFISHER_TFJS_NOT_FOUND');
+        expect(e.message).toMatch(/needs the peer dependency '@tensorflow\/tfjs' \(>= 4.22\), which is not installed: npm install @tensorflow\/tfjs/);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -1,5 +1,8 @@
 // AdaFisher as a TF.js optimizer: model.compile({ optimizer: adaFisher(model) }).
-import * as tf from '@tensorflow/tfjs';
+import type * as tf from '@tensorflow/tfjs';
+
+// First, so that a missing @tensorflow/tfjs is reported before anything else (NOTE: [loading tfjs]).
+import { tfjs } from './tf.js';
 
 import { BACKEND_NAMES, resolveBackend, type BackendName } from '../backend.js';
 import { codedError, describe, ErrorCodes, withCode } from '../errors.js';
@@ -77,12 +80,12 @@ function floatData(t: tf.Tensor): Float32Array {
 // private copy once. Other backends (wasm, webgl, node) copy in dataSync(), so there the updated
 // host copy is written back with assign().
 function ownsLiveData(v: tf.Variable): Float32Array | null {
-  const engine = tf.engine();
+  const engine = tfjs.engine();
   if (engine.backendName !== 'cpu' || v.dtype !== 'float32') return null;
   let data = v.dataSync() as Float32Array;
   if (data !== v.dataSync()) return null;
   if (engine.backend.refCount(v.dataId) > 1) {
-    const copy = tf.tensor(data.slice(), v.shape, 'float32');
+    const copy = tfjs.tensor(data.slice(), v.shape, 'float32');
     v.assign(copy);
     copy.dispose();
     data = v.dataSync() as Float32Array;
@@ -99,7 +102,7 @@ function ownsLiveData(v: tf.Variable): Float32Array | null {
  * and output gradient through taps on those layers (see NOTE: [taps]) and makes one native
  * step per training step. Prediction and evaluation are not touched.
  */
-export class AdaFisherOptimizer extends tf.Optimizer {
+export class AdaFisherOptimizer extends tfjs.Optimizer {
   static className = 'AdaFisher';
 
   #options: AdaFisherOptions;
@@ -150,7 +153,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    */
   attach(model: tf.LayersModel): this {
     this.#alive();
-    if (!(model instanceof tf.LayersModel)) {
+    if (!(model instanceof tfjs.LayersModel)) {
       throw withCode(
         new TypeError(`${PREFIX} Expected a tf.LayersModel (tf.sequential or tf.model) for model but received ${describe(model)}`),
         ErrorCodes.invalidArgument,
@@ -285,7 +288,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     if (result.applied) {
       plan.variables.forEach((v, i) => {
         if (live[i] !== null || grads[i] === null) return;
-        const t = tf.tensor(params[i], v.shape, 'float32');
+        const t = tfjs.tensor(params[i], v.shape, 'float32');
         v.assign(t);
         t.dispose();
       });
@@ -359,7 +362,7 @@ export class AdaFisherOptimizer extends tf.Optimizer {
   // Where TF.js itself cannot train a layer, say so before it fails deep inside TF.js.
   #checkTrainable(varList: tf.Variable[]): void {
     const names = new Set(varList.map((v) => v.name));
-    const backend = tf.getBackend();
+    const backend = tfjs.getBackend();
     for (const layer of collectLayers(this.#requireModel())) {
       if (layer.getClassName() !== 'Conv2D') continue;
       const trained = (layer.trainableWeights as unknown as LayerVariableLike[]).some((w) => names.has(w.name));
@@ -368,14 +371,14 @@ export class AdaFisherOptimizer extends tf.Optimizer {
       if ((Array.isArray(dil) ? dil : [dil]).some((d) => d !== 1)) {
         throw codedError(
           ErrorCodes.unsupportedLayer,
-          `${PREFIX} Conv2D layer '${layer.name}' has dilationRate ${JSON.stringify(dil)}: TF.js ${tf.version.tfjs} cannot compute ` +
+          `${PREFIX} Conv2D layer '${layer.name}' has dilationRate ${JSON.stringify(dil)}: TF.js ${tfjs.version.tfjs} cannot compute ` +
             'gradients of dilated convolutions, so no optimizer can train it. Freeze it (layer.trainable = false) or use dilationRate 1.',
         );
       }
       if (backend === 'wasm') {
         throw codedError(
           ErrorCodes.unsupportedLayer,
-          `${PREFIX} Conv2D layer '${layer.name}' cannot be trained on the TF.js 'wasm' backend: TF.js ${tf.version.tfjs} has no ` +
+          `${PREFIX} Conv2D layer '${layer.name}' cannot be trained on the TF.js 'wasm' backend: TF.js ${tfjs.version.tfjs} has no ` +
             "wasm kernel for Conv2D's weight gradient (Conv2DBackpropFilter). Train it on the 'cpu' backend (await tf.setBackend('cpu')).",
         );
       }
@@ -491,14 +494,14 @@ export class AdaFisherOptimizer extends tf.Optimizer {
    */
   override async getWeights(): Promise<NamedTensor[]> {
     this.#alive();
-    tf.dispose(this.#savedTensors.map((w) => w.tensor));
+    tfjs.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
     if (this.#plan === null) {
       if (this.#pending !== null) {
         // Restored but not set up for the model yet: hand back what was restored.
         this.#savedTensors = [...this.#pending].map(([name, v]) => ({
           name,
-          tensor: tf.tensor(v, name === ITER ? [] : [v.length], v instanceof Int32Array ? 'int32' : 'float32'),
+          tensor: tfjs.tensor(v, name === ITER ? [] : [v.length], v instanceof Int32Array ? 'int32' : 'float32'),
         }));
       } else {
         this.#savedTensors = freshStateTensors();
@@ -580,10 +583,10 @@ export class AdaFisherOptimizer extends tf.Optimizer {
     this.#disposed = true;
     this.#pending = null;
     this.#dropPlan();
-    tf.dispose(this.#savedTensors.map((w) => w.tensor));
+    tfjs.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
     super.dispose();
   }
 }
 
-tf.serialization.registerClass(AdaFisherOptimizer);
+tfjs.serialization.registerClass(AdaFisherOptimizer);

@@ -1,8 +1,9 @@
 // The AdaFisher state as TF.js optimizer weights (what model.save({ includeOptimizer }) stores).
-import * as tf from '@tensorflow/tfjs';
+import type * as tf from '@tensorflow/tfjs';
 
 import { codedError, ErrorCodes, typeError } from '../errors.js';
 import type { AdaFisherState } from '../optimizer.js';
+import { tfjs } from './tf.js';
 
 // NOTE: [optimizer weight names]
 // TF.js decodes model and optimizer weights into ONE name → tensor map, so optimizer weight
@@ -50,7 +51,7 @@ export function readSavedWeights(weights: NamedTensor[]): SavedWeights {
 
 /** The weights of an optimizer that has made no step (see NOTE: [optimizer weight names]). */
 export function freshStateTensors(): NamedTensor[] {
-  return [{ name: ITER, tensor: tf.scalar(0, 'int32') }];
+  return [{ name: ITER, tensor: tfjs.scalar(0, 'int32') }];
 }
 
 /** True for what freshStateTensors() saves: 'iter' = 0 and nothing else. */
@@ -61,12 +62,12 @@ export function isFreshState(saved: SavedWeights): boolean {
 
 /** The state as named tensors (new tensors; the caller owns them). */
 export function stateToTensors(state: AdaFisherState, names: StateNames): NamedTensor[] {
-  const out: NamedTensor[] = [{ name: ITER, tensor: tf.scalar(state.steps, 'int32') }];
-  state.momenta.forEach((m, i) => out.push({ name: momentumName(names.slotKeys[i]), tensor: tf.tensor1d(m, 'float32') }));
-  out.push({ name: STEP_COUNTS, tensor: tf.tensor1d(Int32Array.from(state.stepCounts), 'int32') });
+  const out: NamedTensor[] = [{ name: ITER, tensor: tfjs.scalar(state.steps, 'int32') }];
+  state.momenta.forEach((m, i) => out.push({ name: momentumName(names.slotKeys[i]), tensor: tfjs.tensor1d(m, 'float32') }));
+  out.push({ name: STEP_COUNTS, tensor: tfjs.tensor1d(Int32Array.from(state.stepCounts), 'int32') });
   state.factors.forEach((f, j) => {
-    out.push({ name: factorName(names.layerNames[j], 'H'), tensor: tf.tensor1d(f.H, 'float32') });
-    out.push({ name: factorName(names.layerNames[j], 'S'), tensor: tf.tensor1d(f.S, 'float32') });
+    out.push({ name: factorName(names.layerNames[j], 'H'), tensor: tfjs.tensor1d(f.H, 'float32') });
+    out.push({ name: factorName(names.layerNames[j], 'S'), tensor: tfjs.tensor1d(f.S, 'float32') });
   });
   return out;
 }

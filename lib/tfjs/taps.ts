@@ -1,10 +1,11 @@
 // Layer instrumentation for the TF.js adapter: which layers AdaFisher can precondition,
 // how to describe them to the core API, and the taps that capture each layer's input and
 // pre-activation output gradient during training.
-import * as tf from '@tensorflow/tfjs';
+import type * as tf from '@tensorflow/tfjs';
 
 import { codedError, ErrorCodes } from '../errors.js';
 import type { LayerSpec, Tensor as CoreTensor } from '../optimizer.js';
+import { tfjs } from './tf.js';
 
 /** The parts of a tfjs-layers LayerVariable the adapter uses. */
 export interface LayerVariableLike {
@@ -125,10 +126,10 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
         weight: l.kernel!,
         bias: l.bias ?? null,
         preActivation: (x) => {
-          const x2 = x.rank === 2 ? x : tf.reshape(x, [-1, inF]);
-          let y = tf.matMul(x2 as tf.Tensor2D, l.kernel!.read() as tf.Tensor2D);
-          if (l.bias != null) y = tf.add(y, l.bias.read());
-          return x.rank === 2 ? y : tf.reshape(y, [...x.shape.slice(0, -1), outF]);
+          const x2 = x.rank === 2 ? x : tfjs.reshape(x, [-1, inF]);
+          let y = tfjs.matMul(x2 as tf.Tensor2D, l.kernel!.read() as tf.Tensor2D);
+          if (l.bias != null) y = tfjs.add(y, l.bias.read());
+          return x.rank === 2 ? y : tfjs.reshape(y, [...x.shape.slice(0, -1), outF]);
         },
         spec: (weight, bias) => ({ kind: 'linear', inFeatures: inF, outFeatures: outF, weight, bias, layout: 'tfjs' }),
         inputShape: flattenRows(inF),
@@ -148,8 +149,8 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
         weight: l.kernel!,
         bias: l.bias ?? null,
         preActivation: (x) => {
-          const y = tf.conv2d(x as tf.Tensor4D, l.kernel!.read() as tf.Tensor4D, stride, l.padding as 'same' | 'valid', 'NHWC');
-          return l.bias != null ? tf.add(y, l.bias.read()) : y;
+          const y = tfjs.conv2d(x as tf.Tensor4D, l.kernel!.read() as tf.Tensor4D, stride, l.padding as 'same' | 'valid', 'NHWC');
+          return l.bias != null ? tfjs.add(y, l.bias.read()) : y;
         },
         spec: (weight, bias) => ({
           kind: 'conv2d',
@@ -277,7 +278,7 @@ export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, in
   const l = layer as AnyLayer;
   const rec: TapRecord = { original: l.call, hadOwn: Object.prototype.hasOwnProperty.call(l, 'call'), removed: false };
   const original = rec.original;
-  const gradTap = tf.customGrad(((x: tf.Tensor) => ({
+  const gradTap = tfjs.customGrad(((x: tf.Tensor) => ({
     value: x.clone(),
     gradFunc: (dy: tf.Tensor) => {
       sink.outputGrad(index, dy);
@@ -294,7 +295,7 @@ export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, in
     sink.input(index, x);
     if (pre === undefined) return gradTap(original.call(this, inputs, kwargs) as tf.Tensor);
     const act = this.activation;
-    const tapped = gradTap(tf.tidy(() => pre(x)));
+    const tapped = gradTap(tfjs.tidy(() => pre(x)));
     return act != null && act.getClassName() !== 'linear' ? act.apply(tapped) : tapped;
   };
   tapRecords.set(tappedCall, rec);
