@@ -1,6 +1,8 @@
 #include "glue.h"
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <new>
 
 #include "buffer_wrap.h"
@@ -34,6 +36,28 @@ std::shared_ptr<Backend> GetBackend(Napi::Env env, const Napi::Value& name, cons
   ThrowRangeError(env, "Expected 'cpu' or 'cuda' for " + what + " but received '" + n + "'");
 }
 
+// A number the way JavaScript prints it: the shortest decimal that reads back as the same
+// double (1.5, 1e-9, 123456789), NaN, Infinity, -Infinity; never %f's fixed 6 decimals.
+std::string FormatNumber(double d) {
+  if (std::isnan(d)) return "NaN";
+  if (std::isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
+  if (d == 0) return "0";  // also -0, as String(-0) does
+  char buf[40];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, d);
+    if (std::strtod(buf, nullptr) == d) break;
+  }
+  std::string s = buf;
+  // %g writes exponents with at least two digits and an explicit sign ("1e-09", "1e+21");
+  // JavaScript writes "1e-9" and "1e+21".
+  const size_t e = s.find('e');
+  if (e != std::string::npos && e + 2 < s.size()) {
+    size_t first = e + 2;
+    while (first + 1 < s.size() && s[first] == '0') s.erase(first, 1);
+  }
+  return s;
+}
+
 namespace {
 [[noreturn]] void ThrowWithCode(Napi::Error error, const char* code) {
   error.Set("code", Napi::String::New(error.Env(), code));
@@ -62,7 +86,7 @@ std::string Describe(const Napi::Value& value) {
     case napi_number: {
       type = "number";
       const double d = value.As<Napi::Number>().DoubleValue();
-      shown = std::isnan(d) ? "NaN" : std::to_string(d);
+      shown = FormatNumber(d);
       break;
     }
     case napi_string: {

@@ -34,6 +34,8 @@ std::shared_ptr<Backend> GetBackend(Napi::Env env, const Napi::Value& name, cons
 
 // "Expected <expected> for <name> but received <value> of type <type>".
 std::string Describe(const Napi::Value& value);
+/** A number as JavaScript's String() prints it (shortest round-trip; NaN, Infinity). */
+std::string FormatNumber(double d);
 
 // Runs fn, turning BackendError / std::bad_alloc / std::exception into JS errors.
 Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn);

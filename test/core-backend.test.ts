@@ -111,6 +111,21 @@ describe('backend selection', () => {
   });
 });
 
+describe('native error messages', () => {
+  test('print numbers as JavaScript does (1.5, 1e-9, Infinity), not with %f', () => {
+    const b = createBuffer(4, { backend: 'cpu' });
+    for (const [value, shown] of [[1.5, '1.5'], [1e-9, '1e-9'], [Infinity, 'Infinity'], [-2.25e300, '-2.25e+300'], [0.1, '0.1']] as const) {
+      expectThrows(() => b.upload(new Float32Array(1), value), {
+        cls: RangeError,
+        message: new RegExp(`^Expected an integer in \\[0, 4\\] for offset but received ${shown.replace(/[.+]/g, '\\$&')} of type number$`),
+        code: ErrorCodes.invalidArgument,
+      });
+    }
+    expectThrows(() => liveAllocations(1.5 as never), { cls: TypeError, message: /for backend but received 1\.5 of type number$/, code: ErrorCodes.invalidArgument });
+    b.dispose();
+  });
+});
+
 describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('DeviceBuffer (%s backend)', (backend) => {
   test('createBuffer(length) is zero-filled; createBuffer(data) copies', () => {
     const z = createBuffer(5, { backend });
