@@ -1,6 +1,9 @@
 // Backend selection (option, ADAFISHER_BACKEND, auto), and DeviceBuffers and TimingEvents of
 // every usable backend.
-import { afterEach, beforeEach, describe, expect, test } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+
+import { afterEach, beforeAll, beforeEach, describe, expect, test } from 'vitest';
 
 import {
   AdaFisher,
@@ -16,6 +19,7 @@ import {
   type TimingEvent,
 } from '../lib/index.js';
 import { assertBitIdentical, assertSnapshotsIdentical, expectThrows, hostCopy, paramsOf, Rng, snapshot } from './helpers.js';
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
 
 const saved = process.env.ADAFISHER_BACKEND;
 beforeEach(() => {
@@ -108,6 +112,35 @@ describe('backend selection', () => {
       }
       delete process.env.ADAFISHER_BACKEND;
     }
+  });
+});
+
+describe('ADAFISHER_NUM_THREADS', () => {
+  // The CPU backend is created once per process (worker), so each value gets a fresh node.
+  beforeAll(() => ensureDist());
+  const probe = (value: string) => {
+    const code = `import(${JSON.stringify(join(repoRoot, 'dist', 'lib', 'index.js'))}).then((m) => {
+      try { console.log(JSON.stringify({ threads: m.backendInfo('cpu').cpuThreads })); }
+      catch (e) { console.log(JSON.stringify({ cls: e.constructor.name, code: e.code, message: e.message })); }
+    });`;
+    const r = spawnSync(process.execPath, ['-e', code], {
+      encoding: 'utf8',
+      env: { ...process.env, ADAFISHER_NUM_THREADS: value },
+    });
+    expect(r.status, r.stderr).toBe(0);
+    return JSON.parse(r.stdout) as { threads?: number; cls?: string; code?: string; message?: string };
+  };
+
+  test('a valid value sets the CPU threads', () => {
+    expect(probe('3')).toEqual({ threads: 3 });
+  });
+
+  test.each(['abc', '0', '-2', '4x', '257'])('%j is a RangeError naming the variable, not silently ignored', (value) => {
+    expect(probe(value)).toEqual({
+      cls: 'RangeError',
+      code: ErrorCodes.invalidArgument,
+      message: `Expected an integer in [1, 256] for ADAFISHER_NUM_THREADS but received '${value}'`,
+    });
   });
 });
 

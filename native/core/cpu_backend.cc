@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -460,13 +461,29 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
+constexpr int kMaxThreads = 256;
+
 std::unique_ptr<Backend> CreateCpuBackend(int threads) {
   if (threads <= 0) {
+    // ADAFISHER_NUM_THREADS, when set and not empty, must be an integer in [1, 256]: a
+    // typo is refused (like a bad ADAFISHER_BACKEND) rather than silently ignored.
     const char* env = std::getenv("ADAFISHER_NUM_THREADS");
-    threads = env != nullptr ? std::atoi(env) : 0;
-    if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
-    if (threads <= 0) threads = 1;
-    threads = std::min(threads, 256);
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      errno = 0;
+      const long v = std::strtol(env, &end, 10);
+      if (errno != 0 || end == env || *end != '\0' || v < 1 || v > kMaxThreads) {
+        std::string shown(env);
+        if (shown.size() > 40) shown = shown.substr(0, 40) + "...";
+        throw BackendError(ErrorCode::kInvalidArgument, "Expected an integer in [1, " + std::to_string(kMaxThreads) +
+                                                            "] for ADAFISHER_NUM_THREADS but received '" + shown + "'");
+      }
+      threads = static_cast<int>(v);
+    } else {
+      threads = static_cast<int>(std::thread::hardware_concurrency());
+      if (threads <= 0) threads = 1;
+      threads = std::min(threads, kMaxThreads);
+    }
   }
   return std::make_unique<CpuBackend>(threads);
 }
