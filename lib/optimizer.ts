@@ -486,9 +486,16 @@ export class AdaFisher {
     const bad = (msg: string) => codedError(ErrorCodes.badCheckpoint, `Invalid AdaFisher checkpoint: ${msg}`);
     if (state === null || typeof state !== 'object') throw bad(`expected an object, received ${typeof state}`);
     if (state.format !== 'adafisher-state' || state.version !== 1) throw bad("expected format 'adafisher-state', version 1");
+    const h = state.hyperparameters as Partial<AdaFisherHyperparameters> | undefined;
+    if (h === null || typeof h !== 'object' || Array.isArray(h)) {
+      throw bad(`hyperparameters: expected an object, received ${h === undefined ? 'nothing (the field is missing)' : describeType(h)}`);
+    }
+    // Every field is required: a default here would silently replace the checkpoint's value.
+    for (const key of HYPERPARAMETER_KEYS) {
+      if (h[key] === undefined) throw bad(`hyperparameters.${key} is missing`);
+    }
     let hyper: AdaFisherHyperparameters;
     try {
-      const h = state.hyperparameters ?? ({} as AdaFisherHyperparameters);
       hyper = resolveHyperparameters({
         lr: h.lr, beta: h.beta, damping: h.damping, decay: h.decay, mix: h.mix, tcov: h.tcov,
         weightDecay: h.weightDecay, decoupled: h.decoupled, nonFiniteGuard: h.nonFiniteGuard,
@@ -521,10 +528,21 @@ export class AdaFisher {
       if (f?.layer !== preconditioned[j].i) throw bad(`factors[${j}] belongs to layer ${f?.layer}, expected layer ${preconditioned[j].i}`);
       if (!(f?.H instanceof Float32Array) || f.H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
       if (!(f?.S instanceof Float32Array) || f.S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
+      checkFactorValues(f.H, `factors[${j}].H`, hyper.nonFiniteGuard, bad);
+      checkFactorValues(f.S, `factors[${j}].S`, hyper.nonFiniteGuard, bad);
       flat.set(f.H, l.hOffset);
       flat.set(f.S, l.sOffset);
     });
     if (!Array.isArray(state.momenta)) throw bad('momenta must be an array');
+    if (hyper.nonFiniteGuard) {
+      // Sizes and types are checked natively (importState); values here. A guarded
+      // optimizer never holds a NaN/Infinity momentum, so such a checkpoint is corrupt.
+      state.momenta.forEach((m, t) => {
+        if (!(m instanceof Float32Array)) return;
+        const i = m.findIndex((x) => !Number.isFinite(x));
+        if (i >= 0) throw bad(`momenta[${t}][${i}] is ${m[i]}; a checkpoint saved with nonFiniteGuard: true holds only finite momenta`);
+      });
+    }
     // A fresh native optimizer with the checkpoint's hyperparameters; swap only once it holds the state.
     const fresh = this.#createNative(hyper);
     try {
@@ -548,7 +566,27 @@ export class AdaFisher {
 }
 
 function describeType(v: unknown): string {
-  return v === null ? 'null' : typeof v;
+  return v === null ? 'null' : Array.isArray(v) ? 'an array' : typeof v;
+}
+
+const HYPERPARAMETER_KEYS = ['lr', 'beta', 'damping', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'nonFiniteGuard'] as const;
+
+/**
+ * Running factors start at ones and are updated as decay·R + mix·x' with decay, mix >= 0 and
+ * x' a min-max-normalized statistic in [0, 1) (ALGORITHM.md "Normalize, then average"), so
+ * they are finite and >= 0. The one exception: with nonFiniteGuard off a NaN statistic is
+ * let through and leaves NaN factors, which such a checkpoint may carry.
+ */
+function checkFactorValues(a: Float32Array, name: string, guard: boolean, bad: (msg: string) => Error): void {
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i];
+    if (x >= 0 && x !== Infinity) continue;
+    if (Number.isNaN(x) && !guard) continue;
+    throw bad(
+      `${name}[${i}] is ${x}; running factors are finite and >= 0` +
+        (Number.isNaN(x) ? ' (NaN only in a checkpoint saved with nonFiniteGuard: false)' : ''),
+    );
+  }
 }
 
 // JSON has no NaN/±Infinity: those (possible with nonFiniteGuard: false) travel as strings.

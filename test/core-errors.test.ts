@@ -247,6 +247,86 @@ const cases: Case[] = [
     code: BAD_CHECKPOINT,
   },
   {
+    name: 'checkpoint: hyperparameters missing (no silent reset to the defaults)',
+    call: (f) => f.opt.loadState(withState(f, (s) => void delete (s as Partial<AdaFisherState>).hyperparameters) as AdaFisherState),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: hyperparameters: expected an object, received nothing \(the field is missing\)$/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: hyperparameters.tcov missing',
+    call: (f) => f.opt.loadState(withState(f, (s) => void delete (s.hyperparameters as Partial<AdaFisherState['hyperparameters']>).tcov) as AdaFisherState),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: hyperparameters\.tcov is missing$/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: hyperparameters is an array',
+    call: (f) => f.opt.loadState(withState(f, (s) => void ((s as { hyperparameters: unknown }).hyperparameters = [])) as AdaFisherState),
+    cls: Error,
+    message: /hyperparameters: expected an object, received an array/,
+    code: BAD_CHECKPOINT,
+  },
+  // The corrupt checkpoints below also carry other hyperparameters (lr 0.5, tcov 3): the
+  // harness checks that none of them was taken over by the refused load.
+  {
+    name: 'checkpoint: NaN in a running factor S (saved with nonFiniteGuard: true)',
+    call: (f) =>
+      f.opt.loadState(
+        withState(f, (s) => {
+          Object.assign(s.hyperparameters, { lr: 0.5, tcov: 3 });
+          s.factors[0].S[1] = NaN;
+        }) as AdaFisherState,
+      ),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: factors\[0\]\.S\[1\] is NaN; running factors are finite and >= 0/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a negative running factor H',
+    call: (f) =>
+      f.opt.loadState(
+        withState(f, (s) => {
+          Object.assign(s.hyperparameters, { lr: 0.5, tcov: 3 });
+          s.factors[0].H[2] = -0.5;
+        }) as AdaFisherState,
+      ),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: factors\[0\]\.H\[2\] is -0\.5; running factors are finite and >= 0$/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: an infinite running factor S',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.factors[0].S[0] = Infinity)) as AdaFisherState),
+    cls: Error,
+    message: /factors\[0\]\.S\[0\] is Infinity; running factors are finite and >= 0$/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a NaN momentum (saved with nonFiniteGuard: true)',
+    call: (f) =>
+      f.opt.loadState(
+        withState(f, (s) => {
+          s.hyperparameters.lr = 0.5;
+          s.momenta[2][4] = NaN;
+        }) as AdaFisherState,
+      ),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: momenta\[2\]\[4\] is NaN; a checkpoint saved with nonFiniteGuard: true holds only finite momenta$/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint JSON: -Infinity in a running factor',
+    call: (f) => {
+      const json = stateToJSON(f.state) as { factors: { H: unknown[] }[] };
+      json.factors[0].H[0] = '-Infinity';
+      return f.opt.loadState(stateFromJSON(JSON.parse(JSON.stringify(json))));
+    },
+    cls: Error,
+    message: /factors\[0\]\.H\[0\] is -Infinity/,
+    code: BAD_CHECKPOINT,
+  },
+  {
     name: 'checkpoint: two tensors instead of three',
     call: (f) => f.opt.loadState(withState(f, (s) => void s.tensors.pop()) as AdaFisherState),
     cls: Error,

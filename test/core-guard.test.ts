@@ -3,8 +3,8 @@
 // the bad one would take.
 import { describe, expect, test } from 'vitest';
 
-import { AdaFisher, type AdaFisherOptions, type LayerSpec } from '../lib/index.js';
-import { assertSnapshotsIdentical, paramsOf, Rng, snapshot } from './helpers.js';
+import { AdaFisher, ErrorCodes, stateFromJSON, stateToJSON, type AdaFisherOptions, type LayerSpec } from '../lib/index.js';
+import { assertSnapshotsIdentical, assertStatesIdentical, expectThrows, paramsOf, Rng, snapshot } from './helpers.js';
 
 // layers[0]: conv 2->3, 3x3, padding 1, bias (tensors 0, 1); layers[1]: linear 4->2 (tensor 2); layers[2]: param (tensor 3).
 function model(seed: number): LayerSpec[] {
@@ -139,5 +139,32 @@ describe('nonFiniteGuard: false', () => {
     expect(feed(opt, d).applied).toBe(true);
     expect((paramsOf(specs)[2] as Float32Array)[0]).toBe(-Infinity);
     opt.dispose();
+  });
+
+  test('its checkpoints may hold NaN momenta and factors: they load (also through JSON); negative factors are refused', () => {
+    const rng = new Rng(11);
+    const specs = model(5);
+    const opt = new AdaFisher(specs, { lr: 1e-2, nonFiniteGuard: false });
+    feed(opt, stepData(rng));
+    const d = stepData(rng);
+    d.grads[3][4] = NaN;
+    d.stats[1].input[2] = NaN; // column 2 of the linear layer's H becomes NaN
+    expect(feed(opt, d)).toEqual({ applied: true, refreshed: true });
+    const state = opt.exportState();
+    expect(Number.isNaN(state.momenta[3][4])).toBe(true);
+    expect(Number.isNaN(state.factors[1].H[2])).toBe(true);
+    const other = new AdaFisher(model(5), { lr: 1e-2 });
+    other.loadState(stateFromJSON(JSON.parse(JSON.stringify(stateToJSON(state)))));
+    assertStatesIdentical(other.exportState(), state, 'loaded');
+    const negative = structuredClone(state);
+    negative.factors[0].S[1] = -1;
+    expectThrows(() => other.loadState(negative), {
+      cls: Error,
+      message: /^Invalid AdaFisher checkpoint: factors\[0\]\.S\[1\] is -1; running factors are finite and >= 0$/,
+      code: ErrorCodes.badCheckpoint,
+    });
+    assertStatesIdentical(other.exportState(), state, 'after the refused load');
+    opt.dispose();
+    other.dispose();
   });
 });
