@@ -13,6 +13,8 @@ export const ErrorCodes = {
   badCheckpoint: 'ADAFISHER_BAD_CHECKPOINT',
   internal: 'ADAFISHER_INTERNAL',
   addonNotFound: 'ADAFISHER_ADDON_NOT_FOUND',
+  /** A golden trajectory file that does not follow test/golden/README.md (GoldenFormatError). */
+  badGoldenFile: 'ADAFISHER_BAD_GOLDEN_FILE',
   /** TF.js adapter: the optimizer is not attached to the model (or variables) being trained. */
   modelMismatch: 'ADAFISHER_MODEL_MISMATCH',
   /** TF.js adapter: a layer that neither TF.js nor AdaFisher can train as it is used. */

@@ -144,7 +144,7 @@ export interface ParameterSlot {
 }
 
 export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHyperparameters {
-  if (options === null || typeof options !== 'object') throw typeError('options', 'an object', options);
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw typeError('options', 'an object', options);
   const known = new Set(['lr', 'beta', 'damping', 'gamma', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'backend', 'nonFiniteGuard']);
   for (const key of Object.keys(options)) {
     if (!known.has(key)) throw rangeError(`options.${key}`, `a known option (${[...known].join(', ')})`, key);
@@ -435,7 +435,8 @@ export class AdaFisher {
     if (grads.length !== n) throw rangeError('grads', `${n} gradients (one per parameterSlots() entry)`, grads);
     let ps = this.#plan.params;
     if (params !== undefined) {
-      if (!Array.isArray(params) || params.length !== n) throw rangeError('params', `an array of ${n} tensors`, params);
+      if (!Array.isArray(params)) throw typeError('params', `an array of ${n} tensors, or undefined`, params);
+      if (params.length !== n) throw rangeError('params', `an array of ${n} tensors`, params);
       ps = params;
     }
     const result = native.step(ps as Tensor[], grads.map((g) => g ?? null));
@@ -596,11 +597,22 @@ const fromJSONNumber = (x: unknown): number =>
 
 /** A checkpoint as plain JSON (numbers; float32 values, NaN and ±Infinity round-trip exactly). */
 export function stateToJSON(state: AdaFisherState): unknown {
-  const arr = (a: Float32Array) => Array.from(a, toJSONNumber);
+  if (state === null || typeof state !== 'object' || Array.isArray(state)) {
+    throw typeError('state', 'a checkpoint object from exportState()', state);
+  }
+  if (!Array.isArray(state.momenta)) throw typeError('state.momenta', 'an array of Float32Arrays', state.momenta);
+  if (!Array.isArray(state.factors)) throw typeError('state.factors', 'an array of { layer, H, S }', state.factors);
+  const arr = (a: Float32Array, name: string) => {
+    if (!(a instanceof Float32Array)) throw typeError(name, 'a Float32Array', a);
+    return Array.from(a, toJSONNumber);
+  };
   return {
     ...state,
-    momenta: state.momenta.map(arr),
-    factors: state.factors.map((f) => ({ layer: f.layer, H: arr(f.H), S: arr(f.S) })),
+    momenta: state.momenta.map((m, i) => arr(m, `state.momenta[${i}]`)),
+    factors: state.factors.map((f, i) => {
+      if (f === null || typeof f !== 'object') throw typeError(`state.factors[${i}]`, 'an object { layer, H, S }', f);
+      return { layer: f.layer, H: arr(f.H, `state.factors[${i}].H`), S: arr(f.S, `state.factors[${i}].S`) };
+    }),
   };
 }
 

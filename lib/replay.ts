@@ -3,7 +3,9 @@
 import { readFileSync } from 'node:fs';
 
 import type { BackendName } from './backend.js';
+import { ErrorCodes, typeError } from './errors.js';
 import { AdaFisher, type LayerSpec, type Tensor } from './optimizer.js';
+import { checkRange } from './validate.js';
 
 export interface GoldenLayer {
   kind: 'linear' | 'conv2d' | 'batchnorm2d' | 'layernorm';
@@ -35,7 +37,7 @@ export interface GoldenCase {
 
 /** A golden file that does not follow the format; the message says what is wrong. */
 export class GoldenFormatError extends Error {
-  readonly code = 'ADAFISHER_BAD_GOLDEN_FILE';
+  readonly code = ErrorCodes.badGoldenFile;
 }
 
 export type ArrayKind = 'weights' | 'biases' | 'momenta' | 'H' | 'S';
@@ -198,13 +200,20 @@ function relError(ours: ArrayLike<number>, golden: number[]): number {
 
 /**
  * Replays a golden case through AdaFisher and reports max relative errors per array kind.
+ * @param g a golden case (readGolden(), or parsed JSON: it is checked with validateGolden()).
  * @param options.upload turns host data into the tensors handed to the optimizer (e.g. DeviceBuffers).
+ * @throws {TypeError} for a golden case or options that are not objects; GoldenFormatError
+ *   (code ADAFISHER_BAD_GOLDEN_FILE) for a malformed case; code ADAFISHER_BACKEND_UNAVAILABLE
+ *   for an unusable 'cuda'.
  */
 export function replayGolden(
   g: GoldenCase,
   options: { backend?: BackendName; tolerance?: number; file?: string; upload?: (a: Float32Array) => Tensor; download?: (t: Tensor) => Float32Array } = {},
 ): ReplayReport {
-  const tolerance = options.tolerance ?? 1e-4;
+  if (g === null || typeof g !== 'object' || Array.isArray(g)) throw typeError('golden', 'a golden case object (see readGolden)', g);
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) throw typeError('options', 'an object', options);
+  validateGolden(g);
+  const tolerance = options.tolerance === undefined ? 1e-4 : checkRange('options.tolerance', options.tolerance, 0, Infinity);
   const upload = options.upload ?? ((a: Float32Array) => a);
   const download = options.download ?? ((t: Tensor) => (t instanceof Float32Array ? t : t.download()));
   const { layers, params } = goldenLayers(g);

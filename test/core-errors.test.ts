@@ -9,9 +9,13 @@ import {
   backendInfo,
   createBuffer,
   ErrorCodes,
+  GoldenFormatError,
   liveAllocations,
+  replayGolden,
   stateFromJSON,
   stateToJSON,
+  validateGolden,
+  type GoldenCase,
   type AdaFisherOptions,
   type AdaFisherState,
   type LayerSpec,
@@ -411,6 +415,49 @@ const cases: Case[] = [
     message: /factors\[0\]\.S must be a Float32Array of 3/,
     code: BAD_CHECKPOINT,
   },
+  // --- arguments that are not objects at all ---
+  {
+    name: 'stateToJSON(null)',
+    call: () => stateToJSON(null as unknown as AdaFisherState),
+    cls: TypeError,
+    message: /^Expected a checkpoint object from exportState\(\) for state but received null$/,
+    code: INVALID,
+  },
+  {
+    name: 'stateToJSON of a checkpoint whose momenta are plain arrays',
+    call: (f) => stateToJSON({ ...f.state, momenta: [[1, 2]] as unknown as Float32Array[] }),
+    cls: TypeError,
+    message: /^Expected a Float32Array for state\.momenta\[0\] but received an array of length 2$/,
+    code: INVALID,
+  },
+  {
+    name: 'replayGolden(null)',
+    call: () => replayGolden(null as unknown as GoldenCase),
+    cls: TypeError,
+    message: /^Expected a golden case object \(see readGolden\) for golden but received null$/,
+    code: INVALID,
+  },
+  {
+    name: 'replayGolden of an object that is not a golden case',
+    call: () => replayGolden({ name: 'x' } as unknown as GoldenCase),
+    cls: GoldenFormatError as unknown as ErrorConstructor,
+    message: /^\$\.config: expected an object$/,
+    code: ErrorCodes.badGoldenFile,
+  },
+  {
+    name: 'step(grads, null): params must be an array or left out',
+    call: (f) => f.opt.step(f.grads(), null as unknown as Float32Array[]),
+    cls: TypeError,
+    message: /^Expected an array of 3 tensors, or undefined for params but received null$/,
+    code: INVALID,
+  },
+  {
+    name: 'an array as the options object',
+    call: (f) => new AdaFisher(f.specs, [] as unknown as AdaFisherOptions),
+    cls: TypeError,
+    message: /^Expected an object for options but received an array of length 0$/,
+    code: INVALID,
+  },
   // --- hyperparameters (a new optimizer over the same tensors) ---
   ...(
     [
@@ -460,6 +507,20 @@ describe('bad input is refused with a precise error, and nothing is half-applied
     expect(f.opt.step(f.grads())).toEqual({ applied: true, refreshed: true });
     expect(f.opt.steps).toBe(3);
     f.opt.dispose();
+  });
+});
+
+describe('error codes', () => {
+  test('every code raised on purpose is in ErrorCodes, ADAFISHER_BAD_GOLDEN_FILE included', () => {
+    expect(ErrorCodes.badGoldenFile).toBe('ADAFISHER_BAD_GOLDEN_FILE');
+    let err: unknown;
+    try {
+      validateGolden([]);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(GoldenFormatError);
+    expect(Object.values(ErrorCodes)).toContain((err as GoldenFormatError).code);
   });
 });
 
