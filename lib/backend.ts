@@ -8,14 +8,20 @@ export const BACKEND_NAMES: readonly BackendName[] = ['auto', 'cpu', 'cuda'];
 
 /** What backend a request resolves to, and why. */
 export interface BackendReport {
-  /** The backend that will run: 'cpu' or 'cuda'. */
-  backend: NativeBackendName;
+  /**
+   * The backend that will run: 'cpu' or 'cuda'; null when the request cannot be met
+   * ('cuda' asked for where it cannot run: `reason` says why, and creating an optimizer,
+   * buffer or timing event with this request throws ADAFISHER_BACKEND_UNAVAILABLE).
+   */
+  backend: NativeBackendName | null;
   /** What was asked for (option, else ADAFISHER_BACKEND, else 'auto'). */
   requested: BackendName;
   /** Where the request came from. */
   source: 'option' | 'ADAFISHER_BACKEND' | 'default';
   /** Why CUDA is not used, when it is not; empty when it is. */
   reason: string;
+  /** Set (to the error those calls throw) exactly when `backend` is null. */
+  error?: { code: typeof ErrorCodes.backendUnavailable; message: string };
   cuda: {
     compiled: boolean;
     usable: boolean;
@@ -45,30 +51,42 @@ function requestedBackend(option: unknown): { requested: BackendName; source: Ba
 /**
  * Reports which backend a request resolves to and why CUDA is or is not used.
  * @param backend 'auto' | 'cpu' | 'cuda'; defaults to ADAFISHER_BACKEND, then 'auto'.
- * @throws {RangeError} for an unknown backend name.
+ * @throws {RangeError} for an unknown backend name (option or ADAFISHER_BACKEND).
  * @example
  * const { backend, reason } = backendInfo();  // { backend: 'cpu', reason: 'no CUDA driver ...' }
+ * backendInfo('cuda');  // without a usable GPU: { backend: null, reason: '...', error: { code: 'ADAFISHER_BACKEND_UNAVAILABLE', ... } }
  */
 export function backendInfo(backend?: BackendName): BackendReport {
   const { requested, source } = requestedBackend(backend);
   const { binding: b, path } = loadBinding();
   const info = b.backendInfo();
-  let chosen: NativeBackendName;
+  let chosen: NativeBackendName | null;
   let reason = '';
+  let error: BackendReport['error'];
   if (requested === 'cpu') {
     chosen = 'cpu';
     reason = `the cpu backend was requested (${source})`;
   } else if (info.cudaUsable) {
     chosen = 'cuda';
   } else {
-    chosen = 'cpu';
     reason = info.cudaReason;
+    if (requested === 'cuda') {
+      // Never report a fallback that would not happen: asking for cuda is an error.
+      chosen = null;
+      error = {
+        code: ErrorCodes.backendUnavailable,
+        message: `The cuda backend was requested (${source}) but cannot be used: ${reason}`,
+      };
+    } else {
+      chosen = 'cpu';
+    }
   }
   return {
     backend: chosen,
     requested,
     source,
     reason,
+    ...(error ? { error } : {}),
     cuda: {
       compiled: info.cudaCompiled,
       usable: info.cudaUsable,
@@ -92,11 +110,8 @@ export function backendInfo(backend?: BackendName): BackendReport {
  */
 export function resolveBackend(backend?: BackendName): NativeBackendName {
   const report = backendInfo(backend);
-  if (report.requested === 'cuda' && report.backend !== 'cuda') {
-    throw codedError(
-      ErrorCodes.backendUnavailable,
-      `The cuda backend was requested (${report.source}) but cannot be used: ${report.reason}`,
-    );
+  if (report.backend === null) {
+    throw codedError(report.error?.code ?? ErrorCodes.backendUnavailable, report.error?.message ?? report.reason);
   }
   return report.backend;
 }

@@ -86,6 +86,32 @@ describe('backend selection', () => {
     });
   });
 
+  test("backendInfo for a 'cuda' request tells the truth: the cuda backend, or none with the error that creating one throws", () => {
+    const requests: [() => ReturnType<typeof backendInfo>, () => AdaFisher][] = [
+      [() => backendInfo('cuda'), () => new AdaFisher(tiny(), { backend: 'cuda' })],
+      [() => ((process.env.ADAFISHER_BACKEND = 'cuda'), backendInfo()), () => new AdaFisher(tiny())],
+    ];
+    for (const [ask, create] of requests) {
+      const info = ask();
+      expect(info.requested).toBe('cuda');
+      if (cudaUsable) {
+        expect(info.backend).toBe('cuda');
+        expect(info.error).toBeUndefined();
+        create().dispose();
+      } else {
+        expect(info.backend).toBeNull();
+        expect(info.reason).toBe(backendInfo('auto').reason);
+        const err = expectThrows(create, { cls: Error, message: /^The cuda backend was requested/, code: ErrorCodes.backendUnavailable });
+        expect(info.error).toEqual({ code: err.code, message: err.message });
+      }
+    }
+    // 'auto' falls back to cpu (that is what auto means), and says why.
+    delete process.env.ADAFISHER_BACKEND;
+    const auto = backendInfo('auto');
+    expect(auto.backend).toBe(cudaUsable ? 'cuda' : 'cpu');
+    expect(auto.error).toBeUndefined();
+  });
+
   test("requesting 'cuda' (option or ADAFISHER_BACKEND) without a usable GPU throws ADAFISHER_BACKEND_UNAVAILABLE with the reason", () => {
     const reason = backendInfo().reason;
     const attempts: [string, () => unknown][] = [
