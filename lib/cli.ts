@@ -1,78 +1,138 @@
 #!/usr/bin/env node
 // The `adafisher` command: replay a golden trajectory, report the backend, run the demo.
+// Every failure is one line on stderr ("adafisher: ...") and a documented exit code, never
+// a stack trace (see EXIT below and README "Command line").
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { backendInfo, type BackendName } from './backend.js';
+import { BACKEND_NAMES, backendInfo, resolveBackend, type BackendReport } from './backend.js';
 import { packageRoot } from './binding.js';
-import { GoldenFormatError, readGolden, replayGolden } from './replay.js';
+import { ErrorCodes } from './errors.js';
+import { GoldenFormatError, readGolden, replayGolden, type GoldenCase } from './replay.js';
+import { checkOneOf } from './validate.js';
 
-const USAGE = `Usage:
-  adafisher replay FILE.json [--backend auto|cpu|cuda] [--tol 1e-4]
-      Replays a golden trajectory (official PyTorch AdaFisher) through the public API and prints
-      a JSON report of max relative errors. Exit 0: within tolerance; 1: above; 2: malformed file.
-  adafisher info [--json]
-      Version, the backend that will be used and why, GPU and CUDA architectures, CPU threads.
-  adafisher demo
-      Replays every shipped golden trajectory and prints which backend ran.`;
+/** Exit codes, the same for every subcommand. */
+const EXIT = {
+  ok: 0,
+  /** replay: an error above the tolerance; demo: a trajectory that does not match. */
+  mismatch: 1,
+  /** Bad usage (unknown command or option, bad value, bad ADAFISHER_* variable) or a malformed golden file. */
+  usage: 2,
+  /** The requested backend cannot be used (cuda without a usable GPU), or the addon failed. */
+  unavailable: 3,
+} as const;
 
-function info(json: boolean): number {
+const EXIT_CODES = `Exit codes: 0 success; 1 replay or demo above the tolerance; 2 bad usage or a malformed
+golden file; 3 the requested backend cannot be used (e.g. cuda without a usable GPU).`;
+
+const HELP = {
+  replay: `adafisher replay FILE.json [--backend auto|cpu|cuda] [--tol 1e-4]
+    Replays a golden trajectory (official PyTorch AdaFisher) through the public API and prints
+    a JSON report of max relative errors. Exit 0: within tolerance; 1: above; 2: malformed file.`,
+  info: `adafisher info [--json]
+    Version, the backend that will be used and why, GPU and CUDA architectures, CPU threads.
+    Exit 3 when the requested backend (ADAFISHER_BACKEND) cannot be used.`,
+  demo: `adafisher demo
+    Replays every shipped golden trajectory and prints which backend ran.`,
+} as const;
+
+type Command = keyof typeof HELP;
+
+const USAGE = `Usage:\n${Object.values(HELP).map((h) => `  ${h.replace(/\n/g, '\n  ')}`).join('\n')}\n  adafisher [COMMAND] --help\n\n${EXIT_CODES}`;
+
+/** A golden file that cannot be read or does not follow the format (exit 2, no usage hint). */
+class BadFile extends Error {}
+
+/** A mistake in the command line; `command` names the subcommand whose --help applies. */
+class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly command?: Command,
+  ) {
+    super(message);
+  }
+}
+
+function parse<T extends Record<string, { type: 'string' | 'boolean'; short?: string }>>(command: Command, args: string[], options: T, positionals = false) {
+  try {
+    return parseArgs({ args, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: positionals, strict: true });
+  } catch (e) {
+    throw new UsageError((e as Error).message.replace(/\s*\n\s*/g, ' '), command);
+  }
+}
+
+function backendLine(r: BackendReport): string {
+  if (r.backend === null) return `none: ${r.error?.message ?? r.reason}`;
+  return `${r.backend}${r.reason ? ` (${r.reason})` : ''}`;
+}
+
+function info(args: string[]): number {
+  const { values } = parse('info', args, { json: { type: 'boolean' } });
+  if (values.help) return help('info');
   const r = backendInfo();
   const version = (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { version: string }).version;
-  if (json) {
+  if (values.json) {
     console.log(JSON.stringify({ version, ...r }, null, 2));
-    return 0;
+  } else {
+    const lines = [
+      `adafisher ${version} (addon ${r.addonVersion}, built with ${r.buildSystem})`,
+      `addon:          ${r.addonPath}`,
+      `backend:        ${backendLine(r)}`,
+      `requested:      ${r.requested} (${r.source})`,
+      `CUDA compiled:  ${r.cuda.compiled ? `yes, architectures ${r.cuda.architectures}` : 'no'}`,
+      `GPU:            ${r.cuda.usable ? `${r.cuda.deviceName}, compute capability ${r.cuda.computeCapability}, ${(r.cuda.memoryBytes / 2 ** 30).toFixed(1)} GiB` : 'none usable'}`,
+      `CPU threads:    ${r.cpuThreads}`,
+    ];
+    console.log(lines.join('\n'));
   }
-  const lines = [
-    `adafisher ${version} (addon ${r.addonVersion}, built with ${r.buildSystem})`,
-    `addon:          ${r.addonPath}`,
-    `backend:        ${r.backend}${r.reason ? ` (${r.reason})` : ''}`,
-    `requested:      ${r.requested} (${r.source})`,
-    `CUDA compiled:  ${r.cuda.compiled ? `yes, architectures ${r.cuda.architectures}` : 'no'}`,
-    `GPU:            ${r.cuda.usable ? `${r.cuda.deviceName}, compute capability ${r.cuda.computeCapability}, ${(r.cuda.memoryBytes / 2 ** 30).toFixed(1)} GiB` : 'none usable'}`,
-    `CPU threads:    ${r.cpuThreads}`,
-  ];
-  console.log(lines.join('\n'));
-  return 0;
+  if (r.backend === null) {
+    console.error(`adafisher: ${r.error?.message ?? r.reason}`);
+    return EXIT.unavailable;
+  }
+  return EXIT.ok;
+}
+
+/** A number >= 0 from a command-line string (not '', not Infinity). */
+function tolerance(text: string | undefined): number {
+  if (text === undefined) return 1e-4;
+  const tol = text.trim() === '' ? NaN : Number(text);
+  if (!Number.isFinite(tol) || tol < 0) throw new UsageError(`Expected a finite number >= 0 for --tol but received '${text}'`, 'replay');
+  return tol;
 }
 
 function replay(args: string[]): number {
-  const { values, positionals } = parseArgs({
-    args,
-    allowPositionals: true,
-    options: { backend: { type: 'string' }, tol: { type: 'string' } },
-  });
+  const { values, positionals } = parse('replay', args, { backend: { type: 'string' }, tol: { type: 'string' } }, true);
+  if (values.help) return help('replay');
   if (positionals.length !== 1) {
-    console.error(USAGE);
-    return 2;
+    throw new UsageError(`replay takes one FILE.json, received ${positionals.length === 0 ? 'none' : positionals.map((p) => `'${p}'`).join(', ')}`, 'replay');
   }
-  const tol = values.tol === undefined ? 1e-4 : Number(values.tol);
-  if (!(tol >= 0)) {
-    console.error(`Expected a number >= 0 for --tol but received '${values.tol}'`);
-    return 2;
-  }
-  let golden;
+  const backend = values.backend === undefined ? undefined : checkOneOf('--backend', values.backend, BACKEND_NAMES);
+  const tol = tolerance(values.tol);
+  resolveBackend(backend); // an unusable backend is reported before the file is read
+  const file = positionals[0];
+  let golden: GoldenCase;
   try {
-    golden = readGolden(positionals[0]);
+    golden = readGolden(file);
   } catch (e) {
-    if (e instanceof GoldenFormatError) {
-      console.error(`malformed golden file: ${e.message}`);
-      return 2;
-    }
-    throw e;
+    if (!(e instanceof GoldenFormatError)) throw e;
+    // "FILE: cannot read (...)", "FILE: not valid JSON (...)", or a format error at a JSON path.
+    throw new BadFile(e.message.startsWith(`${file}: `) ? e.message : `${file}: malformed golden file: ${e.message}`);
   }
-  const report = replayGolden(golden, { backend: values.backend as BackendName | undefined, tolerance: tol, file: positionals[0] });
+  const report = replayGolden(golden, { backend, tolerance: tol, file });
   console.log(JSON.stringify(report, null, 2));
-  return report.pass ? 0 : 1;
+  return report.pass ? EXIT.ok : EXIT.mismatch;
 }
 
-function demo(): number {
+function demo(args: string[]): number {
+  const { values } = parse('demo', args, {});
+  if (values.help) return help('demo');
   const dir = join(packageRoot, 'test', 'golden');
   const files = readdirSync(dir).filter((f) => f.endsWith('.json')).sort();
   const r = backendInfo();
+  resolveBackend(); // throws when the requested backend cannot be used
   console.log(`adafisher demo: replaying ${files.length} trajectories recorded from the official PyTorch AdaFisher`);
-  console.log(`backend: ${r.backend}${r.reason ? ` (${r.reason})` : ''}\n`);
+  console.log(`backend: ${backendLine(r)}\n`);
   console.log('trajectory                   steps  weights   biases    momenta   H         S         pass');
   let ok = true;
   for (const f of files) {
@@ -85,21 +145,61 @@ function demo(): number {
     ok &&= rep.pass;
   }
   console.log(`\nmax relative error per array kind; tolerance 1e-4. ${ok ? 'All match.' : 'MISMATCH.'}`);
-  return ok ? 0 : 1;
+  return ok ? EXIT.ok : EXIT.mismatch;
 }
 
-function main(argv: string[]): number {
+function help(command?: Command): number {
+  console.log(command === undefined ? USAGE : `Usage:\n  ${HELP[command].replace(/\n/g, '\n  ')}\n\n${EXIT_CODES}`);
+  return EXIT.ok;
+}
+
+function run(argv: string[]): number {
   const [cmd, ...rest] = argv;
   switch (cmd) {
     case 'replay':
       return replay(rest);
     case 'info':
-      return info(rest.includes('--json'));
+      return info(rest);
     case 'demo':
-      return demo();
+      return demo(rest);
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      return help();
     default:
-      console.error(USAGE);
-      return cmd === undefined || cmd === '--help' || cmd === '-h' ? 0 : 2;
+      throw new UsageError(`unknown command '${cmd}' (expected replay, info or demo)`);
+  }
+}
+
+/** Runs the command line; every error becomes one line on stderr and an exit code. */
+function main(argv: string[]): number {
+  try {
+    return run(argv);
+  } catch (e) {
+    const err = e as Error & { code?: unknown };
+    const code = typeof err?.code === 'string' ? err.code : undefined;
+    const message = err instanceof Error ? err.message : String(e);
+    if (e instanceof UsageError) {
+      console.error(`adafisher: ${message}\nRun 'adafisher ${e.command ? `${e.command} ` : ''}--help' for usage.`);
+      return EXIT.usage;
+    }
+    if (err instanceof BadFile || code === ErrorCodes.badGoldenFile) {
+      console.error(`adafisher: ${message}`);
+      return EXIT.usage;
+    }
+    if (code === ErrorCodes.invalidArgument) {
+      // A bad --backend or ADAFISHER_* variable: the message names it.
+      console.error(`adafisher: ${message}\nRun 'adafisher --help' for usage.`);
+      return EXIT.usage;
+    }
+    if (code === ErrorCodes.backendUnavailable) {
+      console.error(`adafisher: ${message}`);
+      return EXIT.unavailable;
+    }
+    // Anything else (addon not found, out of memory, an internal error): still one line.
+    console.error(`adafisher: ${message}${code && !message.includes(code) ? ` (${code})` : ''}`);
+    return EXIT.unavailable;
   }
 }
 

@@ -1,0 +1,146 @@
+// The `adafisher` command as a user runs it: every failure is one "adafisher: ..." line on
+// stderr (never a stack trace) and the documented exit code (0 ok, 1 above tolerance,
+// 2 bad usage or malformed file, 3 requested backend unusable); --help prints usage, exit 0.
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+
+import { beforeAll, describe, expect, test } from 'vitest';
+
+import { backendInfo } from '../lib/index.js';
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
+
+beforeAll(() => ensureDist());
+
+const cli = join(repoRoot, 'dist', 'lib', 'cli.js');
+const golden = join(repoRoot, 'test', 'golden', 'mlp_adafisher.json');
+const cudaUsable = backendInfo('auto').cuda.usable;
+
+function adafisher(args: string[], env: Record<string, string> = {}) {
+  const base = { ...process.env };
+  delete base.ADAFISHER_BACKEND;
+  delete base.ADAFISHER_NUM_THREADS;
+  const r = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8', env: { ...base, ...env }, timeout: 120_000 });
+  return { rc: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** A failure: the exit code, one message line (plus the usage hint), no stack trace. */
+function expectFailure(r: ReturnType<typeof adafisher>, rc: number, message: RegExp, hint: boolean) {
+  expect(r.stderr).not.toContain('    at ');
+  expect(r.stderr).not.toMatch(/node:internal|\.js:\d+/);
+  const lines = r.stderr.trimEnd().split('\n');
+  expect(lines[0]).toMatch(/^adafisher: /);
+  expect(lines[0]).toMatch(message);
+  expect(lines.slice(1)).toEqual(hint ? [expect.stringMatching(/^Run 'adafisher (\w+ )?--help' for usage\.$/)] : []);
+  expect(r.rc, r.stderr).toBe(rc);
+}
+
+describe('adafisher replay', () => {
+  test('a golden file within tolerance: JSON report, exit 0; above the tolerance: exit 1', () => {
+    const ok = adafisher(['replay', golden, '--backend', 'cpu']);
+    expect(ok.rc, ok.stderr).toBe(0);
+    expect(JSON.parse(ok.stdout)).toMatchObject({ pass: true, backend: 'cpu' });
+    const above = adafisher(['replay', golden, '--backend', 'cpu', '--tol', '0']);
+    expect(above.rc).toBe(1);
+    expect(JSON.parse(above.stdout)).toMatchObject({ pass: false, tolerance: 0 });
+    expect(above.stderr).toBe('');
+  });
+
+  test('--backend cuda: runs where CUDA is usable, else exit 3 saying why', () => {
+    const r = adafisher(['replay', golden, '--backend', 'cuda']);
+    if (cudaUsable) expect(r.rc, r.stderr).toBe(0);
+    else expectFailure(r, 3, /^adafisher: The cuda backend was requested \(option\) but cannot be used: .+/, false);
+  });
+
+  test.each([
+    [['--backend', 'bogus'], /Expected one of 'auto', 'cpu', 'cuda' for --backend but received 'bogus'/],
+    [['--frob'], /Unknown option '--frob'/],
+    [['--tol', '-1'], /'--tol'/],
+    [['--tol=-1'], /^adafisher: Expected a finite number >= 0 for --tol but received '-1'$/],
+    [['--tol', 'abc'], /for --tol but received 'abc'/],
+    [['--tol', ''], /for --tol but received ''$/],
+  ])('bad usage %j: exit 2, one line, no stack', (extra, message) => {
+    expectFailure(adafisher(['replay', golden, ...extra]), 2, message, true);
+  });
+
+  test('no file, or two: exit 2', () => {
+    expectFailure(adafisher(['replay']), 2, /replay takes one FILE\.json, received none/, true);
+    expectFailure(adafisher(['replay', golden, golden]), 2, /replay takes one FILE\.json, received '/, true);
+  });
+
+  test('a missing or malformed golden file: exit 2 naming the file', () => {
+    expectFailure(adafisher(['replay', join(repoRoot, 'no-such.json')]), 2, /no-such\.json: cannot read \(ENOENT/, false);
+    expectFailure(adafisher(['replay', join(repoRoot, 'package.json')]), 2, /package\.json: malformed golden file: \$\.config: expected an object$/, false);
+  });
+
+  test('--help prints the usage of replay and exits 0', () => {
+    for (const flag of ['--help', '-h']) {
+      const r = adafisher(['replay', flag]);
+      expect(r.rc).toBe(0);
+      expect(r.stdout).toMatch(/^Usage:\n  adafisher replay FILE\.json/);
+      expect(r.stdout).toMatch(/Exit codes: 0 success; 1 .*; 2 .*; 3 /s);
+      expect(r.stderr).toBe('');
+    }
+  });
+});
+
+describe('adafisher info', () => {
+  test('reports the backend that will run, exit 0', () => {
+    const r = adafisher(['info']);
+    expect(r.rc, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^backend: +(cpu|cuda)/m);
+    const j = JSON.parse(adafisher(['info', '--json']).stdout);
+    expect(['cpu', 'cuda']).toContain(j.backend);
+  });
+
+  test('ADAFISHER_BACKEND=cuda where CUDA cannot run: no backend, the reason, exit 3 (text and --json)', () => {
+    const r = adafisher(['info'], { ADAFISHER_BACKEND: 'cuda' });
+    const j = adafisher(['info', '--json'], { ADAFISHER_BACKEND: 'cuda' });
+    if (cudaUsable) {
+      expect(r.rc).toBe(0);
+      expect(r.stdout).toMatch(/^backend: +cuda$/m);
+      return;
+    }
+    const reason = backendInfo('auto').reason;
+    expect(r.stdout).toMatch(/^backend: +none: The cuda backend was requested \(ADAFISHER_BACKEND\) but cannot be used: /m);
+    expect(r.stdout).not.toMatch(/^backend: +cpu/m);
+    expect(r.stdout).toContain(reason);
+    expectFailure(r, 3, /^adafisher: The cuda backend was requested \(ADAFISHER_BACKEND\) but cannot be used: /, false);
+    expect(j.rc).toBe(3);
+    const report = JSON.parse(j.stdout);
+    expect(report).toMatchObject({ backend: null, requested: 'cuda', source: 'ADAFISHER_BACKEND', reason, error: { code: 'ADAFISHER_BACKEND_UNAVAILABLE' } });
+  });
+
+  test.each([
+    [{ ADAFISHER_BACKEND: 'gpu' }, [], /Expected one of 'auto', 'cpu', 'cuda' for ADAFISHER_BACKEND but received 'gpu'/],
+    [{ ADAFISHER_NUM_THREADS: 'abc' }, [], /Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received 'abc'/],
+    [{}, ['--frob'], /Unknown option '--frob'/],
+    [{}, ['extra'], /Unexpected argument 'extra'/],
+  ] as [Record<string, string>, string[], RegExp][])('bad usage (env %j, args %j): exit 2, one line, no stack', (env, args, message) => {
+    expectFailure(adafisher(['info', ...args], env), 2, message, true);
+  });
+
+  test('--help prints the usage of info and exits 0', () => {
+    const r = adafisher(['info', '--help']);
+    expect(r.rc).toBe(0);
+    expect(r.stdout).toMatch(/^Usage:\n  adafisher info \[--json\]/);
+  });
+});
+
+describe('adafisher demo and the command itself', () => {
+  test('demo --help exits 0; demo with an unusable requested backend exits 3', () => {
+    const h = adafisher(['demo', '--help']);
+    expect(h.rc).toBe(0);
+    expect(h.stdout).toMatch(/^Usage:\n  adafisher demo/);
+    expectFailure(adafisher(['demo', '--frob']), 2, /Unknown option '--frob'/, true);
+    if (!cudaUsable) expectFailure(adafisher(['demo'], { ADAFISHER_BACKEND: 'cuda' }), 3, /cuda backend was requested \(ADAFISHER_BACKEND\) but cannot be used/, false);
+  });
+
+  test('--help and no arguments print the whole usage, exit 0; an unknown command exits 2', () => {
+    for (const args of [['--help'], ['help'], []]) {
+      const r = adafisher(args);
+      expect(r.rc).toBe(0);
+      for (const cmd of ['replay', 'info', 'demo']) expect(r.stdout).toContain(`adafisher ${cmd}`);
+    }
+    expectFailure(adafisher(['frob']), 2, /^adafisher: unknown command 'frob'/, true);
+  });
+});
