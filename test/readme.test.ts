@@ -1,0 +1,77 @@
+// The README's examples as a user copies them: the core-API block runs verbatim (its
+// import pointed at this checkout's dist/), and the TF.js block and the TypeScript casts it
+// shows type-check under --strict. Keeps the README from drifting away from the API.
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+
+import { beforeAll, describe, expect, test } from 'vitest';
+
+import { ensureDist, repoRoot } from './workers/ensure-dist.js';
+
+beforeAll(() => ensureDist());
+
+const readme = readFileSync(join(repoRoot, 'README.md'), 'utf8');
+
+/** The first fenced block of a language after a heading. */
+function blockAfter(heading: string, lang: string): string {
+  const at = readme.indexOf(`\n${heading}\n`);
+  expect(at, `README heading '${heading}'`).toBeGreaterThanOrEqual(0);
+  const m = readme.slice(at).match(new RegExp('\\n```' + lang + '\\n([\\s\\S]*?)\\n```\\n'));
+  expect(m, `a \`\`\`${lang} block under '${heading}'`).not.toBeNull();
+  return m![1];
+}
+
+describe('README', () => {
+  test('the core-API example runs as written and takes an applied, refreshing step', () => {
+    const code = blockAfter('### Any framework: the core API', 'js');
+    expect(code).toMatch(/from 'adafisher';/);
+    const dir = mkdtempSync(join(tmpdir(), 'adafisher-readme-'));
+    try {
+      const file = join(dir, 'core-api.mjs');
+      const entry = pathToFileURL(join(repoRoot, 'dist', 'lib', 'index.js')).href;
+      writeFileSync(file, code.replace(/from 'adafisher';/g, `from '${entry}';`));
+      const env = { ...process.env };
+      delete env.ADAFISHER_BACKEND;
+      const r = spawnSync(process.execPath, [file], { encoding: 'utf8', env, timeout: 120_000 });
+      expect(r.stderr).toBe('');
+      expect(r.status).toBe(0);
+      expect(r.stdout.trim()).toBe('{ applied: true, refreshed: true }');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('the TF.js example and the AdaFisherOptimizer casts type-check with tsc --strict', () => {
+    const casts = [...readme.matchAll(/`(\(model\.optimizer as AdaFisherOptimizer\)\.[^`]+)`/g)].map((m) => m[1]);
+    expect(casts.length, 'casts shown for layerReport() and attach()').toBeGreaterThanOrEqual(2);
+    expect(readme).toContain("`import { type AdaFisherOptimizer } from 'adafisher/tfjs'`");
+    const block = blockAfter('### TensorFlow.js', 'js');
+    const [imports, body] = [block.split('\n').filter((l) => l.startsWith('import ')), block.split('\n').filter((l) => !l.startsWith('import '))];
+    const source = [
+      ...imports,
+      "import { type AdaFisherOptimizer } from 'adafisher/tfjs';",
+      'declare const model: tf.LayersModel;',
+      'declare const xs: tf.Tensor, ys: tf.Tensor;',
+      ...body,
+      ...casts.map((c) => `${c};`),
+      'export {};',
+    ].join('\n');
+    // Inside the package (out/ is git-ignored) so that 'adafisher/tfjs' resolves to this
+    // checkout by self-reference and '@tensorflow/tfjs' to its node_modules.
+    mkdirSync(join(repoRoot, 'out'), { recursive: true });
+    const dir = mkdtempSync(join(repoRoot, 'out', 'readme-'));
+    try {
+      writeFileSync(join(dir, 'tfjs-example.ts'), source);
+      const tsc = join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc');
+      const args = ['--noEmit', '--strict', '--skipLibCheck', '--target', 'es2022', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', join(dir, 'tfjs-example.ts')];
+      const r = spawnSync(process.execPath, [tsc, ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 120_000 });
+      expect(r.stdout + r.stderr, source).toBe('');
+      expect(r.status).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
