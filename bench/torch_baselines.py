@@ -16,7 +16,7 @@ this script itself when torch is importable) turn into ratios.
 - copyGBps: y.copy_(x) of a large float32 buffer, counted as read + write.
 - fusedAdamMs: torch.optim.Adam(fused=True).step() on the workload's parameter shapes
   ("adam" says which implementation ran: "fused", or "foreach" where fused is missing).
-- eager: AdaFisher written from ALGORITHM.md the way the official code does it: unfold +
+- eager: AdaFisher written from docs/ALGORITHM.md the way the official code does it: unfold +
   einsum factors (im2col materialized), min-max + EMA with separate ops, F materialized with
   torch.kron, then separate elementwise momentum / update ops per parameter.
 - golden: before timing, the eager AdaFisher replays the golden trajectories (when

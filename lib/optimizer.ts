@@ -574,7 +574,7 @@ const HYPERPARAMETER_KEYS = ['lr', 'beta', 'damping', 'decay', 'mix', 'tcov', 'w
 
 /**
  * Running factors start at ones and are updated as decay·R + mix·x' with decay, mix >= 0 and
- * x' a min-max-normalized statistic in [0, 1) (ALGORITHM.md "Normalize, then average"), so
+ * x' a min-max-normalized statistic in [0, 1) (docs/ALGORITHM.md "Normalize, then average"), so
  * they are finite and >= 0. The one exception: with nonFiniteGuard off a NaN statistic is
  * let through and leaves NaN factors, which such a checkpoint may carry.
  */

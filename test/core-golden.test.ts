@@ -17,7 +17,7 @@ const files = readdirSync(dir)
   .filter((f) => f.endsWith('.json'))
   .sort();
 const KINDS = ['weights', 'biases', 'momenta', 'H', 'S'] as const;
-// ALGORITHM.md "Tolerances": 1e-4 relative (max abs error over max abs value) per array.
+// docs/ALGORITHM.md "Tolerances": 1e-4 relative (max abs error over max abs value) per array.
 const TOLERANCE = 1e-4;
 // Every backend this machine can run: cpu, and cuda on a GPU (or the CUDA host emulator build).
 const BACKENDS = backendInfo('auto').cuda.usable ? (['cpu', 'cuda'] as const) : (['cpu'] as const);

@@ -2,9 +2,9 @@
 // import pointed at this checkout's dist/), and the TF.js block and the TypeScript casts it
 // shows type-check under --strict. Keeps the README from drifting away from the API.
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, relative } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
 import { beforeAll, describe, expect, test } from 'vitest';
@@ -73,5 +73,26 @@ describe('README', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  test('every path to ALGORITHM.md cited in the repository exists', () => {
+    const cited: string[] = [];
+    const walk = (dir: string) => {
+      for (const e of readdirSync(dir, { withFileTypes: true })) {
+        if (['node_modules', 'dist', 'build', 'out', 'prebuilds'].includes(e.name) || e.name.startsWith('.') || e.name.startsWith('build-')) continue;
+        const p = join(dir, e.name);
+        if (e.isDirectory()) walk(p);
+        else if (/\.(ts|mjs|md|h|cc|cu|py|sh)$/.test(e.name)) {
+          for (const m of readFileSync(p, 'utf8').matchAll(/([\w./-]*\/)ALGORITHM\.md/g)) {
+            const target = m[1].startsWith('.') ? join(dirname(p), m[1], 'ALGORITHM.md') : join(repoRoot, m[1], 'ALGORITHM.md');
+            cited.push(relative(repoRoot, p));
+            expect(existsSync(target), `${relative(repoRoot, p)} cites ${m[0]}`).toBe(true);
+          }
+        }
+      }
+    };
+    walk(repoRoot);
+    expect(cited).toContain('native/core/math.h');
+    expect(cited).toContain('test/golden/README.md');
   });
 });

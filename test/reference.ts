@@ -1,4 +1,4 @@
-// A float64 re-implementation of /work/shared/ALGORITHM.md, written from the page and not
+// A float64 re-implementation of docs/ALGORITHM.md, written from the page and not
 // from lib/ or native/: the factor reductions of every layer kind, the min-max
 // normalization + EMA of the running factors, and the AdaFisher / AdaFisherW step with
 // per-parameter bias correction. Deliberately naive (explicit loops over every patch

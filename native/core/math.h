@@ -1,5 +1,5 @@
 // The per-element math of AdaFisher, shared by the CPU backend (C++17) and the CUDA
-// backend (nvcc). Every formula of ../../shared ALGORITHM.md that is applied element by
+// backend (nvcc). Every formula of docs/ALGORITHM.md that is applied element by
 // element lives here exactly once, so both backends compute the same float32 operations
 // in the same order.
 //
