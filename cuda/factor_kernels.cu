@@ -67,20 +67,58 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[part * plan.kept + b] = total;
 }
 
-__device__ __forceinline__ double SumPartials(const double* __restrict__ partial, int64_t rows, int64_t kept,
-                                              int64_t b) {
+// NOTE: [partial sums]
+// The second kernels add a [rows, columns] matrix of double partials down its columns
+// (rows = blocks of the first pass, up to a few thousand; columns = kept entries or conv
+// pixels). One thread per column would chain `rows` dependent L2 round trips. Instead a
+// block takes a tile of 32 adjacent columns (coalesced 256-byte row segments): warp w adds
+// rows w, w + 8, w + 16, ... of its lane's column in row order, then thread t < 32 adds the
+// 8 warp sums in warp order. The order is fixed, so the result is deterministic; the chain
+// is rows / 8 loads long, four of them in flight.
+constexpr int kTileColumns = 32;
+constexpr int kTileWarps = kThreads / 32;
+
+// Thread t < 32 of the block gets the sum of column tile + t of a row-major [rows, columns]
+// matrix (0 past the last column); the other threads get 0. Every thread of the block must
+// call it, with the same arguments.
+__device__ double TileColumnSum(const double* partial, int64_t rows, int64_t columns, int64_t tile) {
+  __shared__ double warp_sums[kTileWarps][kTileColumns];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = tile + lane;
   double sum = 0.0;
-  for (int64_t r = 0; r < rows; ++r) sum += partial[r * kept + b];
-  return sum;
+  if (col < columns) {
+    const double* p = partial + col;
+    int64_t r = warp;
+    for (; r + 3 * kTileWarps < rows; r += 4 * kTileWarps) {
+      const double v0 = p[r * columns], v1 = p[(r + kTileWarps) * columns];
+      const double v2 = p[(r + 2 * kTileWarps) * columns], v3 = p[(r + 3 * kTileWarps) * columns];
+      sum += v0;
+      sum += v1;
+      sum += v2;
+      sum += v3;
+    }
+    for (; r < rows; r += kTileWarps) sum += p[r * columns];
+  }
+  warp_sums[warp][lane] = sum;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x < kTileColumns) {
+    for (int w = 0; w < kTileWarps; ++w) total += warp_sums[w][threadIdx.x];
+  }
+  __syncthreads();  // warp_sums may be reused by the next call
+  return total;
 }
 
-// The finalizers below repeat the CPU backend's double expressions exactly.
+// The finalizers below repeat the CPU backend's double expressions exactly. Grid: one block
+// per 32 columns.
 __global__ void __launch_bounds__(kThreads)
     MeanSquareFinalizeKernel(const double* __restrict__ partial, int64_t rows, int64_t kept, double count,
                              bool has_appended, float appended, float* __restrict__ out) {
-  const int64_t b = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  const int64_t tile = int64_t{blockIdx.x} * kTileColumns;
+  const double sum = TileColumnSum(partial, rows, kept, tile);
+  const int64_t b = tile + threadIdx.x;
+  if (threadIdx.x >= kTileColumns) return;
   if (b < kept) {
-    const double sum = SumPartials(partial, rows, kept, b);
     out[b] = static_cast<float>(count > 0 ? sum / count : 0.0);
   } else if (b == kept && has_appended) {
     out[kept] = appended;
@@ -90,11 +128,10 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     NormGradFinalizeKernel(const double* __restrict__ partial, int64_t rows, int64_t kept, double batch,
                            float* __restrict__ out) {
-  const int64_t b = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-  if (b < kept) {
-    const double sum = SumPartials(partial, rows, kept, b);
-    out[b] = static_cast<float>(sum * sum / batch);
-  }
+  const int64_t tile = int64_t{blockIdx.x} * kTileColumns;
+  const double sum = TileColumnSum(partial, rows, kept, tile);
+  const int64_t b = tile + threadIdx.x;
+  if (threadIdx.x < kTileColumns && b < kept) out[b] = static_cast<float>(sum * sum / batch);
 }
 
 // One block: out = { sum_b (sum_b / u_divisor)^2 / batch^2, kept / batch^2 }.
@@ -102,9 +139,12 @@ __global__ void __launch_bounds__(kThreads)
     NormInputFinalizeKernel(const double* __restrict__ partial, int64_t rows, int64_t kept, double u_divisor,
                             double batch, float* __restrict__ out) {
   double acc = 0.0;
-  for (int64_t b = threadIdx.x; b < kept; b += kThreads) {
-    const double u = SumPartials(partial, rows, kept, b) / u_divisor;
-    acc += u * u;
+  for (int64_t tile = 0; tile < kept; tile += kTileColumns) {
+    const double sum = TileColumnSum(partial, rows, kept, tile);
+    if (threadIdx.x < kTileColumns && tile + threadIdx.x < kept) {
+      const double u = sum / u_divisor;
+      acc += u * u;
+    }
   }
   const double total = BlockSum(acc);
   if (threadIdx.x == 0) {
@@ -131,12 +171,13 @@ __global__ void __launch_bounds__(kThreads)
   if (q < plan.pixels) T[part * plan.pixels + q] = ConvPixelSum(x, plan, part, q);
 }
 
-__global__ void __launch_bounds__(kThreads) ConvFoldKernel(double* __restrict__ T, int64_t pixels, int64_t parts) {
-  const int64_t q = int64_t{blockIdx.x} * kThreads + threadIdx.x;
-  if (q >= pixels) return;
-  double sum = T[q];
-  for (int64_t p = 1; p < parts; ++p) sum += T[p * pixels + q];
-  T[q] = sum;
+// T[q] = sum over parts of T[part * pixels + q], in place (see NOTE: [partial sums]); a
+// block reads only its own 32 columns, and writes after reading them all.
+__global__ void __launch_bounds__(kThreads) ConvFoldKernel(double* T, int64_t pixels, int64_t parts) {
+  const int64_t tile = int64_t{blockIdx.x} * kTileColumns;
+  const double sum = TileColumnSum(T, parts, pixels, tile);
+  const int64_t q = tile + threadIdx.x;
+  if (threadIdx.x < kTileColumns && q < pixels) T[q] = sum;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -167,6 +208,7 @@ unsigned GridSize(int64_t blocks) {
 }
 
 unsigned BlocksFor(int64_t items) { return GridSize(CeilDiv(items, kThreads)); }
+unsigned TilesFor(int64_t columns) { return GridSize(CeilDiv(columns, kTileColumns)); }
 
 size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
@@ -211,7 +253,7 @@ void CudaBackend::MeanSquareFactor(const float* x, index_t outer, index_t kept, 
   const int64_t rows = ReduceKept(ReduceOp::kSquare, x, outer, kept, inner, &partial);
   const int64_t items = kept + (has_appended ? 1 : 0);
   if (items <= 0) return;
-  MeanSquareFinalizeKernel<<<BlocksFor(items), kThreads, 0, stream_>>>(partial, rows, kept, count, has_appended,
+  MeanSquareFinalizeKernel<<<TilesFor(items), kThreads, 0, stream_>>>(partial, rows, kept, count, has_appended,
                                                                         appended, out);
   ADAFISHER_CUDA_LAUNCH_CHECK();
 }
@@ -233,7 +275,7 @@ void CudaBackend::NormGradFactor(const float* x, index_t outer, index_t kept, in
   double* partial = nullptr;
   const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, &partial);
   if (kept <= 0) return;
-  NormGradFinalizeKernel<<<BlocksFor(kept), kThreads, 0, stream_>>>(partial, rows, kept, batch, out);
+  NormGradFinalizeKernel<<<TilesFor(kept), kThreads, 0, stream_>>>(partial, rows, kept, batch, out);
   ADAFISHER_CUDA_LAUNCH_CHECK();
 }
 
@@ -254,7 +296,7 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
       ConvPixelKernel<<<GridSize(pixel_blocks * plan.parts), kThreads, 0, stream_>>>(x, plan, pixel_blocks, T);
       ADAFISHER_CUDA_LAUNCH_CHECK();
       if (plan.parts > 1) {
-        ConvFoldKernel<<<BlocksFor(plan.pixels), kThreads, 0, stream_>>>(T, plan.pixels, plan.parts);
+        ConvFoldKernel<<<TilesFor(plan.pixels), kThreads, 0, stream_>>>(T, plan.pixels, plan.parts);
         ADAFISHER_CUDA_LAUNCH_CHECK();
       }
     } else {
