@@ -35,6 +35,7 @@ struct BlockSlot {
   int32_t tensor;
   int32_t chunk;
 };
+static_assert(sizeof(BlockSlot) == 8 && alignof(BlockSlot) <= 16, "BlockSlot: 8 bytes, placed at 16-byte offsets");
 
 // The number of blocks that cover tensors [0, tensor_count) of sizes numel(t): the grid of
 // one multi-tensor launch. Throws when it would exceed a grid's 2^31 - 1 blocks (2^47
@@ -46,7 +47,9 @@ int64_t CountBlocks(size_t tensor_count, NumelFn&& numel) {
   }
   int64_t blocks = 0;
   for (size_t t = 0; t < tensor_count; ++t) {
-    blocks += CeilDiv(static_cast<int64_t>(numel(t)), kChunkElements);
+    const int64_t n = static_cast<int64_t>(numel(t));
+    if (n < 0) throw BackendError(ErrorCode::kInvalidArgument, "negative tensor size in a multi-tensor launch");
+    blocks += CeilDiv(n, kChunkElements);
     if (blocks > INT32_MAX) {
       throw BackendError(ErrorCode::kInvalidArgument, "too many elements for one multi-tensor launch");
     }

@@ -167,6 +167,9 @@ __global__ void __launch_bounds__(kStepThreads) UpdateKernel(const StepLaunchArg
 }
 
 size_t Align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+// The sub-tables of the step's device table start at 16-byte offsets of a cudaMalloc block.
+static_assert(alignof(StepDesc) <= 16 && alignof(GuardDesc) <= 16 && alignof(FactorSegment) <= 16,
+              "a sub-table of the step's device table needs more than 16-byte alignment");
 
 }  // namespace
 

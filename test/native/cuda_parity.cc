@@ -339,14 +339,19 @@ void EmulateMultiTensorPlan() {
   }
   ok &= next == seen.size();
   // A grid holds at most 2^31 - 1 blocks: more is refused before anything is written.
-  bool refused = false;
-  try {
-    cu::CountBlocks(2, [](size_t) { return int64_t{1} << 46; });  // 2 x 2^30 blocks
-  } catch (const adafisher::BackendError&) {
-    refused = true;
-  }
-  ok &= refused;
-  Record("emulate/multi_tensor_plan", ok, Format("%zu blocks in one launch; 2^31 blocks refused", seen.size()));
+  auto refused = [](auto&& fn) {
+    try {
+      fn();
+    } catch (const adafisher::BackendError&) {
+      return true;
+    }
+    return false;
+  };
+  ok &= cu::CountBlocks(1, [](size_t) { return cu::kChunkElements * INT32_MAX; }) == INT32_MAX;
+  ok &= refused([] { cu::CountBlocks(2, [](size_t) { return int64_t{1} << 46; }); });  // 2 x 2^30 blocks
+  ok &= refused([] { cu::CountBlocks(2, [](size_t t) { return t == 0 ? int64_t{-1} : int64_t{65536}; }); });
+  Record("emulate/multi_tensor_plan", ok,
+         Format("%zu blocks in one launch; 2^31 - 1 blocks accepted, 2^31 and negative sizes refused", seen.size()));
 }
 
 void EmulateFisherIndex() {
@@ -820,7 +825,7 @@ Scenario MixedScenario(math::UpdateRule rule, double weight_decay) {
     sc.AddPlain(static_cast<index_t>(rng() % 300), i % 7 == 0 ? 1 : 0);
   }
   sc.Initialize(rule == math::UpdateRule::kAdaFisher ? 100 : 200);
-  // 0: refresh; 1: reuse the factors; 2: NaN gradient in the last tensor's launch -> skipped;
+  // 0: refresh; 1: reuse the factors; 2: NaN gradient in the first tensor, inf in the last -> skipped;
   // 3: inf fresh factor -> skipped; 4: refresh; 5: no guard, +-inf and NaN fresh factors.
   sc.steps.push_back(sc.MakeStep(1000, true));
   sc.steps.push_back(sc.MakeStep(2000, false));
