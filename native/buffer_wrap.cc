@@ -45,12 +45,14 @@ BufferWrap::BufferWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Buffer
     } else {
       ThrowTypeError(env, "Expected a length or a Float32Array for data but received " + Describe(init));
     }
+    external_.Add(env, length_ * static_cast<int64_t>(sizeof(float)));  // see NOTE: [external memory]
     return env.Undefined();
   });
 }
 
 BufferWrap::~BufferWrap() {
   if (data_ != nullptr) backend_->Release(data_);
+  external_.Clear(Env());
 }
 
 void BufferWrap::CheckAlive(Napi::Env env) const {
@@ -140,6 +142,7 @@ Napi::Value BufferWrap::Dispose(const Napi::CallbackInfo& info) {
     backend_->Release(data_);
     data_ = nullptr;
   }
+  external_.Clear(info.Env());
   return info.Env().Undefined();
 }
 

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "core/backend.h"
+#include "glue.h"
 
 namespace adafisher {
 
@@ -37,6 +38,7 @@ class BufferWrap : public Napi::ObjectWrap<BufferWrap> {
   std::shared_ptr<Backend> backend_;
   float* data_ = nullptr;
   int64_t length_ = 0;
+  ExternalMemory external_;
 };
 
 }  // namespace adafisher

@@ -230,6 +230,18 @@ TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, con
   keep_ = Napi::Persistent(value);  // the buffer cannot be collected while in use
 }
 
+void ExternalMemory::Add(Napi::Env env, int64_t bytes) {
+  if (bytes <= 0) return;
+  Napi::MemoryManagement::AdjustExternalMemory(env, bytes);
+  bytes_ += bytes;
+}
+
+void ExternalMemory::Clear(Napi::Env env) {
+  if (bytes_ == 0) return;
+  Napi::MemoryManagement::AdjustExternalMemory(env, -bytes_);
+  bytes_ = 0;
+}
+
 TensorRef::TensorRef(TensorRef&& o) noexcept { *this = std::move(o); }
 TensorRef& TensorRef::operator=(TensorRef&& o) noexcept {
   if (this != &o) {

@@ -48,6 +48,21 @@ Napi::Object ToObject(const Napi::Value& v, const std::string& what);
 Napi::Array ToArray(const Napi::Value& v, const std::string& what);
 std::vector<index_t> ToShape(const Napi::Value& v, const std::string& what);
 
+// NOTE: [external memory]
+// To V8 a DeviceBuffer or an optimizer is a small object, whatever memory it holds (host
+// memory on cpu, device memory on cuda). Unless that memory is reported, V8 never feels
+// pressure to collect abandoned ones, and their finalizers, which free it, never run: a
+// loop that drops un-disposed 64 MB buffers grew to 23 GB and was killed. Each wrapper
+// reports what it holds with AdjustExternalMemory and takes it back when it frees it.
+class ExternalMemory {
+ public:
+  void Add(Napi::Env env, int64_t bytes);
+  void Clear(Napi::Env env);  // idempotent
+
+ private:
+  int64_t bytes_ = 0;
+};
+
 class BufferWrap;
 // A Float32Array or a DeviceBuffer resolved to memory of `backend`. For a Float32Array
 // on a non-host backend the data travels through a temporary device copy, written back

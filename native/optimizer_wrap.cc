@@ -103,6 +103,10 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
         tensors[i].role = static_cast<TensorRole>(ReadInteger(o, "role", at, 0, 1));
       }
       core_ = std::make_unique<OptimizerCore>(backend, config, std::move(layers), std::move(tensors));
+      // Momenta plus running and fresh factors (see NOTE: [external memory]).
+      int64_t state = 2 * static_cast<int64_t>(core_->FactorTotal());
+      for (const TensorSpec& t : core_->tensors()) state += t.numel;
+      external_.Add(env, state * static_cast<int64_t>(sizeof(float)));
       return env.Undefined();
     });
   }
@@ -316,10 +320,19 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     core_.reset();
+    external_.Clear(info.Env());
     return info.Env().Undefined();
   }
 
+ public:
+  ~OptimizerWrap() override {
+    core_.reset();
+    external_.Clear(Env());
+  }
+
+ private:
   std::unique_ptr<OptimizerCore> core_;
+  ExternalMemory external_;
 };
 
 }  // namespace
