@@ -14,7 +14,7 @@ import {
   type NativeOptimizer,
   type NativeTensor,
 } from './binding.js';
-import { resolveBackend, type BackendName, type DeviceBuffer } from './backend.js';
+import { BACKEND_NAMES, resolveBackend, type BackendName, type DeviceBuffer } from './backend.js';
 import { codedError, ErrorCodes, rangeError, typeError } from './errors.js';
 import { checkBoolean, checkInteger, checkOneOf, checkPair, checkRange, checkShape } from './validate.js';
 
@@ -176,8 +176,44 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
 
 function tensorLength(name: string, t: unknown): number {
   if (t instanceof Float32Array) return t.length;
-  if (t !== null && typeof t === 'object' && t instanceof binding().DeviceBuffer) return (t as DeviceBuffer).length;
+  if (t !== null && typeof t === 'object' && t instanceof binding().DeviceBuffer) {
+    const b = t as DeviceBuffer;
+    if (b.disposed) throw codedError(ErrorCodes.disposed, `${name}: the DeviceBuffer was already disposed.`);
+    return b.length;
+  }
   throw typeError(name, 'a Float32Array or DeviceBuffer', t);
+}
+
+// Parameters are updated in place, so two of them must not share memory: a tied weight
+// given twice would be stepped twice on cpu and once, racing, on cuda. Checked when the
+// optimizer is created (the addon checks every step's tensors again, gradients included).
+function checkParameterStorage(params: readonly Tensor[], slots: readonly ParameterSlot[], backend: BackendName): void {
+  const name = (i: number) => {
+    const s = slots[i];
+    return s.role === 'param' ? `layers[${s.layer}].param` : `layers[${s.layer}].${s.role}`;
+  };
+  const seen = new Map<object, { index: number; begin: number; end: number }[]>();
+  params.forEach((p, i) => {
+    if (!(p instanceof Float32Array)) {
+      if (p.backend !== backend) {
+        throw codedError(
+          ErrorCodes.foreignBuffer,
+          `${name(i)}: Expected a DeviceBuffer of the ${backend} backend (this optimizer's) but received one of the ${p.backend} backend.`,
+        );
+      }
+    }
+    const key: object = p instanceof Float32Array ? p.buffer : p;
+    const begin = p instanceof Float32Array ? p.byteOffset : 0;
+    const end = begin + 4 * p.length;
+    const ranges = seen.get(key) ?? [];
+    for (const r of ranges) {
+      if (p.length > 0 && begin < r.end && r.begin < end) {
+        throw rangeError(name(i), `memory of its own, but it overlaps ${name(r.index)} (each parameter is updated in place once per step)`, p);
+      }
+    }
+    ranges.push({ index: i, begin, end });
+    seen.set(key, ranges);
+  });
 }
 
 function checkTensor(name: string, t: unknown, numel: number): Tensor {
@@ -326,7 +362,9 @@ export class AdaFisher {
     this.#hyper = resolveHyperparameters(options);
     this.#plan = buildPlan(layers);
     this.#layers = layers;
+    if (options.backend !== undefined) checkOneOf('options.backend', options.backend, BACKEND_NAMES);
     this.backend = resolveBackend(options.backend);
+    checkParameterStorage(this.#plan.params, this.#plan.slots, this.backend);
     this.#native = this.#createNative(this.#hyper);
   }
 

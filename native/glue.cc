@@ -1,5 +1,7 @@
 #include "glue.h"
 
+#include <algorithm>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -240,6 +242,27 @@ void ExternalMemory::Clear(Napi::Env env) {
   if (bytes_ == 0) return;
   Napi::MemoryManagement::AdjustExternalMemory(env, -bytes_);
   bytes_ = 0;
+}
+
+void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, const std::vector<std::string>& names,
+                     const std::vector<bool>& writable) {
+  // Sorted by start address, a range can only overlap the ones that start before it ends.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    if (refs[i] != nullptr && refs[i]->source() != nullptr && refs[i]->length() > 0) order.push_back(i);
+  }
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return refs[a]->source() < refs[b]->source(); });
+  for (size_t x = 0; x < order.size(); ++x) {
+    const TensorRef& a = *refs[order[x]];
+    const float* a_end = a.source() + a.length();
+    for (size_t y = x + 1; y < order.size() && refs[order[y]]->source() < a_end; ++y) {
+      if (!writable[order[x]] && !writable[order[y]]) continue;  // two read-only tensors may share memory
+      const size_t i = std::min(order[x], order[y]), j = std::max(order[x], order[y]);
+      ThrowRangeError(env, "Expected separate memory for " + names[i] + " and " + names[j] +
+                               ", but they overlap: the step writes " + (writable[i] ? names[i] : names[j]) +
+                               " while reading or writing the other");
+    }
+  }
 }
 
 TensorRef::TensorRef(TensorRef&& o) noexcept { *this = std::move(o); }

@@ -78,6 +78,8 @@ class TensorRef {
   ~TensorRef();
   float* data() const { return ptr_; }
   int64_t length() const { return length_; }
+  // The memory the caller passed (the Float32Array's or the DeviceBuffer's), for aliasing checks.
+  const float* source() const { return host_ != nullptr ? host_ : ptr_; }
   void Finish();  // copy a staged output back into its Float32Array
 
  private:
@@ -89,6 +91,11 @@ class TensorRef {
   bool output_ = false;
   Napi::Reference<Napi::Value> keep_;
 };
+
+// Throws a RangeError naming two of `refs` (described by `names`) whose memory overlaps;
+// `writable[i]` marks the tensors a call writes: only overlaps involving one are refused.
+void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, const std::vector<std::string>& names,
+                     const std::vector<bool>& writable);
 
 // NOTE: [receiver checks]
 // node-addon-api unwraps `this` without checking which class wrapped it: a method or getter

@@ -210,6 +210,16 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
           has_grad[t] = 1;
         }
       }
+      // Parameters are written in place: none may share memory with another tensor of the
+      // step (the backends would disagree on the result: sequential on cpu, racing on cuda).
+      std::vector<const TensorRef*> refs;
+      std::vector<std::string> names;
+      std::vector<bool> writable;
+      for (size_t t = 0; t < n; ++t) {
+        refs.push_back(&params[t]), names.push_back("params[" + std::to_string(t) + "]"), writable.push_back(true);
+        refs.push_back(&grads[t]), names.push_back("grads[" + std::to_string(t) + "]"), writable.push_back(false);
+      }
+      CheckNoAliasing(env, refs, names, writable);
       const StepOutcome outcome = core.Step(p, g, has_grad);
       if (outcome.applied) {
         for (TensorRef& r : params) r.Finish();
