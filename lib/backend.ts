@@ -1,5 +1,5 @@
 // Backend selection and device buffers.
-import { binding, loadBinding, type NativeBackendName, type NativeDeviceBuffer, type NativeTimingEvent } from './binding.js';
+import { binding, loadBinding, type NativeBackendInfo, type NativeBackendName, type NativeDeviceBuffer, type NativeTimingEvent } from './binding.js';
 import { codedError, ErrorCodes, typeError } from './errors.js';
 import { checkInteger, checkOneOf } from './validate.js';
 
@@ -39,8 +39,8 @@ export interface BackendReport {
   buildSystem: string;
 }
 
-function requestedBackend(option: unknown): { requested: BackendName; source: BackendReport['source'] } {
-  if (option !== undefined) return { requested: checkOneOf('options.backend', option, BACKEND_NAMES), source: 'option' };
+function requestedBackend(option: unknown, what = 'options.backend'): { requested: BackendName; source: BackendReport['source'] } {
+  if (option !== undefined) return { requested: checkOneOf(what, option, BACKEND_NAMES), source: 'option' };
   const env = process.env.ADAFISHER_BACKEND;
   if (env !== undefined && env !== '') {
     return { requested: checkOneOf('ADAFISHER_BACKEND', env.toLowerCase(), BACKEND_NAMES), source: 'ADAFISHER_BACKEND' };
@@ -57,9 +57,22 @@ function requestedBackend(option: unknown): { requested: BackendName; source: Ba
  * backendInfo('cuda');  // without a usable GPU: { backend: null, reason: '...', error: { code: 'ADAFISHER_BACKEND_UNAVAILABLE', ... } }
  */
 export function backendInfo(backend?: BackendName): BackendReport {
-  const { requested, source } = requestedBackend(backend);
+  return report(backend, 'backend');
+}
+
+// The addon's facts about CUDA (compiled, usable, device properties) are read once per
+// loaded binding: buffers, timing events and synchronize() resolve their backend on every
+// call, and asking the driver each time cost more than the call itself.
+const nativeInfo = new WeakMap<object, NativeBackendInfo>();
+
+function report(backend: unknown, what: string): BackendReport {
+  const { requested, source } = requestedBackend(backend, what);
   const { binding: b, path } = loadBinding();
-  const info = b.backendInfo();
+  let info = nativeInfo.get(b);
+  if (info === undefined) {
+    info = b.backendInfo();
+    nativeInfo.set(b, info);
+  }
   let chosen: NativeBackendName | null;
   let reason = '';
   let error: BackendReport['error'];
@@ -109,11 +122,23 @@ export function backendInfo(backend?: BackendName): BackendReport {
  * @throws {Error} code ADAFISHER_BACKEND_UNAVAILABLE when 'cuda' is requested but cannot be used.
  */
 export function resolveBackend(backend?: BackendName): NativeBackendName {
-  const report = backendInfo(backend);
-  if (report.backend === null) {
-    throw codedError(report.error?.code ?? ErrorCodes.backendUnavailable, report.error?.message ?? report.reason);
+  return resolve(backend, 'backend');
+}
+
+// `what` names the argument in errors: 'backend' or 'options.backend'.
+function resolve(backend: unknown, what: string): NativeBackendName {
+  const r = report(backend, what);
+  if (r.backend === null) {
+    throw codedError(r.error?.code ?? ErrorCodes.backendUnavailable, r.error?.message ?? r.reason);
   }
-  return report.backend;
+  return r.backend;
+}
+
+function checkOptions(options: unknown): { backend?: BackendName } {
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    throw typeError('options', 'an object such as { backend: \'cuda\' }', options);
+  }
+  return options as { backend?: BackendName };
 }
 
 /** float32 memory owned by a backend (device memory on cuda). */
@@ -129,7 +154,7 @@ export type DeviceBuffer = NativeDeviceBuffer;
  * w.download(); // Float32Array [1, 2, 3]
  */
 export function createBuffer(lengthOrData: number | Float32Array, options: { backend?: BackendName } = {}): DeviceBuffer {
-  const backend = resolveBackend(options.backend);
+  const backend = resolve(checkOptions(options).backend, 'options.backend');
   if (typeof lengthOrData === 'number') checkInteger('length', lengthOrData, 0);
   else if (!(lengthOrData instanceof Float32Array)) throw typeError('data', 'a length or a Float32Array', lengthOrData);
   return new (binding().DeviceBuffer)(backend, lengthOrData);
@@ -145,7 +170,7 @@ export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
  * @example await synchronize('cuda');
  */
 export function synchronize(backend: BackendName = 'auto'): Promise<void> {
-  return binding().synchronize(resolveBackend(backend));
+  return binding().synchronize(resolve(backend, 'backend'));
 }
 
 /**
@@ -169,10 +194,14 @@ export type TimingEvent = NativeTimingEvent;
  * start.elapsedMs(end); // milliseconds of device time
  */
 export function createTimingEvent(options: { backend?: BackendName } = {}): TimingEvent {
-  return new (binding().TimingEvent)(resolveBackend(options.backend));
+  return new (binding().TimingEvent)(resolve(checkOptions(options).backend, 'options.backend'));
 }
 
-/** Number of live native allocations of a backend (buffers, optimizer state, timing events). */
-export function liveAllocations(backend: NativeBackendName = 'cpu'): number {
-  return binding().liveAllocations(backend);
+/**
+ * Number of live native allocations of a backend (buffers, optimizer state, timing events):
+ * for leak checks.
+ * @param backend 'auto' (default, as createBuffer), 'cpu' or 'cuda'.
+ */
+export function liveAllocations(backend: BackendName = 'auto'): number {
+  return binding().liveAllocations(resolve(backend, 'backend'));
 }

@@ -14,6 +14,7 @@ import {
   replayGolden,
   stateFromJSON,
   stateToJSON,
+  synchronize,
   validateGolden,
   type GoldenCase,
   type AdaFisherOptions,
@@ -458,6 +459,64 @@ const cases: Case[] = [
     message: /^Expected an object for options but received an array of length 0$/,
     code: INVALID,
   },
+  // --- memory shared between tensors: updated in place, a parameter must own its memory ---
+  {
+    name: 'two parameters sharing memory (a view into another) are refused when the optimizer is created',
+    call: () => {
+      const a = new Float32Array(8);
+      return new AdaFisher([{ kind: 'param', param: a }, { kind: 'param', param: a.subarray(6) }]);
+    },
+    cls: RangeError,
+    message: /^Expected memory of its own, but it overlaps layers\[0\]\.param .* for layers\[1\]\.param but received a Float32Array of length 2$/,
+    code: INVALID,
+  },
+  {
+    name: 'step(grads, params) with params[1] a view into params[0]',
+    call: (f) => {
+      const w = new Float32Array(12);
+      return f.opt.step(f.grads(), [w, w.subarray(9), new Float32Array(5)]);
+    },
+    cls: RangeError,
+    message: /^Expected separate memory for params\[0\] and params\[1\], but they overlap/,
+    code: INVALID,
+  },
+  {
+    name: 'a gradient that is a view into a parameter',
+    call: (f) => {
+      const g = f.grads();
+      g[2] = (f.specs[0] as { weight: Float32Array }).weight.subarray(0, 5);
+      return f.opt.step(g);
+    },
+    cls: RangeError,
+    message: /^Expected separate memory for params\[0\] and grads\[2\], but they overlap: the step writes params\[0\]/,
+    code: INVALID,
+  },
+  {
+    name: 'a disposed DeviceBuffer as a parameter is refused when the optimizer is created',
+    call: () => {
+      const b = createBuffer(5, { backend: backendInfo().backend! });
+      b.dispose();
+      return new AdaFisher([{ kind: 'param', param: b }], { backend: backendInfo().backend! });
+    },
+    cls: Error,
+    message: /^layers\[0\]\.param: the DeviceBuffer was already disposed\.$/,
+    code: ErrorCodes.disposed,
+  },
+  // --- the buffer and backend functions name their arguments ---
+  {
+    name: 'createBuffer(1, null)',
+    call: () => createBuffer(1, null as unknown as { backend?: 'cpu' }),
+    cls: TypeError,
+    message: /^Expected an object such as \{ backend: 'cuda' \} for options but received null$/,
+    code: INVALID,
+  },
+  {
+    name: "synchronize('gpu') names its argument",
+    call: () => synchronize('gpu' as 'cpu'),
+    cls: RangeError,
+    message: /^Expected one of 'auto', 'cpu', 'cuda' for backend but received 'gpu'/,
+    code: INVALID,
+  },
   // --- hyperparameters (a new optimizer over the same tensors) ---
   ...(
     [
@@ -557,5 +616,31 @@ describe('use after dispose', () => {
       expectThrows(call, { cls: Error, message: /^DeviceBuffer already disposed\.$/, code: ErrorCodes.disposed });
     }
     b.dispose(); // idempotent
+  });
+});
+
+describe('backends of parameters and the allocation count', () => {
+  test("liveAllocations() counts the backend that createBuffer() uses ('auto')", () => {
+    const backend = backendInfo().backend!;
+    const before = liveAllocations();
+    expect(before).toBe(liveAllocations(backend));
+    const b = createBuffer(3);
+    expect(liveAllocations('auto')).toBe(before + 1);
+    b.dispose();
+    expect(liveAllocations()).toBe(before);
+  });
+
+  const cuda = backendInfo('auto').backend === 'cuda';
+  if (!cuda) console.log(`SKIP foreign-buffer check: it needs a second backend, and cuda is not usable here (${backendInfo('auto').reason})`);
+  test.skipIf(!cuda)('a DeviceBuffer of the cpu backend given to a cuda optimizer is refused when it is created', () => {
+    const b = createBuffer(5, { backend: 'cpu' });
+    const before = liveAllocations('cuda');
+    expectThrows(() => new AdaFisher([{ kind: 'param', param: b }], { backend: 'cuda' }), {
+      cls: Error,
+      message: /^layers\[0\]\.param: Expected a DeviceBuffer of the cuda backend \(this optimizer's\) but received one of the cpu backend\.$/,
+      code: ErrorCodes.foreignBuffer,
+    });
+    expect(liveAllocations('cuda')).toBe(before);
+    b.dispose();
   });
 });
