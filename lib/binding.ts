@@ -59,15 +59,28 @@ export interface NativeState {
   factors: Float32Array;
 }
 
+/**
+ * float32 memory owned by one backend. On cuda, upload and download wait for the backend's
+ * queue (they are ordered after the work queued before them and return with the data in
+ * place); fill and copyFrom are queued and return at once. On cpu every call completes before
+ * it returns. Memory is freed by dispose() or, for a buffer left unreferenced, by the garbage
+ * collector. A DeviceBuffer belongs to the thread that created it: sent to a worker with
+ * postMessage it arrives as a plain empty object.
+ */
 export interface NativeDeviceBuffer {
+  /** Number of float32 elements. */
   readonly length: number;
   readonly backend: NativeBackendName;
   readonly disposed: boolean;
+  /** Copies `data` into elements [offset, offset + data.length); waits on cuda. */
   upload(data: Float32Array, offset?: number): void;
+  /** A host copy of the whole buffer (into `into` when given, which must have `length` elements); waits on cuda. */
   download(into?: Float32Array): Float32Array;
+  /** Sets every element to `value` (rounded to float32); queued on cuda. */
   fill(value: number): void;
-  /** Device-to-device copy from a buffer of the same backend and length. */
+  /** Device-to-device copy from a buffer of the same backend and length; queued on cuda. */
   copyFrom(src: NativeDeviceBuffer): void;
+  /** Frees the memory now; later calls other than dispose() throw ADAFISHER_DISPOSED. */
   dispose(): void;
 }
 

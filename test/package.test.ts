@@ -31,6 +31,8 @@ const ALLOWED = [
   /^binding\.gyp$/,
   /^native\/.*\.(cc|h)$/,
   /^test\/golden\/[^/]+\.json$/, // data of `adafisher demo`
+  /^test\/golden\/README\.md$/, // their format, which the README cites
+  /^docs\/ALGORITHM\.md$/, // the math, which the code and the README cite
 ];
 const REQUIRED = [
   'package.json',
@@ -43,6 +45,8 @@ const REQUIRED = [
   'dist/lib/binding.js',
   `prebuilds/${platformDir}/${prebuildName}`,
   'test/golden/mlp_adafisher.json',
+  'test/golden/README.md',
+  'docs/ALGORITHM.md',
 ];
 
 let work = '';
