@@ -6,6 +6,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 
 import { AdaFisher, createBuffer, createTimingEvent, synchronize, type DeviceBuffer, type LayerSpec, type Tensor } from '../lib/index.js';
 import { deriveWorkload, WORKLOADS, type DerivedWorkload } from './cases.js';
@@ -60,6 +61,8 @@ export interface Timing {
 }
 
 export function summarize(samplesMs: number[], callsPerSample: number): Timing {
+  // A figure without samples would be NaN here and null after a trip through IPC.
+  if (samplesMs.length === 0) throw new Error('no samples were taken');
   return {
     ms: median(samplesMs),
     p10: quantile(samplesMs, 0.1),
@@ -443,10 +446,102 @@ export async function reportToParent(fn: () => Promise<unknown>): Promise<void> 
   process.exit(0);
 }
 
-/** The value after `--name` in argv, if present. */
-export function argValue(argv: readonly string[], name: string): string | undefined {
-  const i = argv.indexOf(name);
-  return i >= 0 && i + 1 < argv.length ? argv[i + 1] : undefined;
+// ---------------------------------------------------------------------------------------
+// Command line (shared by cpu.ts, gpu.ts and tfjs-overhead.ts)
+
+/** A mistake on a bench's command line: one `bench: ...` line on stderr, exit code 2. */
+export class UsageError extends Error {}
+
+type OptionSpec = Record<string, { type: 'string' | 'boolean'; short?: string }>;
+type OptionValues<T extends OptionSpec> = { [K in keyof T]?: T[K]['type'] extends 'boolean' ? boolean : string };
+
+/**
+ * node:util parseArgs with strict: true (an unknown option, a missing value or a positional
+ * argument is a UsageError) plus -h/--help. On --help prints `usage` and returns undefined:
+ * the caller returns before measuring anything.
+ */
+export function parseCli<T extends OptionSpec>(argv: string[], options: T, usage: string): OptionValues<T> | undefined {
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    ({ values } = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, strict: true, allowPositionals: false }));
+  } catch (e) {
+    throw new UsageError((e as Error).message.replace(/\s*\n\s*/g, ' '));
+  }
+  if (values.help) {
+    console.log(usage);
+    return undefined;
+  }
+  return values as OptionValues<T>;
+}
+
+/** A count option: a positive integer (digits only), or `def` when absent. */
+export function positiveInt(name: string, text: string | undefined, def: number): number {
+  if (text === undefined) return def;
+  const n = Number(text);
+  if (!/^[0-9]+$/.test(text) || !Number.isSafeInteger(n) || n < 1) {
+    throw new UsageError(`--${name} expects a positive integer, got '${text}'`);
+  }
+  return n;
+}
+
+/** One of `allowed`, or `def` when absent. */
+export function oneOf<T extends string>(name: string, text: string | undefined, allowed: readonly T[], def: T): T {
+  if (text === undefined) return def;
+  if (!(allowed as readonly string[]).includes(text)) {
+    throw new UsageError(`--${name} expects one of ${allowed.join(', ')}, got '${text}'`);
+  }
+  return text as T;
+}
+
+/** A comma-separated list of case names, each one of `known` (duplicates dropped), or `def`. */
+export function caseList(name: string, text: string | undefined, known: readonly string[], def: readonly string[]): string[] {
+  if (text === undefined) return [...def];
+  const list = [...new Set(text.split(',').map((c) => c.trim()))];
+  if (list.length === 0 || list.includes('')) {
+    throw new UsageError(`--${name} expects comma-separated case names (${known.join(', ')}), got '${text}'`);
+  }
+  const bad = list.filter((c) => !known.includes(c));
+  if (bad.length > 0) {
+    throw new UsageError(`unknown case ${bad.map((c) => `'${c}'`).join(', ')} in --${name} (known: ${known.join(', ')})`);
+  }
+  return list;
+}
+
+/**
+ * Runs a bench's main. A UsageError becomes one `bench: ...` line on stderr and exit code
+ * 2; any other error one `bench: ...` line and exit code 1 (no stack trace either way).
+ */
+export function runMain(script: string, main: () => Promise<void> | void): void {
+  Promise.resolve()
+    .then(main)
+    .catch((e: unknown) => {
+      const message = e instanceof Error ? e.message : String(e);
+      if (e instanceof UsageError) {
+        console.error(`bench: ${message} (see 'node dist/bench/${script} --help')`);
+        process.exitCode = 2;
+      } else {
+        console.error(`bench: ${message.replace(/\s*\n\s*/g, ' ')}`);
+        process.exitCode = 1;
+      }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Verdicts
+
+/** A ratio of two measured figures: finite and > 0 (a figure without samples makes it NaN, 0 or Infinity). */
+export function isMeasured(x: unknown): x is number {
+  return typeof x === 'number' && Number.isFinite(x) && x > 0;
+}
+
+/** Whether `ratio` meets a target: true or false where it was measured, null where it was not. */
+export function judge(ratio: unknown, ok: (x: number) => boolean): boolean | null {
+  return isMeasured(ratio) ? ok(ratio) : null;
+}
+
+/** The word for a judge() result: a target is never "met" without a measurement. */
+export function verdict(met: boolean | null | undefined): string {
+  return met === true ? 'met' : met === false ? 'MISSED' : 'not measured';
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,27 +11,57 @@ import { isMainThread, parentPort, Worker, workerData } from 'node:worker_thread
 import { backendInfo, createBuffer } from '../lib/index.js';
 import { CPU_CASES, CPU_QUOTED, deriveWorkload, TARGETS, WORKLOADS } from './cases.js';
 import {
-  argValue,
+  caseList,
   cpuTimer,
   describeTorch,
   fmtMB,
   fmtMs,
   fmtNum,
   instantiate,
+  judge,
   measureWorkload,
   median,
+  parseCli,
+  positiveInt,
   randomArray,
   readTorchBaselines,
   reportToParent,
   runCasesInChildren,
+  runMain,
   runTorchBaselines,
   table,
+  UsageError,
+  verdict,
   type KernelFigures,
   type TorchBaselines,
   type WorkloadResult,
 } from './common.js';
 
 const SCRIPT = fileURLToPath(import.meta.url);
+const DEFAULT_REPS = 31;
+const KNOWN_CASES = Object.keys(WORKLOADS);
+
+const USAGE = `Usage: node dist/bench/cpu.js [options]        (npm run bench -- [options])
+
+CPU benchmark of the native cpu backend: every case (the memory copy bandwidth reference,
+first and last, and each workload) runs in a fresh child process; ratios are taken against
+the copy bandwidth of the same run. Method, figures and targets: bench/README.md.
+
+Options:
+  --cases LIST   comma-separated workloads (default ${CPU_CASES.join(',')}; known: ${KNOWN_CASES.join(', ')})
+  --reps N       timed calls per figure, a positive integer (default ${DEFAULT_REPS}; the bandwidth
+                 reference takes N clamped to 5..11, the PyTorch baselines at most 15)
+  --json         print one JSON object instead of the tables
+  --no-torch     leave out the PyTorch baselines (default: bench/torch_baselines.py runs
+                 after our cases when python3 can import torch)
+  --torch FILE   read the PyTorch baselines from FILE (written by bench/torch_baselines.py)
+  --case NAME    internal (the parent runs each case this way): measure one case, bandwidth
+                 or a workload, and send the result to the parent process
+  -h, --help     print this text and exit
+
+Exit code: 0 when every case ran (a missed target is reported as MISSED, not by the exit
+code), 1 when a case failed, 2 on a bad command line.`;
+
 // Copy buffers far larger than the last-level cache (32 MiB on the reference box).
 const COPY_FLOATS = 64 * 1024 * 1024; // 256 MiB per buffer
 const FLUSH_FLOATS = 32 * 1024 * 1024; // 128 MiB written before every cold sample
@@ -161,13 +191,14 @@ function report(
       stepGuardOnOverFloor20: onCold / stepFloor20,
       stepGuardOnOverFloor24: onCold / floorMs(24 * P),
       stepTarget: TARGETS.cpu.stepOverFloor,
-      stepGuardOffMet: offCold / stepFloor20 <= TARGETS.cpu.stepOverFloor,
-      stepGuardOnMet: onCold / stepFloor20 <= TARGETS.cpu.stepOverFloor,
+      // true / false where measured, null where not: never "met" without samples.
+      stepGuardOffMet: judge(offCold / stepFloor20, (x) => x <= TARGETS.cpu.stepOverFloor),
+      stepGuardOnMet: judge(onCold / stepFloor20, (x) => x <= TARGETS.cpu.stepOverFloor),
     };
     if (r.factors.convCold) {
       v.convFactorsOverFloor = r.factors.convCold.timing.ms / floorMs(r.factors.convCold.bytes);
       v.convFactorsTarget = TARGETS.cpu.convFactorsOverFloor;
-      v.convFactorsMet = (v.convFactorsOverFloor as number) <= TARGETS.cpu.convFactorsOverFloor;
+      v.convFactorsMet = judge(v.convFactorsOverFloor, (x) => x <= TARGETS.cpu.convFactorsOverFloor);
     }
     const q = CPU_QUOTED[name];
     if (q) {
@@ -191,7 +222,7 @@ function report(
         stepSpeedupVsAdamGuardOn: tw.fusedAdamMs / r.step.guardOn.warm.timing.ms,
         stepSpeedupVsAdamGuardOff: tw.fusedAdamMs / r.step.guardOff.warm.timing.ms,
         target: TARGETS.cpu.wholeSpeedupOverEager,
-        met: tw.eager.totalMs / wholeWarm >= TARGETS.cpu.wholeSpeedupOverEager,
+        met: judge(tw.eager.totalMs / wholeWarm, (x) => x >= TARGETS.cpu.wholeSpeedupOverEager),
       };
     } else if (tw?.error) {
       v.torch = { error: tw.error };
@@ -232,22 +263,22 @@ function report(
     lines.push(
       `step vs 20 B/param floor (${fmtMs(stepFloor20)} ms): guard off ${fmtNum(v.stepGuardOffOverFloor20 as number, 2)}x, ` +
         `guard on ${fmtNum(v.stepGuardOnOverFloor20 as number, 2)}x (${fmtNum(v.stepGuardOnOverFloor24 as number, 2)}x of its 24 B/param floor); ` +
-        `target <= ${TARGETS.cpu.stepOverFloor}x: ${v.stepGuardOffMet ? 'met' : 'MISSED'} (off), ${v.stepGuardOnMet ? 'met' : 'MISSED'} (on)`,
+        `target <= ${TARGETS.cpu.stepOverFloor}x: ${verdict(v.stepGuardOffMet as boolean | null)} (off), ${verdict(v.stepGuardOnMet as boolean | null)} (on)`,
     );
     if (v.convFactorsOverFloor !== undefined) {
       lines.push(
         `conv factors vs reading conv inputs + output grads once: ${fmtNum(v.convFactorsOverFloor as number, 2)}x; ` +
-          `target <= ${TARGETS.cpu.convFactorsOverFloor}x: ${v.convFactorsMet ? 'met' : 'MISSED'}`,
+          `target <= ${TARGETS.cpu.convFactorsOverFloor}x: ${verdict(v.convFactorsMet as boolean | null)}`,
       );
     }
-    const vt = v.torch as { wholeSpeedupVsEager: number; wholeColdSpeedupVsEager: number; factorsSpeedupVsEager: number; stepSpeedupVsEager: number; stepSpeedupVsAdamGuardOn: number; stepSpeedupVsAdamGuardOff: number; met: boolean } | { error: string } | undefined;
+    const vt = v.torch as { wholeSpeedupVsEager: number; wholeColdSpeedupVsEager: number; factorsSpeedupVsEager: number; stepSpeedupVsEager: number; stepSpeedupVsAdamGuardOn: number; stepSpeedupVsAdamGuardOff: number; met: boolean | null } | { error: string } | undefined;
     if (vt && 'error' in vt) {
       lines.push(`PyTorch baselines FAILED: ${vt.error}`);
     } else if (vt) {
       lines.push(
         `vs eager PyTorch AdaFisher (same run, > 1: ours faster): whole ${fmtNum(vt.wholeSpeedupVsEager, 1)}x warm ` +
           `(${fmtNum(vt.wholeColdSpeedupVsEager, 1)}x with our figures cold); factors ${fmtNum(vt.factorsSpeedupVsEager, 1)}x, ` +
-          `step ${fmtNum(vt.stepSpeedupVsEager, 1)}x; target whole >= ${TARGETS.cpu.wholeSpeedupOverEager}x: ${vt.met ? 'met' : 'MISSED'}`,
+          `step ${fmtNum(vt.stepSpeedupVsEager, 1)}x; target whole >= ${TARGETS.cpu.wholeSpeedupOverEager}x: ${verdict(vt.met)}`,
       );
       lines.push(
         `vs torch ${tw?.adam ?? 'fused'} Adam step (warm): ${fmtNum(vt.stepSpeedupVsAdamGuardOn, 2)}x with our guard on, ` +
@@ -294,14 +325,33 @@ function report(
 }
 
 async function main(argv: string[]): Promise<void> {
-  const reps = Number(argValue(argv, '--reps') ?? 31);
-  const only = argValue(argv, '--case');
+  const opts = parseCli(
+    argv,
+    {
+      cases: { type: 'string' },
+      reps: { type: 'string' },
+      json: { type: 'boolean' },
+      'no-torch': { type: 'boolean' },
+      torch: { type: 'string' },
+      case: { type: 'string' },
+    },
+    USAGE,
+  );
+  if (!opts) return; // --help
+  const reps = positiveInt('reps', opts.reps, DEFAULT_REPS);
+  const only = opts.case;
   if (only !== undefined) {
+    if (only !== 'bandwidth' && !KNOWN_CASES.includes(only)) {
+      throw new UsageError(`unknown case '${only}' for --case (known: bandwidth, ${KNOWN_CASES.join(', ')})`);
+    }
     await reportToParent(() => (only === 'bandwidth' ? measureBandwidth(Math.max(5, Math.min(reps, 11))) : measureCpuWorkload(only, reps)));
     return;
   }
-  const json = argv.includes('--json');
-  const cases = (argValue(argv, '--cases')?.split(',') ?? [...CPU_CASES]).filter((c) => c in WORKLOADS);
+  const json = opts.json ?? false;
+  const cases = caseList('cases', opts.cases, KNOWN_CASES, CPU_CASES);
+  const torchFile = opts.torch;
+  const noTorch = opts['no-torch'] ?? false;
+  if (torchFile !== undefined && noTorch) throw new UsageError('--torch and --no-torch exclude each other');
   if (!json) console.error(`running cases in fresh processes: bandwidth, ${cases.join(', ')} ...`);
   const loadBefore = loadavg()[0];
   // The copy reference runs first and last (each in its own process); the faster of the two
@@ -309,11 +359,10 @@ async function main(argv: string[]): Promise<void> {
   const first = await runCasesInChildren(SCRIPT, ['bandwidth'], ['--reps', String(reps)]);
   const res = await runCasesInChildren(SCRIPT, cases, ['--reps', String(reps)]);
   // PyTorch on the same workloads, after ours and before the closing bandwidth reference.
-  const torchFile = argValue(argv, '--torch');
-  if (!json && !torchFile && !argv.includes('--no-torch')) console.error('running the PyTorch baselines (bench/torch_baselines.py) ...');
-  const torch = torchFile
+  if (!json && torchFile === undefined && !noTorch) console.error('running the PyTorch baselines (bench/torch_baselines.py) ...');
+  const torch = torchFile !== undefined
     ? readTorchBaselines(torchFile)
-    : argv.includes('--no-torch')
+    : noTorch
       ? { skipped: '--no-torch' }
       : runTorchBaselines({ cases, device: 'cpu', threads: backendInfo('cpu').cpuThreads, reps: Math.min(reps, 15) });
   const last = await runCasesInChildren(SCRIPT, ['bandwidth'], ['--reps', String(reps)]);
@@ -334,7 +383,7 @@ async function main(argv: string[]): Promise<void> {
 }
 
 if (isMainThread) {
-  void main(process.argv.slice(2));
+  runMain('cpu.js', () => main(process.argv.slice(2)));
 } else {
   void copyWorker();
 }

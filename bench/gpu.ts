@@ -1,6 +1,7 @@
 // GPU benchmark (CUDA backend). Run on a GPU machine, normally through scripts/gpu-check.sh:
-//   node dist/bench/gpu.js [--torch torch.json] [--json-out FILE] [--json] [--batches N]
+//   node dist/bench/gpu.js [--torch torch.json] [--json-out FILE] [--json] [--batches N] [--cases a,b]
 //   node dist/bench/gpu.js --dump-cases        (the workloads, for bench/torch_baselines.py)
+//   node dist/bench/gpu.js --help              (every option)
 // Each case runs in a fresh child process. Timing: batches of launches between two
 // TimingEvents (CUDA events), per-call time = the batch's device time / calls.
 // The device-to-device copy bandwidth comes from the PyTorch script of the same run
@@ -11,18 +12,25 @@ import { fileURLToPath } from 'node:url';
 import { backendInfo, createBuffer } from '../lib/index.js';
 import { deriveWorkload, GPU_CASES, TARGETS, WORKLOADS } from './cases.js';
 import {
-  argValue,
+  caseList,
   describeTorch,
   fmtMB,
   fmtMs,
   fmtNum,
   gpuTimer,
   instantiate,
+  judge,
   measureWorkload,
+  oneOf,
+  parseCli,
+  positiveInt,
   readTorchBaselines,
   reportToParent,
   runCasesInChildren,
+  runMain,
   table,
+  UsageError,
+  verdict,
   type Backend,
   type KernelFigures,
   type TorchBaselines,
@@ -43,17 +51,41 @@ interface FillResult {
   copyGBps?: number;
 }
 
-// `--backend cpu` is a dry run of this script's plumbing on a machine without a GPU.
-const BACKEND: Backend = argValue(process.argv, '--backend') === 'cpu' ? 'cpu' : 'cuda';
+const DEFAULT_BATCHES = 15;
+const KNOWN_CASES = Object.keys(WORKLOADS);
+const BACKENDS: readonly Backend[] = ['cuda', 'cpu'];
 
-async function measureFill(batches: number): Promise<FillResult> {
-  const b = createBuffer(FILL_FLOATS, { backend: BACKEND });
+const USAGE = `Usage: node dist/bench/gpu.js [options]
+       node dist/bench/gpu.js --dump-cases
+
+GPU benchmark of the cuda backend, normally run by scripts/gpu-check.sh (stage bench). Every
+case (the fill / copy reference and each workload) runs in a fresh child process; a figure
+is the median over batches of calls timed by CUDA events. Method, figures and targets:
+bench/README.md.
+
+Options:
+  --cases LIST     comma-separated workloads (default ${GPU_CASES.join(',')}; known: ${KNOWN_CASES.join(', ')})
+  --batches N      timed batches per figure, a positive integer (default ${DEFAULT_BATCHES})
+  --backend NAME   cuda (default) or cpu: a dry run of this script's plumbing without a GPU
+  --torch FILE     PyTorch baselines and the D2D copy reference from FILE (bench/torch_baselines.py)
+  --json           print the JSON instead of the tables
+  --json-out FILE  also write the JSON to FILE
+  --dump-cases     print the workloads' shapes as JSON (input of bench/torch_baselines.py) and exit
+  --case NAME      internal (the parent runs each case this way): measure one case, fill or a
+                   workload, and send the result to the parent process
+  -h, --help       print this text and exit
+
+Exit code: 0 when every case ran (a missed target is reported as MISSED, not by the exit
+code), 1 when a case failed, 2 on a bad command line or when the backend cannot be used.`;
+
+async function measureFill(batches: number, backend: Backend): Promise<FillResult> {
+  const b = createBuffer(FILL_FLOATS, { backend });
   let v = 0;
-  const timer = gpuTimer(batches, 50, 200, BACKEND);
+  const timer = gpuTimer(batches, 50, 200, backend);
   const t = await timer.time(() => b.fill(++v));
   const out: FillResult = { fillGBps: (4 * FILL_FLOATS) / (t.ms * 1e6), bytes: 4 * FILL_FLOATS, ms: t.ms };
   // The in-process device-to-device copy reference (read + write).
-  const dst = createBuffer(FILL_FLOATS, { backend: BACKEND });
+  const dst = createBuffer(FILL_FLOATS, { backend });
   const c = await timer.time(() => dst.copyFrom(b));
   out.copyGBps = (8 * FILL_FLOATS) / (c.ms * 1e6);
   dst.dispose();
@@ -61,14 +93,14 @@ async function measureFill(batches: number): Promise<FillResult> {
   return out;
 }
 
-async function measureGpuWorkload(name: string, batches: number): Promise<WorkloadResult & { device: string }> {
-  const info = backendInfo(BACKEND);
-  if (info.backend !== BACKEND) throw new Error(`the cuda backend cannot be used: ${info.reason}`);
+async function measureGpuWorkload(name: string, batches: number, backend: Backend): Promise<WorkloadResult & { device: string }> {
+  const info = backendInfo(backend);
+  if (info.backend !== backend) throw new Error(`the ${backend} backend cannot be used: ${info.reason}`);
   const wl = deriveWorkload(WORKLOADS[name]);
-  const inst = instantiate(wl, BACKEND);
-  const result = await measureWorkload(inst, gpuTimer(batches, 25, 2000, BACKEND), { rotateBytes: ROTATE_BYTES });
+  const inst = instantiate(wl, backend);
+  const result = await measureWorkload(inst, gpuTimer(batches, 25, 2000, backend), { rotateBytes: ROTATE_BYTES });
   inst.dispose();
-  return { ...result, device: BACKEND === 'cuda' ? info.cuda.deviceName : 'cpu (dry run)' };
+  return { ...result, device: backend === 'cuda' ? info.cuda.deviceName : 'cpu (dry run)' };
 }
 
 /** The cold figure where one was taken, else the warm one. */
@@ -91,7 +123,7 @@ function report(
   const copy = torch?.copyGBps ?? ('error' in fill ? undefined : fill.copyGBps);
   const T = TARGETS.gpu;
   const sections: string[] = [];
-  const key: Record<string, Record<string, number | boolean | string>> = {};
+  const key: Record<string, Record<string, number | boolean | string | null>> = {};
   let failures = 0;
   let device = torch?.device ?? '';
   for (const name of cases) {
@@ -109,7 +141,7 @@ function report(
     // uses our back-to-back (warm) calls, the same conditions.
     const onMs = coldOrWarm(r.step.guardOn).timing.ms;
     const offMs = coldOrWarm(r.step.guardOff).timing.ms;
-    const k: Record<string, number | boolean | string> = {
+    const k: Record<string, number | boolean | string | null> = {
       stepGuardOffMs: offMs,
       stepGuardOnMs: onMs,
       stepGuardOffGBps20: (20 * r.parameters) / (offMs * 1e6),
@@ -133,14 +165,15 @@ function report(
       k.eagerTotalMs = tw.eager.totalMs;
       k.wholeSpeedupVsEager = tw.eager.totalMs / r.wholeMs;
     }
-    // Targets (booleans only where the inputs exist).
-    if (name === 'big' && k.stepGuardOffFractionOfCopy !== undefined) k.stepCopyTargetMet = (k.stepGuardOffFractionOfCopy as number) >= T.stepFractionOfCopy;
-    if (name === 'big' && k.speedupVsFusedAdamGuardOff !== undefined) k.fusedAdamTargetMet = (k.speedupVsFusedAdamGuardOff as number) >= T.stepSpeedupOverFusedAdam;
+    // Targets (only where the inputs exist; true / false where measured, null where a figure
+    // has no samples: never "met" without a measurement).
+    if (name === 'big' && k.stepGuardOffFractionOfCopy !== undefined) k.stepCopyTargetMet = judge(k.stepGuardOffFractionOfCopy, (x) => x >= T.stepFractionOfCopy);
+    if (name === 'big' && k.speedupVsFusedAdamGuardOff !== undefined) k.fusedAdamTargetMet = judge(k.speedupVsFusedAdamGuardOff, (x) => x >= T.stepSpeedupOverFusedAdam);
     // The conv target is judged where the conv data exceeds any L2 several times; below
     // that the figure is shown but measures launch latency (see WORKLOADS.cnn512).
     const convJudged = conv !== undefined && conv.bytes >= T.convFactorsMinBytes;
-    if (k.convFactorsFractionOfCopy !== undefined && convJudged) k.convFactorsTargetMet = (k.convFactorsFractionOfCopy as number) >= T.convFactorsFractionOfCopy;
-    if (k.wholeSpeedupVsEager !== undefined) k.eagerTargetMet = (k.wholeSpeedupVsEager as number) >= T.wholeSpeedupOverEager;
+    if (k.convFactorsFractionOfCopy !== undefined && convJudged) k.convFactorsTargetMet = judge(k.convFactorsFractionOfCopy, (x) => x >= T.convFactorsFractionOfCopy);
+    if (k.wholeSpeedupVsEager !== undefined) k.eagerTargetMet = judge(k.wholeSpeedupVsEager, (x) => x >= T.wholeSpeedupOverEager);
     key[name] = k;
 
     const pct = (gbps: number) => (copy ? `${fmtNum((100 * gbps) / copy, 0)}%` : '-');
@@ -160,19 +193,19 @@ function report(
     if (tw?.eager) body.push(['eager PyTorch AdaFisher', '', fmtMs(tw.eager.totalMs), 'CUDA events', '', '', `f ${fmtMs(tw.eager.factorsMs)} mm ${fmtMs(tw.eager.minMaxEmaMs)} step ${fmtMs(tw.eager.stepMs)}`]);
     const lines: string[] = [];
     if (k.stepGuardOffFractionOfCopy !== undefined) {
-      lines.push(`step (guard off) at ${fmtNum(100 * (k.stepGuardOffFractionOfCopy as number), 0)}% of D2D copy bandwidth` + (name === 'big' ? ` (target >= ${100 * T.stepFractionOfCopy}%: ${k.stepCopyTargetMet ? 'met' : 'MISSED'})` : ''));
+      lines.push(`step (guard off) at ${fmtNum(100 * (k.stepGuardOffFractionOfCopy as number), 0)}% of D2D copy bandwidth` + (name === 'big' ? ` (target >= ${100 * T.stepFractionOfCopy}%: ${verdict(k.stepCopyTargetMet as boolean | null)})` : ''));
     }
     if (k.speedupVsFusedAdamGuardOff !== undefined) {
-      lines.push(`vs torch ${tw?.adam ?? "fused"} Adam, both back-to-back: ${fmtNum(k.speedupVsFusedAdamGuardOff as number, 2)}x (guard off), ${fmtNum(k.speedupVsFusedAdamGuardOn as number, 2)}x (guard on)` + (name === 'big' ? ` (target >= ${T.stepSpeedupOverFusedAdam}x: ${k.fusedAdamTargetMet ? 'met' : 'MISSED'})` : ''));
+      lines.push(`vs torch ${tw?.adam ?? "fused"} Adam, both back-to-back: ${fmtNum(k.speedupVsFusedAdamGuardOff as number, 2)}x (guard off), ${fmtNum(k.speedupVsFusedAdamGuardOn as number, 2)}x (guard on)` + (name === 'big' ? ` (target >= ${T.stepSpeedupOverFusedAdam}x: ${verdict(k.fusedAdamTargetMet as boolean | null)})` : ''));
     }
     if (k.convFactorsFractionOfCopy !== undefined) {
-      const verdict = convJudged
-        ? `target >= ${100 * T.convFactorsFractionOfCopy}%: ${k.convFactorsTargetMet ? 'met' : 'MISSED'}`
+      const judged = convJudged
+        ? `target >= ${100 * T.convFactorsFractionOfCopy}%: ${verdict(k.convFactorsTargetMet as boolean | null)}`
         : `${fmtMB(conv!.bytes)} of conv data, below the ${T.convFactorsMinBytes >> 20} MiB where the target is judged: latency-bound`;
-      lines.push(`conv factors at ${fmtNum(100 * (k.convFactorsFractionOfCopy as number), 0)}% of copy bandwidth (${verdict})`);
+      lines.push(`conv factors at ${fmtNum(100 * (k.convFactorsFractionOfCopy as number), 0)}% of copy bandwidth (${judged})`);
     }
     if (k.wholeSpeedupVsEager !== undefined) {
-      lines.push(`whole optimizer work vs eager PyTorch AdaFisher: ${fmtNum(k.wholeSpeedupVsEager as number, 1)}x (target >= ${T.wholeSpeedupOverEager}x: ${k.eagerTargetMet ? 'met' : 'MISSED'})`);
+      lines.push(`whole optimizer work vs eager PyTorch AdaFisher: ${fmtNum(k.wholeSpeedupVsEager as number, 1)}x (target >= ${T.wholeSpeedupOverEager}x: ${verdict(k.eagerTargetMet as boolean | null)})`);
     }
     sections.push(
       `### ${name}: ${r.description} (${(r.parameters / 1e6).toFixed(3)} M parameters)\n\n` +
@@ -196,37 +229,57 @@ function report(
 }
 
 async function main(argv: string[]): Promise<void> {
-  const batches = Number(argValue(argv, '--batches') ?? 15);
-  const only = argValue(argv, '--case');
-  if (argv.includes('--dump-cases')) {
+  const opts = parseCli(
+    argv,
+    {
+      cases: { type: 'string' },
+      batches: { type: 'string' },
+      backend: { type: 'string' },
+      torch: { type: 'string' },
+      json: { type: 'boolean' },
+      'json-out': { type: 'string' },
+      'dump-cases': { type: 'boolean' },
+      case: { type: 'string' },
+    },
+    USAGE,
+  );
+  if (!opts) return; // --help
+  const batches = positiveInt('batches', opts.batches, DEFAULT_BATCHES);
+  // `--backend cpu` is a dry run of this script's plumbing on a machine without a GPU.
+  const backend = oneOf('backend', opts.backend, BACKENDS, 'cuda');
+  const cases = caseList('cases', opts.cases, KNOWN_CASES, GPU_CASES);
+  const only = opts.case;
+  if (only !== undefined && only !== 'fill' && !KNOWN_CASES.includes(only)) {
+    throw new UsageError(`unknown case '${only}' for --case (known: fill, ${KNOWN_CASES.join(', ')})`);
+  }
+  if (opts['dump-cases']) {
     dumpCases();
     return;
   }
   if (only !== undefined) {
-    await reportToParent(() => (only === 'fill' ? measureFill(batches) : measureGpuWorkload(only, batches)));
+    await reportToParent(() => (only === 'fill' ? measureFill(batches, backend) : measureGpuWorkload(only, batches, backend)));
     return;
   }
-  const info = backendInfo(BACKEND);
-  if (info.backend !== BACKEND) {
-    console.error(`GPU benchmark skipped: the cuda backend cannot be used (${info.reason})`);
+  const info = backendInfo(backend);
+  if (info.backend !== backend) {
+    console.error(`GPU benchmark skipped: the ${backend} backend cannot be used (${info.reason})`);
     process.exitCode = 2;
     return;
   }
-  const torchFile = argValue(argv, '--torch');
-  const torch = torchFile ? readTorchBaselines(torchFile) : undefined;
-  const cases = (argValue(argv, '--cases')?.split(',') ?? [...GPU_CASES]).filter((c) => c in WORKLOADS);
-  const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', BACKEND]);
+  const torchFile = opts.torch;
+  const torch = torchFile !== undefined ? readTorchBaselines(torchFile) : undefined;
+  const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', backend]);
   const { text, json, failures } = report(
     res.fill as FillResult | { error: string },
     res as Record<string, (WorkloadResult & { device: string }) | { error: string }>,
     torch,
     cases,
   );
-  const out = argValue(argv, '--json-out');
-  if (out) writeFileSync(out, JSON.stringify(json, null, 2));
-  if (argv.includes('--json')) console.log(JSON.stringify(json, null, 2));
+  const out = opts['json-out'];
+  if (out !== undefined) writeFileSync(out, JSON.stringify(json, null, 2));
+  if (opts.json) console.log(JSON.stringify(json, null, 2));
   else console.log(text);
   process.exitCode = failures ? 1 : 0;
 }
 
-void main(process.argv.slice(2));
+runMain('gpu.js', () => main(process.argv.slice(2)));
