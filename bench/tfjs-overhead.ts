@@ -1,12 +1,16 @@
 // Per-step optimizer cost of the TF.js adapter against tf.train.adam, on the TF.js cpu backend.
 // `node dist/bench/tfjs-overhead.js` runs every case, each in a fresh process; both optimizers are
 // measured in the same process, alternating step by step, from the same initialization.
-import { execFileSync } from 'node:child_process';
+// `--help` lists the options; see also bench/README.md.
+import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 
-import * as tf from '@tensorflow/tfjs';
+// Type-only: TF.js (and the adapter, which needs it) are loaded once the command line is
+// checked, so --help and a bad option answer at once.
+import type * as TF from '@tensorflow/tfjs';
 
-import { adaFisher, type AdaFisherOptimizer } from '../lib/tfjs/index.js';
+import type { AdaFisherOptimizer } from '../lib/tfjs/index.js';
+import { judge, parseCli, runMain, UsageError, verdict } from './common.js';
 
 interface Case {
   name: string;
@@ -31,12 +35,30 @@ interface Result {
   adafisher: { statistics: number; apply: number; optimizer: number; total: number };
 }
 
+const USAGE = `Usage: node dist/bench/tfjs-overhead.js [options]        (npm run bench:tfjs)
+
+Per-step optimizer cost of the TF.js adapter (adafisher/tfjs) against tf.train.adam, on the
+TF.js cpu backend: both models train on the same batch from the same initialization,
+alternating step by step, each case in a fresh process; medians over the timed steps.
+Cases: ${CASES.map((c, i) => `${i} = ${c.name}`).join('; ')}. See bench/README.md.
+
+Target: AdaFisher's optimizer time (statistics + applyGradients) / Adam's applyGradients
+< 1 on every case.
+
+Options:
+  --case N     internal (the parent runs each case this way): measure case N (0..${CASES.length - 1})
+               and print its result as one JSON line
+  -h, --help   print this text and exit
+
+Exit code: 0 when every case ran (a missed target is reported as NOT met, not by the exit
+code), 1 when a case failed, 2 on a bad command line.`;
+
 const median = (xs: number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
 
-function buildModel(widths: number[]): tf.LayersModel {
+function buildModel(tf: typeof TF, widths: number[]): TF.LayersModel {
   const layers = widths.slice(1).map((units, i) =>
     tf.layers.dense({
       units,
@@ -49,9 +71,11 @@ function buildModel(widths: number[]): tf.LayersModel {
 }
 
 async function runCase(c: Case): Promise<Result> {
+  const tf = await import('@tensorflow/tfjs');
+  const { adaFisher } = await import('../lib/tfjs/index.js');
   await tf.setBackend('cpu');
-  const a = buildModel(c.widths);
-  const b = buildModel(c.widths);
+  const a = buildModel(tf, c.widths);
+  const b = buildModel(tf, c.widths);
   b.setWeights(a.getWeights());
   const adam = tf.train.adam(1e-3);
   const af = adaFisher(b, { lr: 1e-3 }) as AdaFisherOptimizer;
@@ -96,18 +120,40 @@ async function runCase(c: Case): Promise<Result> {
   };
 }
 
-function main(): void {
+async function main(argv: string[]): Promise<void> {
+  const opts = parseCli(argv, { case: { type: 'string' } }, USAGE);
+  if (!opts) return; // --help
+  if (opts.case !== undefined) {
+    const i = opts.case;
+    if (!/^[0-9]+$/.test(i) || Number(i) >= CASES.length) throw new UsageError(`--case expects a case index 0..${CASES.length - 1}, got '${i}'`);
+    console.log(JSON.stringify(await runCase(CASES[Number(i)])));
+    return;
+  }
+  const tf = await import('@tensorflow/tfjs');
   const self = fileURLToPath(import.meta.url);
   console.log(`TF.js ${tf.version.tfjs}, backend cpu; medians over timed steps, each case in a fresh process\n`);
   const head = 'case                                   params  batch | Adam apply | AdaFisher stats + apply = total | ratio | step total Adam / AdaFisher';
   console.log(head);
   console.log('-'.repeat(head.length));
-  let ok = true;
+  let missed = 0;
+  let failures = 0;
   CASES.forEach((c, i) => {
-    const out = execFileSync(process.execPath, [self, '--case', String(i)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
-    const res = JSON.parse(out.trim().split('\n').at(-1)!) as Result;
+    const run = spawnSync(process.execPath, [self, '--case', String(i)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    let res: Result | undefined;
+    try {
+      if (run.status === 0) res = JSON.parse(run.stdout.trim().split('\n').at(-1)!) as Result;
+    } catch {
+      res = undefined;
+    }
+    if (!res) {
+      failures++;
+      const why = run.error?.message ?? run.stderr.trim().split('\n').at(-1) ?? '';
+      console.log(`${c.name.padEnd(38)} FAILED (exit ${run.signal ?? run.status})${why ? `: ${why}` : ''}`);
+      return;
+    }
     const ratio = res.adafisher.optimizer / res.adam.apply;
-    ok &&= ratio < 1;
+    // Never "met" without a measurement: a ratio that is not finite and > 0 counts as missed.
+    if (judge(ratio, (x) => x < 1) !== true) missed++;
     const f = (v: number) => v.toFixed(2).padStart(7);
     console.log(
       `${res.name.padEnd(38)} ${String(res.params).padStart(7)} ${String(res.batch).padStart(5)} | ${f(res.adam.apply)} ms | ` +
@@ -115,15 +161,13 @@ function main(): void {
         `${f(res.adam.total)} / ${f(res.adafisher.total)} ms`,
     );
   });
+  const target = missed ? 'NOT met' : failures ? `${verdict(null)} (${failures} of ${CASES.length} cases failed)` : 'met';
   console.log(
     '\nratio: AdaFisher optimizer time (statistics reduced during forward/backward + applyGradients) / Adam applyGradients.' +
-      `\nTarget (ratio < 1): ${ok ? 'met' : 'NOT met'} on every case.`,
+      `\nTarget (ratio < 1): ${target} on every case.`,
   );
+  // Like cpu.js and gpu.js: a missed target is in the report; the exit code says whether every case ran.
+  process.exitCode = failures ? 1 : 0;
 }
 
-const at = process.argv.indexOf('--case');
-if (at >= 0) {
-  runCase(CASES[Number(process.argv[at + 1])]).then((r) => console.log(JSON.stringify(r)));
-} else {
-  main();
-}
+runMain('tfjs-overhead.js', () => main(process.argv.slice(2)));
