@@ -404,6 +404,19 @@ export class AdaFisher {
     return { ...this.#hyper };
   }
 
+  /**
+   * Changes the learning rate from the next step on, keeping the whole state (momenta,
+   * factors, step counts): for learning-rate schedules. It moves the state through a
+   * checkpoint (exportState + loadState), so call it per epoch or every few hundred steps,
+   * not every step of a large model.
+   * @throws {RangeError} for an lr that is not a finite number >= 0.
+   */
+  setLearningRate(lr: number): void {
+    checkRange('lr', lr, 0, Infinity);
+    const state = this.exportState();
+    this.loadState({ ...state, hyperparameters: { ...state.hyperparameters, lr } });
+  }
+
   /** Steps applied so far. */
   get steps(): number {
     return this.#alive().steps;

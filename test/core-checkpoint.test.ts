@@ -121,3 +121,40 @@ describe('checkpoint resume is bit-identical', () => {
     opt.dispose();
   });
 });
+
+describe('setLearningRate', () => {
+  test('takes effect at the next step and keeps momenta, factors and step counts', () => {
+    const rng = new Rng(7);
+    const make = (lr: number) => {
+      const specs: LayerSpec[] = [{ kind: 'linear', inFeatures: 4, outFeatures: 3, weight: new Rng(1).array(12), bias: new Rng(2).array(3) }];
+      return { specs, opt: new AdaFisher(specs, { lr }) };
+    };
+    const x = rng.array(8), dy = rng.array(6);
+    const grads = [rng.array(12), rng.array(3)];
+    const stepOnce = (opt: AdaFisher) => {
+      opt.recordInput(0, x, [2, 4]);
+      opt.recordOutputGrad(0, dy, [2, 3]);
+      return opt.step(grads);
+    };
+    // a: lr 0.1 for two steps, then 0.02; b: the same two steps, then a fresh optimizer with lr 0.02 over b's state.
+    const a = make(0.1), b = make(0.1);
+    for (const o of [a, b]) for (let i = 0; i < 2; i++) stepOnce(o.opt);
+    a.opt.setLearningRate(0.02);
+    expect(a.opt.hyperparameters.lr).toBe(0.02);
+    expect(a.opt.steps).toBe(2);
+    const c = new AdaFisher(b.specs, { lr: 0.02 });
+    const s = b.opt.exportState();
+    c.loadState({ ...s, hyperparameters: { ...s.hyperparameters, lr: 0.02 } });
+    stepOnce(a.opt);
+    stepOnce(c);
+    assertSnapshotsIdentical(snapshot(a.opt, paramsOf(a.specs)), snapshot(c, paramsOf(b.specs)), 'after the third step');
+    // lr 0 moves nothing; a bad lr is refused and changes nothing.
+    a.opt.setLearningRate(0);
+    const before = paramsOf(a.specs).map((p) => Float32Array.from(p as Float32Array));
+    stepOnce(a.opt);
+    paramsOf(a.specs).forEach((p, i) => expect(Array.from(p as Float32Array)).toEqual(Array.from(before[i])));
+    expect(() => a.opt.setLearningRate(Number.NaN)).toThrow(RangeError);
+    expect(a.opt.hyperparameters.lr).toBe(0);
+    for (const o of [a.opt, b.opt, c]) o.dispose();
+  });
+});

@@ -361,19 +361,25 @@ describe('gradients and prediction', () => {
     plain.dispose();
   });
 
-  it('updates in place on the cpu backend without touching tensors that share the data', async () => {
+  it('never changes tensors or arrays that share the variables\' data (setWeights, clones, dataSync snapshots)', async () => {
     const a = buildModel();
     const b = buildModel();
     b.setWeights(a.getWeights()); // TF.js now keeps a's and b's variables on the same arrays
     const snapshot = a.getWeights().map((w) => w.clone()); // clones share the data too
     const before = weightsOf(b);
+    // A "best weights" snapshot as programs take it: the arrays dataSync() returns (on the cpu
+    // backend, the variables' live backing arrays) and tensors made from them without a copy.
+    const arrays = a.getWeights().map((w) => w.dataSync() as Float32Array);
+    const fromArrays = arrays.map((d, i) => tf.tensor(d, a.getWeights()[i].shape));
     a.compile({ optimizer: adaFisher(a, { lr: LR }), loss: 'meanSquaredError' });
     const { x, y } = batch(3, false);
     await a.fit(x, y, { batchSize: 8, epochs: 1, verbose: 0 });
     weightsOf(b).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
     snapshot.forEach((w, i) => expect(Array.from(w.dataSync())).toEqual(Array.from(before[i])));
+    arrays.forEach((d, i) => expect(Array.from(d)).toEqual(Array.from(before[i])));
+    fromArrays.forEach((t, i) => expect(Array.from(t.dataSync())).toEqual(Array.from(before[i])));
     expect(weightsOf(a).some((w, i) => w.some((v, j) => v !== before[i][j]))).toBe(true);
-    tf.dispose([x, y, ...snapshot]);
+    tf.dispose([x, y, ...snapshot, ...fromArrays]);
     a.optimizer.dispose();
   });
 
@@ -942,5 +948,36 @@ describe('loading adafisher/tfjs', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('learning-rate schedules', () => {
+  it('optimizer.learningRate set in a callback takes effect at the next step and keeps the state', async () => {
+    const model = buildModel();
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const { x, y } = batch(3, false);
+    const seen: number[] = [];
+    await model.fit(x, y, {
+      batchSize: 8,
+      epochs: 3,
+      verbose: 0,
+      callbacks: { onEpochEnd: async () => { opt.learningRate *= 0.5; seen.push(opt.learningRate); } },
+    });
+    expect(seen).toEqual([LR / 2, LR / 4, LR / 8]);
+    expect(opt.hyperparameters.lr).toBe(LR / 8);
+    const steps = opt.steps;
+    expect(steps).toBeGreaterThan(0);
+    // lr 0: the next steps move no weight, and the step count (state) carries on.
+    opt.learningRate = 0;
+    const before = weightsOf(model);
+    await model.fit(x, y, { batchSize: 8, epochs: 1, verbose: 0 });
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    expect(opt.steps).toBeGreaterThan(steps);
+    expect(() => (opt.learningRate = -1)).toThrow(RangeError);
+    expect(opt.learningRate).toBe(0);
+    tf.dispose([x, y]);
+    opt.dispose();
+    model.dispose();
   });
 });

@@ -71,27 +71,13 @@ function floatData(t: tf.Tensor): Float32Array {
   return v instanceof Float32Array ? v : Float32Array.from(v as ArrayLike<number>);
 }
 
-// NOTE: [parameters in place]
-// On TF.js's cpu backend a tensor's dataSync() is its live backing Float32Array, so the native
-// step updates the variables in place: no copy, no new tensor per step. Two guards keep that
-// safe: the array must really be live (dataSync() twice gives the same object), and the
-// variable must be the only owner of its data (TF.js shares data between tensors: setWeights or
-// assign of another model's weights leaves two variables on one array) — a shared one gets a
-// private copy once. Other backends (wasm, webgl, node) copy in dataSync(), so there the updated
-// host copy is written back with assign().
-function ownsLiveData(v: tf.Variable): Float32Array | null {
-  const engine = tfjs.engine();
-  if (engine.backendName !== 'cpu' || v.dtype !== 'float32') return null;
-  let data = v.dataSync() as Float32Array;
-  if (data !== v.dataSync()) return null;
-  if (engine.backend.refCount(v.dataId) > 1) {
-    const copy = tfjs.tensor(data.slice(), v.shape, 'float32');
-    v.assign(copy);
-    copy.dispose();
-    data = v.dataSync() as Float32Array;
-  }
-  return data;
-}
+// NOTE: [parameters copied]
+// On TF.js's cpu backend dataSync() returns a variable's live backing array, and the native
+// step could update it in place. It does not: arrays a program took earlier with dataSync()
+// or data() (a "best weights so far" snapshot), and tensors made from them without a copy,
+// alias that array, and would silently follow training. Each step works on a private copy of
+// every trained variable and assigns it back as a new tensor, on every backend: one copy of
+// the parameters per step (4 bytes each way per parameter, against the step's 24).
 
 /**
  * The AdaFisher optimizer for TF.js models. Create it with adaFisher(model, options); a model
@@ -182,6 +168,32 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   /** The resolved hyperparameters. */
   get hyperparameters(): AdaFisherHyperparameters {
     return { ...this.#hyper };
+  }
+
+  /**
+   * The learning rate. Setting it (a schedule's `optimizer.learningRate = x` in a callback)
+   * takes effect from the next step and keeps the optimizer's state; see setLearningRate.
+   */
+  get learningRate(): number {
+    return this.#hyper.lr;
+  }
+
+  set learningRate(lr: number) {
+    this.setLearningRate(lr);
+  }
+
+  /**
+   * Changes the learning rate from the next step on, keeping momenta, factors and step
+   * counts (AdaFisher.setLearningRate: the state moves through a checkpoint, so per epoch or
+   * every few hundred steps rather than every step of a large model).
+   * @throws {RangeError} code ADAFISHER_INVALID_ARGUMENT for an lr that is not a finite number >= 0.
+   */
+  setLearningRate(lr: number): void {
+    this.#alive();
+    const hyper = resolveHyperparameters({ ...this.#options, lr });
+    this.#plan?.core.setLearningRate(lr);
+    this.#options = { ...this.#options, lr };
+    this.#hyper = hyper;
   }
 
   /** The outcome of the last step (null before the first): applied false when the non-finite guard skipped it. */
@@ -282,12 +294,11 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
     const core = plan.core;
     if (core.willRefreshFactors) this.#completeStatistics(plan, grads);
-    const live = plan.variables.map((v) => ownsLiveData(v));
-    const params = plan.variables.map((v, i) => live[i] ?? floatData(v).slice());
+    const params = plan.variables.map((v) => floatData(v).slice()); // see NOTE: [parameters copied]
     const result = core.step(grads, params);
     if (result.applied) {
       plan.variables.forEach((v, i) => {
-        if (live[i] !== null || grads[i] === null) return;
+        if (grads[i] === null) return;
         const t = tfjs.tensor(params[i], v.shape, 'float32');
         v.assign(t);
         t.dispose();
