@@ -38,6 +38,13 @@ export interface QuotedReference {
   ours: 'step' | 'factors';
 }
 
+const CNN_LAYERS: LayerDef[] = [
+  { kind: 'conv2d', inChannels: 3, outChannels: 32, kernel: 3, stride: 1, padding: 1, bias: true },
+  { kind: 'conv2d', inChannels: 32, outChannels: 64, kernel: 3, stride: 2, padding: 1, bias: true },
+  { kind: 'conv2d', inChannels: 64, outChannels: 128, kernel: 3, stride: 2, padding: 1, bias: true },
+  { kind: 'linear', in: 8192, out: 10, bias: true },
+];
+
 export const WORKLOADS: Record<string, WorkloadDef> = {
   mlp: {
     name: 'mlp',
@@ -53,12 +60,7 @@ export const WORKLOADS: Record<string, WorkloadDef> = {
     name: 'cnn',
     description: 'Conv 3->32 (3x3,p1), 32->64 (3x3,s2,p1), 64->128 (3x3,s2,p1), Linear 8192->10; NCHW 32x3x32x32',
     input: [32, 3, 32, 32],
-    layers: [
-      { kind: 'conv2d', inChannels: 3, outChannels: 32, kernel: 3, stride: 1, padding: 1, bias: true },
-      { kind: 'conv2d', inChannels: 32, outChannels: 64, kernel: 3, stride: 2, padding: 1, bias: true },
-      { kind: 'conv2d', inChannels: 64, outChannels: 128, kernel: 3, stride: 2, padding: 1, bias: true },
-      { kind: 'linear', in: 8192, out: 10, bias: true },
-    ],
+    layers: CNN_LAYERS,
   },
   // The cnn layers at batch 512: 224 MB of conv inputs and output gradients, four times the
   // L2 of an H100 or H200. At batch 32 those are 14 MB, which an H200 reads in about 3 us,
@@ -69,12 +71,7 @@ export const WORKLOADS: Record<string, WorkloadDef> = {
     name: 'cnn512',
     description: 'the cnn layers at batch 512: NCHW 512x3x32x32',
     input: [512, 3, 32, 32],
-    layers: [
-      { kind: 'conv2d', inChannels: 3, outChannels: 32, kernel: 3, stride: 1, padding: 1, bias: true },
-      { kind: 'conv2d', inChannels: 32, outChannels: 64, kernel: 3, stride: 2, padding: 1, bias: true },
-      { kind: 'conv2d', inChannels: 64, outChannels: 128, kernel: 3, stride: 2, padding: 1, bias: true },
-      { kind: 'linear', in: 8192, out: 10, bias: true },
-    ],
+    layers: CNN_LAYERS,
   },
   big: {
     name: 'big',
