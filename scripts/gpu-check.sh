@@ -2,7 +2,8 @@
 # The one GPU check of this repository, run from the repository root on a lent GPU machine
 # (CUDA 13, nvcc, cmake, python3 + PyTorch, compute-sanitizer; no Node.js, no network):
 #
-#   bash scripts/gpu-check.sh            # logs under $OUT (default out/gpu-check)
+#   bash scripts/gpu-check.sh   # logs under out/gpu-check; with $OUT set, the table, the
+#                               # bench JSON and logs.tar.gz of all logs are copied there
 #
 # Stages, in order; each one's failure is recorded and the script goes on to the table:
 #   env       source .device/env.sh (node), nvidia-smi -L
@@ -43,7 +44,11 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
-OUT=${OUT:-$ROOT/out/gpu-check}
+# Logs go to out/gpu-check. The device tool's $OUT returns at most 8 files, so at the end
+# it gets the table, the benchmark JSON and one tarball of every log.
+RESULT=${OUT:-}
+OUT=$ROOT/out/gpu-check
+rm -rf "$OUT"
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
@@ -292,3 +297,8 @@ fi
 log "done in $(elapsed)s; logs in $OUT"
 python3 bench/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
 [ -f "$OUT/package-info.txt" ] && { echo; echo "packed tarball, adafisher info ($(cat "$OUT/package.status" 2>/dev/null)):"; cat "$OUT/package-info.txt"; }
+if [ -n "$RESULT" ] && [ "$RESULT" != "$OUT" ]; then
+  mkdir -p "$RESULT"
+  for f in summary.txt gpu-bench.json torch.json package-info.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULT/"; done
+  tar -czf "$RESULT/logs.tar.gz" -C "$OUT" .
+fi
