@@ -3,7 +3,7 @@
 
     python3 bench/gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/*.status, parity.log, golden-*.json, vitest.log, fuzz.log, oom.log,
+Reads OUT_DIR/*.status, parity.log, wide.log, golden-*.json, vitest.log, fuzz.log, oom.log,
 memcheck.log, racecheck.log, torch.json and gpu-bench.json; every file may be missing (its
 stage failed or was skipped).
 """
@@ -66,6 +66,12 @@ def parity_detail(out):
     if copy:
         parts.append("harness D2D copy %s GB/s" % copy.group(1))
     return "; ".join(parts)
+
+
+def wide_detail(out):
+    log = read(os.path.join(out, "wide.log")) or ""
+    line = next((l for l in log.splitlines() if "step/wide" in l), "")
+    return re.sub(r"\s+", " ", line).strip()
 
 
 def golden_detail(out):
@@ -188,6 +194,7 @@ def main(out):
     rows = [
         ("build", status(out, "build"), ""),
         ("parity", status(out, "parity"), parity_detail(out)),
+        ("wide", status(out, "wide"), wide_detail(out)),
         ("golden", status(out, "golden"), golden_detail(out)),
         ("vitest", status(out, "vitest"), vitest_detail(out)),
         ("fuzz", status(out, "fuzz"), fuzz_detail(out)),

@@ -10,11 +10,13 @@
 #   build     CUDA addon (unless a carried one loads with CUDA usable) and the parity harness
 #             (unless carried), in parallel, CUDAARCHS=90
 #   parity    test/native cuda_parity --bench (CUDA vs CPU backend, every Backend method)
+#   wide      cuda_parity --wide: one step of a 2^31 + 1000 element tensor (64-bit indexing)
 #   golden    node dist/lib/cli.js replay FILE --backend cuda, every test/golden/*.json
 #   fuzz      test/workers/fuzz-driver.mjs --backend cuda: 10,000 fuzzed calls on the GPU
 #   oom       test/workers/oom-driver.mjs: out of GPU memory is catchable, leaks nothing
-#   memcheck  compute-sanitizer --tool memcheck over the parity harness
-#   racecheck compute-sanitizer --tool racecheck over the parity harness
+#   memcheck  compute-sanitizer --tool memcheck over the parity harness (--sanitize: not the
+#             deliberate failed cudaMalloc, which the sanitizer reports as an API error)
+#   racecheck compute-sanitizer --tool racecheck over its short run (--sanitize --small)
 #   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
 #             first replays test/golden/ on the GPU to show it computes AdaFisher)
 #   bench     node dist/bench/gpu.js --torch torch.json
@@ -52,7 +54,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-env,build,parity,golden,fuzz,oom,memcheck,racecheck,torch,bench,vitest,package}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,wide,golden,fuzz,oom,memcheck,racecheck,torch,bench,vitest,package}
 export CUDAARCHS=${CUDAARCHS:-90}
 RESERVE=20 # seconds kept for the table
 
@@ -197,6 +199,11 @@ if wanted parity; then
   fi
 fi
 
+# ---- 64-bit indexing: a 2^31 + 1000 element tensor stepped on the GPU (~26 GB) -----------
+if wanted wide; then
+  if [ -x "$HARNESS" ]; then run_stage wide 90 "$HARNESS" --wide; else status wide "SKIPPED (no harness)"; fi
+fi
+
 # ---- (2) golden replays ---------------------------------------------------------------------
 if wanted golden; then
   if ((HAVE_NODE)) && [ -n "${ADAFISHER_ADDON:-}" ]; then
@@ -235,8 +242,8 @@ fi
 
 # ---- (3) compute-sanitizer -------------------------------------------------------------------
 if command -v compute-sanitizer > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
-  wanted memcheck && run_stage memcheck 100 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 --print-limit 20 "$HARNESS"
-  wanted racecheck && run_stage racecheck 100 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 "$HARNESS"
+  wanted memcheck && run_stage memcheck 100 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 --print-limit 20 "$HARNESS" --sanitize
+  wanted racecheck && run_stage racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 "$HARNESS" --sanitize --small
 else
   for s in memcheck racecheck; do wanted $s && status $s "SKIPPED (no compute-sanitizer or no harness)"; done
 fi

@@ -84,13 +84,18 @@ export function maxAbs(a: ArrayLike<number>): number {
   return m;
 }
 
-/** Bit-for-bit equality of two float32 arrays (NaN payloads and -0 included); names the first difference. */
-export function assertBitIdentical(actual: Float32Array, expected: Float32Array, what: string): void {
+/**
+ * Bit-for-bit equality of two float32 arrays (NaN payloads and -0 included); names the first
+ * difference. With `anyNaN`, a NaN matches any NaN: for what went through a JavaScript number
+ * (a JSON checkpoint), which keeps NaN but not its payload (a GPU's NaN is 0x7fffffff, the
+ * one a Float32Array gets back from NaN is 0x7fc00000).
+ */
+export function assertBitIdentical(actual: Float32Array, expected: Float32Array, what: string, anyNaN = false): void {
   if (actual.length !== expected.length) throw new Error(`${what}: length ${actual.length}, expected ${expected.length}`);
   const a = new Uint32Array(actual.buffer, actual.byteOffset, actual.length);
   const e = new Uint32Array(expected.buffer, expected.byteOffset, expected.length);
   for (let i = 0; i < a.length; i++) {
-    if (a[i] !== e[i]) {
+    if (a[i] !== e[i] && !(anyNaN && Number.isNaN(actual[i]) && Number.isNaN(expected[i]))) {
       throw new Error(`${what}: differs at index ${i}: actual ${actual[i]} (0x${a[i].toString(16)}), expected ${expected[i]} (0x${e[i].toString(16)})`);
     }
   }
@@ -119,17 +124,22 @@ export function assertSnapshotsIdentical(actual: Snapshot, expected: Snapshot, w
   assertStatesIdentical(actual.state, expected.state, what);
 }
 
-export function assertStatesIdentical(actual: AdaFisherState, expected: AdaFisherState, what = 'state'): void {
+export function assertStatesIdentical(
+  actual: AdaFisherState,
+  expected: AdaFisherState,
+  what = 'state',
+  anyNaN = false,
+): void {
   expect(actual.steps, `${what}: steps`).toBe(expected.steps);
   expect(actual.stepCounts, `${what}: stepCounts`).toEqual(expected.stepCounts);
   expect(actual.hyperparameters, `${what}: hyperparameters`).toEqual(expected.hyperparameters);
   expect(actual.tensors, `${what}: tensors`).toEqual(expected.tensors);
   expect(actual.momenta.length, `${what}: momenta`).toBe(expected.momenta.length);
-  actual.momenta.forEach((m, i) => assertBitIdentical(m, expected.momenta[i], `${what}: momenta[${i}]`));
+  actual.momenta.forEach((m, i) => assertBitIdentical(m, expected.momenta[i], `${what}: momenta[${i}]`, anyNaN));
   expect(actual.factors.map((f) => f.layer), `${what}: factor layers`).toEqual(expected.factors.map((f) => f.layer));
   actual.factors.forEach((f, i) => {
-    assertBitIdentical(f.H, expected.factors[i].H, `${what}: factors[${i}].H`);
-    assertBitIdentical(f.S, expected.factors[i].S, `${what}: factors[${i}].S`);
+    assertBitIdentical(f.H, expected.factors[i].H, `${what}: factors[${i}].H`, anyNaN);
+    assertBitIdentical(f.S, expected.factors[i].S, `${what}: factors[${i}].S`, anyNaN);
   });
 }
 
