@@ -3,7 +3,7 @@
 
     python3 bench/gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/*.status, parity.log, wide.log, golden-*.json, vitest.log, fuzz.log, oom.log,
+Reads OUT_DIR/*.status, parity.log, wide.log, profile.log (ncu CSV), golden-*.json, vitest.log, fuzz.log, oom.log,
 memcheck.log, racecheck.log, torch.json and gpu-bench.json; every file may be missing (its
 stage failed or was skipped).
 """
@@ -72,6 +72,57 @@ def wide_detail(out):
     log = read(os.path.join(out, "wide.log")) or ""
     line = next((l for l in log.splitlines() if "step/wide" in l), "")
     return re.sub(r"\s+", " ", line).strip()
+
+
+UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
+         "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def profile_kernels(out):
+    """ncu's CSV rows (profile.log) -> [(kernel, launches, mean us, mean MB moved)], in first-seen order."""
+    import csv
+    log = read(os.path.join(out, "profile.log")) or ""
+    rows = [l for l in log.splitlines() if l.startswith('"')]
+    if not rows:
+        return []
+    reader = csv.DictReader(rows)
+    launches = {}
+    for r in reader:
+        try:
+            name = r["Kernel Name"].replace("(anonymous namespace)::", "").replace("void ", "")
+            name = name.split("(")[0].split("<")[0].split("::")[-1].strip()
+            key = (r["ID"], name)
+            value = float(r["Metric Value"].replace(",", "")) * UNITS.get(r.get("Metric Unit", ""), 1.0)
+        except (KeyError, ValueError):
+            continue
+        entry = launches.setdefault(key, {"us": 0.0, "bytes": 0.0})
+        if r["Metric Name"].startswith("gpu__time_duration"):
+            entry["us"] += value
+        elif r["Metric Name"].startswith("dram__bytes"):
+            entry["bytes"] += value
+    kernels = {}
+    for (_, name), e in launches.items():
+        k = kernels.setdefault(name, [0, 0.0, 0.0])
+        k[0] += 1
+        k[1] += e["us"]
+        k[2] += e["bytes"]
+    return [(n, c, us / c, b / c / 1e6) for n, (c, us, b) in kernels.items()]
+
+
+def profile_detail(out):
+    kernels = profile_kernels(out)
+    if not kernels:
+        return ""
+    total_us = sum(c * us for _, c, us, _ in kernels) / 3  # three passes of the six calls
+    total_mb = sum(c * mb for _, c, _, mb in kernels) / 3
+    lines = ["kernels of cnn512's six conv factor calls (ncu; per launch):"]
+    for n, c, us, mb in kernels:
+        lines.append("  %-28s %3d launches  %8.2f us  %8.2f MB  %6.0f GB/s" % (n, c, us, mb, mb / us * 1e3 if us else 0))
+    lines.append("  GPU time per pass %.1f us for %.0f MB of DRAM traffic" % (total_us, total_mb))
+    with open(os.path.join(out, "profile-kernels.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "GPU time per cnn512 conv-factor pass %.1f us (kernels only), %d launches; per kernel: profile-kernels.txt" % (
+        total_us, sum(c for _, c, _, _ in kernels) // 3)
 
 
 def golden_detail(out):
@@ -201,6 +252,7 @@ def main(out):
         ("oom", status(out, "oom"), oom_detail(out)),
         ("memcheck", status(out, "memcheck"), sanitizer_detail(out, "memcheck")),
         ("racecheck", status(out, "racecheck"), sanitizer_detail(out, "racecheck")),
+        ("profile", status(out, "profile"), profile_detail(out)),
         ("torch", status(out, "torch"), torch_detail(out)),
     ] + bench_rows(out)
     w0 = max(len(r[0]) for r in rows)

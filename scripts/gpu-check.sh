@@ -17,6 +17,8 @@
 #   memcheck  compute-sanitizer --tool memcheck over the parity harness (--sanitize: not the
 #             deliberate failed cudaMalloc, which the sanitizer reports as an API error)
 #   racecheck compute-sanitizer --tool racecheck over its short run (--sanitize --small)
+#   profile   ncu over cuda_parity --profile: GPU time and DRAM bytes of every kernel of the
+#             cnn512 case's conv factor calls (against the bench's wall time per call)
 #   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
 #             first replays test/golden/ on the GPU to show it computes AdaFisher)
 #   bench     node dist/bench/gpu.js --torch torch.json
@@ -54,7 +56,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-env,build,parity,wide,golden,fuzz,oom,memcheck,racecheck,torch,bench,vitest,package}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,wide,golden,fuzz,oom,memcheck,racecheck,profile,torch,bench,vitest,package}
 export CUDAARCHS=${CUDAARCHS:-90}
 RESERVE=20 # seconds kept for the table
 
@@ -248,6 +250,16 @@ else
   for s in memcheck racecheck; do wanted $s && status $s "SKIPPED (no compute-sanitizer or no harness)"; done
 fi
 
+# ---- where cnn512's conv factor time goes: every kernel of its six calls, timed by ncu -------
+if wanted profile; then
+  if command -v ncu > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
+    run_stage profile 90 ncu --clock-control none --csv --print-kernel-base function -k "regex:Conv|Reduce|Finalize" \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum "$HARNESS" --profile
+  else
+    status profile "SKIPPED (no ncu or no harness)"
+  fi
+fi
+
 # ---- (4) benchmark -------------------------------------------------------------------------
 if wanted torch || wanted bench; then
   if ((HAVE_NODE)); then node dist/bench/gpu.js --dump-cases > "$OUT/cases.json" 2> "$OUT/cases.err" || log "dump-cases failed"; fi
@@ -303,9 +315,10 @@ fi
 # ---- table ---------------------------------------------------------------------------------
 log "done in $(elapsed)s; logs in $OUT"
 python3 bench/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
+[ -f "$OUT/profile-kernels.txt" ] && { echo; cat "$OUT/profile-kernels.txt"; }
 [ -f "$OUT/package-info.txt" ] && { echo; echo "packed tarball, adafisher info ($(cat "$OUT/package.status" 2>/dev/null)):"; cat "$OUT/package-info.txt"; }
 if [ -n "$RESULT" ] && [ "$RESULT" != "$OUT" ]; then
   mkdir -p "$RESULT"
-  for f in summary.txt gpu-bench.json torch.json package-info.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULT/"; done
+  for f in summary.txt gpu-bench.json torch.json package-info.txt profile-kernels.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULT/"; done
   tar -czf "$RESULT/logs.tar.gz" -C "$OUT" .
 fi

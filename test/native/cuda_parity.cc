@@ -15,6 +15,7 @@
 //                          the short run compute-sanitizer checks: no deliberate out-of-memory
 //                          case; with --small, no reduction or conv case over 2^17 elements
 //                          and no cross-thread synchronize (what racecheck runs)
+//   cuda_parity --profile  only the cnn512 bench case's factor calls (for ncu; no checks)
 //   cuda_parity --self-test-cpu
 //                          the GPU suites with a second CPU backend in place of the CUDA
 //                          one: checks the harness itself on machines without a GPU
@@ -961,6 +962,35 @@ void TestWide(Backend& gpu) {
 // ---------------------------------------------------------------------------------------
 // Optional bandwidth figures (see the performance contract in cuda/README.md).
 
+// The conv layers of bench/gpu.ts's cnn512 case: NCHW, batch 512, 3x3, pad 1.
+struct Cnn512Layer {
+  int c, hw, stride, out_c;
+  Conv2dShape Shape() const {
+    return MakeConv(512, c, hw, hw, 3, 3, stride, stride, 1, DataFormat::kNCHW, PatchOrder::kChannelMajor,
+                    Pad::kExplicit, 1, 1, 1, 1);
+  }
+};
+const std::vector<Cnn512Layer>& Cnn512Layers() {
+  static const std::vector<Cnn512Layer> layers = {{3, 32, 1, 32}, {32, 32, 2, 64}, {64, 16, 2, 128}};
+  return layers;
+}
+
+// --profile: only cnn512's six factor calls, three times each, for a profiler (ncu) to time
+// every kernel they launch (scripts/gpu-check.sh, stage profile).
+void Profile(Backend& gpu) {
+  Buffer x(gpu, size_t{1} << 25), out(gpu, 1 << 20);  // 128 MiB: the largest input is 64 MiB
+  gpu.Fill(x.ptr(), 0.5f, x.size());
+  for (int rep = 0; rep < 3; ++rep) {
+    for (const Cnn512Layer& l : Cnn512Layers()) {
+      const Conv2dShape s = l.Shape();
+      gpu.Conv2dPatchFactor(x.ptr(), s, true, out.ptr());
+      gpu.MeanSquareFactor(x.ptr(), 512, l.out_c, s.out_h * s.out_w, 512.0, false, 0.0f, out.ptr());
+    }
+  }
+  gpu.Synchronize();
+  Record("profile/cnn512", true, "6 factor calls x 3");
+}
+
 // Seconds per call of fn, `iterations` calls back to back then one synchronize. With
 // `enqueue`, also the host's seconds per call up to the last call's return (before the
 // synchronize): near the total, the calls are bound by the host's launches, not the GPU.
@@ -1037,17 +1067,13 @@ void Bench(Backend& gpu) {
     report(format == DataFormat::kNCHW ? "conv 3x3 [128,64,90,90] nchw" : "conv 3x3 [128,90,90,64] nhwc", bytes,
            SecondsPerCall(gpu, [&] { gpu.Conv2dPatchFactor(a.ptr(), s, true, out.ptr()); }));
   }
-  // The conv layers of the GPU bench's cnn512 case (NCHW, batch 512, pad 1), one call at a
-  // time, each call on the next of the three 256 MiB buffers (from DRAM, not L2): where a
-  // model's conv factor time goes. Then the fixed cost of one call on a tiny conv.
+  // The conv layers of the GPU bench's cnn512 case, one call at a time, each call on the next
+  // of the three 256 MiB buffers (from DRAM, not L2): where a model's conv factor time goes.
+  // Then the fixed cost of one call on a tiny conv.
   const float* inputs[3] = {a.ptr(), b.ptr(), c.ptr()};
-  struct Layer {
-    int c, hw, stride, out_c;
-  };
   double total_bytes = 0, total_seconds = 0;
-  for (const Layer& l : {Layer{3, 32, 1, 32}, Layer{32, 32, 2, 64}, Layer{64, 16, 2, 128}}) {
-    const Conv2dShape s = MakeConv(512, l.c, l.hw, l.hw, 3, 3, l.stride, l.stride, 1, DataFormat::kNCHW,
-                                   PatchOrder::kChannelMajor, Pad::kExplicit, 1, 1, 1, 1);
+  for (const Cnn512Layer& l : Cnn512Layers()) {
+    const Conv2dShape s = l.Shape();
     const index_t spatial = s.out_h * s.out_w;
     int turn = 0;
     const double h_bytes = 4.0 * static_cast<double>(ConvInputSize(s));
@@ -1079,10 +1105,11 @@ void Bench(Backend& gpu) {
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // progress survives a timeout
-  bool wide = false, bench = false, self_test = false;
+  bool wide = false, bench = false, self_test = false, profile = false;
   for (int i = 1; i < argc; ++i) {
     g_sanitize |= std::strcmp(argv[i], "--sanitize") == 0;
     g_small |= std::strcmp(argv[i], "--small") == 0;
+    profile |= std::strcmp(argv[i], "--profile") == 0;
     wide |= std::strcmp(argv[i], "--wide") == 0;
     bench |= std::strcmp(argv[i], "--bench") == 0;
     self_test |= std::strcmp(argv[i], "--self-test-cpu") == 0;
@@ -1116,6 +1143,11 @@ int main(int argc, char** argv) {
     return 1;
   }
   Record("cuda/create", self_test || std::strcmp(gpu->name(), "cuda") == 0, gpu->name());
+  if (profile) {
+    Guarded("profile/cnn512", [&] { Profile(*gpu); });
+    std::printf("summary: %d cases, %d failed\n", g_cases, g_failed);
+    return g_failed == 0 ? 0 : 1;
+  }
 
   TestMemory(*cpu, *gpu);
   TestReductions(*cpu, *gpu);
