@@ -667,7 +667,7 @@ describe('errors and options', () => {
     const s2 = tf.ones([2, 4, 4, 1]);
     const mixed = await errorOf(() => shared.fit([s1, s2], dy, { epochs: 1, verbose: 0 }));
     expect(mixed.code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
-    expect(mixed.message).toMatch(/layer 'shared_conv' is used 2 times in one step with inputs of different shapes/);
+    expect(mixed.message).toMatch(/layer 'shared_conv' is used with inputs of different shapes in one step \(\[2,(6,6|4,4),1\] and \[2,(4,4|6,6),1\]\)/);
 
     tf.dispose([x, y, g, dx, dy, s1, s2]);
     [opt, dil.optimizer, shared.optimizer].forEach((o) => o.dispose());
@@ -979,5 +979,247 @@ describe('learning-rate schedules', () => {
     tf.dispose([x, y]);
     opt.dispose();
     model.dispose();
+  });
+});
+
+// ---------- custom training loops: computeGradients, clipping, accumulation ----------
+
+function trainableVars(model: tf.LayersModel): tf.Variable[] {
+  return (model.trainableWeights as unknown as { read(): tf.Variable }[]).map((w) => w.read());
+}
+
+/** The mean-squared-error loss of a model on (x, y), as a training step computes it. */
+const mseOf = (model: tf.LayersModel, x: tf.Tensor, y: tf.Tensor) => () =>
+  tf.losses.meanSquaredError(y, model.apply(x, { training: true }) as tf.Tensor) as tf.Scalar;
+
+/** TF.js has no clipByGlobalNorm: scale every gradient by min(1, clip / global norm). */
+function clipByGlobalNorm(grads: tf.NamedTensorMap, clip: number): { grads: tf.NamedTensorMap; scale: number } {
+  const names = Object.keys(grads);
+  const scale = tf.tidy(() => tf.minimum(1, tf.div(clip, tf.sqrt(tf.addN(names.map((n) => tf.sum(tf.square(grads[n])))))))) as tf.Scalar;
+  const out = tf.tidy(() => Object.fromEntries(names.map((n) => [n, tf.mul(grads[n], scale)])));
+  const s = scale.dataSync()[0];
+  scale.dispose();
+  return { grads: out, scale: s };
+}
+
+/** Rows [begin, begin + size) of a batch. */
+const rows = (t: tf.Tensor, begin: number, size: number) => tf.slice(t, begin, size);
+
+function runningFactors(w: { name: string; tensor: tf.Tensor }[]): Record<string, Float32Array> {
+  return Object.fromEntries(w.filter((e) => /adafisher_[HS]$/.test(e.name)).map((e) => [e.name, Float32Array.from(e.tensor.dataSync())]));
+}
+
+describe('custom training loops (computeGradients → clip / accumulate → applyGradients)', () => {
+  it.each([
+    { name: 'Dense', conv: undefined },
+    { name: 'Conv2D', conv: { s: 2, padding: 'same' as const } },
+  ])('$name: a clipping loop equals minimize() bit for bit while the clip does not bind, and trains when it does', async ({ conv }) => {
+    const a = buildModel(conv);
+    const b = buildModel(conv);
+    const c = buildModel(conv);
+    const [oa, ob, oc] = [a, b, c].map((m) => adaFisher(m, { lr: LR }));
+    const n0 = tf.memory().numTensors;
+    const losses: number[] = [];
+    let bound = 0;
+    for (let step = 1; step <= 4; step++) {
+      const { x, y } = batch(step, conv !== undefined);
+      tf.dispose(oa.minimize(mseOf(a, x, y), false, trainableVars(a)));
+      // no varList: gradients of every trainable variable f uses, as TF.js's own optimizers
+      const gb = ob.computeGradients(mseOf(b, x, y));
+      expect(ob.pendingStatistics).toBe(1);
+      const clipped = clipByGlobalNorm(gb.grads, 1e6);
+      expect(clipped.scale).toBe(1);
+      ob.applyGradients(clipped.grads);
+      expect(ob.lastStep).toEqual({ applied: true, refreshed: true });
+      expect(ob.pendingStatistics).toBe(0);
+      tf.dispose([gb.value, gb.grads, clipped.grads]);
+
+      const gc = oc.computeGradients(mseOf(c, x, y), trainableVars(c));
+      losses.push(gc.value.dataSync()[0]);
+      const tight = clipByGlobalNorm(gc.grads, 0.05);
+      if (tight.scale < 1) bound++;
+      oc.applyGradients(tight.grads);
+      tf.dispose([gc.value, gc.grads, tight.grads, x, y]);
+      const wa = weightsOf(a);
+      weightsOf(b).forEach((w, i) => expect(Array.from(w), `step ${step} weight ${i}`).toEqual(Array.from(wa[i])));
+    }
+    expect(tf.memory().numTensors).toBe(n0);
+    expect(ob.steps).toBe(4);
+    expect(bound).toBe(4);
+    expect(oc.steps).toBe(4);
+    // the clipped run moved, stayed finite, and took different steps from the unclipped ones
+    const wc = weightsOf(c);
+    expect(wc.every((w) => w.every(Number.isFinite))).toBe(true);
+    expect(wc.some((w, i) => w.some((v, j) => v !== weightsOf(a)[i][j]))).toBe(true);
+    const { x, y } = batch(1, conv !== undefined);
+    const after = tf.tidy(() => mseOf(c, x, y)().dataSync()[0]);
+    expect(after).toBeLessThan(losses[0]);
+    tf.dispose([x, y]);
+    [oa, ob, oc].forEach((o) => o.dispose());
+    [a, b, c].forEach((m) => m.dispose());
+  });
+
+  it.each([
+    { name: 'Dense, 2 micro-batches of 4', conv: undefined, sizes: [4, 4] },
+    { name: 'Dense, micro-batches of 3, 1 and 4', conv: undefined, sizes: [3, 1, 4] },
+    { name: "Conv2D 'same' stride 2, 2 micro-batches of 2", conv: { s: 2, padding: 'same' as const }, sizes: [2, 2] },
+    { name: "Conv2D 'valid' stride 2, micro-batches of 1 and 3", conv: { s: 2, padding: 'valid' as const }, sizes: [1, 3] },
+  ])('accumulating gradients over micro-batches equals one big batch ($name)', async ({ conv, sizes }) => {
+    const big = buildModel(conv);
+    const acc = buildModel(conv);
+    const start = weightsOf(big);
+    const ob = adaFisher(big, { lr: LR });
+    const oa = adaFisher(acc, { lr: LR });
+    const B = sizes.reduce((p, q) => p + q, 0);
+    for (let step = 1; step <= 3; step++) {
+      const { x, y } = batch(step, conv !== undefined);
+      expect(x.shape[0]).toBe(B);
+      tf.dispose(ob.minimize(mseOf(big, x, y)));
+      // the loss of each micro-batch is the mean over its examples; the applied gradient is
+      // their example-weighted mean
+      let sum: tf.NamedTensorMap | null = null;
+      let at = 0;
+      for (const n of sizes) {
+        const [xi, yi] = [rows(x, at, n), rows(y, at, n)];
+        at += n;
+        const { value, grads } = oa.computeGradients(mseOf(acc, xi, yi), trainableVars(acc));
+        const prev: tf.NamedTensorMap | null = sum;
+        sum = tf.tidy(() => Object.fromEntries(Object.keys(grads).map((k) => [k, tf.add(prev?.[k] ?? tf.zeros(grads[k].shape), tf.mul(grads[k], n / B))])));
+        tf.dispose([value, grads, xi, yi]);
+        if (prev) tf.dispose(prev);
+      }
+      expect(oa.pendingStatistics).toBe(sizes.length);
+      oa.applyGradients(sum!);
+      expect(oa.lastStep).toEqual({ applied: true, refreshed: true });
+      expect(oa.pendingStatistics).toBe(0);
+      tf.dispose([sum!, x, y]);
+
+      // the running factors are the big batch's (S scaled as 1/B^2 under a mean loss)
+      const fb = runningFactors(await ob.getWeights());
+      const fa = runningFactors(await oa.getWeights());
+      expect(Object.keys(fa).length).toBe(Object.keys(fb).length);
+      Object.keys(fb).forEach((k, i) => expectClose(Object.values(fa)[i], fb[k], 1e-6, `step ${step} ${k}`));
+      // and so are the steps: each parameter's total displacement from the start
+      const wb = weightsOf(big);
+      weightsOf(acc).forEach((w, i) => {
+        const dA = w.map((v, j) => v - start[i][j]);
+        const dB = wb[i].map((v, j) => v - start[i][j]);
+        expectClose(dA, dB, 1e-4, `step ${step} weight ${i} displacement`);
+        expectClose(w, wb[i], 1e-6, `step ${step} weight ${i}`);
+      });
+    }
+    [ob, oa].forEach((o) => o.dispose());
+    [big, acc].forEach((m) => m.dispose());
+  });
+
+  it('says clearly that gradients from tf.variableGrads carry no layer statistics, and changes nothing', async () => {
+    const model = buildModel();
+    const fresh = adaFisher(model, { lr: LR });
+    const { x, y } = batch(1, false);
+    const g0 = tf.variableGrads(mseOf(model, x, y), trainableVars(model));
+    const before0 = await errorOf(() => fresh.applyGradients(g0.grads));
+    expect(before0.code).toBe('ADAFISHER_MISSING_STATISTICS');
+    expect(before0.message).toMatch(/tf\.variableGrads and tf\.grads record none.*optimizer\.computeGradients\(lossFn\)/);
+    tf.dispose([g0.value, g0.grads]);
+    fresh.dispose();
+
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    await model.fit(x, y, { batchSize: 8, epochs: 1, verbose: 0 });
+    const before = weightsOf(model);
+    const state = (await opt.getWeights()).map((w) => Array.from(w.tensor.dataSync()));
+    const g = tf.variableGrads(mseOf(model, x, y), trainableVars(model));
+    const e = await errorOf(() => opt.applyGradients(g.grads));
+    expect(e.code).toBe('ADAFISHER_MISSING_STATISTICS');
+    expect(e.message).toMatch(new RegExp(`no input was recorded for layer '${model.layers[0].name}'.*optimizer\\.computeGradients\\(lossFn\\).*tf\\.variableGrads and tf\\.grads record none`));
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    (await opt.getWeights()).forEach((w, i) => expect(Array.from(w.tensor.dataSync())).toEqual(state[i]));
+    expect(opt.steps).toBe(1);
+    tf.dispose([g.value, g.grads, x, y]);
+    opt.dispose();
+  });
+
+  it('a minimize() step uses its own statistics; clearStatistics() drops those of gradients never applied', async () => {
+    const ref = buildModel();
+    const m1 = buildModel();
+    const m2 = buildModel();
+    const m3 = buildModel();
+    const [or, o1, o2, o3] = [ref, m1, m2, m3].map((m) => adaFisher(m, { lr: LR }));
+    const other = batch(7, false);
+    for (let step = 1; step <= 3; step++) {
+      const { x, y } = batch(step, false);
+      tf.dispose(or.minimize(mseOf(ref, x, y)));
+      // gradients computed on another batch and thrown away: minimize discards their statistics
+      const thrown1 = o1.computeGradients(mseOf(m1, other.x, other.y));
+      tf.dispose([thrown1.value, thrown1.grads]);
+      expect(o1.pendingStatistics).toBe(1);
+      tf.dispose(o1.minimize(mseOf(m1, x, y)));
+      expect(o1.pendingStatistics).toBe(0);
+      // ... and so does clearStatistics() before a custom step
+      const thrown2 = o2.computeGradients(mseOf(m2, other.x, other.y));
+      tf.dispose([thrown2.value, thrown2.grads]);
+      o2.clearStatistics();
+      expect(o2.pendingStatistics).toBe(0);
+      const g2 = o2.computeGradients(mseOf(m2, x, y));
+      o2.applyGradients(g2.grads);
+      tf.dispose([g2.value, g2.grads]);
+      // without it they are combined into the next step, as accumulated micro-batches
+      const thrown3 = o3.computeGradients(mseOf(m3, other.x, other.y));
+      tf.dispose([thrown3.value, thrown3.grads]);
+      const g3 = o3.computeGradients(mseOf(m3, x, y));
+      expect(o3.pendingStatistics).toBe(2);
+      o3.applyGradients(g3.grads);
+      expect(o3.pendingStatistics).toBe(0);
+      tf.dispose([g3.value, g3.grads, x, y]);
+      const w = weightsOf(ref);
+      for (const m of [m1, m2]) weightsOf(m).forEach((v, i) => expect(Array.from(v)).toEqual(Array.from(w[i])));
+    }
+    expect(weightsOf(m3).some((v, i) => v.some((e, j) => e !== weightsOf(ref)[i][j]))).toBe(true);
+    tf.dispose([other.x, other.y]);
+    [or, o1, o2, o3].forEach((o) => o.dispose());
+  });
+
+  it('consumes the statistics on every step (skipped ones included), records none between refreshes, and keeps them when a step throws', async () => {
+    const model = buildModel();
+    const opt = adaFisher(model, { lr: LR, tcov: 2 });
+    const { x, y } = batch(1, false);
+    const g = opt.computeGradients(mseOf(model, x, y));
+    expect(opt.pendingStatistics).toBe(1);
+    // bad input: a coded error naming the argument, and nothing changes
+    const before = weightsOf(model);
+    const wrong = tf.zeros([2]);
+    const name = Object.keys(g.grads)[0];
+    const bad = await errorOf(() => opt.applyGradients({ ...g.grads, [name]: wrong }));
+    expect(bad).toBeInstanceOf(RangeError);
+    expect(bad.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(bad.message).toContain(`variableGradients['${name}']`);
+    expect((await errorOf(() => opt.applyGradients(null as unknown as tf.NamedTensorMap))).message).toMatch(/for variableGradients/);
+    const notF = await errorOf(() => opt.computeGradients(42 as unknown as () => tf.Scalar));
+    expect(notF).toBeInstanceOf(TypeError);
+    expect(notF.message).toMatch(/Expected a function returning the scalar loss for f/);
+    expect((await errorOf(() => opt.minimize(mseOf(model, x, y), false, [1] as unknown as tf.Variable[]))).message).toMatch(/for varList\[0\]/);
+    expect(opt.pendingStatistics).toBe(1);
+    expect(opt.steps).toBe(0);
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    opt.applyGradients(g.grads);
+    expect(opt.lastStep).toEqual({ applied: true, refreshed: true });
+    tf.dispose([g.value, g.grads, wrong]);
+    // step 1 does not refresh (tcov 2): nothing is recorded
+    const g1 = opt.computeGradients(mseOf(model, x, y));
+    expect(opt.pendingStatistics).toBe(0);
+    opt.applyGradients(g1.grads);
+    expect(opt.lastStep).toEqual({ applied: true, refreshed: false });
+    tf.dispose([g1.value, g1.grads]);
+    // a step the non-finite guard skips still consumes them
+    const g2 = opt.computeGradients(mseOf(model, x, y));
+    expect(opt.pendingStatistics).toBe(1);
+    const nan = tf.tidy(() => Object.fromEntries(Object.keys(g2.grads).map((k) => [k, tf.mul(g2.grads[k], NaN)])));
+    const kept = weightsOf(model);
+    opt.applyGradients(nan);
+    expect(opt.lastStep?.applied).toBe(false);
+    expect(opt.pendingStatistics).toBe(0);
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(kept[i])));
+    tf.dispose([g2.value, g2.grads, nan, x, y]);
+    opt.dispose();
   });
 });

@@ -13,7 +13,9 @@ export type { LayerReport, TapKind } from './taps.js';
  * An AdaFisher optimizer for a TF.js model, ready for model.compile. Dense, Conv2D (NHWC),
  * BatchNormalization and LayerNormalization layers are preconditioned (in Sequential,
  * functional and nested models); other trainable weights get plain momentum (see
- * optimizer.layerReport()). fit, fitDataset and trainOnBatch drive it unchanged.
+ * optimizer.layerReport()). fit, fitDataset and trainOnBatch drive it unchanged; custom loops
+ * compute gradients with optimizer.computeGradients (which records the layer statistics), clip
+ * or accumulate them, and call optimizer.applyGradients.
  * @param model the tf.LayersModel it will train.
  * @param options hyperparameters as in the core API: lr (1e-3), beta (0.9), damping (1e-3),
  *   gamma (0.8) or decay + mix, tcov (1), weightDecay (0), decoupled (false), backend ('cpu'

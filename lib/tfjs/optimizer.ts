@@ -5,7 +5,7 @@ import type * as tf from '@tensorflow/tfjs';
 import { tfjs } from './tf.js';
 
 import { BACKEND_NAMES, resolveBackend, type BackendName } from '../backend.js';
-import { codedError, describe, ErrorCodes, withCode } from '../errors.js';
+import { codedError, describe, ErrorCodes, rangeError, typeError, withCode } from '../errors.js';
 import {
   AdaFisher,
   resolveHyperparameters,
@@ -40,9 +40,22 @@ import {
 /** Options of the TF.js optimizer: those of the core API (lr, beta, damping, gamma | decay+mix, tcov, weightDecay, decoupled, backend, nonFiniteGuard). */
 export type AdaFisherTfjsOptions = AdaFisherOptions;
 
+/** One use of a tapped layer: its input or output gradient as TF.js handed it over. */
 interface Use {
   data: Float32Array;
+  /** core shape (see SupportedLayer.inputShape / gradShape) */
   shape: number[];
+  /** leading (batch) dimension of the TF.js tensor: the examples this use saw */
+  examples: number;
+}
+
+/**
+ * What the taps saw during one gradient computation (one computeGradients call, or the one in
+ * minimize): per tap (index into Plan.taps), the inputs and output gradients of every use.
+ */
+interface Recording {
+  inputs: Use[][];
+  grads: Use[][];
 }
 
 interface Tap {
@@ -51,8 +64,6 @@ interface Tap {
   coreLayer: number;
   /** parameter slots of this layer */
   slots: number[];
-  inputs: Use[];
-  grads: Use[];
 }
 
 interface Plan {
@@ -62,9 +73,47 @@ interface Plan {
   taps: Tap[];
   names: StateNames;
   uninstall: (() => void)[];
+  /** gradient computations recorded since the last step, waiting for it (see NOTE: [recorded statistics]) */
+  pending: Recording[];
+  /** the computation being recorded now (inside computeGradients), or null */
+  open: Recording | null;
 }
 
 const PREFIX = 'AdaFisher (TF.js):';
+
+function checkGradientArgs(f: unknown, varList: unknown): void {
+  if (typeof f !== 'function') throw typeError('f', 'a function returning the scalar loss', f);
+  if (varList === undefined || varList === null) return;
+  if (!Array.isArray(varList)) throw typeError('varList', 'an array of tf.Variable', varList);
+  varList.forEach((v, i) => {
+    if (!(v instanceof tfjs.Variable)) throw typeError(`varList[${i}]`, 'a tf.Variable', v);
+  });
+}
+
+/**
+ * The uses of one layer recorded over a step, one list per gradient computation, as one batch
+ * (see NOTE: [recorded statistics]): concatenated along the batch axis; with `weighted`, the
+ * values of computation i scaled by its share of the examples, n_i / sum(n). A single use is
+ * handed over as it is.
+ */
+function combine(perComputation: Use[][], weighted: boolean): Use {
+  const uses = perComputation.flat();
+  if (uses.length === 1) return uses[0];
+  const examples = perComputation.map((us) => us.reduce((a, u) => a + u.examples, 0));
+  const total = examples.reduce((a, b) => a + b, 0);
+  const computations = perComputation.filter((us) => us.length > 0).length;
+  const data = new Float32Array(uses.reduce((a, u) => a + u.data.length, 0));
+  let at = 0;
+  perComputation.forEach((us, i) => {
+    const w = weighted && computations > 1 ? examples[i] / total : 1;
+    for (const u of us) {
+      if (w === 1) data.set(u.data, at);
+      else for (let k = 0; k < u.data.length; k++) data[at + k] = w * u.data[k];
+      at += u.data.length;
+    }
+  });
+  return { data, shape: [uses.reduce((a, u) => a + u.shape[0], 0), ...uses[0].shape.slice(1)], examples: total };
+}
 
 function floatData(t: tf.Tensor): Float32Array {
   const v = t.dataSync();
@@ -86,7 +135,9 @@ function floatData(t: tf.Tensor): Float32Array {
  *
  * Training (fit, fitDataset, trainOnBatch, minimize) records each preconditioned layer's input
  * and output gradient through taps on those layers (see NOTE: [taps]) and makes one native
- * step per training step. Prediction and evaluation are not touched.
+ * step per training step. Custom loops compute gradients with computeGradients(), which records
+ * the same statistics, clip, scale or accumulate them, and call applyGradients() (see
+ * NOTE: [recorded statistics]). Prediction and evaluation are not touched.
  */
 export class AdaFisherOptimizer extends tfjs.Optimizer {
   static className = 'AdaFisher';
@@ -95,7 +146,8 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   #hyper: AdaFisherHyperparameters;
   #model: tf.LayersModel | null = null;
   #plan: Plan | null = null;
-  #capturing = false;
+  /** set while minimize() runs its computeGradients() */
+  #minimizing = false;
   #pending: SavedWeights | null = null;
   #savedTensors: NamedTensor[] = [];
   #last: StepResult | null = null;
@@ -202,9 +254,10 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   }
 
   /**
-   * Wall time spent by this optimizer since the last resetTiming(): reducing layer inputs and
-   * output gradients to factors during the forward/backward pass (statisticsMs), and in
-   * applyGradients (stepMs: reading gradients, the native step, writing parameters back).
+   * Wall time spent by this optimizer since the last resetTiming(): on layer statistics
+   * (statisticsMs: reading layer inputs and output gradients during the forward/backward pass,
+   * and reducing them to factors in applyGradients), and on the rest of applyGradients (stepMs:
+   * reading gradients, the native step, writing parameters back).
    */
   get timing(): { statisticsMs: number; stepMs: number; steps: number } {
     return { ...this.#timing };
@@ -240,36 +293,96 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   }
 
   /**
-   * One training step (TF.js's fit, fitDataset and trainOnBatch call it): records the layer
-   * statistics while computing the gradients, then applies them.
+   * One training step (TF.js's fit, fitDataset and trainOnBatch call it): computes the gradients
+   * with computeGradients(), which records the layer statistics, and applies them. Statistics
+   * recorded by earlier computeGradients() calls whose gradients were never applied are
+   * discarded first: a minimize step uses its own batch's statistics only.
+   * @throws {TypeError} code ADAFISHER_INVALID_ARGUMENT when `f` is not a function or `varList`
+   *   not an array of tf.Variable.
    * @throws {Error} code ADAFISHER_MODEL_MISMATCH when `varList` holds a variable that is not a
    *   weight of the attached model, or one this optimizer was not set up for at its first step.
    */
   override minimize(f: () => tf.Scalar, returnCost = false, varList?: tf.Variable[]): tf.Scalar | null {
     this.#alive();
+    checkGradientArgs(f, varList);
+    this.#minimizing = true;
+    try {
+      return super.minimize(f, returnCost, varList);
+    } finally {
+      this.#minimizing = false;
+    }
+  }
+
+  /**
+   * Runs `f` and computes the gradients of its scalar result with respect to `varList` (default:
+   * every trainable variable, as TF.js's own optimizers), recording each preconditioned layer's
+   * input and output gradient exactly as minimize() does. For custom training loops: clip,
+   * scale or accumulate the gradients, then hand them to applyGradients().
+   *
+   * The statistics wait for the next step (README, "Custom training loops"): the next
+   * applyGradients() combines those of every computeGradients() call since the previous step,
+   * as one batch made of all their examples. That is exact for gradient accumulation where each
+   * call's loss is the mean over its own examples and the gradients applied are their
+   * example-weighted mean (the plain mean for micro-batches of one size): the step equals the
+   * step on one big batch. Each layer's inputs and output gradients are kept (host memory) until
+   * that step, on steps that refresh the factors only. clearStatistics() drops them, for a
+   * computeGradients() whose gradients you do not apply.
+   * @returns `{ value, grads }` as tf.variableGrads: the caller disposes them.
+   * @throws as minimize(); code ADAFISHER_UNSUPPORTED_LAYER when a layer sees inputs of different
+   *   shapes within one step (see applyGradients).
+   */
+  override computeGradients(f: () => tf.Scalar, varList?: tf.Variable[]): { value: tf.Scalar; grads: tf.NamedTensorMap } {
+    this.#alive();
+    checkGradientArgs(f, varList);
+    varList ??= undefined; // TF.js reads null as "every trainable variable", as undefined
     const model = this.#requireModel();
     if (varList !== undefined) this.#checkOwnVariables(model, varList);
     const plan = this.#ensurePlan(varList);
     for (const v of varList ?? []) if (!plan.slotOf.has(v.name)) throw this.#unknownVariable(v.name);
     this.#checkTrainable(varList ?? plan.variables);
-    this.#capturing = plan.core.willRefreshFactors;
+    if (this.#minimizing) {
+      this.#minimizing = false; // only the computeGradients() of that minimize
+      plan.pending = [];
+    }
+    if (!plan.core.willRefreshFactors || plan.open !== null) return super.computeGradients(f, varList);
+    const open: Recording = { inputs: plan.taps.map(() => []), grads: plan.taps.map(() => []) };
+    plan.open = open;
     try {
-      return super.minimize(f, returnCost, varList);
+      const result = super.computeGradients(f, varList);
+      plan.pending.push(open);
+      return result;
     } finally {
-      this.#capturing = false;
-      for (const t of plan.taps) {
-        t.inputs = [];
-        t.grads = [];
-      }
+      plan.open = null;
     }
   }
 
+  /** Gradient computations (computeGradients, or the one inside minimize) whose layer statistics wait for the next step. */
+  get pendingStatistics(): number {
+    return this.#plan?.pending.length ?? 0;
+  }
+
   /**
-   * One AdaFisher step with gradients computed by minimize() (which also records the layer
-   * statistics). Called by TF.js; calling it directly with your own gradients works on steps
-   * that do not refresh the factors only.
+   * Drops the layer statistics recorded since the last step (by computeGradients calls whose
+   * gradients will not be applied). Steps, setWeights() and dispose() clear them too.
+   */
+  clearStatistics(): void {
+    this.#alive();
+    if (this.#plan) this.#plan.pending = [];
+  }
+
+  /**
+   * One AdaFisher step with the given gradients (TF.js's minimize calls it; custom loops call it
+   * with gradients from computeGradients(), clipped, scaled or accumulated). A step that
+   * refreshes the factors (every step at the default tcov: 1) uses the layer statistics recorded
+   * by the computeGradients() calls since the previous step, combined as one batch of all their
+   * examples; gradients from tf.variableGrads or tf.grads come with no statistics. Every step,
+   * applied or skipped by the non-finite guard, consumes the recorded statistics; one that throws
+   * changes nothing (parameters, state and recorded statistics stay as they were).
+   * @throws {TypeError|RangeError} code ADAFISHER_INVALID_ARGUMENT for a gradient that is not a
+   *   tensor of its variable's size.
    * @throws {Error} code ADAFISHER_MODEL_MISMATCH for a variable this optimizer was not set up
-   *   for; code ADAFISHER_MISSING_STATISTICS for missing statistics.
+   *   for; code ADAFISHER_MISSING_STATISTICS when a refreshing step has gradients for a
+   *   preconditioned layer but no recorded statistics for it.
    */
   override applyGradients(variableGradients: tf.NamedTensorMap | NamedTensor[]): void {
     this.#alive();
@@ -277,25 +390,43 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     if (plan === null) {
       throw codedError(
         ErrorCodes.missingStatistics,
-        `${PREFIX} applyGradients() was called before any minimize(): AdaFisher needs the layer statistics that ` +
-          'minimize() records. Train with model.fit / fitDataset / trainOnBatch, or optimizer.minimize(lossFn).',
+        `${PREFIX} applyGradients() was called before any minimize() or computeGradients(): AdaFisher needs the layer ` +
+          'statistics that those record while computing the gradients (tf.variableGrads and tf.grads record none). ' +
+          'Train with model.fit / fitDataset / trainOnBatch or optimizer.minimize(lossFn), or compute the gradients with ' +
+          'optimizer.computeGradients(lossFn) before applyGradients.',
       );
     }
     const t0 = performance.now();
+    if (variableGradients === null || typeof variableGradients !== 'object') {
+      throw typeError('variableGradients', 'a map { [variable name]: tf.Tensor } or an array of { name, tensor }', variableGradients);
+    }
     const entries = Array.isArray(variableGradients)
       ? variableGradients
       : Object.keys(variableGradients).map((name) => ({ name, tensor: variableGradients[name] }));
     const n = plan.variables.length;
     const grads: (Float32Array | null)[] = new Array(n).fill(null);
-    for (const { name, tensor } of entries) {
-      const i = plan.slotOf.get(name);
-      if (i === undefined) throw this.#unknownVariable(name);
-      if (tensor != null) grads[i] = floatData(tensor);
-    }
+    entries.forEach((e, k) => {
+      const at = Array.isArray(variableGradients) ? `variableGradients[${k}]` : `variableGradients['${e?.name}']`;
+      if (e === null || typeof e !== 'object') throw typeError(at, '{ name, tensor }', e);
+      const i = plan.slotOf.get(e.name);
+      if (i === undefined) throw this.#unknownVariable(e.name);
+      if (e.tensor == null) return;
+      if (!(e.tensor instanceof tfjs.Tensor)) throw typeError(at, 'a tf.Tensor (or null)', e.tensor);
+      if (e.tensor.size !== plan.variables[i].size) {
+        throw rangeError(at, `a gradient of ${plan.variables[i].size} elements (variable '${e.name}' has shape [${plan.variables[i].shape}])`, e.tensor);
+      }
+      grads[i] = floatData(e.tensor);
+    });
     const core = plan.core;
-    if (core.willRefreshFactors) this.#completeStatistics(plan, grads);
+    let statisticsMs = 0;
+    if (core.willRefreshFactors) {
+      const s0 = performance.now();
+      this.#recordStatistics(plan, grads);
+      statisticsMs = performance.now() - s0;
+    }
     const params = plan.variables.map((v) => floatData(v).slice()); // see NOTE: [parameters copied]
     const result = core.step(grads, params);
+    plan.pending = [];
     if (result.applied) {
       plan.variables.forEach((v, i) => {
         if (grads[i] === null) return;
@@ -306,7 +437,8 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
     this.iterations_ = core.steps;
     this.#last = result;
-    this.#timing.stepMs += performance.now() - t0;
+    this.#timing.statisticsMs += statisticsMs;
+    this.#timing.stepMs += performance.now() - t0 - statisticsMs;
     this.#timing.steps++;
   }
 
@@ -338,22 +470,55 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
   }
 
-  // A refreshing step needs H and S for every preconditioned layer. A layer none of whose
-  // parameters has a gradient this step (frozen in this call, or cut off from the loss) gets its
-  // own running factors as the fresh estimate; a layer with gradients but no statistics means the
-  // taps did not run (gradients computed outside minimize()).
-  #completeStatistics(plan: Plan, grads: (Float32Array | null)[]): void {
-    let state: ReturnType<AdaFisher['exportState']> | null = null;
-    for (const t of plan.taps) {
-      if (t.inputs.length > 0 && t.grads.length > 0) continue;
-      if (t.slots.some((i) => grads[i] !== null)) {
+  // NOTE: [recorded statistics]
+  // A refreshing step needs H and S for every preconditioned layer. The taps keep what they see
+  // (TF.js's arrays, no copy on the cpu backend) per gradient computation, and the step hands
+  // each layer's uses to the native reduction as ONE batch: the inputs concatenated along the
+  // batch axis (H is a mean over rows, so this is the example-count-weighted mean of the
+  // computations' H), and the output gradients concatenated after scaling those of computation
+  // i by w_i = n_i / sum(n), n_i its examples. With a loss that is the mean over each
+  // computation's examples, g_i = (B / n_i) g_big for the same example in one big batch of B,
+  // and the applied gradient is the n_i/B-weighted mean of the computations' gradients: the
+  // scaled rows are exactly the big batch's output gradients, so S (a mean of squares, which
+  // scales as 1/B^2 with a mean loss; docs/ALGORITHM.md) and the norm layers' squared sums are
+  // the big batch's. One computation (minimize, or an unaccumulated custom loop) gives w = 1:
+  // its arrays go to the native kernels as they are. Fresh statistics cannot be read back from
+  // the core API, so they cannot be reduced per computation and combined afterwards: hence the
+  // arrays are kept until the step, and uses whose shapes differ beyond the batch axis (a
+  // shared Conv2D on two image sizes) cannot be combined (NOTE: [shared layers]).
+  // A layer none of whose parameters has a gradient this step (frozen in this call, or cut off
+  // from the loss) gets its own running factors as the fresh estimate; a layer with gradients
+  // but no statistics means the gradients were not computed by minimize/computeGradients.
+  #recordStatistics(plan: Plan, grads: (Float32Array | null)[]): void {
+    const work: { tap: Tap; H: Use; S: Use }[] = [];
+    const missing: Tap[] = [];
+    plan.taps.forEach((t, i) => {
+      const inputs = plan.pending.map((r) => r.inputs[i]);
+      const outGrads = plan.pending.map((r) => r.grads[i]);
+      const hasInput = inputs.some((u) => u.length > 0);
+      const hasGrad = outGrads.some((u) => u.length > 0);
+      if (hasInput && hasGrad) {
+        work.push({ tap: t, H: combine(inputs, false), S: combine(outGrads, true) });
+        return;
+      }
+      if (t.slots.some((s) => grads[s] !== null)) {
         throw codedError(
           ErrorCodes.missingStatistics,
-          `${PREFIX} no ${t.inputs.length === 0 ? 'input' : 'output gradient'} was recorded for layer '${t.supported.layer.name}' ` +
-            'in this step. Gradients must come from optimizer.minimize() (model.fit, fitDataset and trainOnBatch use it).',
+          `${PREFIX} no ${hasInput ? 'output gradient' : 'input'} was recorded for layer '${t.supported.layer.name}' for this step. ` +
+            'Gradients must come from optimizer.minimize() (model.fit, fitDataset and trainOnBatch use it) or ' +
+            'optimizer.computeGradients(lossFn), which record the layer statistics that AdaFisher needs; ' +
+            'tf.variableGrads and tf.grads record none.',
         );
       }
-      state ??= plan.core.exportState();
+      missing.push(t);
+    });
+    for (const { tap, H, S } of work) {
+      plan.core.recordInput(tap.coreLayer, H.data, H.shape);
+      plan.core.recordOutputGrad(tap.coreLayer, S.data, S.shape);
+    }
+    if (missing.length === 0) return;
+    const state = plan.core.exportState();
+    for (const t of missing) {
       const f = state.factors.find((x) => x.layer === t.coreLayer)!;
       plan.core.setFactors(t.coreLayer, { H: f.H, S: f.S });
     }
@@ -443,14 +608,16 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       core,
       variables,
       slotOf: new Map(variables.map((v, i) => [v.name, i])),
-      taps: supported.map(({ s, coreLayer, slots }) => ({ supported: s, coreLayer, slots, inputs: [], grads: [] })),
+      taps: supported.map(({ s, coreLayer, slots }) => ({ supported: s, coreLayer, slots })),
       names: { slotKeys, layerNames },
       uninstall: [],
+      pending: [],
+      open: null,
     };
     const sink: TapSink = {
-      active: () => this.#capturing,
-      input: (i, x) => this.#record(plan, plan.taps[i], 'input', x),
-      outputGrad: (i, dy) => this.#record(plan, plan.taps[i], 'grad', dy),
+      active: () => plan.open !== null,
+      input: (i, x) => this.#record(plan, i, 'input', x),
+      outputGrad: (i, dy) => this.#record(plan, i, 'grad', dy),
     };
     plan.uninstall = plan.taps.map((t, i) => installTap(t.supported.layer, t.supported, i, sink));
     if (this.#pending) {
@@ -467,35 +634,35 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     return plan;
   }
 
-  // Hands one use of a layer to the native reduction. A layer used several times in one step
-  // (shared layers) is reduced over all its uses together, as one larger batch.
-  #record(plan: Plan, tap: Tap, which: 'input' | 'grad', x: tf.Tensor): void {
+  // NOTE: [shared layers]
+  // Keeps one use of a layer for the step (see NOTE: [recorded statistics]). A layer used several
+  // times in one step (a shared layer, or accumulated micro-batches) is reduced over all its uses
+  // together, as one larger batch, which needs the uses to agree beyond the batch axis. Checked
+  // here, in the forward (or backward) pass, before any gradient is applied.
+  #record(plan: Plan, index: number, which: 'input' | 'grad', x: tf.Tensor): void {
+    const open = plan.open;
+    if (open === null) return;
     const t0 = performance.now();
+    const tap = plan.taps[index];
     const s = tap.supported;
-    const use: Use = { data: floatData(x), shape: which === 'input' ? s.inputShape(x.shape) : s.gradShape(x.shape) };
-    const uses = which === 'input' ? tap.inputs : tap.grads;
-    uses.push(use);
-    let { data, shape } = use;
-    if (uses.length > 1) {
-      const tail = JSON.stringify(use.shape.slice(1));
-      const bad = uses.find((u) => JSON.stringify(u.shape.slice(1)) !== tail);
-      if (bad) {
-        throw codedError(
-          ErrorCodes.unsupportedLayer,
-          `${PREFIX} layer '${s.layer.name}' is used ${uses.length} times in one step with ${which === 'input' ? 'inputs' : 'outputs'} ` +
-            `of different shapes ([${bad.shape}] and [${use.shape}]); AdaFisher combines the uses of a shared layer only when they agree.`,
-        );
-      }
-      data = new Float32Array(uses.reduce((a, u) => a + u.data.length, 0));
-      let at = 0;
-      for (const u of uses) {
-        data.set(u.data, at);
-        at += u.data.length;
-      }
-      shape = [uses.reduce((a, u) => a + u.shape[0], 0), ...use.shape.slice(1)];
+    const use: Use = {
+      data: floatData(x),
+      shape: which === 'input' ? s.inputShape(x.shape) : s.gradShape(x.shape),
+      examples: x.shape[0] ?? 1,
+    };
+    const kind = which === 'input' ? 'inputs' : 'grads';
+    const first = [...plan.pending, open].map((r) => r[kind][index]).find((u) => u.length > 0)?.[0];
+    if (first !== undefined && JSON.stringify(first.shape.slice(1)) !== JSON.stringify(use.shape.slice(1))) {
+      throw codedError(
+        ErrorCodes.unsupportedLayer,
+        `${PREFIX} layer '${s.layer.name}' is used with ${which === 'input' ? 'inputs' : 'output gradients'} of different shapes ` +
+          `in one step ([${first.shape}] and [${use.shape}]): a shared layer applied to inputs of two sizes, or gradients ` +
+          'accumulated over micro-batches of different sizes. AdaFisher combines the uses of a layer within a step only ' +
+          'when their shapes agree beyond the batch axis: give each input size its own layer, accumulate micro-batches of ' +
+          'one size per step, or freeze the layer (layer.trainable = false).',
+      );
     }
-    if (which === 'input') plan.core.recordInput(tap.coreLayer, data, shape);
-    else plan.core.recordOutputGrad(tap.coreLayer, data, shape);
+    open[kind][index].push(use);
     this.#timing.statisticsMs += performance.now() - t0;
   }
 
@@ -545,6 +712,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
     const core = this.#plan.core;
     core.loadState(stateFromSaved(saved, core.exportState(), this.#plan.names));
+    this.#plan.pending = [];
     this.iterations_ = core.steps;
   }
 

@@ -236,15 +236,17 @@ export interface TapSink {
 
 // NOTE: [taps]
 // A tap replaces the `call` of one layer INSTANCE (the class and other instances are left alone)
-// and is removed by restoring the original (see NOTE: [stacked taps]). While the sink is inactive (predict, evaluate, a
-// training step that does not refresh the factors) the original call runs unchanged. While active:
-//  1. the layer input is handed to the sink (the native kernels reduce it to H right away);
+// and is removed by restoring the original (see NOTE: [stacked taps]). The sink is active only inside the optimizer's
+// computeGradients (which minimize uses) on a step that refreshes the factors; otherwise (predict, evaluate,
+// tf.variableGrads, a step that does not refresh) the original call runs unchanged. While active:
+//  1. the layer input is handed to the sink (kept for the step, whose native kernels reduce it
+//     to H: optimizer.ts NOTE: [recorded statistics]);
 //  2. Dense/Conv2D compute their pre-activation as TF.js itself does while it records gradients:
 //     tf.fused.matMul/conv2d fall back to matMul/conv2d + add(bias) + activation when the
 //     gradient depth is > 0 (fused_util shouldFuse), so the same ops run in the same order;
 //     BatchNormalization/LayerNormalization run their original call (no activation);
 //  3. the pre-activation goes through a tf.customGrad identity whose gradient function sees
-//     dLoss/dPre-activation (handed to the sink, reduced to S) and passes it on unchanged;
+//     dLoss/dPre-activation (handed to the sink, reduced to S at the step) and passes it on unchanged;
 //  4. the layer's own activation object is applied to that identity's output.
 // Forward values and the gradient of every variable equal the untouched layer's (a test checks
 // them bit for bit). Not the layer's `call` with a 'linear' activation: TF.js then keeps the fused
