@@ -653,11 +653,12 @@ describe('errors and options', () => {
     expect(dilated.code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
     expect(dilated.message).toMatch(/dilationRate/);
 
-    // one Conv2D applied to inputs of two sizes: its uses cannot be combined
+    // one Conv2D applied to inputs of two sizes only known when the model runs: its uses cannot
+    // be combined (sizes known from the graph: see 'a shared Conv2D on two image sizes')
     const conv = tf.layers.conv2d({ filters: 2, kernelSize: 3, padding: 'same', name: 'shared_conv' });
     const pool = () => tf.layers.globalAveragePooling2d({});
-    const i1 = tf.input({ shape: [6, 6, 1] });
-    const i2 = tf.input({ shape: [4, 4, 1] });
+    const i1 = tf.input({ shape: [null, null, 1] });
+    const i2 = tf.input({ shape: [null, null, 1] });
     const h = tf.layers
       .concatenate()
       .apply([pool().apply(conv.apply(i1)) as tf.SymbolicTensor, pool().apply(conv.apply(i2)) as tf.SymbolicTensor]) as tf.SymbolicTensor;
@@ -1220,6 +1221,73 @@ describe('custom training loops (computeGradients → clip / accumulate → appl
     expect(opt.pendingStatistics).toBe(0);
     weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(kept[i])));
     tf.dispose([g2.value, g2.grads, nan, x, y]);
+    opt.dispose();
+  });
+});
+
+describe('a shared Conv2D on two image sizes', () => {
+  function sharedConvModel(shapes: [number | null, number | null, number][]): tf.LayersModel {
+    const conv = tf.layers.conv2d({ filters: 2, kernelSize: 3, padding: 'same', name: 'shared_conv' });
+    const ins = shapes.map((shape) => tf.input({ shape }));
+    const pooled = ins.map((i) => tf.layers.globalAveragePooling2d({}).apply(conv.apply(i)) as tf.SymbolicTensor);
+    const h = tf.layers.concatenate().apply(pooled) as tf.SymbolicTensor;
+    const model = tf.model({ inputs: ins, outputs: tf.layers.dense({ units: 1, name: 'head' }).apply(h) as tf.SymbolicTensor });
+    seedWeights(model, 11);
+    return model;
+  }
+
+  it('sizes known from the graph: reported as not preconditioned before the first step, and trained with momentum', async () => {
+    const model = sharedConvModel([[6, 6, 1], [4, 4, 1]]);
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const expected = {
+      preconditioned: false,
+      reason: expect.stringMatching(/shared Conv2D applied to inputs of different shapes \(\[6,6,1\] and \[4,4,1\]\)/),
+    };
+    expect(opt.layerReport().find((r) => r.name === 'shared_conv')).toMatchObject(expected);
+    expect(opt.layerReport().find((r) => r.name === 'head')).toMatchObject({ preconditioned: true });
+    const r = rng(3);
+    const s1 = tf.tensor(Float32Array.from({ length: 2 * 36 }, () => r()), [2, 6, 6, 1]);
+    const s2 = tf.tensor(Float32Array.from({ length: 2 * 16 }, () => r()), [2, 4, 4, 1]);
+    const y = tf.ones([2, 1]);
+    const before = weightsOf(model);
+    await model.fit([s1, s2], y, { epochs: 2, verbose: 0 });
+    expect(opt.steps).toBe(2);
+    expect(opt.lastStep).toEqual({ applied: true, refreshed: true });
+    weightsOf(model).forEach((w, i) => expect(w.some((v, j) => v !== before[i][j])).toBe(true));
+    expect(opt.layerReport().find((r) => r.name === 'shared_conv')).toMatchObject(expected);
+    // its weights are in the state as plain parameters: no factors
+    const names = (await opt.getWeights()).map((w) => w.name);
+    expect(names.some((n) => n.startsWith('shared_conv/adafisher_'))).toBe(false);
+    expect(names).toContain('head/adafisher_S');
+    tf.dispose([s1, s2, y]);
+    opt.dispose();
+  });
+
+  it('sizes known only when the model runs, or micro-batches of different sizes: a coded error naming the layer, before any update', async () => {
+    const model = sharedConvModel([[null, null, 1], [null, null, 1]]);
+    const opt = adaFisher(model, { lr: LR });
+    expect(opt.layerReport().find((r) => r.name === 'shared_conv')).toMatchObject({ preconditioned: true, kind: 'conv2d' });
+    const y = tf.ones([2, 1]);
+    const [a6, a4, b6] = [[2, 6, 6, 1], [2, 4, 4, 1], [2, 6, 6, 1]].map((s) => tf.ones(s));
+    const loss = (i1: tf.Tensor, i2: tf.Tensor) => () => tf.losses.meanSquaredError(y, model.apply([i1, i2]) as tf.Tensor) as tf.Scalar;
+    const before = weightsOf(model);
+    const e = await errorOf(() => opt.computeGradients(loss(a6, a4)));
+    expect(e.code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
+    expect(e.message).toMatch(/layer 'shared_conv' is used with inputs of different shapes in one step \(\[2,(6,6|4,4),1\] and \[2,(4,4|6,6),1\]\)/);
+    expect(opt.pendingStatistics).toBe(0);
+    // one size per call is fine; a second micro-batch of another size is refused the same way
+    const g = opt.computeGradients(loss(a6, b6));
+    expect(opt.pendingStatistics).toBe(1);
+    const e2 = await errorOf(() => opt.computeGradients(loss(a4, a4)));
+    expect(e2.code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
+    expect(e2.message).toMatch(/'shared_conv'.*micro-batches of different sizes/);
+    expect(opt.pendingStatistics).toBe(1);
+    expect(opt.steps).toBe(0);
+    weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    opt.applyGradients(g.grads);
+    expect(opt.lastStep).toEqual({ applied: true, refreshed: true });
+    tf.dispose([g.value, g.grads, y, a6, a4, b6]);
     opt.dispose();
   });
 });

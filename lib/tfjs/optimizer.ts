@@ -27,7 +27,7 @@ import {
   type StateNames,
 } from './serialization.js';
 import {
-  classifyLayer,
+  classifyModelLayers,
   collectLayers,
   installTap,
   reportLayers,
@@ -284,8 +284,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     if (this.#plan) for (const t of this.#plan.taps) pre.add(t.supported.layer);
     else {
       const trainable = new Set((model.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.name));
-      for (const layer of collectLayers(model)) {
-        const c = classifyLayer(layer);
+      for (const { layer, c } of classifyModelLayers(model)) {
         if ('kind' in c && trainable.has(c.weight.name) && (c.bias === null || trainable.has(c.bias.name))) pre.add(layer);
       }
     }
@@ -585,8 +584,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       used.add(v.name);
       return variables.length - 1;
     };
-    for (const layer of collectLayers(model)) {
-      const c = classifyLayer(layer);
+    for (const { layer, c } of classifyModelLayers(model)) {
       if (!('kind' in c)) continue;
       const w = byName.get(c.weight.name);
       const b = c.bias === null ? null : byName.get(c.bias.name);
@@ -638,7 +636,9 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   // Keeps one use of a layer for the step (see NOTE: [recorded statistics]). A layer used several
   // times in one step (a shared layer, or accumulated micro-batches) is reduced over all its uses
   // together, as one larger batch, which needs the uses to agree beyond the batch axis. Checked
-  // here, in the forward (or backward) pass, before any gradient is applied.
+  // here, in the forward (or backward) pass, before any gradient is applied. A shared layer whose
+  // uses have different static shapes in the model's graph is not preconditioned at all
+  // (taps.ts, sharedShapeConflicts); this catches the shapes only known when the model runs.
   #record(plan: Plan, index: number, which: 'input' | 'grad', x: tf.Tensor): void {
     const open = plan.open;
     if (open === null) return;

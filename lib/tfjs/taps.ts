@@ -210,12 +210,70 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
   }
 }
 
+/**
+ * Shared layers whose uses in a model's graph have static input shapes that AdaFisher cannot
+ * combine (see NOTE: [shared layers] in optimizer.ts): each with the reason. A layer's uses are
+ * its nodes in the graph of the model and of the models nested in it (not uses of the same
+ * layer object in other models); a use whose shape is not fully known before the model runs
+ * (a null dimension beyond the batch axis) is checked when the model runs instead.
+ */
+export function sharedShapeConflicts(model: tf.LayersModel): Map<tf.layers.Layer, string> {
+  const out = new Map<tf.layers.Layer, string>();
+  const containers: tf.LayersModel[] = [];
+  const seen = new Set<unknown>();
+  const visit = (m: tf.LayersModel) => {
+    if (seen.has(m)) return;
+    seen.add(m);
+    containers.push(m);
+    for (const l of m.layers) if (Array.isArray((l as AnyLayer).layers)) visit(l as unknown as tf.LayersModel);
+  };
+  visit(model);
+  for (const m of containers) {
+    const byDepth = (m as unknown as { nodesByDepth?: Record<string, { outboundLayer: tf.layers.Layer; inputShapes: unknown }[]> }).nodesByDepth;
+    if (byDepth == null) continue;
+    const shapes = new Map<tf.layers.Layer, number[][]>();
+    for (const node of Object.values(byDepth).flat()) {
+      const raw = node.inputShapes as (number | null)[] | (number | null)[][];
+      const first = (Array.isArray(raw[0]) ? raw[0] : raw) as (number | null)[];
+      if (first.slice(1).some((d) => d == null)) continue;
+      const list = shapes.get(node.outboundLayer) ?? [];
+      list.push([1, ...(first.slice(1) as number[])]);
+      shapes.set(node.outboundLayer, list);
+    }
+    for (const [layer, list] of shapes) {
+      if (list.length < 2 || out.has(layer)) continue;
+      const c = classifyLayer(layer);
+      if (!('kind' in c)) continue;
+      const tails = list.map((sh) => JSON.stringify(c.inputShape(sh).slice(1)));
+      const j = tails.findIndex((t) => t !== tails[0]);
+      if (j < 0) continue;
+      out.set(
+        layer,
+        `shared ${layer.getClassName()} applied to inputs of different shapes ([${list[0].slice(1)}] and [${list[j].slice(1)}]) ` +
+          "in model '" + m.name + "': their statistics cannot be combined into one factor",
+      );
+    }
+  }
+  return out;
+}
+
+/**
+ * classifyLayer for every layer of a model (collectLayers order), where a shared layer with
+ * uses of different static shapes is not supported (sharedShapeConflicts).
+ */
+export function classifyModelLayers(model: tf.LayersModel): { layer: tf.layers.Layer; c: SupportedLayer | { reason: string } }[] {
+  const conflicts = sharedShapeConflicts(model);
+  return collectLayers(model).map((layer) => {
+    const reason = conflicts.get(layer);
+    return { layer, c: reason !== undefined ? { reason } : classifyLayer(layer) };
+  });
+}
+
 /** Report rows for every layer of a model that has trainable weights or is a supported kind. */
 export function reportLayers(model: tf.LayersModel, preconditioned: ReadonlySet<tf.layers.Layer>): LayerReport[] {
-  return collectLayers(model)
-    .map((layer): LayerReport | null => {
+  return classifyModelLayers(model)
+    .map(({ layer, c }): LayerReport | null => {
       const weights = trainableNames(layer);
-      const c = classifyLayer(layer);
       const row: LayerReport = { name: layer.name, className: layer.getClassName(), preconditioned: preconditioned.has(layer), weights };
       if ('kind' in c) row.kind = c.kind;
       if (!row.preconditioned) {
