@@ -1,6 +1,7 @@
 // The README's examples as a user copies them: the core-API block runs verbatim (its
-// import pointed at this checkout's dist/), and the TF.js block and the TypeScript casts it
-// shows type-check under --strict. Keeps the README from drifting away from the API.
+// import pointed at this checkout's dist/), the TF.js block and the TypeScript casts it
+// shows type-check under --strict, and the custom-loop block type-checks and runs on a small
+// model. Keeps the README from drifting away from the API.
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -70,6 +71,52 @@ describe('README', () => {
       const r = spawnSync(process.execPath, [tsc, ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 120_000 });
       expect(r.stdout + r.stderr, source).toBe('');
       expect(r.status).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('the custom-loop example type-checks with tsc --strict, and runs: one clipped step, one accumulated step', () => {
+    const block = blockAfter('#### Custom training loops', 'js');
+    expect(block).toMatch(/computeGradients/);
+    const lines = block.split('\n');
+    const [imports, body] = [lines.filter((l) => l.startsWith('import ')), lines.filter((l) => !l.startsWith('import '))];
+    mkdirSync(join(repoRoot, 'out'), { recursive: true });
+    const dir = mkdtempSync(join(repoRoot, 'out', 'readme-'));
+    try {
+      const ts = [
+        ...imports,
+        'declare const model: tf.LayersModel;',
+        'declare const xs: tf.Tensor, ys: tf.Tensor;',
+        'declare const microBatches: [tf.Tensor, tf.Tensor][];',
+        'declare function meanLoss(x: tf.Tensor, y: tf.Tensor): tf.Scalar;',
+        ...body,
+        'export {};',
+      ].join('\n');
+      writeFileSync(join(dir, 'custom-loop.ts'), ts);
+      const tsc = join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc');
+      const args = ['--noEmit', '--strict', '--skipLibCheck', '--target', 'es2022', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', join(dir, 'custom-loop.ts')];
+      const t = spawnSync(process.execPath, [tsc, ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 120_000 });
+      expect(t.stdout + t.stderr, ts).toBe('');
+      expect(t.status).toBe(0);
+
+      const js = [
+        ...imports,
+        "await tf.setBackend('cpu');",
+        "const model = tf.sequential({ layers: [tf.layers.dense({ inputShape: [4], units: 8, activation: 'relu' }), tf.layers.dense({ units: 3 })] });",
+        'const xs = tf.randomNormal([8, 4], 0, 1, "float32", 1), ys = tf.randomNormal([8, 3], 0, 1, "float32", 2);',
+        'const microBatches = [[tf.slice(xs, 0, 3), tf.slice(ys, 0, 3)], [tf.slice(xs, 3, 5), tf.slice(ys, 3, 5)]];',
+        'const meanLoss = (x, y) => tf.losses.meanSquaredError(y, model.apply(x, { training: true }));',
+        ...body,
+        'console.log(JSON.stringify({ steps: optimizer.steps, lastStep: optimizer.lastStep, pending: optimizer.pendingStatistics }));',
+      ].join('\n');
+      writeFileSync(join(dir, 'custom-loop.mjs'), js);
+      const env = { ...process.env };
+      delete env.ADAFISHER_BACKEND;
+      delete env.NODE_OPTIONS;
+      const r = spawnSync(process.execPath, [join(dir, 'custom-loop.mjs')], { cwd: repoRoot, encoding: 'utf8', env, timeout: 120_000 });
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout.trim().split('\n').pop()!)).toEqual({ steps: 2, lastStep: { applied: true, refreshed: true }, pending: 0 });
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
