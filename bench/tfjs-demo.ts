@@ -383,8 +383,8 @@ async function main(): Promise<void> {
     console.log(`${String(e + 1).padStart(5)} | ${cells.join(' | ')}`);
   }
   console.log(
-    '\nopt ms/step: time inside the optimizer per training step (AdaFisher: the statistics its taps reduce during the\n' +
-      'forward/backward pass plus applyGradients; Adam: applyGradients).',
+    '\nopt ms/step: time inside the optimizer per training step (AdaFisher: what its taps take during the\n' +
+      'forward/backward pass plus applyGradients, which reduces them; Adam: applyGradients).',
   );
 
   const stepsPerEpoch = Math.ceil(train.n / o.batchSize);
