@@ -14,8 +14,8 @@ namespace cuda {
 
 // NOTE: [loads in flight]
 // A thread of the reductions below issues kLoadsInFlight independent 4-byte loads before it
-// adds them, in the same order as one at a time (so the sums are bit-identical whatever
-// this constant). A warp's loads are coalesced, but each thread holds only its own 4 bytes
+// adds them, then 4 at a time for what is left, then one: always in the same order as one
+// at a time, so the sums are bit-identical whatever these widths. A warp's loads are coalesced, but each thread holds only its own 4 bytes
 // per load: to cover DRAM latency at full bandwidth an H100/H200 SM needs ~30 KB in flight,
 // 2048 threads x 16 B at four loads, twice that at eight (and margin when occupancy falls).
 constexpr int kLoadsInFlight = 8;
@@ -31,6 +31,20 @@ ADAFISHER_HD double SquareOrValue(float x) {
   // Widen first, then square: the CPU backend's `const double v = x; v * v`.
   const double v = x;
   return kSquare ? v * v : v;
+}
+
+// Adds column[r * pitch], r += step, while kLoads more rows remain before r_end: kLoads
+// loads issued, then added in row order.
+template <int kLoads, bool kSquare>
+ADAFISHER_HD void ColumnLoads(const float* column, int64_t step, int64_t pitch, int64_t r_end, int64_t& r,
+                              double& acc) {
+  for (; r + (kLoads - 1) * step < r_end; r += kLoads * step) {
+    float v[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) v[u] = column[(r + u * step) * pitch];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) acc += SquareOrValue<kSquare>(v[u]);
+  }
 }
 
 // Column plan (inner == 1): the partial sum of thread `tid` of block (tile, slice).
@@ -50,16 +64,33 @@ ADAFISHER_HD double ColumnThreadSum(const float* x, const ColumnPlan& p, int64_t
   const float* column = x + col;
   double acc = 0.0;
   int64_t r = slice * p.rows_per_slice + lane_row;
-  // kLoadsInFlight loads, then the adds in row order (NOTE: [loads in flight]).
-  for (; r + (kLoadsInFlight - 1) * step < r_end; r += kLoadsInFlight * step) {
-    float v[kLoadsInFlight];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) v[u] = column[(r + u * step) * pitch];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) acc += SquareOrValue<kSquare>(v[u]);
-  }
-  for (; r < r_end; r += step) acc += SquareOrValue<kSquare>(column[r * pitch]);
+  // Rows in order, kLoadsInFlight loads at a time, then 4, then one (NOTE: [loads in flight]).
+  ColumnLoads<kLoadsInFlight, kSquare>(column, step, pitch, r_end, r, acc);
+  ColumnLoads<4, kSquare>(column, step, pitch, r_end, r, acc);
+  ColumnLoads<1, kSquare>(column, step, pitch, r_end, r, acc);
   return acc;
+}
+
+// Adds plane[a * pitch + c] over positions j, j + threads, ... while kLoads more remain
+// before j_end, (a, c) stepping with j: kLoads loads issued, then added in order.
+template <int kLoads, bool kSquare>
+ADAFISHER_HD void PlaneLoads(const float* plane, int64_t pitch, int64_t inner, int64_t da, int64_t dc, int threads,
+                             int64_t j_end, int64_t& j, int64_t& a, int64_t& c, double& acc) {
+  for (; j + (kLoads - 1) * int64_t{threads} < j_end; j += kLoads * int64_t{threads}) {
+    int64_t offset[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) {
+      offset[u] = a * pitch + c;
+      c += dc;
+      a += da;
+      if (c >= inner) c -= inner, ++a;
+    }
+    float v[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) v[u] = plane[offset[u]];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) acc += SquareOrValue<kSquare>(v[u]);
+  }
 }
 
 // Plane plan (inner > 1): the partial sum of thread `tid` (of `threads`) of block
@@ -79,28 +110,35 @@ ADAFISHER_HD double PlaneThreadSum(const float* x, const PlanePlan& p, int64_t p
   int64_t a = j / inner, c = j % inner;
   const float* plane = x + b * inner;
   double acc = 0.0;
-  for (; j + (kLoadsInFlight - 1) * int64_t{threads} < j_end; j += kLoadsInFlight * int64_t{threads}) {
-    int64_t offset[kLoadsInFlight];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      offset[u] = a * pitch + c;
-      c += dc;
-      a += da;
-      if (c >= inner) c -= inner, ++a;
-    }
-    float v[kLoadsInFlight];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) v[u] = plane[offset[u]];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) acc += SquareOrValue<kSquare>(v[u]);
-  }
-  for (; j < j_end; j += threads) {
-    acc += SquareOrValue<kSquare>(plane[a * pitch + c]);
-    c += dc;
-    a += da;
-    if (c >= inner) c -= inner, ++a;
-  }
+  PlaneLoads<kLoadsInFlight, kSquare>(plane, pitch, inner, da, dc, threads, j_end, j, a, c, acc);
+  PlaneLoads<4, kSquare>(plane, pitch, inner, da, dc, threads, j_end, j, a, c, acc);
+  PlaneLoads<1, kSquare>(plane, pitch, inner, da, dc, threads, j_end, j, a, c, acc);
   return acc;
+}
+
+// Adds x[offset]^2 over the (n, g) pairs ng, ng + 1, ... while kLoads more remain before
+// ng_end, (g, offset) stepping with ng: kLoads loads issued, then added in order.
+template <int kLoads>
+ADAFISHER_HD void ConvLoads(const float* x, int64_t groups, int64_t g_stride, int64_t wrap, int64_t ng_end,
+                            int64_t& ng, int64_t& g, int64_t& offset, double& acc) {
+  for (; ng + (kLoads - 1) < ng_end; ng += kLoads) {
+    int64_t at[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) {
+      at[u] = offset;
+      if (++g == groups) {
+        g = 0;
+        offset += wrap;
+      } else {
+        offset += g_stride;
+      }
+    }
+    float v[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) v[u] = x[at[u]];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) acc += SquareOrValue<true>(v[u]);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -129,33 +167,9 @@ ADAFISHER_HD double ConvPixelSum(const float* x, const ConvPlan& p, int64_t part
   const int64_t wrap = n_stride - (p.groups - 1) * g_stride;  // from (n, groups - 1) to (n + 1, 0)
   double acc = 0.0;
   int64_t ng = ng_begin;
-  for (; ng + (kLoadsInFlight - 1) < ng_end; ng += kLoadsInFlight) {
-    int64_t at[kLoadsInFlight];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      at[u] = offset;
-      if (++g == p.groups) {
-        g = 0;
-        offset += wrap;
-      } else {
-        offset += g_stride;
-      }
-    }
-    float v[kLoadsInFlight];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) v[u] = x[at[u]];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoadsInFlight; ++u) acc += SquareOrValue<true>(v[u]);
-  }
-  for (; ng < ng_end; ++ng) {
-    acc += SquareOrValue<true>(x[offset]);
-    if (++g == p.groups) {
-      g = 0;
-      offset += wrap;
-    } else {
-      offset += g_stride;
-    }
-  }
+  ConvLoads<kLoadsInFlight>(x, p.groups, g_stride, wrap, ng_end, ng, g, offset, acc);
+  ConvLoads<4>(x, p.groups, g_stride, wrap, ng_end, ng, g, offset, acc);
+  ConvLoads<1>(x, p.groups, g_stride, wrap, ng_end, ng, g, offset, acc);
   return acc;
 }
 
