@@ -1291,3 +1291,31 @@ describe('a shared Conv2D on two image sizes', () => {
     opt.dispose();
   });
 });
+
+describe('a nested model applied to two image sizes', () => {
+  it('its Conv2D gets momentum, reported by layerReport() from the start, and fit trains', async () => {
+    const backbone = tf.sequential({
+      name: 'backbone',
+      layers: [tf.layers.conv2d({ filters: 2, kernelSize: 3, padding: 'same', inputShape: [null, null, 1], name: 'bb_conv' }), tf.layers.globalAveragePooling2d({})],
+    });
+    const i1 = tf.input({ shape: [6, 6, 1] });
+    const i2 = tf.input({ shape: [4, 4, 1] });
+    const h = tf.layers.concatenate().apply([backbone.apply(i1), backbone.apply(i2)] as tf.SymbolicTensor[]) as tf.SymbolicTensor;
+    const model = tf.model({ name: 'two_scales', inputs: [i1, i2], outputs: tf.layers.dense({ units: 1, name: 'head' }).apply(h) as tf.SymbolicTensor });
+    seedWeights(model, 3);
+    const opt = adaFisher(model, { lr: LR });
+    const expected = {
+      preconditioned: false,
+      reason: expect.stringMatching(/shared Conv2D applied to inputs of different shapes \(\[6,6,1\] and \[4,4,1\]\) in nested model 'backbone'/),
+    };
+    expect(opt.layerReport().find((r) => r.name === 'bb_conv')).toMatchObject(expected);
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const [a, b, y] = [tf.ones([4, 6, 6, 1]), tf.ones([4, 4, 4, 1]), tf.ones([4, 1])];
+    await model.fit([a, b], y, { epochs: 1, verbose: 0 });
+    expect(opt.steps).toBe(1);
+    expect(opt.layerReport().find((r) => r.name === 'bb_conv')).toMatchObject(expected);
+    expect(opt.layerReport().find((r) => r.name === 'head')).toMatchObject({ preconditioned: true });
+    tf.dispose([a, b, y]);
+    opt.dispose();
+  });
+});

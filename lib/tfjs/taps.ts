@@ -210,49 +210,99 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
   }
 }
 
+type Shape = (number | null)[];
+interface GraphNode {
+  outboundLayer: tf.layers.Layer;
+  inboundLayers: tf.layers.Layer[];
+  nodeIndices: number[];
+  tensorIndices: number[];
+  inputShapes: Shape | Shape[];
+  outputShapes: Shape | Shape[];
+}
+interface GraphContainer {
+  name: string;
+  inputLayers?: tf.layers.Layer[];
+  nodesByDepth?: Record<string, GraphNode[]>;
+  computeOutputShape(s: Shape | Shape[]): Shape | Shape[];
+}
+const shapeList = (s: Shape | Shape[]): Shape[] => (s.length > 0 && Array.isArray(s[0]) ? (s as Shape[]) : [s as Shape]);
+const sameShapes = (a: Shape[], b: Shape[]) => JSON.stringify(a) === JSON.stringify(b);
+
+/**
+ * Every use of every layer in one step of `model`, with its static input shape: the nodes of the
+ * model's graph, and, for each application of a nested model (Sequential or functional), the
+ * nodes of that model's graph with the shapes of that application, worked out from its inputs
+ * as TF.js's own Container.computeOutputShape does. (A nested backbone declared with input
+ * [null, null, C] and applied by the outer model to two known image sizes uses its Conv2D at
+ * both sizes.) `where` names the model whose graph holds the use.
+ */
+function staticUses(model: tf.LayersModel): Map<tf.layers.Layer, { shape: Shape; where: string }[]> {
+  const uses = new Map<tf.layers.Layer, { shape: Shape; where: string }[]>();
+  const visit = (m: GraphContainer, inputShapes: Shape[] | null, where: string, depth: number) => {
+    const byDepth = m.nodesByDepth;
+    if (byDepth == null || depth > 32) return;
+    const known = new Map<string, Shape>();
+    (m.inputLayers ?? []).forEach((l, i) => {
+      if (inputShapes?.[i] != null) known.set(`${l.name}_0_0`, inputShapes[i]);
+    });
+    const inputLayers = new Set(m.inputLayers ?? []);
+    const depths = Object.keys(byDepth).map(Number).sort((a, b) => b - a);
+    for (const d of depths) {
+      for (const node of byDepth[d]) {
+        const layer = node.outboundLayer;
+        if (inputLayers.has(layer)) continue;
+        const recorded = shapeList(node.inputShapes);
+        const ins = node.inboundLayers.map((l, j) => known.get(`${l.name}_${node.nodeIndices[j]}_${node.tensorIndices[j]}`) ?? recorded[j]);
+        const changed = !sameShapes(ins, recorded);
+        let outs = shapeList(node.outputShapes);
+        if (changed) {
+          try {
+            outs = shapeList((layer as unknown as GraphContainer).computeOutputShape(ins.length === 1 ? ins[0] : ins));
+          } catch {
+            // keep the recorded output shapes
+          }
+        }
+        const nodeIndex = (layer as unknown as { inboundNodes: GraphNode[] }).inboundNodes.indexOf(node);
+        outs.forEach((s, j) => known.set(`${layer.name}_${nodeIndex}_${j}`, s));
+        if (Array.isArray((layer as AnyLayer).layers)) {
+          visit(layer as unknown as GraphContainer, ins, layer.name, depth + 1);
+          continue;
+        }
+        const list = uses.get(layer) ?? [];
+        list.push({ shape: ins[0], where });
+        uses.set(layer, list);
+      }
+    }
+  };
+  visit(model as unknown as GraphContainer, null, model.name, 0);
+  return uses;
+}
+
 /**
  * Shared layers whose uses in a model's graph have static input shapes that AdaFisher cannot
  * combine (see NOTE: [shared layers] in optimizer.ts): each with the reason. A layer's uses are
- * its nodes in the graph of the model and of the models nested in it (not uses of the same
- * layer object in other models); a use whose shape is not fully known before the model runs
+ * its nodes in the graph of the model and, for every application of a model nested in it, in
+ * that model's graph with the shapes of that application (staticUses); not uses of the same
+ * layer object in other models. A use whose shape is not fully known before the model runs
  * (a null dimension beyond the batch axis) is checked when the model runs instead.
  */
 export function sharedShapeConflicts(model: tf.LayersModel): Map<tf.layers.Layer, string> {
   const out = new Map<tf.layers.Layer, string>();
-  const containers: tf.LayersModel[] = [];
-  const seen = new Set<unknown>();
-  const visit = (m: tf.LayersModel) => {
-    if (seen.has(m)) return;
-    seen.add(m);
-    containers.push(m);
-    for (const l of m.layers) if (Array.isArray((l as AnyLayer).layers)) visit(l as unknown as tf.LayersModel);
-  };
-  visit(model);
-  for (const m of containers) {
-    const byDepth = (m as unknown as { nodesByDepth?: Record<string, { outboundLayer: tf.layers.Layer; inputShapes: unknown }[]> }).nodesByDepth;
-    if (byDepth == null) continue;
-    const shapes = new Map<tf.layers.Layer, number[][]>();
-    for (const node of Object.values(byDepth).flat()) {
-      const raw = node.inputShapes as (number | null)[] | (number | null)[][];
-      const first = (Array.isArray(raw[0]) ? raw[0] : raw) as (number | null)[];
-      if (first.slice(1).some((d) => d == null)) continue;
-      const list = shapes.get(node.outboundLayer) ?? [];
-      list.push([1, ...(first.slice(1) as number[])]);
-      shapes.set(node.outboundLayer, list);
-    }
-    for (const [layer, list] of shapes) {
-      if (list.length < 2 || out.has(layer)) continue;
-      const c = classifyLayer(layer);
-      if (!('kind' in c)) continue;
-      const tails = list.map((sh) => JSON.stringify(c.inputShape(sh).slice(1)));
-      const j = tails.findIndex((t) => t !== tails[0]);
-      if (j < 0) continue;
-      out.set(
-        layer,
-        `shared ${layer.getClassName()} applied to inputs of different shapes ([${list[0].slice(1)}] and [${list[j].slice(1)}]) ` +
-          "in model '" + m.name + "': their statistics cannot be combined into one factor",
-      );
-    }
+  for (const [layer, all] of staticUses(model)) {
+    const list = all.filter((u) => u.shape.length > 0 && !u.shape.slice(1).some((d) => d == null));
+    if (list.length < 2) continue;
+    const c = classifyLayer(layer);
+    if (!('kind' in c)) continue;
+    const tails = list.map((u) => JSON.stringify(c.inputShape([1, ...(u.shape.slice(1) as number[])]).slice(1)));
+    const j = tails.findIndex((t) => t !== tails[0]);
+    if (j < 0) continue;
+    const inner = [list[0].where, list[j].where].filter((w, k, a) => w !== model.name && a.indexOf(w) === k);
+    const where = inner.length === 0 ? `in model '${model.name}'` : `in nested model ${inner.map((w) => `'${w}'`).join(' and ')} as model '${model.name}' applies it`;
+    out.set(
+      layer,
+      `shared ${layer.getClassName()} applied to inputs of different shapes ([${list[0].shape.slice(1)}] and [${list[j].shape.slice(1)}]) ` +
+        `${where}: their statistics cannot be combined into one factor`,
+    );
   }
   return out;
 }
