@@ -641,7 +641,7 @@ describe('errors and options', () => {
     const g = tf.zeros([3]);
     const unknown = await errorOf(() => opt.applyGradients([{ name: 'not_a_variable', tensor: g }]));
     expect(unknown.code).toBe('ADAFISHER_MODEL_MISMATCH');
-    expect(unknown.message).toMatch(/variable 'not_a_variable' is not one this optimizer was set up for/);
+    expect(unknown.message).toMatch(/variable 'not_a_variable' is not a weight of model .*pass varList/);
 
     const dil = tf.sequential({
       layers: [tf.layers.conv2d({ inputShape: [6, 6, 1], filters: 2, kernelSize: 3, dilationRate: 2 }), tf.layers.flatten(), tf.layers.dense({ units: 1 })],
@@ -1317,5 +1317,229 @@ describe('a nested model applied to two image sizes', () => {
     expect(opt.layerReport().find((r) => r.name === 'head')).toMatchObject({ preconditioned: true });
     tf.dispose([a, b, y]);
     opt.dispose();
+  });
+});
+
+describe('custom loops: what the review found', () => {
+  const denseModel = (names = true) => {
+    const m = tf.sequential({
+      layers: [
+        tf.layers.dense({ units: 4, inputShape: [3], activation: 'relu', ...(names ? {} : {}) }),
+        tf.layers.dense({ units: 1 }),
+      ],
+    });
+    seedWeights(m, 1);
+    return m;
+  };
+  const xy = (seed: number, n = 8) => {
+    const r = rng(seed);
+    return { x: tf.tensor(Float32Array.from({ length: n * 3 }, () => r()), [n, 3]), y: tf.tensor(Float32Array.from({ length: n }, () => r()), [n, 1]) };
+  };
+  const loss = (m: tf.LayersModel, x: tf.Tensor, y: tf.Tensor) => () => tf.losses.meanSquaredError(y, m.apply(x) as tf.Tensor) as tf.Scalar;
+
+  it('keeps owned copies of pending statistics: a loader reusing one Float32Array per micro-batch equals fresh buffers', () => {
+    const K = 4;
+    const n = 2;
+    const { x: X, y: Y } = xy(5, K * n);
+    const xs = X.dataSync().slice();
+    const run = (reuse: boolean) => {
+      const m = denseModel();
+      const o = adaFisher(m, { lr: LR });
+      const buf = new Float32Array(n * 3);
+      for (let step = 0; step < 2; step++) {
+        let sum: tf.NamedTensorMap | null = null;
+        for (let k = 0; k < K; k++) {
+          const src = xs.subarray(k * n * 3, (k + 1) * n * 3);
+          let xi: tf.Tensor;
+          if (reuse) {
+            buf.set(src);
+            xi = tf.tensor(buf, [n, 3]);
+          } else xi = tf.tensor(src.slice(), [n, 3]);
+          const yi = tf.slice(Y, k * n, n);
+          const { value, grads } = o.computeGradients(loss(m, xi, yi));
+          const prev: tf.NamedTensorMap | null = sum;
+          sum = tf.tidy(() => Object.fromEntries(Object.keys(grads).map((g) => [g, tf.add(prev?.[g] ?? tf.zeros(grads[g].shape), tf.mul(grads[g], 1 / K))])));
+          if (prev) tf.dispose(prev);
+          tf.dispose([value, grads, xi, yi]);
+        }
+        o.applyGradients(sum!);
+        tf.dispose(sum!);
+      }
+      const w = weightsOf(m);
+      o.dispose();
+      return w;
+    };
+    const fresh = run(false);
+    run(true).forEach((w, i) => expect(Array.from(w), `weight ${i}`).toEqual(Array.from(fresh[i])));
+    tf.dispose([X, Y]);
+  });
+
+  it('the first step that succeeds fixes the trained variables, not a probe; an empty varList is refused up front', async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    const { x, y } = xy(2);
+    const f = loss(m, x, y);
+    const empty = await errorOf(() => o.computeGradients(f, []));
+    expect(empty).toBeInstanceOf(RangeError);
+    expect(empty.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(empty.message).toMatch(/for varList/);
+    expect((await errorOf(() => o.minimize(f, false, []))).message).toMatch(/for varList/);
+    // a computeGradients that throws inside TF.js fixes nothing
+    expect(await errorOf(() => o.computeGradients(() => m.apply(x) as tf.Scalar))).toBeTruthy();
+    // a probe of the head only, never applied
+    const head = m.layers[1].trainableWeights.map((w) => (w as unknown as { read(): tf.Variable }).read());
+    const probe = o.computeGradients(f, head);
+    tf.dispose([probe.value, probe.grads]);
+    o.clearStatistics();
+    expect(o.layerReport().every((r) => r.preconditioned)).toBe(true);
+    const g = o.computeGradients(f);
+    o.applyGradients(g.grads);
+    expect(o.lastStep).toEqual({ applied: true, refreshed: true });
+    expect(o.layerReport().every((r) => r.preconditioned)).toBe(true);
+    tf.dispose([g.value, g.grads]);
+    // and fit still trains everything
+    m.compile({ optimizer: o, loss: 'meanSquaredError' });
+    await m.fit(x, y, { epochs: 1, verbose: 0 });
+    expect(o.steps).toBe(2);
+    tf.dispose([x, y]);
+    o.dispose();
+  });
+
+  it('refuses a gradient of the wrong shape and a variable given twice, naming the entry, before anything changes', async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    const { x, y } = xy(2);
+    const { value, grads } = o.computeGradients(loss(m, x, y));
+    const k = Object.keys(grads).find((n) => n.endsWith('kernel'))!;
+    const before = weightsOf(m);
+    const t = tf.transpose(grads[k]);
+    const wrong = await errorOf(() => o.applyGradients({ ...grads, [k]: t }));
+    expect(wrong).toBeInstanceOf(RangeError);
+    expect(wrong.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(wrong.message).toContain(`variableGradients['${k}']`);
+    expect(wrong.message).toMatch(/shape \[3,4\]/);
+    const arr = Object.entries(grads).map(([name, tensor]) => ({ name, tensor }));
+    const twice = await errorOf(() => o.applyGradients([...arr, { name: arr[0].name, tensor: arr[0].tensor }]));
+    expect(twice.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(twice.message).toContain(`variableGradients[${arr.length}]`);
+    expect(twice.message).toContain('variableGradients[0]');
+    expect(o.steps).toBe(0);
+    expect(o.pendingStatistics).toBe(1);
+    weightsOf(m).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
+    o.applyGradients(grads);
+    expect(o.steps).toBe(1);
+    tf.dispose([value, grads, t, x, y]);
+    o.dispose();
+  });
+
+  it("computeGradients without varList trains the attached model only (a GAN's generator in the loss)", async () => {
+    const G = tf.sequential({ layers: [tf.layers.dense({ units: 4, inputShape: [2], activation: 'tanh' })] });
+    const D = tf.sequential({ name: 'discriminator', layers: [tf.layers.dense({ units: 1, inputShape: [4] })] });
+    const r = rng(9);
+    const z = tf.tensor(Float32Array.from({ length: 16 }, () => r()), [8, 2]);
+    const y = tf.ones([8, 1]);
+    const dOpt = adaFisher(D, { lr: LR });
+    const f = () => tf.losses.sigmoidCrossEntropy(y, D.apply(G.apply(z)) as tf.Tensor) as tf.Scalar;
+    const { value, grads } = dOpt.computeGradients(f);
+    expect(Object.keys(grads).sort()).toEqual(D.trainableWeights.map((w) => w.name).sort());
+    const gBefore = G.getWeights().map((w) => Array.from(w.dataSync()));
+    dOpt.applyGradients(grads);
+    expect(dOpt.steps).toBe(1);
+    G.getWeights().forEach((w, i) => expect(Array.from(w.dataSync())).toEqual(gBefore[i]));
+    tf.dispose(dOpt.minimize(f));
+    expect(dOpt.steps).toBe(2);
+    // gradients of a foreign variable: the message says what to do
+    const raw = tf.variableGrads(f);
+    const g2 = dOpt.computeGradients(f);
+    const e = await errorOf(() => dOpt.applyGradients(raw.grads));
+    expect(e.code).toBe('ADAFISHER_MODEL_MISMATCH');
+    expect(e.message).toMatch(/is not a weight of model 'discriminator'.*pass varList.*its own optimizer/);
+    expect(e.message).not.toMatch(/after changing which weights are trainable/);
+    tf.dispose([value, grads, raw.value, raw.grads, g2.value, g2.grads, z, y]);
+    dOpt.dispose();
+  });
+
+  it('a minimize whose loss throws keeps the statistics of earlier computeGradients calls', async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    const { x, y } = xy(2);
+    const g = o.computeGradients(loss(m, x, y));
+    const e = await errorOf(() =>
+      o.minimize(() => {
+        m.apply(x);
+        throw new Error('user loss bug');
+      }),
+    );
+    expect(e.message).toBe('user loss bug');
+    expect(o.pendingStatistics).toBe(1);
+    o.applyGradients(g.grads);
+    expect(o.lastStep).toEqual({ applied: true, refreshed: true });
+    tf.dispose([g.value, g.grads, x, y]);
+    o.dispose();
+  });
+
+  it('shapes that differ at run time: the coded error leaks no tensor and leaves the gradient tape closed', async () => {
+    const conv = tf.layers.conv2d({ filters: 2, kernelSize: 3, padding: 'same', name: 'shared_conv' });
+    const ins = [0, 1].map(() => tf.input({ shape: [null, null, 1] }));
+    const pooled = ins.map((i) => tf.layers.globalAveragePooling2d({}).apply(conv.apply(i)) as tf.SymbolicTensor);
+    const h = tf.layers.concatenate().apply(pooled) as tf.SymbolicTensor;
+    const model = tf.model({ inputs: ins, outputs: tf.layers.dense({ units: 1 }).apply(h) as tf.SymbolicTensor });
+    const opt = adaFisher(model, { lr: LR });
+    const y = tf.ones([2, 1]);
+    const [a6, a4] = [tf.ones([2, 6, 6, 1]), tf.ones([2, 4, 4, 1])];
+    const f = () => tf.losses.meanSquaredError(y, model.apply([a6, a4]) as tf.Tensor) as tf.Scalar;
+    const n0 = tf.memory().numTensors;
+    for (let k = 0; k < 3; k++) expect((await errorOf(() => opt.computeGradients(f))).code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
+    expect(tf.memory().numTensors).toBe(n0);
+    const state = (tf.engine() as unknown as { state: { activeTape: unknown; gradientDepth: number } }).state;
+    expect(state.activeTape == null).toBe(true);
+    expect(state.gradientDepth).toBe(0);
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const fitOnce = async () => expect((await errorOf(() => model.fit([a6, a4], y, { epochs: 1, verbose: 0 }))).code).toBe('ADAFISHER_UNSUPPORTED_LAYER');
+    await fitOnce(); // the first fit makes TF.js's own lasting tensors
+    const n1 = tf.memory().numTensors;
+    for (let k = 0; k < 3; k++) await fitOnce();
+    // TF.js's fit loop itself keeps one tensor per step whose optimizer throws (tf.train.adam too)
+    expect(tf.memory().numTensors - n1).toBeLessThanOrEqual(3);
+    expect(opt.pendingStatistics).toBe(0);
+    tf.dispose([y, a6, a4]);
+    opt.dispose();
+  });
+
+  it('says why statistics are missing (cleared, consumed) and names malformed or disposed gradient entries', async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    const { x, y } = xy(2);
+    const f = loss(m, x, y);
+    let g = o.computeGradients(f);
+    o.clearStatistics();
+    expect((await errorOf(() => o.applyGradients(g.grads))).message).toMatch(/cleared by clearStatistics\(\)/);
+    tf.dispose([g.value, g.grads]);
+    g = o.computeGradients(f);
+    o.applyGradients(g.grads);
+    const again = await errorOf(() => o.applyGradients(g.grads));
+    expect(again.code).toBe('ADAFISHER_MISSING_STATISTICS');
+    expect(again.message).toMatch(/consumed by an earlier step/);
+    tf.dispose([g.value, g.grads]);
+    g = o.computeGradients(f);
+    tf.dispose(o.minimize(f));
+    expect((await errorOf(() => o.applyGradients(g.grads))).message).toMatch(/consumed by a minimize\(\) step/);
+    const g2 = o.computeGradients(f);
+    const empty = await errorOf(() => o.applyGradients([{}] as unknown as tf.NamedTensorMap));
+    expect(empty).toBeInstanceOf(TypeError);
+    expect(empty.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(empty.message).toMatch(/variableGradients\[0\]\.name/);
+    const name = Object.keys(g2.grads)[0];
+    const noTensor = await errorOf(() => o.applyGradients([{ name }] as unknown as tf.NamedTensorMap));
+    expect(noTensor.message).toMatch(/variableGradients\[0\]\.tensor/);
+    const dead = tf.zerosLike(g2.grads[name]);
+    dead.dispose();
+    const disposed = await errorOf(() => o.applyGradients({ ...g2.grads, [name]: dead }));
+    expect(disposed.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+    expect(disposed.message).toContain(`variableGradients['${name}']`);
+    expect(disposed.message).toMatch(/disposed/);
+    expect(o.pendingStatistics).toBe(1);
+    tf.dispose([g.value, g.grads, g2.value, g2.grads, x, y]);
+    o.dispose();
   });
 });

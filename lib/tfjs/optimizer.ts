@@ -54,12 +54,33 @@ interface Use {
  * minimize): per tap (index into Plan.taps), the inputs and output gradients of every use.
  */
 interface Recording {
+  /** per instrumented layer (index into Instruments.layers) */
   inputs: Use[][];
   grads: Use[][];
+  /** which instrumented layers this computation records: those whose weights are all in its varList */
+  records: boolean[];
+  /** names of the variables it computed gradients for */
+  vars: Set<string>;
+  /** minimize()'s own computation: its uses are checked against each other only */
+  alone: boolean;
+  /** the first problem a tap met (thrown once tf.variableGrads has returned; see NOTE: [taps throw late]) */
+  problem: Error | null;
+}
+
+/** The taps on the model's supported layers and what they recorded since the last step. */
+interface Instruments {
+  layers: SupportedLayer[];
+  uninstall: (() => void)[];
+  /** gradient computations recorded since the last step, waiting for it (see NOTE: [recorded statistics]) */
+  pending: Recording[];
+  /** the computation being recorded now (inside computeGradients), or null */
+  open: Recording | null;
 }
 
 interface Tap {
   supported: SupportedLayer;
+  /** index into Instruments.layers */
+  index: number;
   /** index into the core layer list */
   coreLayer: number;
   /** parameter slots of this layer */
@@ -72,12 +93,16 @@ interface Plan {
   slotOf: Map<string, number>;
   taps: Tap[];
   names: StateNames;
-  uninstall: (() => void)[];
-  /** gradient computations recorded since the last step, waiting for it (see NOTE: [recorded statistics]) */
-  pending: Recording[];
-  /** the computation being recorded now (inside computeGradients), or null */
-  open: Recording | null;
 }
+
+/**
+ * More gradient computations than this waiting for one step draws a process warning (once per
+ * optimizer): 64 micro-batches is more than gradient accumulation uses in practice (a batch of
+ * 4096 from micro-batches of 64), while computeGradients calls whose gradients are never applied
+ * (a skipped batch, a probe) pile up one per training step, each keeping a batch's layer inputs
+ * and output gradients in host memory and all folded into the next step.
+ */
+export const PENDING_WARNING_THRESHOLD = 64;
 
 const PREFIX = 'AdaFisher (TF.js):';
 
@@ -85,6 +110,9 @@ function checkGradientArgs(f: unknown, varList: unknown): void {
   if (typeof f !== 'function') throw typeError('f', 'a function returning the scalar loss', f);
   if (varList === undefined || varList === null) return;
   if (!Array.isArray(varList)) throw typeError('varList', 'an array of tf.Variable', varList);
+  if (varList.length === 0) {
+    throw rangeError('varList', "a non-empty array of tf.Variable (or no varList: the attached model's trainable weights)", varList);
+  }
   varList.forEach((v, i) => {
     if (!(v instanceof tfjs.Variable)) throw typeError(`varList[${i}]`, 'a tf.Variable', v);
   });
@@ -146,8 +174,14 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   #hyper: AdaFisherHyperparameters;
   #model: tf.LayersModel | null = null;
   #plan: Plan | null = null;
+  #instruments: Instruments | null = null;
+  /** why nothing is pending, for MISSING_STATISTICS (null: nothing was ever recorded, or something is pending) */
+  #emptiedBy: string | null = null;
+  #warnedPending = false;
   /** set while minimize() runs its computeGradients() */
   #minimizing = false;
+  /** set while minimize() runs */
+  #inMinimize = false;
   #pending: SavedWeights | null = null;
   #savedTensors: NamedTensor[] = [];
   #last: StepResult | null = null;
@@ -296,9 +330,11 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
    * One training step (TF.js's fit, fitDataset and trainOnBatch call it): computes the gradients
    * with computeGradients(), which records the layer statistics, and applies them. Statistics
    * recorded by earlier computeGradients() calls whose gradients were never applied are
-   * discarded first: a minimize step uses its own batch's statistics only.
-   * @throws {TypeError} code ADAFISHER_INVALID_ARGUMENT when `f` is not a function or `varList`
-   *   not an array of tf.Variable.
+   * discarded once this step's own gradients have been computed: a minimize step uses its own
+   * batch's statistics only (and one whose `f` throws leaves the earlier ones pending).
+   * @param varList the variables to train (default: the attached model's trainable weights).
+   * @throws {TypeError|RangeError} code ADAFISHER_INVALID_ARGUMENT when `f` is not a function or
+   *   `varList` not a non-empty array of tf.Variable.
    * @throws {Error} code ADAFISHER_MODEL_MISMATCH when `varList` holds a variable that is not a
    *   weight of the attached model, or one this optimizer was not set up for at its first step.
    */
@@ -306,68 +342,125 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     this.#alive();
     checkGradientArgs(f, varList);
     this.#minimizing = true;
+    this.#inMinimize = true;
     try {
       return super.minimize(f, returnCost, varList);
     } finally {
       this.#minimizing = false;
+      this.#inMinimize = false;
     }
   }
 
   /**
    * Runs `f` and computes the gradients of its scalar result with respect to `varList` (default:
-   * every trainable variable, as TF.js's own optimizers), recording each preconditioned layer's
-   * input and output gradient exactly as minimize() does. For custom training loops: clip,
-   * scale or accumulate the gradients, then hand them to applyGradients().
+   * the attached model's trainable weights, the variables this optimizer trains; not every
+   * trainable TF.js variable `f` touches, as TF.js's own optimizers), recording each
+   * preconditioned layer's input and output gradient exactly as minimize() does. For custom
+   * training loops: clip, scale or accumulate the gradients, then hand them to applyGradients().
+   *
+   * Everything `f` runs through the model is recorded: the statistics are those of every
+   * forward and backward pass of the model inside `f` (an input gradient taken inside `f` for an
+   * adversarial example, a teacher's predict() on the same model). Compute such inputs or
+   * targets outside `f`.
    *
    * The statistics wait for the next step (README, "Custom training loops"): the next
    * applyGradients() combines those of every computeGradients() call since the previous step,
-   * as one batch made of all their examples. That is exact for gradient accumulation where each
-   * call's loss is the mean over its own examples and the gradients applied are their
-   * example-weighted mean (the plain mean for micro-batches of one size): the step equals the
-   * step on one big batch. Each layer's inputs and output gradients are kept (host memory) until
-   * that step, on steps that refresh the factors only. clearStatistics() drops them, for a
-   * computeGradients() whose gradients you do not apply.
+   * as one batch made of all their examples. For gradient accumulation where each call's loss
+   * is the mean over its own examples and the gradients applied are their example-weighted mean
+   * (the plain mean for micro-batches of one size), the step equals the step on one big batch,
+   * unless a layer's output depends on the batch (BatchNormalization in training mode, whose
+   * micro-batch statistics differ from the big batch's, or Dropout, whose masks differ).
+   * Each layer's inputs and output gradients are copied and kept (host memory) until that step,
+   * on steps that refresh the factors only. Calls whose gradients are not applied (a batch
+   * skipped because its loss is not finite, a probe) still count: call clearStatistics() for
+   * them. More than PENDING_WARNING_THRESHOLD (64) computations waiting draws one process
+   * warning, code ADAFISHER_PENDING_STATISTICS. The first step, not this call, fixes which
+   * variables the optimizer trains.
    * @returns `{ value, grads }` as tf.variableGrads: the caller disposes them.
    * @throws as minimize(); code ADAFISHER_UNSUPPORTED_LAYER when a layer sees inputs of different
-   *   shapes within one step (see applyGradients).
+   *   shapes within one step (see applyGradients), after disposing what was computed: a call
+   *   that throws records nothing.
    */
   override computeGradients(f: () => tf.Scalar, varList?: tf.Variable[]): { value: tf.Scalar; grads: tf.NamedTensorMap } {
     this.#alive();
+    const minimizing = this.#minimizing;
+    this.#minimizing = false; // only the computeGradients() of that minimize
     checkGradientArgs(f, varList);
-    varList ??= undefined; // TF.js reads null as "every trainable variable", as undefined
     const model = this.#requireModel();
-    if (varList !== undefined) this.#checkOwnVariables(model, varList);
-    const plan = this.#ensurePlan(varList);
-    for (const v of varList ?? []) if (!plan.slotOf.has(v.name)) throw this.#unknownVariable(v.name);
-    this.#checkTrainable(varList ?? plan.variables);
-    if (this.#minimizing) {
-      this.#minimizing = false; // only the computeGradients() of that minimize
-      plan.pending = [];
-    }
-    if (!plan.core.willRefreshFactors || plan.open !== null) return super.computeGradients(f, varList);
-    const open: Recording = { inputs: plan.taps.map(() => []), grads: plan.taps.map(() => []) };
-    plan.open = open;
-    try {
-      const result = super.computeGradients(f, varList);
-      plan.pending.push(open);
+    if (varList != null) this.#checkOwnVariables(model, varList);
+    const vars = varList ?? (model.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.read());
+    const plan = this.#plan;
+    if (plan !== null) for (const v of vars) if (!plan.slotOf.has(v.name)) throw this.#unknownVariable(v.name);
+    this.#checkTrainable(vars);
+    const inst = this.#instrument();
+    if ((plan !== null && !plan.core.willRefreshFactors) || inst.open !== null) {
+      const result = super.computeGradients(f, vars);
+      if (minimizing) this.#consume(inst, 'discarded by minimize()');
       return result;
-    } finally {
-      plan.open = null;
     }
+    const names = new Set(vars.map((v) => v.name));
+    const planned = plan === null ? null : new Set(plan.taps.map((t) => t.index));
+    const open: Recording = {
+      inputs: inst.layers.map(() => []),
+      grads: inst.layers.map(() => []),
+      records: inst.layers.map(
+        (s, i) => names.has(s.weight.name) && (s.bias === null || names.has(s.bias.name)) && (planned === null || planned.has(i)),
+      ),
+      vars: names,
+      alone: minimizing,
+      problem: null,
+    };
+    inst.open = open;
+    let result: { value: tf.Scalar; grads: tf.NamedTensorMap };
+    try {
+      result = super.computeGradients(f, vars);
+    } finally {
+      inst.open = null;
+    }
+    if (open.problem !== null) {
+      tfjs.dispose([result.value, result.grads]);
+      throw open.problem;
+    }
+    if (minimizing) {
+      // Its statistics are handed to the step at once: TF.js's arrays can stay as they are.
+      inst.pending = [open];
+    } else {
+      // Kept beyond this call: owned copies (on the cpu backend tf.tensor(array) does not copy,
+      // and a data loader may refill that array for the next micro-batch).
+      for (const list of [...open.inputs, ...open.grads]) for (const u of list) u.data = u.data.slice();
+      inst.pending.push(open);
+      if (inst.pending.length > PENDING_WARNING_THRESHOLD && !this.#warnedPending) {
+        this.#warnedPending = true;
+        process.emitWarning(
+          `${PREFIX} ${inst.pending.length} computeGradients() calls are waiting for one step: their layer statistics are ` +
+            'kept in host memory and all combined into the next applyGradients(). If their gradients are not applied ' +
+            '(a batch skipped because its loss is not finite, a probe), call optimizer.clearStatistics() after each.',
+          { code: 'ADAFISHER_PENDING_STATISTICS' },
+        );
+      }
+    }
+    this.#emptiedBy = null;
+    return result;
   }
 
   /** Gradient computations (computeGradients, or the one inside minimize) whose layer statistics wait for the next step. */
   get pendingStatistics(): number {
-    return this.#plan?.pending.length ?? 0;
+    return this.#instruments?.pending.length ?? 0;
   }
 
   /**
    * Drops the layer statistics recorded since the last step (by computeGradients calls whose
-   * gradients will not be applied). Steps, setWeights() and dispose() clear them too.
+   * gradients will not be applied: call it when a custom loop skips a batch). Steps,
+   * optimizer.setWeights() and dispose() clear them too (model.setWeights() does not).
    */
   clearStatistics(): void {
     this.#alive();
-    if (this.#plan) this.#plan.pending = [];
+    if (this.#instruments !== null && this.#instruments.pending.length > 0) this.#consume(this.#instruments, 'cleared by clearStatistics()');
+  }
+
+  #consume(inst: Instruments, why: string): void {
+    if (inst.pending.length > 0) this.#emptiedBy = why;
+    inst.pending = [];
   }
 
   /**
@@ -375,53 +468,94 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
    * with gradients from computeGradients(), clipped, scaled or accumulated). A step that
    * refreshes the factors (every step at the default tcov: 1) uses the layer statistics recorded
    * by the computeGradients() calls since the previous step, combined as one batch of all their
-   * examples; gradients from tf.variableGrads or tf.grads come with no statistics. Every step,
+   * examples. Gradients from tf.variableGrads or tf.grads come with no statistics: they are
+   * refused when nothing is pending, but after a computeGradients() whose gradients were not
+   * applied they are accepted and the step uses that call's (stale) statistics. Every step,
    * applied or skipped by the non-finite guard, consumes the recorded statistics; one that throws
-   * changes nothing (parameters, state and recorded statistics stay as they were).
-   * @throws {TypeError|RangeError} code ADAFISHER_INVALID_ARGUMENT for a gradient that is not a
-   *   tensor of its variable's size.
+   * changes nothing (parameters, state and recorded statistics stay as they were). The first
+   * step that succeeds fixes the variables this optimizer trains: those of the computeGradients()
+   * calls it combines (minimize's varList, or the model's trainable weights).
+   * @throws {TypeError|RangeError} code ADAFISHER_INVALID_ARGUMENT for an entry that is not
+   *   `{ name, tensor }`, a gradient that is not a live tensor of its variable's shape, or a
+   *   variable given twice.
    * @throws {Error} code ADAFISHER_MODEL_MISMATCH for a variable this optimizer was not set up
    *   for; code ADAFISHER_MISSING_STATISTICS when a refreshing step has gradients for a
    *   preconditioned layer but no recorded statistics for it.
    */
   override applyGradients(variableGradients: tf.NamedTensorMap | NamedTensor[]): void {
     this.#alive();
-    const plan = this.#plan;
-    if (plan === null) {
+    const inst = this.#instruments;
+    if (this.#plan === null && (inst === null || inst.pending.length === 0)) {
       throw codedError(
         ErrorCodes.missingStatistics,
-        `${PREFIX} applyGradients() was called before any minimize() or computeGradients(): AdaFisher needs the layer ` +
-          'statistics that those record while computing the gradients (tf.variableGrads and tf.grads record none). ' +
-          'Train with model.fit / fitDataset / trainOnBatch or optimizer.minimize(lossFn), or compute the gradients with ' +
-          'optimizer.computeGradients(lossFn) before applyGradients.',
+        `${PREFIX} applyGradients() was called before any minimize() or computeGradients()${this.#emptiedBy !== null ? ' whose statistics are still pending (those recorded were ' + this.#emptiedBy + ')' : ''}: ` +
+          'AdaFisher needs the layer statistics that those record while computing the gradients (tf.variableGrads and ' +
+          'tf.grads record none). Train with model.fit / fitDataset / trainOnBatch or optimizer.minimize(lossFn), or compute ' +
+          'the gradients with optimizer.computeGradients(lossFn) before applyGradients.',
       );
     }
     const t0 = performance.now();
     if (variableGradients === null || typeof variableGradients !== 'object') {
       throw typeError('variableGradients', 'a map { [variable name]: tf.Tensor } or an array of { name, tensor }', variableGradients);
     }
-    const entries = Array.isArray(variableGradients)
-      ? variableGradients
-      : Object.keys(variableGradients).map((name) => ({ name, tensor: variableGradients[name] }));
-    const n = plan.variables.length;
-    const grads: (Float32Array | null)[] = new Array(n).fill(null);
+    const isArray = Array.isArray(variableGradients);
+    const entries: { name: unknown; tensor: unknown }[] = isArray
+      ? (variableGradients as { name: unknown; tensor: unknown }[])
+      : Object.keys(variableGradients).map((name) => ({ name, tensor: (variableGradients as tf.NamedTensorMap)[name] }));
+    const model = this.#requireModel();
+    const shapeOf = new Map((model.weights as unknown as LayerVariableLike[]).map((w) => [w.name, w.shape]));
+    const given = new Map<string, string>();
+    const checked: { name: string; tensor: tf.Tensor }[] = [];
     entries.forEach((e, k) => {
-      const at = Array.isArray(variableGradients) ? `variableGradients[${k}]` : `variableGradients['${e?.name}']`;
+      const at = isArray ? `variableGradients[${k}]` : `variableGradients['${String(e?.name)}']`;
       if (e === null || typeof e !== 'object') throw typeError(at, '{ name, tensor }', e);
-      const i = plan.slotOf.get(e.name);
-      if (i === undefined) throw this.#unknownVariable(e.name);
+      if (typeof e.name !== 'string') throw typeError(`${at}.name`, 'the name of a variable (a string)', e.name);
+      if (isArray && e.tensor === undefined) throw typeError(`${at}.tensor`, 'a tf.Tensor (or null)', e.tensor);
+      const before = given.get(e.name);
+      if (before !== undefined) {
+        throw rangeError(at, `a gradient for a variable not given before (${before} is variable '${e.name}' too)`, e.name);
+      }
+      given.set(e.name, at);
+      if (this.#plan !== null) {
+        if (!this.#plan.slotOf.has(e.name)) throw this.#unknownVariable(e.name);
+      } else if (!shapeOf.has(e.name)) throw this.#unknownVariable(e.name);
       if (e.tensor == null) return;
       if (!(e.tensor instanceof tfjs.Tensor)) throw typeError(at, 'a tf.Tensor (or null)', e.tensor);
-      if (e.tensor.size !== plan.variables[i].size) {
-        throw rangeError(at, `a gradient of ${plan.variables[i].size} elements (variable '${e.name}' has shape [${plan.variables[i].shape}])`, e.tensor);
+      if (e.tensor.isDisposed) {
+        throw withCode(new TypeError(`${PREFIX} the gradient ${at} was disposed before applyGradients(): dispose gradients after the step.`), ErrorCodes.invalidArgument);
       }
-      grads[i] = floatData(e.tensor);
+      const shape = this.#plan?.variables[this.#plan.slotOf.get(e.name)!].shape ?? shapeOf.get(e.name)!;
+      if (JSON.stringify(e.tensor.shape) !== JSON.stringify(shape)) {
+        throw rangeError(at, `a gradient of shape [${shape}] (the shape of variable '${e.name}')`, e.tensor);
+      }
+      checked.push({ name: e.name, tensor: e.tensor });
     });
+    // The first step that succeeds fixes the trained variables (NOTE: [first step]).
+    const fresh = this.#plan === null;
+    const plan = this.#plan ?? this.#createPlan(model, inst!.pending);
+    const n = plan.variables.length;
+    const grads: (Float32Array | null)[] = new Array(n).fill(null);
     const core = plan.core;
-    if (core.willRefreshFactors) this.#recordStatistics(plan, grads);
-    const params = plan.variables.map((v) => floatData(v).slice()); // see NOTE: [parameters copied]
-    const result = core.step(grads, params);
-    plan.pending = [];
+    let result: StepResult;
+    let params: Float32Array[];
+    try {
+      for (const { name, tensor } of checked) {
+        const i = plan.slotOf.get(name);
+        if (i === undefined) throw this.#unknownVariable(name);
+        grads[i] = floatData(tensor);
+      }
+      if (core.willRefreshFactors) this.#recordStatistics(plan, grads);
+      params = plan.variables.map((v) => floatData(v).slice()); // see NOTE: [parameters copied]
+      result = core.step(grads, params);
+    } catch (e) {
+      if (fresh) core.dispose();
+      throw e;
+    }
+    if (fresh) {
+      this.#plan = plan;
+      this.#pending = null;
+    }
+    if (inst !== null) this.#consume(inst, this.#inMinimize ? 'consumed by a minimize() step (fit, trainOnBatch) since' : 'consumed by an earlier step');
     if (result.applied) {
       plan.variables.forEach((v, i) => {
         if (grads[i] === null) return;
@@ -437,10 +571,22 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   }
 
   #unknownVariable(name: string): Error {
+    const model = this.#model;
+    const own = model !== null && (model.weights as unknown as LayerVariableLike[]).some((w) => w.name === name);
+    if (!own) {
+      return codedError(
+        ErrorCodes.modelMismatch,
+        `${PREFIX} variable '${name}' is not a weight of model '${model?.name}', the model this optimizer trains. ` +
+          "A loss that runs another model (a GAN's generator, a frozen feature extractor) gives gradients for its " +
+          "variables too when computed with tf.variableGrads or another optimizer: compute them with this optimizer's " +
+          "computeGradients (whose default varList is this model's trainable weights) or pass varList, and train the other " +
+          'model with its own optimizer.',
+      );
+    }
     return codedError(
       ErrorCodes.modelMismatch,
-      `${PREFIX} variable '${name}' is not one this optimizer was set up for (the trainable weights of model ` +
-        `'${this.#model?.name}' at its first training step). Create a new optimizer after changing which weights are trainable.`,
+      `${PREFIX} variable '${name}' is not one this optimizer was set up for (the variables trained by its first step on model ` +
+        `'${model?.name}'). Create a new optimizer after changing which weights are trainable.`,
     );
   }
 
@@ -486,9 +632,10 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   #recordStatistics(plan: Plan, grads: (Float32Array | null)[]): void {
     const work: { tap: Tap; H: Use; S: Use }[] = [];
     const missing: Tap[] = [];
-    plan.taps.forEach((t, i) => {
-      const inputs = plan.pending.map((r) => r.inputs[i]);
-      const outGrads = plan.pending.map((r) => r.grads[i]);
+    const pending = this.#instruments?.pending ?? [];
+    plan.taps.forEach((t) => {
+      const inputs = pending.map((r) => r.inputs[t.index]);
+      const outGrads = pending.map((r) => r.grads[t.index]);
       const hasInput = inputs.some((u) => u.length > 0);
       const hasGrad = outGrads.some((u) => u.length > 0);
       if (hasInput && hasGrad) {
@@ -496,9 +643,15 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
         return;
       }
       if (t.slots.some((s) => grads[s] !== null)) {
+        const why =
+          pending.length === 0 && this.#emptiedBy !== null
+            ? ` The statistics recorded by the last computeGradients() were ${this.#emptiedBy}: gradients are applied once, ` +
+              'by the step after the computeGradients() calls that computed them (compute them again after clearStatistics(), ' +
+              'minimize(), fit or a step).'
+            : '';
         throw codedError(
           ErrorCodes.missingStatistics,
-          `${PREFIX} no ${hasInput ? 'output gradient' : 'input'} was recorded for layer '${t.supported.layer.name}' for this step. ` +
+          `${PREFIX} no ${hasInput ? 'output gradient' : 'input'} was recorded for layer '${t.supported.layer.name}' for this step.${why} ` +
             'Gradients must come from optimizer.minimize() (model.fit, fitDataset and trainOnBatch use it) or ' +
             'optimizer.computeGradients(lossFn), which record the layer statistics that AdaFisher needs; ' +
             'tf.variableGrads and tf.grads record none.',
@@ -555,23 +708,47 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
   }
 
-  #ensurePlan(varList?: tf.Variable[]): Plan {
-    if (this.#plan) return this.#plan;
+  // The taps, installed at the first computeGradients (or minimize) on every layer AdaFisher can
+  // precondition; each computation records the layers whose weights are all in its varList.
+  #instrument(): Instruments {
+    if (this.#instruments) return this.#instruments;
     const model = this.#requireModel();
+    const layers: SupportedLayer[] = [];
+    for (const { c } of classifyModelLayers(model)) if ('kind' in c) layers.push(c);
+    const inst: Instruments = { layers, uninstall: [], pending: [], open: null };
+    const sink: TapSink = {
+      active: (i) => inst.open !== null && inst.open.records[i],
+      input: (i, x) => this.#record(inst, i, 'input', x),
+      outputGrad: (i, dy) => this.#record(inst, i, 'grad', dy),
+    };
+    inst.uninstall = layers.map((s, i) => installTap(s.layer, s, i, sink));
+    this.#instruments = inst;
+    return inst;
+  }
+
+  // NOTE: [first step]
+  // The trained variables are fixed by the first step that succeeds, not by the first
+  // computeGradients (a probe of some layers' gradients, one that throws, one never applied):
+  // they are the variables of the computations that step combines (minimize's varList, or the
+  // model's trainable weights), in the model's weight order. Built here, kept by applyGradients
+  // only when the step succeeds.
+  #createPlan(model: tf.LayersModel, pending: Recording[]): Plan {
     const weights = model.weights as unknown as LayerVariableLike[];
     const lvByName = new Map(weights.map((w) => [w.name, w]));
-    const vars = varList ?? (model.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.read());
+    const wanted = new Set(pending.flatMap((r) => [...r.vars]));
+    const vars = weights.map((w) => w.read()).filter((v) => wanted.has(v.name));
     const byName = new Map(vars.map((v) => [v.name, v]));
     for (const v of vars) {
       if (v.dtype !== 'float32') {
         throw withCode(new TypeError(`${PREFIX} variable '${v.name}' is ${v.dtype}; AdaFisher trains float32 variables.`), ErrorCodes.invalidArgument);
       }
     }
+    const inst = this.#instruments!;
     const specs: LayerSpec[] = [];
     const variables: tf.Variable[] = [];
     const slotKeys: string[] = [];
     const layerNames: string[] = [];
-    const supported: { s: SupportedLayer; coreLayer: number; slots: number[] }[] = [];
+    const taps: Tap[] = [];
     const used = new Set<string>();
     const addSlot = (v: tf.Variable) => {
       variables.push(v);
@@ -579,51 +756,32 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       used.add(v.name);
       return variables.length - 1;
     };
-    for (const { layer, c } of classifyModelLayers(model)) {
-      if (!('kind' in c)) continue;
+    inst.layers.forEach((c, index) => {
       const w = byName.get(c.weight.name);
       const b = c.bias === null ? null : byName.get(c.bias.name);
-      if (w === undefined || b === undefined) continue;
+      if (w === undefined || b === undefined) return;
       const coreLayer = specs.length;
       specs.push(c.spec(floatData(w), b === null ? null : floatData(b)));
       const slots = [addSlot(w)];
       if (b !== null) slots.push(addSlot(b));
-      layerNames.push(layer.name);
-      supported.push({ s: c, coreLayer, slots });
-    }
+      layerNames.push(c.layer.name);
+      taps.push({ supported: c, index, coreLayer, slots });
+    });
     for (const v of vars) {
       if (used.has(v.name)) continue;
       specs.push({ kind: 'param', param: floatData(v) });
       addSlot(v);
     }
     const core = new AdaFisher(specs, { ...this.#options, backend: this.#backendRequest() });
-    const plan: Plan = {
-      core,
-      variables,
-      slotOf: new Map(variables.map((v, i) => [v.name, i])),
-      taps: supported.map(({ s, coreLayer, slots }) => ({ supported: s, coreLayer, slots })),
-      names: { slotKeys, layerNames },
-      uninstall: [],
-      pending: [],
-      open: null,
-    };
-    const sink: TapSink = {
-      active: () => plan.open !== null,
-      input: (i, x) => this.#record(plan, i, 'input', x),
-      outputGrad: (i, dy) => this.#record(plan, i, 'grad', dy),
-    };
-    plan.uninstall = plan.taps.map((t, i) => installTap(t.supported.layer, t.supported, i, sink));
+    const plan: Plan = { core, variables, slotOf: new Map(variables.map((v, i) => [v.name, i])), taps, names: { slotKeys, layerNames } };
     if (this.#pending) {
       try {
         core.loadState(stateFromSaved(this.#pending, core.exportState(), plan.names));
       } catch (e) {
-        plan.uninstall.forEach((u) => u());
         core.dispose();
         throw e;
       }
-      this.#pending = null;
     }
-    this.#plan = plan;
     return plan;
   }
 
@@ -634,21 +792,24 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   // here, in the forward (or backward) pass, before any gradient is applied. A shared layer whose
   // uses have different static shapes in the model's graph is not preconditioned at all
   // (taps.ts, sharedShapeConflicts); this catches the shapes only known when the model runs.
-  #record(plan: Plan, index: number, which: 'input' | 'grad', x: tf.Tensor): void {
-    const open = plan.open;
-    if (open === null) return;
+  // NOTE: [taps throw late]
+  // A problem met here is kept and thrown by computeGradients once tf.variableGrads has returned
+  // (disposing its result): thrown from inside variableGrads it would leak the tensors of the
+  // half-done computation and leave TF.js's gradient tape open.
+  #record(inst: Instruments, index: number, which: 'input' | 'grad', x: tf.Tensor): void {
+    const open = inst.open;
+    if (open === null || open.problem !== null) return;
     const t0 = performance.now();
-    const tap = plan.taps[index];
-    const s = tap.supported;
+    const s = inst.layers[index];
     const use: Use = {
       data: floatData(x),
       shape: which === 'input' ? s.inputShape(x.shape) : s.gradShape(x.shape),
       examples: x.shape[0] ?? 1,
     };
     const kind = which === 'input' ? 'inputs' : 'grads';
-    const first = [...plan.pending, open].map((r) => r[kind][index]).find((u) => u.length > 0)?.[0];
+    const first = [...(open.alone ? [] : inst.pending), open].map((r) => r[kind][index]).find((u) => u.length > 0)?.[0];
     if (first !== undefined && JSON.stringify(first.shape.slice(1)) !== JSON.stringify(use.shape.slice(1))) {
-      throw codedError(
+      open.problem = codedError(
         ErrorCodes.unsupportedLayer,
         `${PREFIX} layer '${s.layer.name}' is used with ${which === 'input' ? 'inputs' : 'output gradients'} of different shapes ` +
           `in one step ([${first.shape}] and [${use.shape}]): a shared layer applied to inputs of two sizes, or gradients ` +
@@ -656,6 +817,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
           'when their shapes agree beyond the batch axis: give each input size its own layer, accumulate micro-batches of ' +
           'one size per step, or freeze the layer (layer.trainable = false).',
       );
+      return;
     }
     open[kind][index].push(use);
     this.#timing.statisticsMs += performance.now() - t0;
@@ -701,20 +863,24 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       this.iterations_ = 0;
       return;
     }
+    if (this.#instruments !== null) this.#consume(this.#instruments, 'cleared by optimizer.setWeights()');
     if (this.#plan === null) {
       this.#pending = saved;
       return;
     }
     const core = this.#plan.core;
     core.loadState(stateFromSaved(saved, core.exportState(), this.#plan.names));
-    this.#plan.pending = [];
     this.iterations_ = core.steps;
   }
 
   // Back to no plan: taps removed, native state freed; the next step sets up a fresh one.
   #dropPlan(): void {
+    if (this.#instruments !== null) {
+      this.#instruments.uninstall.forEach((u) => u());
+      if (this.#instruments.pending.length > 0) this.#emptiedBy = 'cleared by optimizer.setWeights()';
+      this.#instruments = null;
+    }
     if (this.#plan === null) return;
-    this.#plan.uninstall.forEach((u) => u());
     this.#plan.core.dispose();
     this.#plan = null;
     this.#last = null;
