@@ -1542,4 +1542,37 @@ describe('custom loops: what the review found', () => {
     tf.dispose([g.value, g.grads, g2.value, g2.grads, x, y]);
     o.dispose();
   });
+
+  it('warns once per optimizer, code ADAFISHER_PENDING_STATISTICS, when more than 64 computations wait for a step', async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    const { x, y } = xy(2);
+    const warnings: (Error & { code?: string })[] = [];
+    const onWarning = (w: Error & { code?: string }) => {
+      if (w.code === 'ADAFISHER_PENDING_STATISTICS') warnings.push(w);
+    };
+    process.on('warning', onWarning);
+    try {
+      const unapplied = async (k: number) => {
+        for (let i = 0; i < k; i++) {
+          const { value, grads } = o.computeGradients(loss(m, x, y));
+          tf.dispose([value, grads]);
+        }
+        await new Promise((r) => setTimeout(r, 10));
+      };
+      await unapplied(64);
+      expect(warnings.length).toBe(0);
+      await unapplied(1);
+      expect(warnings.length).toBe(1);
+      expect(warnings[0].message).toMatch(/65 computeGradients\(\) calls are waiting.*clearStatistics\(\)/);
+      o.clearStatistics();
+      await unapplied(70);
+      expect(warnings.length).toBe(1);
+      expect(o.pendingStatistics).toBe(70);
+    } finally {
+      process.off('warning', onWarning);
+    }
+    tf.dispose([x, y]);
+    o.dispose();
+  });
 });
