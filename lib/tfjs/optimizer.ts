@@ -486,9 +486,17 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     this.#alive();
     const inst = this.#instruments;
     if (this.#plan === null && (inst === null || inst.pending.length === 0)) {
+      if (this.#emptiedBy !== null) {
+        throw codedError(
+          ErrorCodes.missingStatistics,
+          `${PREFIX} no layer statistics are pending for applyGradients(): those recorded by the last computeGradients() were ` +
+            `${this.#emptiedBy}. Gradients are applied by the step after the computeGradients() calls that computed them: ` +
+            'compute them again with optimizer.computeGradients(lossFn).',
+        );
+      }
       throw codedError(
         ErrorCodes.missingStatistics,
-        `${PREFIX} applyGradients() was called before any minimize() or computeGradients()${this.#emptiedBy !== null ? ' whose statistics are still pending (those recorded were ' + this.#emptiedBy + ')' : ''}: ` +
+        `${PREFIX} applyGradients() was called before any minimize() or computeGradients(): ` +
           'AdaFisher needs the layer statistics that those record while computing the gradients (tf.variableGrads and ' +
           'tf.grads record none). Train with model.fit / fitDataset / trainOnBatch or optimizer.minimize(lossFn), or compute ' +
           'the gradients with optimizer.computeGradients(lossFn) before applyGradients.',
@@ -612,7 +620,9 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
 
   // NOTE: [recorded statistics]
   // A refreshing step needs H and S for every preconditioned layer. The taps keep what they see
-  // (TF.js's arrays, no copy on the cpu backend) per gradient computation, and the step hands
+  // per gradient computation (TF.js's arrays for minimize's own computation, consumed at once;
+  // owned copies for a computeGradients call, whose arrays may alias a caller's buffer that is
+  // refilled before the step: on the cpu backend tf.tensor(array) does not copy), and the step hands
   // each layer's uses to the native reduction as ONE batch: the inputs concatenated along the
   // batch axis (H is a mean over rows, so this is the example-count-weighted mean of the
   // computations' H), and the output gradients concatenated after scaling those of computation
@@ -621,8 +631,9 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   // and the applied gradient is the n_i/B-weighted mean of the computations' gradients: the
   // scaled rows are exactly the big batch's output gradients, so S (a mean of squares, which
   // scales as 1/B^2 with a mean loss; docs/ALGORITHM.md) and the norm layers' squared sums are
-  // the big batch's. One computation (minimize, or an unaccumulated custom loop) gives w = 1:
-  // its arrays go to the native kernels as they are. Fresh statistics cannot be read back from
+  // the big batch's (for layers whose outputs do not depend on the batch: BatchNormalization in
+  // training mode and Dropout see each micro-batch alone). One computation (minimize, or an
+  // unaccumulated custom loop) gives w = 1: its arrays go to the native kernels as they are. Fresh statistics cannot be read back from
   // the core API, so they cannot be reduced per computation and combined afterwards: hence the
   // arrays are kept until the step, and uses whose shapes differ beyond the batch axis (a
   // shared Conv2D on two image sizes) cannot be combined (NOTE: [shared layers]).
