@@ -1575,4 +1575,33 @@ describe('custom loops: what the review found', () => {
     tf.dispose([x, y]);
     o.dispose();
   });
+
+  it("skipping a batch whose loss is not finite: with clearStatistics() (the README's pattern) the next good step is taken", () => {
+    const run = (clear: boolean) => {
+      const m = denseModel();
+      const o = adaFisher(m, { lr: LR });
+      const good = xy(2);
+      const bad = { x: tf.tidy(() => tf.concat([tf.fill([1, 3], NaN), tf.ones([7, 3])])), y: tf.ones([8, 1]) };
+      const steps: (boolean | undefined)[] = [];
+      for (const { x, y } of [bad, good, good]) {
+        const { value, grads } = o.computeGradients(loss(m, x, y));
+        if (!Number.isFinite(value.dataSync()[0])) {
+          tf.dispose([value, grads]);
+          if (clear) o.clearStatistics();
+          continue;
+        }
+        o.applyGradients(grads);
+        steps.push(o.lastStep?.applied);
+        tf.dispose([value, grads]);
+      }
+      expect(weightsOf(m).every((w) => w.every(Number.isFinite))).toBe(true);
+      tf.dispose([good.x, good.y, bad.x, bad.y]);
+      o.dispose();
+      return steps;
+    };
+    expect(run(true)).toEqual([true, true]);
+    // without it the skipped batch's statistics join the next step, which the guard skips
+    expect(run(false)).toEqual([false, true]);
+  });
 });
+
