@@ -2,7 +2,7 @@
 // A GPU run is rare, so the parser is checked here on the logs of a real one
 // (bench/results/h200-2026-11-28): a format change that it no longer reads shows in CI.
 import { execFileSync } from 'node:child_process';
-import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -46,30 +46,20 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
     expect(rows.get('bench cnn512')?.detail).toContain('conv factors 35% of copy');
   });
 
-  it("reads ncu's CSV (stage profile) into per-kernel times and a per-pass total", () => {
-    // ncu --csv --print-kernel-base function rows, in the documented column layout; values
-    // made up (no run has had ncu yet); the parser assumes cuda_parity --profile's three passes.
+  it("reads ncu's CSV (stage profile, third run) into per-kernel times and a per-pass total", () => {
     const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
     try {
-      cpSync(run, dir, { recursive: true });
-      const head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"';
-      const row = (id: number, kernel: string, metric: string, unit: string, value: string) =>
-        `"${id}","1","cuda_parity","127.0.0.1","${kernel}","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","Command line profiler metrics","${metric}","${unit}","${value}"`;
-      const lines = ['==PROF== Connected to process 1', 'PASS cuda/create cuda', head];
-      for (let pass = 0; pass < 3; pass++) {
-        const id = pass * 2;
-        lines.push(row(id, 'ConvPixelKernel', 'gpu__time_duration.sum', 'usecond', '10.00'));
-        lines.push(row(id, 'ConvPixelKernel', 'dram__bytes_read.sum', 'Mbyte', '30.00'));
-        lines.push(row(id, 'ConvPixelKernel', 'dram__bytes_write.sum', 'Kbyte', '500'));
-        lines.push(row(id + 1, 'PlaneReduceKernel', 'gpu__time_duration.sum', 'nsecond', '5,000'));
-      }
-      writeFileSync(join(dir, 'profile.log'), lines.join('\n') + '\n');
-      writeFileSync(join(dir, 'profile.status'), 'PASS\n');
-      const p = summary(dir).get('profile');
-      expect(p).toEqual({ result: 'PASS', detail: expect.stringContaining('GPU time per cnn512 conv-factor pass 15.0 us (kernels only), 2 launches') });
+      cpSync(join(root, 'bench/results/h200-2026-11-28-run3'), dir, { recursive: true });
+      const rows3 = summary(dir);
+      expect(rows3.get('racecheck')).toEqual({ result: 'PASS', detail: '0 hazards (0 errors, 0 warnings); harness 189 cases, 0 failed' });
+      expect(rows3.get('profile')).toEqual({
+        result: 'PASS',
+        detail: 'GPU time per cnn512 conv-factor pass 156.9 us (kernels only), 18 launches; per kernel: profile-kernels.txt',
+      });
       const kernels = readFileSync(join(dir, 'profile-kernels.txt'), 'utf8');
-      expect(kernels).toMatch(/ConvPixelKernel +3 launches +10\.00 us +30\.50 MB +3050 GB\/s/);
-      expect(kernels).toMatch(/PlaneReduceKernel +3 launches +5\.00 us/);
+      expect(kernels).toMatch(/ConvPixelKernel +9 launches +15\.52 us +35\.69 MB +2300 GB\/s/);
+      expect(kernels).toMatch(/PlaneReduceKernel +9 launches +19\.48 us +39\.18 MB/);
+      expect(kernels).toContain('GPU time per pass 156.9 us for 232 MB of DRAM traffic');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
