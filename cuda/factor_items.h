@@ -189,30 +189,12 @@ ADAFISHER_HD void ValidOutputRange(int64_t tap, int64_t pad, int64_t stride, int
 
 // Sum of line[(o * stride + tap - pad) * pitch] over the output positions o whose window
 // tap lands inside the input line of `size` pixels: one axis of the conv patch factor.
-// Adds line[(o * stride + tap - pad) * pitch] for o while kLoads more remain before end:
-// kLoads loads issued, then added in order (NOTE: [loads in flight]; here they are L2 reads
-// of the small T and U, whose latency a one-at-a-time loop pays per output position).
-template <int kLoads>
-ADAFISHER_HD void TapLoads(const double* line, int64_t pitch, int64_t offset, int64_t stride, int64_t end, int64_t& o,
-                           double& sum) {
-  for (; o + (kLoads - 1) < end; o += kLoads) {
-    double v[kLoads];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) v[u] = line[((o + u) * stride + offset) * pitch];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) sum += v[u];
-  }
-}
-
 ADAFISHER_HD double TapSum(const double* line, int64_t pitch, int64_t tap, int64_t pad, int64_t stride, int64_t size,
                            int64_t out) {
   int64_t first, end;
   ValidOutputRange(tap, pad, stride, size, out, &first, &end);
   double sum = 0.0;
-  int64_t o = first;
-  TapLoads<kLoadsInFlight>(line, pitch, tap - pad, stride, end, o, sum);
-  TapLoads<4>(line, pitch, tap - pad, stride, end, o, sum);
-  TapLoads<1>(line, pitch, tap - pad, stride, end, o, sum);
+  for (int64_t o = first; o < end; ++o) sum += line[(o * stride + tap - pad) * pitch];
   return sum;
 }
 
