@@ -17,6 +17,16 @@ beforeAll(() => ensureDist());
 const readme = readFileSync(join(repoRoot, 'README.md'), 'utf8');
 
 /** The first fenced block of a language after a heading. */
+/** Writes `source` to dir/name and type-checks it with tsc --strict (as a user's strict project would). */
+function expectStrictTypeCheck(dir: string, name: string, source: string): void {
+  writeFileSync(join(dir, name), source);
+  const tsc = join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc');
+  const args = ['--noEmit', '--strict', '--skipLibCheck', '--target', 'es2022', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', join(dir, name)];
+  const r = spawnSync(process.execPath, [tsc, ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 120_000 });
+  expect(r.stdout + r.stderr, source).toBe('');
+  expect(r.status).toBe(0);
+}
+
 function blockAfter(heading: string, lang: string): string {
   const at = readme.indexOf(`\n${heading}\n`);
   expect(at, `README heading '${heading}'`).toBeGreaterThanOrEqual(0);
@@ -65,12 +75,7 @@ describe('README', () => {
     mkdirSync(join(repoRoot, 'out'), { recursive: true });
     const dir = mkdtempSync(join(repoRoot, 'out', 'readme-'));
     try {
-      writeFileSync(join(dir, 'tfjs-example.ts'), source);
-      const tsc = join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc');
-      const args = ['--noEmit', '--strict', '--skipLibCheck', '--target', 'es2022', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', join(dir, 'tfjs-example.ts')];
-      const r = spawnSync(process.execPath, [tsc, ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 120_000 });
-      expect(r.stdout + r.stderr, source).toBe('');
-      expect(r.status).toBe(0);
+      expectStrictTypeCheck(dir, 'tfjs-example.ts', source);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -93,12 +98,7 @@ describe('README', () => {
         ...body,
         'export {};',
       ].join('\n');
-      writeFileSync(join(dir, 'custom-loop.ts'), ts);
-      const tsc = join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc');
-      const args = ['--noEmit', '--strict', '--skipLibCheck', '--target', 'es2022', '--module', 'nodenext', '--moduleResolution', 'nodenext', '--types', 'node', join(dir, 'custom-loop.ts')];
-      const t = spawnSync(process.execPath, [tsc, ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 120_000 });
-      expect(t.stdout + t.stderr, ts).toBe('');
-      expect(t.status).toBe(0);
+      expectStrictTypeCheck(dir, 'custom-loop.ts', ts);
 
       const js = [
         ...imports,
