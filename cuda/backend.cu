@@ -217,6 +217,7 @@ void CudaBackend::FreeResources() noexcept {
   cudaSetDevice(device_);
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   if (scratch_ != nullptr) cudaFree(scratch_);
+  if (tickets_ != nullptr) cudaFree(tickets_);
   if (meta_device_ != nullptr) cudaFree(meta_device_);
   if (meta_host_ != nullptr) cudaFreeHost(meta_host_);
   if (flag_device_ != nullptr) cudaFree(flag_device_);
@@ -230,6 +231,8 @@ void CudaBackend::FreeResources() noexcept {
   if (meta_uploaded_ != nullptr) cudaEventDestroy(meta_uploaded_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   scratch_ = meta_device_ = meta_host_ = nullptr;
+  tickets_ = nullptr;
+  ticket_count_ = 0;
   flag_device_ = flag_host_ = nullptr;
   staging_[0] = staging_[1] = nullptr;
   staging_done_[0] = staging_done_[1] = nullptr;
@@ -296,6 +299,19 @@ void* CudaBackend::Scratch(size_t bytes) {
   ADAFISHER_CUDA_CHECK(cudaMalloc(&scratch_, grown));
   scratch_bytes_ = grown;
   return scratch_;
+}
+
+unsigned* CudaBackend::Tickets(size_t count) {
+  if (count <= ticket_count_) return tickets_;
+  ADAFISHER_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (tickets_ != nullptr) ADAFISHER_CUDA_CHECK(cudaFree(tickets_));
+  tickets_ = nullptr;
+  ticket_count_ = 0;
+  const size_t grown = std::max(count, size_t{4096});
+  ADAFISHER_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&tickets_), grown * sizeof(unsigned)));
+  ADAFISHER_CUDA_CHECK(cudaMemsetAsync(tickets_, 0, grown * sizeof(unsigned), stream_));
+  ticket_count_ = grown;
+  return tickets_;
 }
 
 float* CudaBackend::Allocate(size_t count) {

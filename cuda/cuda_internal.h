@@ -83,8 +83,23 @@ class CudaBackend final : public Backend {
   // Device scratch of at least `bytes`, reused by every call (stream order keeps uses
   // apart); grows by reallocation after a stream sync.
   void* Scratch(size_t bytes);
-  // Writes partial[r * kept + b], r < returned rows; 0 rows when there is nothing to read.
-  int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner, double** partial);
+  // Zeroed device counters, at least `count`, reused by every call: the tickets of the
+  // last-block epilogues (NOTE: [last-block epilogue] in factor_kernels.cu). Every kernel
+  // that draws tickets puts them back to zero before it ends. Grows like Scratch.
+  unsigned* Tickets(size_t count);
+  // What a reduction's last block per kept entry writes (NOTE: [last-block epilogue]).
+  struct ReduceFinish {
+    enum Kind { kPartials, kMeanSquare, kNormGrad } kind = kPartials;
+    double divisor = 1.0;  // count (mean square) or batch (norm grad)
+    bool has_appended = false;
+    float appended = 0.0f;
+    float* out = nullptr;
+  };
+  // Reduces x viewed as [outer, kept, inner] over (outer, inner). Writes partial[r * kept + b],
+  // r < returned rows, and, unless finish.kind is kPartials, the finished factor to
+  // finish.out; 0 rows (nothing launched, nothing written) when there is nothing to read.
+  int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner,
+                     const ReduceFinish& finish, double** partial);
   bool EnsureStaging();
   void CopyThroughDevice(float* dst, const float* src, size_t count);
 
@@ -95,6 +110,8 @@ class CudaBackend final : public Backend {
 
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
+  unsigned* tickets_ = nullptr;
+  size_t ticket_count_ = 0;
 
   // Large host copies go through two pinned buffers (see Upload / Download).
   static constexpr size_t kStagingBytes = size_t{4} << 20;

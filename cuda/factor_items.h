@@ -198,8 +198,16 @@ ADAFISHER_HD double TapSum(const double* line, int64_t pitch, int64_t tap, int64
   return sum;
 }
 
-// Phase 2a, item = U index: U[c'][i][x] = sum over output rows oh of T[c'][oh*sh + i - pt][x].
-// Items are numbered like U: (c' * kh + i) * W + x for NCHW, (i * W + x) * cg + c' for NHWC.
+// Phase 2a: U[c'][i][x] = sum over output rows oh of T[c'][oh*sh + i - pt][x].
+ADAFISHER_HD double ConvRowSum(const double* T, const ConvPlan& p, int64_t cp, int64_t i, int64_t x) {
+  // T index of (c', y, x) = c' * t_c + y * t_y + x * t_x.
+  const int64_t t_c = p.nhwc ? 1 : p.H * p.W;
+  const int64_t t_y = p.nhwc ? p.W * p.cg : p.W;
+  const int64_t t_x = p.nhwc ? p.cg : 1;
+  return TapSum(T + cp * t_c + x * t_x, t_y, i, p.pt, p.sh, p.H, p.OH);
+}
+
+// Phase 2a by U index, item = (c' * kh + i) * W + x for NCHW, (i * W + x) * cg + c' for NHWC.
 ADAFISHER_HD double ConvRowTap(const double* T, const ConvPlan& p, int64_t item) {
   int64_t cp, i, x;
   if (p.nhwc) {
@@ -213,11 +221,7 @@ ADAFISHER_HD double ConvRowTap(const double* T, const ConvPlan& p, int64_t item)
     i = t % p.kh;
     cp = t / p.kh;
   }
-  // T index of (c', y, x) = c' * t_c + y * t_y + x * t_x.
-  const int64_t t_c = p.nhwc ? 1 : p.H * p.W;
-  const int64_t t_y = p.nhwc ? p.W * p.cg : p.W;
-  const int64_t t_x = p.nhwc ? p.cg : 1;
-  return TapSum(T + cp * t_c + x * t_x, t_y, i, p.pt, p.sh, p.H, p.OH);
+  return ConvRowSum(T, p, cp, i, x);
 }
 
 // Phase 2b, item = c' * kh * kw + i * kw + j: sum over output columns ow of

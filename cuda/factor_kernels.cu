@@ -23,6 +23,9 @@ namespace {
 
 constexpr int kThreads = kReduceThreads;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block must be whole warps");
+// The streaming first passes keep a full SM's 2048 threads resident (32 registers each):
+// their epilogues must not cost them occupancy.
+constexpr int kStreamingBlocksPerSm = 2048 / kThreads;
 
 // Sum over the block, in a fixed order; the result is valid in thread 0. Once per kernel.
 __device__ __forceinline__ double BlockSum(double v) {
@@ -39,9 +42,101 @@ __device__ __forceinline__ double BlockSum(double v) {
   return v;
 }
 
-template <bool kSquare>
-__global__ void __launch_bounds__(kThreads)
-    ColumnReduceKernel(const float* __restrict__ x, const ColumnPlan plan, double* __restrict__ partial) {
+// NOTE: [partial sums]
+// The sums of partials add a [rows, columns] matrix of double partials down its columns
+// (rows = blocks of the first pass, up to a few thousand; columns = kept entries or conv
+// pixels). One thread per column would chain `rows` dependent L2 round trips. Instead a
+// block takes a tile of 32 adjacent columns (coalesced 256-byte row segments): warp w adds
+// rows w, w + 8, w + 16, ... of its lane's column in row order, then thread t < 32 adds the
+// 8 warp sums in warp order. The order is fixed, so the result is deterministic; the chain
+// is rows / 8 loads long, four of them in flight. Loads go through L2 only (__ldcg): the
+// partials may have been written by other blocks of the same launch.
+constexpr int kTileColumns = 32;
+constexpr int kTileWarps = kThreads / 32;
+
+// Thread t < 32 of the block gets the sum of column tile + t of a row-major [rows, pitch]
+// matrix (0 from column `end` on); the other threads get 0. Every thread of the block must
+// call it, with the same arguments.
+__device__ double TileColumnSum(const double* partial, int64_t rows, int64_t pitch, int64_t end, int64_t tile) {
+  __shared__ double warp_sums[kTileWarps][kTileColumns];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = tile + lane;
+  double sum = 0.0;
+  if (col < end) {
+    const double* p = partial + col;
+    int64_t r = warp;
+    for (; r + 3 * kTileWarps < rows; r += 4 * kTileWarps) {
+      const double v0 = __ldcg(p + r * pitch), v1 = __ldcg(p + (r + kTileWarps) * pitch);
+      const double v2 = __ldcg(p + (r + 2 * kTileWarps) * pitch), v3 = __ldcg(p + (r + 3 * kTileWarps) * pitch);
+      sum += v0;
+      sum += v1;
+      sum += v2;
+      sum += v3;
+    }
+    for (; r < rows; r += kTileWarps) sum += __ldcg(p + r * pitch);
+  }
+  warp_sums[warp][lane] = sum;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x < kTileColumns) {
+    for (int w = 0; w < kTileWarps; ++w) total += warp_sums[w][threadIdx.x];
+  }
+  __syncthreads();  // warp_sums may be reused by the next call
+  return total;
+}
+
+// NOTE: [last-block epilogue]
+// A reduction used to end with a second launch that added the first pass's partials; on a
+// model of small layers those launches (and the conv fold) were a third of the factor
+// time. Now every block of the first pass, after writing its partial, draws a ticket: an
+// integer atomicAdd on the counter of its group (the blocks that write the partials of one
+// kept entry, one column tile or one pixel tile). The block that draws the group's last
+// ticket knows that every partial of the group is written (each block fences before it
+// draws), adds them with TileColumnSum (the order of the former second launch: the sums
+// are bit-identical to it), writes the result and puts the counter back to 0 for the next
+// launch (CudaBackend::Tickets). Which block comes last varies from run to run; what it
+// computes does not, so results stay deterministic (NOTE: [deterministic reductions]). No
+// float atomics.
+//
+// True in the group's last block only, for every thread of the block; every thread of
+// the block must call it after its own partial writes.
+__device__ bool LastOfGroup(unsigned* ticket, unsigned group_blocks) {
+  __shared__ bool last;
+  __threadfence();  // this thread's partials are visible to the whole device before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(ticket, 1u) == group_blocks - 1;
+    if (last) *ticket = 0;  // every block of the group has drawn: no one else touches it
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+enum class Finish { kPartials, kMeanSquare, kNormGrad };
+
+struct FinishArgs {
+  double divisor;  // count (mean square) or batch (norm grad)
+  bool has_appended;  // mean square: out[kept] = appended, written by block 0
+  float appended;
+  float* out;
+  unsigned* tickets;
+};
+
+// The factor entry of a finished column sum: the CPU backend's double expressions exactly.
+template <Finish kFinish>
+__device__ __forceinline__ float Finished(double sum, double divisor) {
+  if (kFinish == Finish::kMeanSquare) return static_cast<float>(divisor > 0 ? sum / divisor : 0.0);
+  return static_cast<float>(sum * sum / divisor);
+}
+
+// The first pass over an [outer, kept] matrix (ColumnPlan): block (tile, slice) writes
+// the partial of each of its columns over its slice of rows; with a finish, the last slice
+// block of a tile adds the tile's partials and writes its factor entries.
+template <bool kSquare, Finish kFinish>
+__global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
+    ColumnReduceKernel(const float* __restrict__ x, const ColumnPlan plan, double* __restrict__ partial,
+                       const FinishArgs finish) {
   __shared__ double sums[kThreads];
   const int tid = threadIdx.x;
   sums[tid] = ColumnThreadSum<kSquare>(x, plan, blockIdx.x, blockIdx.y, tid);
@@ -55,67 +150,44 @@ __global__ void __launch_bounds__(kThreads)
       partial[int64_t{blockIdx.y} * plan.kept + col] = total;
     }
   }
+  if (kFinish == Finish::kPartials) return;
+  if (finish.has_appended && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) finish.out[plan.kept] = finish.appended;
+  if (!LastOfGroup(finish.tickets + blockIdx.x, gridDim.y)) return;
+  const int64_t first = int64_t{blockIdx.x} * plan.cols;
+  const int64_t end = first + plan.cols < plan.kept ? first + plan.cols : plan.kept;
+  for (int64_t tile = first; tile < end; tile += kTileColumns) {
+    const double sum = TileColumnSum(partial, plan.slices, plan.kept, end, tile);
+    if (tid < kTileColumns && tile + tid < end) finish.out[tile + tid] = Finished<kFinish>(sum, finish.divisor);
+  }
 }
 
-template <bool kSquare>
+// The first pass over [outer, kept, inner] with inner > 1 (PlanePlan): block (part, b)
+// writes the partial of its span of b's plane; with a finish, the last part block of b
+// adds b's partials and writes out[b].
+template <bool kSquare, Finish kFinish>
 __global__ void __launch_bounds__(kThreads)
-    PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* __restrict__ partial) {
+    PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* __restrict__ partial,
+                      const FinishArgs finish) {
   const int64_t block = blockIdx.x;
   const int64_t b = block % plan.kept;
   const int64_t part = block / plan.kept;
   const double total = BlockSum(PlaneThreadSum<kSquare>(x, plan, part, b, threadIdx.x, kThreads));
   if (threadIdx.x == 0) partial[part * plan.kept + b] = total;
+  if (kFinish == Finish::kPartials) return;
+  if (finish.has_appended && block == 0 && threadIdx.x == 0) finish.out[plan.kept] = finish.appended;
+  if (!LastOfGroup(finish.tickets + b, static_cast<unsigned>(plan.parts))) return;
+  const double sum = TileColumnSum(partial, plan.parts, plan.kept, b + 1, b);
+  if (threadIdx.x == 0) finish.out[b] = Finished<kFinish>(sum, finish.divisor);
 }
 
-// NOTE: [partial sums]
-// The second kernels add a [rows, columns] matrix of double partials down its columns
-// (rows = blocks of the first pass, up to a few thousand; columns = kept entries or conv
-// pixels). One thread per column would chain `rows` dependent L2 round trips. Instead a
-// block takes a tile of 32 adjacent columns (coalesced 256-byte row segments): warp w adds
-// rows w, w + 8, w + 16, ... of its lane's column in row order, then thread t < 32 adds the
-// 8 warp sums in warp order. The order is fixed, so the result is deterministic; the chain
-// is rows / 8 loads long, four of them in flight.
-constexpr int kTileColumns = 32;
-constexpr int kTileWarps = kThreads / 32;
-
-// Thread t < 32 of the block gets the sum of column tile + t of a row-major [rows, columns]
-// matrix (0 past the last column); the other threads get 0. Every thread of the block must
-// call it, with the same arguments.
-__device__ double TileColumnSum(const double* partial, int64_t rows, int64_t columns, int64_t tile) {
-  __shared__ double warp_sums[kTileWarps][kTileColumns];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t col = tile + lane;
-  double sum = 0.0;
-  if (col < columns) {
-    const double* p = partial + col;
-    int64_t r = warp;
-    for (; r + 3 * kTileWarps < rows; r += 4 * kTileWarps) {
-      const double v0 = p[r * columns], v1 = p[(r + kTileWarps) * columns];
-      const double v2 = p[(r + 2 * kTileWarps) * columns], v3 = p[(r + 3 * kTileWarps) * columns];
-      sum += v0;
-      sum += v1;
-      sum += v2;
-      sum += v3;
-    }
-    for (; r < rows; r += kTileWarps) sum += p[r * columns];
-  }
-  warp_sums[warp][lane] = sum;
-  __syncthreads();
-  double total = 0.0;
-  if (threadIdx.x < kTileColumns) {
-    for (int w = 0; w < kTileWarps; ++w) total += warp_sums[w][threadIdx.x];
-  }
-  __syncthreads();  // warp_sums may be reused by the next call
-  return total;
-}
-
-// The finalizers below repeat the CPU backend's double expressions exactly. Grid: one block
-// per 32 columns.
+// The finalizers of an empty reduction (no first pass: outer or inner is 0) and of the norm
+// input factor, which needs every kept entry's sum. They repeat the CPU backend's double
+// expressions exactly. Grid: one block per 32 columns (norm input: one block).
 __global__ void __launch_bounds__(kThreads)
     MeanSquareFinalizeKernel(const double* __restrict__ partial, int64_t rows, int64_t kept, double count,
                              bool has_appended, float appended, float* __restrict__ out) {
   const int64_t tile = int64_t{blockIdx.x} * kTileColumns;
-  const double sum = TileColumnSum(partial, rows, kept, tile);
+  const double sum = TileColumnSum(partial, rows, kept, kept, tile);
   const int64_t b = tile + threadIdx.x;
   if (threadIdx.x >= kTileColumns) return;
   if (b < kept) {
@@ -129,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     NormGradFinalizeKernel(const double* __restrict__ partial, int64_t rows, int64_t kept, double batch,
                            float* __restrict__ out) {
   const int64_t tile = int64_t{blockIdx.x} * kTileColumns;
-  const double sum = TileColumnSum(partial, rows, kept, tile);
+  const double sum = TileColumnSum(partial, rows, kept, kept, tile);
   const int64_t b = tile + threadIdx.x;
   if (threadIdx.x < kTileColumns && b < kept) out[b] = static_cast<float>(sum * sum / batch);
 }
@@ -140,7 +212,7 @@ __global__ void __launch_bounds__(kThreads)
                             double batch, float* __restrict__ out) {
   double acc = 0.0;
   for (int64_t tile = 0; tile < kept; tile += kTileColumns) {
-    const double sum = TileColumnSum(partial, rows, kept, tile);
+    const double sum = TileColumnSum(partial, rows, kept, kept, tile);
     if (threadIdx.x < kTileColumns && tile + threadIdx.x < kept) {
       const double u = sum / u_divisor;
       acc += u * u;
@@ -163,23 +235,78 @@ __global__ void __launch_bounds__(kThreads)
 //   phase 2a  U[c', i, x] = sum_{oh valid} T[c', oh*sh + i - pt, x]
 //   phase 2b  H[c', i, j] = sum_{ow valid} U[c', i, ow*sw + j - pl] / (N OH OW)
 // T is N*g times smaller than x; when that is too small to fill the GPU, phase 1 splits the
-// (n, g) pairs into `parts` partial copies of T that a fold kernel adds in part order.
-__global__ void __launch_bounds__(kThreads)
-    ConvPixelKernel(const float* __restrict__ x, const ConvPlan plan, int64_t pixel_blocks, double* __restrict__ T) {
-  const int64_t part = blockIdx.x / pixel_blocks;
-  const int64_t q = (blockIdx.x % pixel_blocks) * kThreads + threadIdx.x;
+// (n, g) pairs into `parts` partial copies of T, and the last part block of each pixel
+// tile adds its tile's copies in part order (NOTE: [last-block epilogue]). Phases 2a and 2b
+// then run in one kernel, a block per few classes c' with U in shared memory.
+//
+// T[q] = sum over parts of T[part * pixels + q] for the pixels q of the tile from `first`,
+// in place: each 32-column tile is read whole before its first row is written.
+__device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t first) {
+  const int64_t end = first + kThreads < pixels ? first + kThreads : pixels;
+  for (int64_t t = first; t < end; t += kTileColumns) {
+    const double sum = TileColumnSum(T, parts, pixels, end, t);
+    if (threadIdx.x < kTileColumns && t + threadIdx.x < end) T[t + threadIdx.x] = sum;
+  }
+}
+
+// Phase 1. Block (tile, part), parts of one tile adjacent in the grid so that the folds
+// spread over the launch: pixels tile * kThreads + threadIdx.x of copy `part` of T.
+__global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
+    ConvPixelKernel(const float* __restrict__ x, const ConvPlan plan, double* T, unsigned* __restrict__ tickets) {
+  // 32-bit: the grid has fewer than 2^31 blocks and parts <= 2^18 (MakeConvPlan).
+  const unsigned parts = static_cast<unsigned>(plan.parts);
+  const unsigned tile = blockIdx.x / parts;
+  const unsigned part = blockIdx.x - tile * parts;
+  const int64_t q = int64_t{tile} * kThreads + threadIdx.x;
   if (q < plan.pixels) T[part * plan.pixels + q] = ConvPixelSum(x, plan, part, q);
+  if (parts == 1 || !LastOfGroup(tickets + tile, parts)) return;
+  FoldPixelTile(T, plan.parts, plan.pixels, int64_t{tile} * kThreads);
 }
 
-// T[q] = sum over parts of T[part * pixels + q], in place (see NOTE: [partial sums]); a
-// block reads only its own 32 columns, and writes after reading them all.
-__global__ void __launch_bounds__(kThreads) ConvFoldKernel(double* T, int64_t pixels, int64_t parts) {
-  const int64_t tile = int64_t{blockIdx.x} * kTileColumns;
-  const double sum = TileColumnSum(T, parts, pixels, tile);
-  const int64_t q = tile + threadIdx.x;
-  if (threadIdx.x < kTileColumns && q < pixels) T[q] = sum;
+// Phases 2a and 2b for classes [blockIdx.x * per_block, + per_block): U of those classes
+// (per_block * kh * W <= kRowTapShared doubles) in shared memory, then their taps. Sums in
+// the order of ConvRowTap and ConvColTap (factor_items.h).
+constexpr int64_t kRowTapShared = 4096;  // 32 KiB of doubles
+
+__global__ void __launch_bounds__(kThreads)
+    ConvRowTapKernel(const double* __restrict__ T, const ConvPlan plan, int64_t per_block, double count,
+                     bool has_bias, float* __restrict__ out) {
+  __shared__ double U[kRowTapShared];
+  const int64_t c0 = blockIdx.x * per_block;
+  const int64_t classes = per_block < plan.cg - c0 ? per_block : plan.cg - c0;
+  const int64_t line = plan.kh * plan.W;  // U entries of one class
+  for (int64_t r = threadIdx.x; r < classes * line; r += kThreads) {
+    // Consecutive threads on consecutive T addresses: x fastest for NCHW, c' for NHWC.
+    int64_t c, i, xx;
+    if (plan.nhwc) {
+      c = r % classes;
+      const int64_t t = r / classes;
+      xx = t % plan.W;
+      i = t / plan.W;
+    } else {
+      xx = r % plan.W;
+      const int64_t t = r / plan.W;
+      i = t % plan.kh;
+      c = t / plan.kh;
+    }
+    U[(c * plan.kh + i) * plan.W + xx] = ConvRowSum(T, plan, c0 + c, i, xx);
+  }
+  __syncthreads();
+  const int64_t khw = plan.kh * plan.kw;
+  for (int64_t r = threadIdx.x; r < classes * khw; r += kThreads) {
+    const int64_t c = r / khw;
+    const int64_t ij = r - c * khw;
+    const int64_t i = ij / plan.kw;
+    const int64_t j = ij - i * plan.kw;
+    const double sum = TapSum(U + (c * plan.kh + i) * plan.W, 1, j, plan.pl, plan.sw, plan.W, plan.OW);
+    const int64_t cp = c0 + c;
+    out[plan.channel_major ? cp * khw + ij : ij * plan.cg + cp] = static_cast<float>(count > 0 ? sum / count : 0.0);
+  }
+  if (has_bias && blockIdx.x == 0 && threadIdx.x == 0) out[plan.tap_items()] = static_cast<float>(plan.groups);
 }
 
+// Phases 2a and 2b for a class whose U does not fit in shared memory (kh * W > 4096): U in
+// scratch, one launch each.
 __global__ void __launch_bounds__(kThreads)
     ConvRowKernel(const double* __restrict__ T, const ConvPlan plan, double* __restrict__ U) {
   const int64_t item = int64_t{blockIdx.x} * kThreads + threadIdx.x;
@@ -212,21 +339,50 @@ unsigned TilesFor(int64_t columns) { return GridSize(CeilDiv(columns, kTileColum
 
 size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+template <bool kSquare>
+void LaunchColumnReduce(Finish kind, dim3 grid, cudaStream_t stream, const float* x, const ColumnPlan& plan,
+                        double* partial, const FinishArgs& args) {
+  if (kind == Finish::kMeanSquare) {
+    ColumnReduceKernel<kSquare, Finish::kMeanSquare><<<grid, kThreads, 0, stream>>>(x, plan, partial, args);
+  } else if (kind == Finish::kNormGrad) {
+    ColumnReduceKernel<kSquare, Finish::kNormGrad><<<grid, kThreads, 0, stream>>>(x, plan, partial, args);
+  } else {
+    ColumnReduceKernel<kSquare, Finish::kPartials><<<grid, kThreads, 0, stream>>>(x, plan, partial, args);
+  }
+}
+
+template <bool kSquare>
+void LaunchPlaneReduce(Finish kind, unsigned blocks, cudaStream_t stream, const float* x, const PlanePlan& plan,
+                       double* partial, const FinishArgs& args) {
+  if (kind == Finish::kMeanSquare) {
+    PlaneReduceKernel<kSquare, Finish::kMeanSquare><<<blocks, kThreads, 0, stream>>>(x, plan, partial, args);
+  } else if (kind == Finish::kNormGrad) {
+    PlaneReduceKernel<kSquare, Finish::kNormGrad><<<blocks, kThreads, 0, stream>>>(x, plan, partial, args);
+  } else {
+    PlaneReduceKernel<kSquare, Finish::kPartials><<<blocks, kThreads, 0, stream>>>(x, plan, partial, args);
+  }
+}
+
 }  // namespace
 
 int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner,
-                                double** partial) {
+                                const ReduceFinish& finish, double** partial) {
   *partial = nullptr;
   if (outer <= 0 || kept <= 0 || inner <= 0) return 0;
   const bool square = op == ReduceOp::kSquare;
+  const Finish kind = finish.kind == ReduceFinish::kMeanSquare ? Finish::kMeanSquare
+                      : finish.kind == ReduceFinish::kNormGrad ? Finish::kNormGrad
+                                                               : Finish::kPartials;
+  FinishArgs args{finish.divisor, finish.has_appended, finish.appended, finish.out, nullptr};
   if (inner == 1) {
     const ColumnPlan plan = MakeColumnPlan(outer, kept);
     double* out = static_cast<double*>(Scratch(static_cast<size_t>(plan.slices * kept) * sizeof(double)));
+    if (kind != Finish::kPartials) args.tickets = Tickets(static_cast<size_t>(plan.col_tiles));
     const dim3 grid(GridSize(plan.col_tiles), static_cast<unsigned>(plan.slices));
     if (square) {
-      ColumnReduceKernel<true><<<grid, kThreads, 0, stream_>>>(x, plan, out);
+      LaunchColumnReduce<true>(kind, grid, stream_, x, plan, out, args);
     } else {
-      ColumnReduceKernel<false><<<grid, kThreads, 0, stream_>>>(x, plan, out);
+      LaunchColumnReduce<false>(kind, grid, stream_, x, plan, out, args);
     }
     ADAFISHER_CUDA_LAUNCH_CHECK();
     *partial = out;
@@ -235,10 +391,11 @@ int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, inde
   const PlanePlan plan = MakePlanePlan(outer, kept, inner);
   const unsigned blocks = GridSize(plan.parts * kept);
   double* out = static_cast<double*>(Scratch(static_cast<size_t>(blocks) * sizeof(double)));
+  if (kind != Finish::kPartials) args.tickets = Tickets(static_cast<size_t>(kept));
   if (square) {
-    PlaneReduceKernel<true><<<blocks, kThreads, 0, stream_>>>(x, plan, out);
+    LaunchPlaneReduce<true>(kind, blocks, stream_, x, plan, out, args);
   } else {
-    PlaneReduceKernel<false><<<blocks, kThreads, 0, stream_>>>(x, plan, out);
+    LaunchPlaneReduce<false>(kind, blocks, stream_, x, plan, out, args);
   }
   ADAFISHER_CUDA_LAUNCH_CHECK();
   *partial = out;
@@ -249,8 +406,16 @@ void CudaBackend::MeanSquareFactor(const float* x, index_t outer, index_t kept, 
                                    bool has_appended, float appended, float* out) {
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
+  ReduceFinish finish;
+  finish.kind = ReduceFinish::kMeanSquare;
+  finish.divisor = count;
+  finish.has_appended = has_appended;
+  finish.appended = appended;
+  finish.out = out;
   double* partial = nullptr;
-  const int64_t rows = ReduceKept(ReduceOp::kSquare, x, outer, kept, inner, &partial);
+  const int64_t rows = ReduceKept(ReduceOp::kSquare, x, outer, kept, inner, finish, &partial);
+  if (rows > 0) return;  // the reduction wrote every entry
+  // Nothing to read: every entry is 0.
   const int64_t items = kept + (has_appended ? 1 : 0);
   if (items <= 0) return;
   MeanSquareFinalizeKernel<<<TilesFor(items), kThreads, 0, stream_>>>(partial, rows, kept, count, has_appended,
@@ -263,7 +428,7 @@ void CudaBackend::NormInputFactor(const float* x, index_t outer, index_t kept, i
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
   double* partial = nullptr;
-  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, &partial);
+  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, ReduceFinish{}, &partial);
   NormInputFinalizeKernel<<<1, kThreads, 0, stream_>>>(partial, rows, kept < 0 ? 0 : kept, u_divisor, batch, out);
   ADAFISHER_CUDA_LAUNCH_CHECK();
 }
@@ -272,9 +437,13 @@ void CudaBackend::NormGradFactor(const float* x, index_t outer, index_t kept, in
                                  float* out) {
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
+  ReduceFinish finish;
+  finish.kind = ReduceFinish::kNormGrad;
+  finish.divisor = batch;
+  finish.out = out;
   double* partial = nullptr;
-  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, &partial);
-  if (kept <= 0) return;
+  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, finish, &partial);
+  if (rows > 0 || kept <= 0) return;
   NormGradFinalizeKernel<<<TilesFor(kept), kThreads, 0, stream_>>>(partial, rows, kept, batch, out);
   ADAFISHER_CUDA_LAUNCH_CHECK();
 }
@@ -284,34 +453,42 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
   Activate();
   const ConvPlan plan = MakeConvPlan(shape);
   const int64_t copies = plan.parts > 0 ? plan.parts : 1;
+  const int64_t line = plan.kh * plan.W;  // U entries of one class
+  const bool fused = line <= kRowTapShared;
   const size_t t_bytes = AlignUp(static_cast<size_t>(copies * plan.pixels) * sizeof(double));
-  const size_t u_bytes = AlignUp(static_cast<size_t>(plan.row_items()) * sizeof(double));
+  const size_t u_bytes = fused ? 0 : AlignUp(static_cast<size_t>(plan.row_items()) * sizeof(double));
   char* scratch = static_cast<char*>(Scratch(t_bytes + u_bytes + 256));
   double* T = reinterpret_cast<double*>(scratch);
   double* U = reinterpret_cast<double*>(scratch + t_bytes);
 
   if (plan.pixels > 0) {
     if (plan.parts > 0) {
-      const int64_t pixel_blocks = CeilDiv(plan.pixels, kThreads);
-      ConvPixelKernel<<<GridSize(pixel_blocks * plan.parts), kThreads, 0, stream_>>>(x, plan, pixel_blocks, T);
+      const int64_t tiles = CeilDiv(plan.pixels, kThreads);
+      unsigned* tickets = plan.parts > 1 ? Tickets(static_cast<size_t>(tiles)) : nullptr;
+      ConvPixelKernel<<<GridSize(tiles * plan.parts), kThreads, 0, stream_>>>(x, plan, T, tickets);
       ADAFISHER_CUDA_LAUNCH_CHECK();
-      if (plan.parts > 1) {
-        ConvFoldKernel<<<TilesFor(plan.pixels), kThreads, 0, stream_>>>(T, plan.pixels, plan.parts);
-        ADAFISHER_CUDA_LAUNCH_CHECK();
-      }
     } else {
       // No (n, g) pairs (batch 0): every pixel sum is zero.
       ADAFISHER_CUDA_CHECK(cudaMemsetAsync(T, 0, static_cast<size_t>(plan.pixels) * sizeof(double), stream_));
     }
   }
+  const double count = static_cast<double>(shape.batch) * static_cast<double>(shape.out_h) *
+                       static_cast<double>(shape.out_w);
+  const int64_t items = plan.tap_items() + (has_bias ? 1 : 0);
+  if (fused) {
+    if (items <= 0) return;
+    // About one U entry per thread, and no more than shared memory holds.
+    const int64_t per_block = line > 0 ? std::clamp<int64_t>(kThreads / line, 1, kRowTapShared / line) : 1;
+    const int64_t blocks = plan.cg > 0 ? CeilDiv(plan.cg, per_block) : 1;
+    ConvRowTapKernel<<<GridSize(blocks), kThreads, 0, stream_>>>(T, plan, per_block, count, has_bias, out);
+    ADAFISHER_CUDA_LAUNCH_CHECK();
+    return;
+  }
   if (plan.row_items() > 0) {
     ConvRowKernel<<<BlocksFor(plan.row_items()), kThreads, 0, stream_>>>(T, plan, U);
     ADAFISHER_CUDA_LAUNCH_CHECK();
   }
-  const int64_t items = plan.tap_items() + (has_bias ? 1 : 0);
   if (items > 0) {
-    const double count = static_cast<double>(shape.batch) * static_cast<double>(shape.out_h) *
-                         static_cast<double>(shape.out_w);
     ConvTapKernel<<<BlocksFor(items), kThreads, 0, stream_>>>(U, plan, count, has_bias, out);
     ADAFISHER_CUDA_LAUNCH_CHECK();
   }

@@ -278,6 +278,10 @@ std::vector<ConvCase> ConvCases() {
       {"3x3 wide T", MakeConv(2, 64, 64, 64, 3, 3, 1, 1, 1, NCHW, major, Pad::kSame), true},
       {"kernel > input", MakeConv(2, 3, 4, 4, 5, 5, 1, 1, 1, NCHW, major, Pad::kExplicit, 2, 2, 2, 2), true},
       {"batch 0", MakeConv(0, 4, 6, 6, 3, 3, 1, 1, 1, NCHW, major, Pad::kSame), true},
+      // Phase 2 in one kernel with 17 classes per block: 2 blocks, the second with 3.
+      {"classes split", MakeConv(3, 20, 6, 5, 3, 3, 1, 1, 1, NCHW, major, Pad::kSame), true},
+      // kh * W = 4200 entries of U per class: more than shared memory holds, phase 2 in two kernels.
+      {"row past shared", MakeConv(1, 2, 3, 2100, 2, 3, 1, 1, 1, NCHW, major, Pad::kSame), true},
   };
   // The same geometries in NHWC, in both patch orders.
   const size_t base = cases.size();

@@ -67,7 +67,17 @@ inline T __ldg(const T* p) { return *p; }
 template <typename T>
 inline T __ldcs(const T* p) { return *p; }
 template <typename T>
+inline T __ldcg(const T* p) { return *p; }
+template <typename T>
 inline void __stcs(T* p, T v) { *p = v; }
+// Blocks never overlap here (one runs at a time, to completion), so a fence orders
+// nothing that is not already ordered, and an atomic is a plain read-modify-write.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
+}
 inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
