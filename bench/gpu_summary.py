@@ -3,7 +3,7 @@
 
     python3 bench/gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/*.status, parity.log, wide.log, profile.log (ncu CSV), golden-*.json, vitest.log, fuzz.log, oom.log,
+Reads OUT_DIR/*.status, parity.log (with its "tune" lines), wide.log, profile.log (ncu CSV), golden-*.json, vitest.log, fuzz.log, oom.log,
 memcheck.log, racecheck.log, torch.json and gpu-bench.json; every file may be missing (its
 stage failed or was skipped).
 """
@@ -68,6 +68,28 @@ def parity_detail(out):
     return "; ".join(parts)
 
 
+def tune_detail(out):
+    """The parity log's "tune" lines (NOTE: [plan tuning]): the fastest setting of each sweep
+    against the defaults (the first line of the S sweep with 16/4096, the conv_threads=2^18 line)."""
+    log = read(os.path.join(out, "parity.log")) or ""
+    pattern = r"^tune (\S+(?: \S+=\S+)?)\s+([HS]) calls .* sum\s+([0-9.]+) us,\s+([0-9.]+)% of copy"
+    sweeps = {}
+    for m in re.finditer(pattern, log, re.M):
+        sweeps.setdefault(m.group(2), []).append((m.group(1), float(m.group(3)), float(m.group(4))))
+    parts = []
+    for kind, default in (("S", "plane_min_per_thread=16 max_blocks=4096"), ("H", "conv_threads=2^18")):
+        lines = sweeps.get(kind)
+        if not lines:
+            continue
+        best = min(lines, key=lambda l: l[1])
+        base = next((l for l in lines if l[0] == default), None)
+        text = "%s best %s %.1f us (%.0f%%)" % (kind, best[0], best[1], best[2])
+        if base:
+            text += " vs default %.1f us (%.0f%%)" % (base[1], base[2])
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def wide_detail(out):
     log = read(os.path.join(out, "wide.log")) or ""
     line = next((l for l in log.splitlines() if "step/wide" in l), "")
@@ -96,34 +118,49 @@ def profile_kernels(out):
             value = float(r["Metric Value"].replace(",", "")) * UNITS.get(r.get("Metric Unit", ""), 1.0)
         except (KeyError, ValueError):
             continue
-        entry = launches.setdefault(key, {"us": 0.0, "bytes": 0.0})
-        if r["Metric Name"].startswith("gpu__time_duration"):
+        entry = launches.setdefault(key, {"us": 0.0, "bytes": 0.0, "occupancy": None, "registers": None})
+        metric = r["Metric Name"]
+        if metric.startswith("gpu__time_duration"):
             entry["us"] += value
-        elif r["Metric Name"].startswith("dram__bytes"):
+        elif metric.startswith("dram__bytes"):
             entry["bytes"] += value
+        elif metric.startswith("sm__warps_active"):
+            entry["occupancy"] = value
+        elif metric == "launch__registers_per_thread":
+            entry["registers"] = value
     kernels = {}
     for (_, name), e in launches.items():
-        k = kernels.setdefault(name, [0, 0.0, 0.0])
+        k = kernels.setdefault(name, [0, 0.0, 0.0, [], []])
         k[0] += 1
         k[1] += e["us"]
         k[2] += e["bytes"]
-    return [(n, c, us / c, b / c / 1e6) for n, (c, us, b) in kernels.items()]
+        if e["occupancy"] is not None:
+            k[3].append(e["occupancy"])
+        if e["registers"] is not None:
+            k[4].append(e["registers"])
+    return [(n, c, us / c, b / c / 1e6, sum(occ) / len(occ) if occ else None, max(regs) if regs else None)
+            for n, (c, us, b, occ, regs) in kernels.items()]
 
 
 def profile_detail(out):
     kernels = profile_kernels(out)
     if not kernels:
         return ""
-    total_us = sum(c * us for _, c, us, _ in kernels) / 3  # three passes of the six calls
-    total_mb = sum(c * mb for _, c, _, mb in kernels) / 3
+    total_us = sum(k[1] * k[2] for k in kernels) / 3  # three passes of the six calls
+    total_mb = sum(k[1] * k[3] for k in kernels) / 3
     lines = ["kernels of cnn512's six conv factor calls (ncu; per launch):"]
-    for n, c, us, mb in kernels:
-        lines.append("  %-28s %3d launches  %8.2f us  %8.2f MB  %6.0f GB/s" % (n, c, us, mb, mb / us * 1e3 if us else 0))
+    for n, c, us, mb, occupancy, registers in kernels:
+        line = "  %-28s %3d launches  %8.2f us  %8.2f MB  %6.0f GB/s" % (n, c, us, mb, mb / us * 1e3 if us else 0)
+        if occupancy is not None:
+            line += "  occupancy %3.0f%%" % occupancy
+        if registers is not None:
+            line += "  %3.0f registers" % registers
+        lines.append(line)
     lines.append("  GPU time per pass %.1f us for %.0f MB of DRAM traffic" % (total_us, total_mb))
     with open(os.path.join(out, "profile-kernels.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return "GPU time per cnn512 conv-factor pass %.1f us (kernels only), %d launches; per kernel: profile-kernels.txt" % (
-        total_us, sum(c for _, c, _, _ in kernels) // 3)
+        total_us, sum(k[1] for k in kernels) // 3)
 
 
 def golden_detail(out):
@@ -254,6 +291,7 @@ def main(out):
         ("memcheck", status(out, "memcheck"), sanitizer_detail(out, "memcheck")),
         ("racecheck", status(out, "racecheck"), sanitizer_detail(out, "racecheck")),
         ("profile", status(out, "profile"), profile_detail(out)),
+        ("tune", "sweep" if tune_detail(out) else "not run", tune_detail(out)),
         ("torch", status(out, "torch"), torch_detail(out)),
     ] + bench_rows(out)
     w0 = max(len(r[0]) for r in rows)

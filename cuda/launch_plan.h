@@ -68,6 +68,24 @@ void PlanBlocks(size_t tensor_count, NumelFn&& numel, BlockSlot* out) {
 }
 
 // ---------------------------------------------------------------------------------------
+// NOTE: [plan tuning]
+// The constants that shape the factor reductions' grids. The product always uses these
+// defaults, so the grids (and therefore the sums, bit for bit) are a function of the
+// tensor shape only. The parity harness's --bench sweeps them on a real GPU (test/native,
+// "tune" lines) to find the fastest; nothing else may change them.
+struct PlanTuning {
+  // Plane plan: elements each thread reads at least, and the most blocks per launch.
+  int64_t plane_min_per_thread = 16;
+  int64_t plane_max_blocks = 4096;
+  // Conv plan: about this many threads in phase 1 when one copy of T is too small.
+  int64_t conv_threads = int64_t{1} << 18;
+};
+inline PlanTuning& Tuning() {
+  static PlanTuning tuning;
+  return tuning;
+}
+
+// ---------------------------------------------------------------------------------------
 // Factor reductions: x viewed as [outer, kept, inner], sums over (outer, inner) for each
 // kept index b. Both plans write double partial sums partial[s * kept + b], s < rows(),
 // which a finalize kernel adds in s order. Every shape is a function of the tensor shape
@@ -120,8 +138,10 @@ inline PlanePlan MakePlanePlan(int64_t outer, int64_t kept, int64_t inner) {
   p.inner = inner;
   if (outer <= 0 || kept <= 0 || inner <= 0) return p;  // nothing to read: rows() == 0
   const int64_t work = outer * inner;
-  const int64_t max_parts = std::max<int64_t>(1, 4096 / kept);
-  const int64_t parts = std::clamp<int64_t>(CeilDiv(work, int64_t{kReduceThreads} * 16), 1, max_parts);
+  const PlanTuning& t = Tuning();
+  const int64_t max_parts = std::max<int64_t>(1, t.plane_max_blocks / kept);
+  const int64_t parts =
+      std::clamp<int64_t>(CeilDiv(work, int64_t{kReduceThreads} * t.plane_min_per_thread), 1, max_parts);
   p.span = CeilDiv(work, parts);
   p.parts = CeilDiv(work, p.span);
   return p;
@@ -154,8 +174,10 @@ inline ConvPlan MakeConvPlan(const Conv2dShape& s) {
   p.nhwc = s.format == DataFormat::kNHWC;
   p.channel_major = s.order == PatchOrder::kChannelMajor;
   if (p.pixels > 0 && p.planes > 0) {
-    // About 2^18 threads in phase 1 when one copy of T is too small to fill the GPU.
-    p.parts = std::clamp<int64_t>(CeilDiv(int64_t{1} << 18, p.pixels), 1, p.planes);
+    // About 2^18 threads in phase 1 when one copy of T is too small to fill the GPU; at most
+    // 2^18 parts (ConvPixelKernel indexes them in 32 bits).
+    const int64_t most = std::min<int64_t>(p.planes, int64_t{1} << 18);
+    p.parts = std::clamp<int64_t>(CeilDiv(std::max<int64_t>(Tuning().conv_threads, 1), p.pixels), 1, most);
     p.span = CeilDiv(p.planes, p.parts);
     p.parts = CeilDiv(p.planes, p.span);
   }

@@ -17,8 +17,10 @@
 #   memcheck  compute-sanitizer --tool memcheck over the parity harness (--sanitize: not the
 #             deliberate failed cudaMalloc, which the sanitizer reports as an API error)
 #   racecheck compute-sanitizer --tool racecheck over its short run (--sanitize --small)
-#   profile   ncu over cuda_parity --profile: GPU time and DRAM bytes of every kernel of the
-#             cnn512 case's conv factor calls (against the bench's wall time per call)
+#   profile   ncu over cuda_parity --profile: GPU time, DRAM bytes, achieved occupancy and
+#             registers of every kernel of the cnn512 case's conv factor calls (against the
+#             bench's wall time per call); the parity stage's "tune" lines sweep the plan
+#             constants of the same calls (NOTE: [plan tuning] in cuda/launch_plan.h)
 #   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
 #             first replays test/golden/ on the GPU to show it computes AdaFisher)
 #   bench     node dist/bench/gpu.js --torch torch.json
@@ -254,7 +256,8 @@ fi
 if wanted profile; then
   if command -v ncu > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
     run_stage profile 90 ncu --clock-control none --csv --print-kernel-base function -k "regex:Conv|Reduce|Finalize" \
-      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum "$HARNESS" --profile
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread \
+      "$HARNESS" --profile
   else
     status profile "SKIPPED (no ncu or no harness)"
   fi

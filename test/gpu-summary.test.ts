@@ -2,7 +2,7 @@
 // A GPU run is rare, so the parser is checked here on the logs of a real one
 // (bench/results/h200-2026-11-28): a format change that it no longer reads shows in CI.
 import { execFileSync } from 'node:child_process';
-import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -60,6 +60,59 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
       expect(kernels).toMatch(/ConvPixelKernel +9 launches +15\.52 us +35\.69 MB +2300 GB\/s/);
       expect(kernels).toMatch(/PlaneReduceKernel +9 launches +19\.48 us +39\.18 MB/);
       expect(kernels).toContain('GPU time per pass 156.9 us for 232 MB of DRAM traffic');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+// Lines in the formats the current harness and ncu metric list print, which no recorded run
+// has yet: the plan-constant sweep of the parity stage and ncu's occupancy and registers.
+describe('bench/gpu_summary.py on the newer log lines', () => {
+  it('picks the fastest setting of each "tune" sweep and names the default beside it', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      writeFileSync(
+        join(dir, 'parity.log'),
+        [
+          'tune plane_min_per_thread=16 max_blocks=4096 S calls   30.0   17.0   10.0 us, sum   57.0 us,  49.0% of copy',
+          'tune plane_min_per_thread=64 max_blocks=8192 S calls   20.0   12.0    8.0 us, sum   40.0 us,  70.0% of copy',
+          'tune plane_min_per_thread=128 max_blocks=2048 S calls   21.0   12.0    9.0 us, sum   42.0 us,  66.0% of copy',
+          'tune conv_threads=2^18                     H calls    7.0   24.0   14.0 us, sum   45.0 us,  58.0% of copy',
+          'tune conv_threads=2^19                     H calls    6.0   22.0   13.0 us, sum   41.0 us,  63.0% of copy',
+        ].join('\n') + '\n',
+      );
+      expect(summary(dir).get('tune')).toEqual({
+        result: 'sweep',
+        detail:
+          'S best plane_min_per_thread=64 max_blocks=8192 40.0 us (70%) vs default 57.0 us (49%); ' +
+          'H best conv_threads=2^19 41.0 us (63%) vs default 45.0 us (58%)',
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("adds ncu's achieved occupancy and registers per kernel when the profile has them", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"';
+      const row = (id: number, metric: string, unit: string, value: string) =>
+        `"${id}","1","cuda_parity","127.0.0.1","PlaneReduceKernel","1","13","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","${metric}","${unit}","${value}"`;
+      const rows: string[] = [head];
+      for (let id = 0; id < 3; ++id) {
+        rows.push(row(id, 'dram__bytes_read.sum', 'byte', '67,128,832'));
+        rows.push(row(id, 'gpu__time_duration.sum', 'ns', '20,000'));
+        rows.push(row(id, 'sm__warps_active.avg.pct_of_peak_sustained_active', '%', String(60 + 3 * id)));
+        rows.push(row(id, 'launch__registers_per_thread', 'register/thread', '40'));
+      }
+      writeFileSync(join(dir, 'profile.log'), rows.join('\n') + '\n');
+      writeFileSync(join(dir, 'profile.status'), 'PASS\n');
+      expect(summary(dir).get('profile')?.detail).toBe(
+        'GPU time per cnn512 conv-factor pass 20.0 us (kernels only), 1 launches; per kernel: profile-kernels.txt',
+      );
+      const kernels = readFileSync(join(dir, 'profile-kernels.txt'), 'utf8');
+      expect(kernels).toMatch(/PlaneReduceKernel +3 launches +20\.00 us +67\.13 MB +3356 GB\/s +occupancy +63% +40 registers/);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

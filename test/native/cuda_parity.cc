@@ -1095,6 +1095,47 @@ void Bench(Backend& gpu) {
     total_seconds += h_seconds + s_seconds;
   }
   report("cnn512 conv factors, sum", total_bytes, total_seconds);
+
+  // The plan constants (NOTE: [plan tuning] in cuda/launch_plan.h), swept on cnn512's calls:
+  // one line per setting with the three calls' times and their sum against copy bandwidth.
+  auto tune = [&](const std::string& setting, bool conv) {
+    double seconds[3] = {0, 0, 0}, bytes = 0, total = 0;
+    int turn = 0;
+    for (size_t i = 0; i < Cnn512Layers().size(); ++i) {
+      const Cnn512Layer& l = Cnn512Layers()[i];
+      const Conv2dShape s = l.Shape();
+      const index_t spatial = s.out_h * s.out_w;
+      if (conv) {
+        bytes += 4.0 * static_cast<double>(ConvInputSize(s));
+        seconds[i] = SecondsPerCall(gpu, [&] { gpu.Conv2dPatchFactor(inputs[turn++ % 3], s, true, out.ptr()); });
+      } else {
+        bytes += 4.0 * 512.0 * l.out_c * static_cast<double>(spatial);
+        seconds[i] = SecondsPerCall(gpu, [&] {
+          gpu.MeanSquareFactor(inputs[turn++ % 3], 512, l.out_c, spatial, 512.0, false, 0.0f, out.ptr());
+        });
+      }
+      total += seconds[i];
+    }
+    std::printf("tune %-34s %s calls %6.1f %6.1f %6.1f us, sum %6.1f us, %5.1f%% of copy\n", setting.c_str(),
+                conv ? "H" : "S", seconds[0] * 1e6, seconds[1] * 1e6, seconds[2] * 1e6, total * 1e6,
+                100.0 * bytes / total / copy);
+  };
+  const cu::PlanTuning defaults = cu::Tuning();
+  for (int64_t per_thread : {16, 32, 64, 128}) {
+    for (int64_t max_blocks : {2048, 4096, 8192}) {
+      cu::Tuning() = defaults;
+      cu::Tuning().plane_min_per_thread = per_thread;
+      cu::Tuning().plane_max_blocks = max_blocks;
+      tune(Format("plane_min_per_thread=%d max_blocks=%d", static_cast<int>(per_thread), static_cast<int>(max_blocks)),
+           false);
+    }
+  }
+  for (int shift : {16, 17, 18, 19, 20}) {
+    cu::Tuning() = defaults;
+    cu::Tuning().conv_threads = int64_t{1} << shift;
+    tune(Format("conv_threads=2^%d", shift), true);
+  }
+  cu::Tuning() = defaults;
   const Conv2dShape tiny = MakeConv(1, 3, 8, 8, 3, 3, 1, 1, 1, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kSame);
   double enqueue = 0;
   const double tiny_conv =
