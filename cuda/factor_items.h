@@ -93,12 +93,73 @@ ADAFISHER_HD void PlaneLoads(const float* plane, int64_t pitch, int64_t inner, i
   }
 }
 
+// Adds the quads plane[a * pitch + 4 * c .. + 3] over quad positions j, j + threads, ...
+// while kLoads more remain before j_end, (a, c) stepping with j: kLoads quads loaded (16-byte
+// loads on the device when `aligned`), then added in order, each quad's 4 values in order.
+template <int kLoads, bool kSquare>
+ADAFISHER_HD void PlaneQuadLoads(const float* plane, int64_t pitch, int64_t quads, int64_t da, int64_t dc,
+                                 int threads, bool aligned, int64_t j_end, int64_t& j, int64_t& a, int64_t& c,
+                                 double& acc) {
+  for (; j + (kLoads - 1) * int64_t{threads} < j_end; j += kLoads * int64_t{threads}) {
+    const float* at[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) {
+      at[u] = plane + a * pitch + 4 * c;
+      c += dc;
+      a += da;
+      if (c >= quads) c -= quads, ++a;
+    }
+    float v[kLoads][4];
+#if defined(__CUDA_ARCH__)
+    if (aligned) {
+      ADAFISHER_UNROLL
+      for (int u = 0; u < kLoads; ++u) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(at[u]));
+        v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
+      }
+    } else
+#endif
+    {
+      (void)aligned;
+      ADAFISHER_UNROLL
+      for (int u = 0; u < kLoads; ++u) {
+        v[u][0] = at[u][0], v[u][1] = at[u][1], v[u][2] = at[u][2], v[u][3] = at[u][3];
+      }
+    }
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) {
+      acc += SquareOrValue<kSquare>(v[u][0]);
+      acc += SquareOrValue<kSquare>(v[u][1]);
+      acc += SquareOrValue<kSquare>(v[u][2]);
+      acc += SquareOrValue<kSquare>(v[u][3]);
+    }
+  }
+}
+
 // Plane plan (inner > 1): the partial sum of thread `tid` (of `threads`) of block
-// (part, b): positions j = part * span + tid, + threads, ... of the (a, c) space of b,
-// where x[a, b, c] is at (a * kept + b) * inner + c.
+// (part, b): units j = part * span + tid, + threads, ... of the (a, c) space of b, where
+// x[a, b, c] is at (a * kept + b) * inner + c (see PlanePlan).
 template <bool kSquare>
 ADAFISHER_HD double PlaneThreadSum(const float* x, const PlanePlan& p, int64_t part, int64_t b, int tid,
                                    int threads) {
+  if (p.unit == 4) {
+    const int64_t quads = p.inner / 4;
+    const int64_t work = p.outer * quads;
+    const int64_t span_end = (part + 1) * p.span;
+    const int64_t j_end = span_end < work ? span_end : work;
+    int64_t j = part * p.span + tid;
+    if (j >= j_end) return 0.0;
+    const int64_t pitch = p.kept * p.inner;
+    const int64_t da = threads / quads, dc = threads % quads;
+    int64_t a = j / quads, c = j % quads;
+    const float* plane = x + b * p.inner;
+    // Every quad starts at a multiple of 4 floats from x: all 16-byte aligned when x is.
+    const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+    double acc = 0.0;
+    PlaneQuadLoads<4, kSquare>(plane, pitch, quads, da, dc, threads, aligned, j_end, j, a, c, acc);
+    PlaneQuadLoads<1, kSquare>(plane, pitch, quads, da, dc, threads, aligned, j_end, j, a, c, acc);
+    return acc;
+  }
   const int64_t work = p.outer * p.inner;
   const int64_t span_end = (part + 1) * p.span;
   const int64_t j_end = span_end < work ? span_end : work;

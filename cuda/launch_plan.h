@@ -77,6 +77,8 @@ struct PlanTuning {
   // Plane plan: elements each thread reads at least, and the most blocks per launch.
   int64_t plane_min_per_thread = 16;
   int64_t plane_max_blocks = 4096;
+  // Plane plan: read runs of 4 (16-byte loads) when inner is a multiple of 4.
+  bool plane_quads = true;
   // Conv plan: about this many threads in phase 1 when one copy of T is too small.
   int64_t conv_threads = int64_t{1} << 18;
 };
@@ -122,12 +124,15 @@ inline ColumnPlan MakeColumnPlan(int64_t outer, int64_t kept) {
 }
 
 // inner > 1: x[a, b, :] is a contiguous run of `inner` values. The (a, c) space of one b
-// (outer * inner values) is cut into `parts` contiguous spans; block (part, b) sums one
-// span with consecutive threads on consecutive c.
+// (outer * inner values) is read in units of `unit` consecutive values (4 when inner is a
+// multiple of 4: one 16-byte load where x is 16-byte aligned, and the same 4 adds in the
+// same order where it is not; else 1), and its units are cut into `parts` contiguous
+// spans; block (part, b) sums one span with consecutive threads on consecutive units.
 struct PlanePlan {
   int64_t outer = 0, kept = 0, inner = 0;
+  int64_t unit = 1;   // values per unit: 4 or 1
   int64_t parts = 0;  // grid.x = parts * kept
-  int64_t span = 0;   // (a, c) positions per part
+  int64_t span = 0;   // units of the (a, c) space per part
   ADAFISHER_HD int64_t rows() const { return parts; }
 };
 
@@ -139,11 +144,13 @@ inline PlanePlan MakePlanePlan(int64_t outer, int64_t kept, int64_t inner) {
   if (outer <= 0 || kept <= 0 || inner <= 0) return p;  // nothing to read: rows() == 0
   const int64_t work = outer * inner;
   const PlanTuning& t = Tuning();
+  p.unit = t.plane_quads && inner % 4 == 0 ? 4 : 1;
+  const int64_t units = work / p.unit;
   const int64_t max_parts = std::max<int64_t>(1, t.plane_max_blocks / kept);
   const int64_t parts =
       std::clamp<int64_t>(CeilDiv(work, int64_t{kReduceThreads} * t.plane_min_per_thread), 1, max_parts);
-  p.span = CeilDiv(work, parts);
-  p.parts = CeilDiv(work, p.span);
+  p.span = CeilDiv(units, parts);
+  p.parts = CeilDiv(units, p.span);
   return p;
 }
 
