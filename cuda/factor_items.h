@@ -15,9 +15,11 @@ namespace cuda {
 // NOTE: [loads in flight]
 // A thread of the reductions below issues kLoadsInFlight independent 4-byte loads before it
 // adds them, then 4 at a time for what is left, then one: always in the same order as one
-// at a time, so the sums are bit-identical whatever these widths. A warp's loads are coalesced, but each thread holds only its own 4 bytes
-// per load: to cover DRAM latency at full bandwidth an H100/H200 SM needs ~30 KB in flight,
-// 2048 threads x 16 B at four loads, twice that at eight (and margin when occupancy falls).
+// at a time, so the sums are bit-identical whatever these widths. A warp's loads are
+// coalesced, but each thread holds only its own 4 bytes per load: to cover DRAM latency at
+// full bandwidth an H100/H200 SM needs ~30 KB in flight, 2048 threads x 16 B at four loads,
+// twice that at eight (and margin when occupancy falls). The plane reduction's quad units
+// hold 16 bytes per load, four of them in flight (PlaneQuadLoads).
 constexpr int kLoadsInFlight = 8;
 
 #if defined(__CUDA_ARCH__)  // device code; the host pass and host compilers unroll as they see fit

@@ -4,9 +4,10 @@
 // NOTE: [deterministic reductions]
 // No floating-point atomics: every sum is a fixed-order tree or loop. A thread sums its
 // elements in index order (factor_items.h), a block combines its threads with a fixed
-// shuffle tree, and blocks write double partials that a second kernel adds in partial
-// order. Block counts depend on the shape only (launch_plan.h), never on the device, so
-// the result is bit-identical run after run and GPU after GPU. Sums are in double, like
+// shuffle tree, and blocks write double partials that the group's last block adds in
+// partial order (NOTE: [last-block epilogue]; integer tickets, not float atomics). Block
+// counts depend on the shape only (launch_plan.h), never on the device, so the result is
+// bit-identical run after run and GPU after GPU. Sums are in double, like
 // the CPU backend: the CUDA and CPU float results then agree to about one ulp.
 #include <cuda_runtime.h>
 
@@ -86,9 +87,9 @@ __device__ double TileColumnSum(const double* partial, int64_t rows, int64_t pit
 }
 
 // NOTE: [last-block epilogue]
-// A reduction used to end with a second launch that added the first pass's partials; on a
-// model of small layers those launches (and the conv fold) were a third of the factor
-// time. Now every block of the first pass, after writing its partial, draws a ticket: an
+// A reduction used to end with a second launch that added the first pass's partials; in
+// ncu on an H200 those launches (with the conv fold and phase 2b) were a third of the GPU
+// time of cnn512's conv factors. Now every block of the first pass, after writing its partial, draws a ticket: an
 // integer atomicAdd on the counter of its group (the blocks that write the partials of one
 // kept entry, one column tile or one pixel tile). The block that draws the group's last
 // ticket knows that every partial of the group is written (each block fences before it
