@@ -198,6 +198,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
     ADAFISHER_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     for (cudaEvent_t& e : staging_done_) ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&meta_uploaded_, cudaEventDisableTiming));
+    ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&guard_read_, cudaEventDisableTiming));
     ADAFISHER_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&flag_device_), sizeof(int)));
     ADAFISHER_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&flag_host_), sizeof(int), cudaHostAllocDefault));
     // One launch proves that kernels load and run on this device.
@@ -229,6 +230,7 @@ void CudaBackend::FreeResources() noexcept {
     if (e != nullptr) cudaEventDestroy(e);
   }
   if (meta_uploaded_ != nullptr) cudaEventDestroy(meta_uploaded_);
+  if (guard_read_ != nullptr) cudaEventDestroy(guard_read_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   scratch_ = meta_device_ = meta_host_ = nullptr;
   tickets_ = nullptr;
@@ -237,6 +239,7 @@ void CudaBackend::FreeResources() noexcept {
   staging_[0] = staging_[1] = nullptr;
   staging_done_[0] = staging_done_[1] = nullptr;
   meta_uploaded_ = nullptr;
+  guard_read_ = nullptr;
   stream_ = nullptr;
   cudaGetLastError();
 }

@@ -125,6 +125,7 @@ class CudaBackend final : public Backend {
   void* meta_device_ = nullptr;
   size_t meta_bytes_ = 0;
   cudaEvent_t meta_uploaded_ = nullptr;
+  cudaEvent_t guard_read_ = nullptr;  // the guard's flag is in flag_host_ (NOTE: [guarded step])
   int* flag_device_ = nullptr;
   int* flag_host_ = nullptr;  // pinned
 };
