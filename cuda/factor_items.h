@@ -204,26 +204,95 @@ ADAFISHER_HD void ConvLoads(const float* x, int64_t groups, int64_t g_stride, in
   }
 }
 
+// ConvLoads for 4 consecutive pixels at once: x[offset .. offset + 3]^2 into acc[0..3], a
+// 16-byte load each on the device when `aligned`. Each acc[k] adds in (n, g) order, as
+// ConvLoads does for one pixel.
+template <int kLoads>
+ADAFISHER_HD void ConvQuadLoads(const float* x, bool aligned, int64_t groups, int64_t g_stride, int64_t wrap,
+                                int64_t ng_end, int64_t& ng, int64_t& g, int64_t& offset, double acc[4]) {
+  for (; ng + (kLoads - 1) < ng_end; ng += kLoads) {
+    int64_t at[kLoads];
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) {
+      at[u] = offset;
+      if (++g == groups) {
+        g = 0;
+        offset += wrap;
+      } else {
+        offset += g_stride;
+      }
+    }
+    float v[kLoads][4];
+#if defined(__CUDA_ARCH__)
+    if (aligned) {
+      ADAFISHER_UNROLL
+      for (int u = 0; u < kLoads; ++u) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(x + at[u]));
+        v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
+      }
+    } else
+#endif
+    {
+      (void)aligned;
+      ADAFISHER_UNROLL
+      for (int u = 0; u < kLoads; ++u) {
+        v[u][0] = x[at[u]], v[u][1] = x[at[u] + 1], v[u][2] = x[at[u] + 2], v[u][3] = x[at[u] + 3];
+      }
+    }
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) {
+      ADAFISHER_UNROLL
+      for (int k = 0; k < 4; ++k) acc[k] += SquareOrValue<true>(v[u][k]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Conv2d patch factor, phase 1: T_part[q] = sum over the (n, g) pairs of `part` of
 // x[n, g * cg + c', y, x]^2, for the pixel q of class c'. T is laid out like one image of
 // one group: [c'][y][x] for NCHW (q = c' * H * W + y * W + x) and [y][x][c'] for NHWC
 // (q = (y * W + x) * cg + c'), so consecutive threads read consecutive addresses.
+// Where pixel q of image 0, group 0 is in x, and the steps to the same pixel of the next
+// group and the next image.
+ADAFISHER_HD void ConvPixelStrides(const ConvPlan& p, int64_t q, int64_t* base, int64_t* n_stride,
+                                   int64_t* g_stride) {
+  if (p.nhwc) {
+    const int64_t pixel = q / p.cg;
+    *base = pixel * p.C + (q - pixel * p.cg);
+    *n_stride = p.H * p.W * p.C;
+    *g_stride = p.cg;
+  } else {
+    *base = q;  // c' * H * W + y * W + x: the class-c' plane of group 0 of image 0
+    *n_stride = p.C * p.H * p.W;
+    *g_stride = p.cg * p.H * p.W;
+  }
+}
+
+// Phase 1 for the 4 pixels q .. q + 3 (the plan's unit is 4: they are adjacent in x, and
+// 16-byte aligned when x is): sums[k] = ConvPixelSum(x, p, part, q + k), bit for bit.
+ADAFISHER_HD void ConvQuadSum(const float* x, const ConvPlan& p, int64_t part, int64_t q, double sums[4]) {
+  const int64_t ng_begin = part * p.span;
+  const int64_t ng_limit = ng_begin + p.span;
+  const int64_t ng_end = ng_limit < p.planes ? ng_limit : p.planes;
+  int64_t base, n_stride, g_stride;
+  ConvPixelStrides(p, q, &base, &n_stride, &g_stride);
+  int64_t n = ng_begin / p.groups;
+  int64_t g = ng_begin - n * p.groups;
+  int64_t offset = n * n_stride + g * g_stride + base;
+  const int64_t wrap = n_stride - (p.groups - 1) * g_stride;
+  const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
+  sums[0] = sums[1] = sums[2] = sums[3] = 0.0;
+  int64_t ng = ng_begin;
+  ConvQuadLoads<4>(x, aligned, p.groups, g_stride, wrap, ng_end, ng, g, offset, sums);
+  ConvQuadLoads<1>(x, aligned, p.groups, g_stride, wrap, ng_end, ng, g, offset, sums);
+}
+
 ADAFISHER_HD double ConvPixelSum(const float* x, const ConvPlan& p, int64_t part, int64_t q) {
   const int64_t ng_begin = part * p.span;
   const int64_t ng_limit = ng_begin + p.span;
   const int64_t ng_end = ng_limit < p.planes ? ng_limit : p.planes;
   int64_t base, n_stride, g_stride;
-  if (p.nhwc) {
-    const int64_t pixel = q / p.cg;
-    base = pixel * p.C + (q - pixel * p.cg);
-    n_stride = p.H * p.W * p.C;
-    g_stride = p.cg;
-  } else {
-    base = q;  // c' * H * W + y * W + x: the class-c' plane of group 0 of image 0
-    n_stride = p.C * p.H * p.W;
-    g_stride = p.cg * p.H * p.W;
-  }
+  ConvPixelStrides(p, q, &base, &n_stride, &g_stride);
   int64_t n = ng_begin / p.groups;
   int64_t g = ng_begin - n * p.groups;
   int64_t offset = n * n_stride + g * g_stride + base;

@@ -240,10 +240,10 @@ __global__ void __launch_bounds__(kThreads)
 // tile adds its tile's copies in part order (NOTE: [last-block epilogue]). Phases 2a and 2b
 // then run in one kernel, a block per few classes c' with U in shared memory.
 //
-// T[q] = sum over parts of T[part * pixels + q] for the pixels q of the tile from `first`,
-// in place: each 32-column tile is read whole before its first row is written.
-__device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t first) {
-  const int64_t end = first + kThreads < pixels ? first + kThreads : pixels;
+// T[q] = sum over parts of T[part * pixels + q] for the `count` pixels q of the tile from
+// `first`, in place: each 32-column tile is read whole before its first row is written.
+__device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t first, int64_t count) {
+  const int64_t end = first + count < pixels ? first + count : pixels;
   for (int64_t t = first; t < end; t += kTileColumns) {
     const double sum = TileColumnSum(T, parts, pixels, end, t);
     if (threadIdx.x < kTileColumns && t + threadIdx.x < end) T[t + threadIdx.x] = sum;
@@ -251,17 +251,28 @@ __device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t 
 }
 
 // Phase 1. Block (tile, part), parts of one tile adjacent in the grid so that the folds
-// spread over the launch: pixels tile * kThreads + threadIdx.x of copy `part` of T.
-__global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
+// spread over the launch: the kThreads * kUnit pixels of the tile, copy `part` of T; a
+// thread sums kUnit adjacent pixels (kUnit == plan.unit).
+template <int kUnit>
+__global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm : kStreamingBlocksPerSm / 2)
     ConvPixelKernel(const float* __restrict__ x, const ConvPlan plan, double* T, unsigned* __restrict__ tickets) {
   // 32-bit: the grid has fewer than 2^31 blocks and parts <= 2^18 (MakeConvPlan).
   const unsigned parts = static_cast<unsigned>(plan.parts);
   const unsigned tile = blockIdx.x / parts;
   const unsigned part = blockIdx.x - tile * parts;
-  const int64_t q = int64_t{tile} * kThreads + threadIdx.x;
-  if (q < plan.pixels) T[part * plan.pixels + q] = ConvPixelSum(x, plan, part, q);
+  const int64_t q = (int64_t{tile} * kThreads + threadIdx.x) * kUnit;
+  if (q < plan.pixels) {
+    double* row = T + part * plan.pixels + q;
+    if (kUnit == 4) {
+      double sums[4];
+      ConvQuadSum(x, plan, part, q, sums);  // plan.pixels % 4 == 0: all four exist
+      row[0] = sums[0], row[1] = sums[1], row[2] = sums[2], row[3] = sums[3];
+    } else {
+      row[0] = ConvPixelSum(x, plan, part, q);
+    }
+  }
   if (parts == 1 || !LastOfGroup(tickets + tile, parts)) return;
-  FoldPixelTile(T, plan.parts, plan.pixels, int64_t{tile} * kThreads);
+  FoldPixelTile(T, plan.parts, plan.pixels, int64_t{tile} * kThreads * kUnit, int64_t{kThreads} * kUnit);
 }
 
 // Phases 2a and 2b for classes [blockIdx.x * per_block, + per_block): U of those classes
@@ -464,9 +475,14 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
 
   if (plan.pixels > 0) {
     if (plan.parts > 0) {
-      const int64_t tiles = CeilDiv(plan.pixels, kThreads);
+      const int64_t tiles = CeilDiv(plan.pixels, int64_t{kThreads} * plan.unit);
       unsigned* tickets = plan.parts > 1 ? Tickets(static_cast<size_t>(tiles)) : nullptr;
-      ConvPixelKernel<<<GridSize(tiles * plan.parts), kThreads, 0, stream_>>>(x, plan, T, tickets);
+      const unsigned blocks = GridSize(tiles * plan.parts);
+      if (plan.unit == 4) {
+        ConvPixelKernel<4><<<blocks, kThreads, 0, stream_>>>(x, plan, T, tickets);
+      } else {
+        ConvPixelKernel<1><<<blocks, kThreads, 0, stream_>>>(x, plan, T, tickets);
+      }
       ADAFISHER_CUDA_LAUNCH_CHECK();
     } else {
       // No (n, g) pairs (batch 0): every pixel sum is zero.

@@ -79,8 +79,11 @@ struct PlanTuning {
   int64_t plane_max_blocks = 4096;
   // Plane plan: read runs of 4 (16-byte loads) when inner is a multiple of 4.
   bool plane_quads = true;
-  // Conv plan: about this many threads in phase 1 when one copy of T is too small.
+  // Conv plan: about this many pixels (threads x unit) in phase 1 when one copy of T is too
+  // small, and whether a thread reads 4 adjacent pixels (16-byte loads) where it can. The
+  // sums are the same bits either way: parts depend on conv_threads only.
   int64_t conv_threads = int64_t{1} << 18;
+  bool conv_quads = false;
 };
 inline PlanTuning& Tuning() {
   static PlanTuning tuning;
@@ -163,6 +166,7 @@ struct ConvPlan {
   int64_t planes = 0;  // N * groups: the (n, g) pairs that add into one T entry
   int64_t parts = 0;   // T is computed in `parts` partial copies over ranges of (n, g)
   int64_t span = 0;    // (n, g) pairs per part
+  int64_t unit = 1;    // pixels per phase-1 thread: 4 adjacent ones (see ConvQuadSum) or 1
   bool nhwc = false;
   bool channel_major = true;
   ADAFISHER_HD int64_t row_items() const { return cg * kh * W; }   // phase 2a: U entries
@@ -180,6 +184,8 @@ inline ConvPlan MakeConvPlan(const Conv2dShape& s) {
   p.planes = p.N * p.groups;
   p.nhwc = s.format == DataFormat::kNHWC;
   p.channel_major = s.order == PatchOrder::kChannelMajor;
+  // Quads never straddle an (n, g) block of x: NCHW blocks are cg*H*W pixels, NHWC runs cg.
+  p.unit = Tuning().conv_quads && (p.nhwc ? p.cg % 4 == 0 : p.pixels % 4 == 0) && p.pixels > 0 ? 4 : 1;
   if (p.pixels > 0 && p.planes > 0) {
     // About 2^18 threads in phase 1 when one copy of T is too small to fill the GPU; at most
     // 2^18 parts (ConvPixelKernel indexes them in 32 bits).
