@@ -195,6 +195,9 @@ CudaBackend::CudaBackend(int device) : device_(device) {
                              FormatArchitectures(ADAFISHER_CUDA_ARCHITECTURES) + "; " + DescribeCudaError(image) + ")");
     }
     ADAFISHER_CUDA_CHECK(image);
+    // The kernels wait for their predecessors (griddepcontrol) only where they were
+    // compiled for compute capability 9.0+ (NOTE: [programmatic dependent launch]).
+    programmatic_launch_ = attributes.ptxVersion >= 90;
     ADAFISHER_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     for (cudaEvent_t& e : staging_done_) ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&meta_uploaded_, cudaEventDisableTiming));

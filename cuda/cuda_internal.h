@@ -104,6 +104,9 @@ class CudaBackend final : public Backend {
   void CopyThroughDevice(float* dst, const float* src, size_t count);
 
   int device_ = 0;
+  // Factor kernels may be launched with programmatic stream serialization (NOTE:
+  // [programmatic dependent launch] in factor_kernels.cu): their image has griddepcontrol.
+  bool programmatic_launch_ = false;
   cudaStream_t stream_ = nullptr;
   mutable std::mutex mutex_;
   std::atomic<size_t> live_{0};

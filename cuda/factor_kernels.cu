@@ -28,6 +28,42 @@ static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block must be whole warps
 // their epilogues must not cost them occupancy.
 constexpr int kStreamingBlocksPerSm = 2048 / kThreads;
 
+// NOTE: [programmatic dependent launch]
+// A model's factor calls are a chain of short kernels on one stream (cnn512: nine, from 6 to
+// 67 MB each), so each kernel's launch and ramp used to sit between its predecessor's last
+// block and its own first. Where the kernels' image is for compute capability 9.0+, the
+// streaming first passes and the conv phase 2 are launched with programmatic stream
+// serialization: each calls AwaitPriorGrids() before it touches memory, which waits until
+// the kernel queued before it has completed and its writes are visible (griddepcontrol.wait)
+// and then lets the kernel queued after it be scheduled (griddepcontrol.launch_dependents).
+// The successor's launch and block scheduling thus overlap this kernel's tail; the order of
+// every memory access is what serial launches give, so the results are the same bits.
+// PlanTuning::programmatic_launch turns it off (the harness's sweep times both).
+__device__ __forceinline__ void AwaitPriorGrids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+// Launches kernel<<<grid, kThreads, 0, stream>>>(args...), with programmatic stream
+// serialization when `programmatic`. The kernel must start with AwaitPriorGrids().
+template <typename... Params, typename... Args>
+void LaunchAwaiting(bool programmatic, void (*kernel)(Params...), dim3 grid, cudaStream_t stream,
+                    const Args&... args) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = programmatic ? 1 : 0;
+  ADAFISHER_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
 // Sum over the block, in a fixed order; the result is valid in thread 0. Once per kernel.
 __device__ __forceinline__ double BlockSum(double v) {
   __shared__ double warp_sums[kThreads / 32];
@@ -138,6 +174,7 @@ template <bool kSquare, Finish kFinish>
 __global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
     ColumnReduceKernel(const float* __restrict__ x, const ColumnPlan plan, double* __restrict__ partial,
                        const FinishArgs finish) {
+  AwaitPriorGrids();
   __shared__ double sums[kThreads];
   const int tid = threadIdx.x;
   sums[tid] = ColumnThreadSum<kSquare>(x, plan, blockIdx.x, blockIdx.y, tid);
@@ -169,6 +206,7 @@ template <bool kSquare, Finish kFinish>
 __global__ void __launch_bounds__(kThreads)
     PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* __restrict__ partial,
                       const FinishArgs finish) {
+  AwaitPriorGrids();
   const int64_t block = blockIdx.x;
   const int64_t b = block % plan.kept;
   const int64_t part = block / plan.kept;
@@ -256,6 +294,7 @@ __device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t 
 template <int kUnit>
 __global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm : kStreamingBlocksPerSm / 2)
     ConvPixelKernel(const float* __restrict__ x, const ConvPlan plan, double* T, unsigned* __restrict__ tickets) {
+  AwaitPriorGrids();
   // 32-bit: the grid has fewer than 2^31 blocks and parts <= 2^18 (MakeConvPlan).
   const unsigned parts = static_cast<unsigned>(plan.parts);
   const unsigned tile = blockIdx.x / parts;
@@ -283,6 +322,7 @@ constexpr int64_t kRowTapShared = 4096;  // 32 KiB of doubles
 __global__ void __launch_bounds__(kThreads)
     ConvRowTapKernel(const double* __restrict__ T, const ConvPlan plan, int64_t per_block, double count,
                      bool has_bias, float* __restrict__ out) {
+  AwaitPriorGrids();
   __shared__ double U[kRowTapShared];
   const int64_t c0 = blockIdx.x * per_block;
   const int64_t classes = per_block < plan.cg - c0 ? per_block : plan.cg - c0;
@@ -352,26 +392,26 @@ unsigned TilesFor(int64_t columns) { return GridSize(CeilDiv(columns, kTileColum
 size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 template <bool kSquare>
-void LaunchColumnReduce(Finish kind, dim3 grid, cudaStream_t stream, const float* x, const ColumnPlan& plan,
-                        double* partial, const FinishArgs& args) {
+void LaunchColumnReduce(bool programmatic, Finish kind, dim3 grid, cudaStream_t stream, const float* x,
+                        const ColumnPlan& plan, double* partial, const FinishArgs& args) {
   if (kind == Finish::kMeanSquare) {
-    ColumnReduceKernel<kSquare, Finish::kMeanSquare><<<grid, kThreads, 0, stream>>>(x, plan, partial, args);
+    LaunchAwaiting(programmatic, ColumnReduceKernel<kSquare, Finish::kMeanSquare>, grid, stream, x, plan, partial, args);
   } else if (kind == Finish::kNormGrad) {
-    ColumnReduceKernel<kSquare, Finish::kNormGrad><<<grid, kThreads, 0, stream>>>(x, plan, partial, args);
+    LaunchAwaiting(programmatic, ColumnReduceKernel<kSquare, Finish::kNormGrad>, grid, stream, x, plan, partial, args);
   } else {
-    ColumnReduceKernel<kSquare, Finish::kPartials><<<grid, kThreads, 0, stream>>>(x, plan, partial, args);
+    LaunchAwaiting(programmatic, ColumnReduceKernel<kSquare, Finish::kPartials>, grid, stream, x, plan, partial, args);
   }
 }
 
 template <bool kSquare>
-void LaunchPlaneReduce(Finish kind, unsigned blocks, cudaStream_t stream, const float* x, const PlanePlan& plan,
-                       double* partial, const FinishArgs& args) {
+void LaunchPlaneReduce(bool programmatic, Finish kind, unsigned blocks, cudaStream_t stream, const float* x,
+                       const PlanePlan& plan, double* partial, const FinishArgs& args) {
   if (kind == Finish::kMeanSquare) {
-    PlaneReduceKernel<kSquare, Finish::kMeanSquare><<<blocks, kThreads, 0, stream>>>(x, plan, partial, args);
+    LaunchAwaiting(programmatic, PlaneReduceKernel<kSquare, Finish::kMeanSquare>, dim3(blocks), stream, x, plan, partial, args);
   } else if (kind == Finish::kNormGrad) {
-    PlaneReduceKernel<kSquare, Finish::kNormGrad><<<blocks, kThreads, 0, stream>>>(x, plan, partial, args);
+    LaunchAwaiting(programmatic, PlaneReduceKernel<kSquare, Finish::kNormGrad>, dim3(blocks), stream, x, plan, partial, args);
   } else {
-    PlaneReduceKernel<kSquare, Finish::kPartials><<<blocks, kThreads, 0, stream>>>(x, plan, partial, args);
+    LaunchAwaiting(programmatic, PlaneReduceKernel<kSquare, Finish::kPartials>, dim3(blocks), stream, x, plan, partial, args);
   }
 }
 
@@ -386,15 +426,16 @@ int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, inde
                       : finish.kind == ReduceFinish::kNormGrad ? Finish::kNormGrad
                                                                : Finish::kPartials;
   FinishArgs args{finish.divisor, finish.has_appended, finish.appended, finish.out, nullptr};
+  const bool programmatic = programmatic_launch_ && Tuning().programmatic_launch;
   if (inner == 1) {
     const ColumnPlan plan = MakeColumnPlan(outer, kept);
     double* out = static_cast<double*>(Scratch(static_cast<size_t>(plan.slices * kept) * sizeof(double)));
     if (kind != Finish::kPartials) args.tickets = Tickets(static_cast<size_t>(plan.col_tiles));
     const dim3 grid(GridSize(plan.col_tiles), static_cast<unsigned>(plan.slices));
     if (square) {
-      LaunchColumnReduce<true>(kind, grid, stream_, x, plan, out, args);
+      LaunchColumnReduce<true>(programmatic, kind, grid, stream_, x, plan, out, args);
     } else {
-      LaunchColumnReduce<false>(kind, grid, stream_, x, plan, out, args);
+      LaunchColumnReduce<false>(programmatic, kind, grid, stream_, x, plan, out, args);
     }
     ADAFISHER_CUDA_LAUNCH_CHECK();
     *partial = out;
@@ -405,9 +446,9 @@ int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, inde
   double* out = static_cast<double*>(Scratch(static_cast<size_t>(blocks) * sizeof(double)));
   if (kind != Finish::kPartials) args.tickets = Tickets(static_cast<size_t>(kept));
   if (square) {
-    LaunchPlaneReduce<true>(kind, blocks, stream_, x, plan, out, args);
+    LaunchPlaneReduce<true>(programmatic, kind, blocks, stream_, x, plan, out, args);
   } else {
-    LaunchPlaneReduce<false>(kind, blocks, stream_, x, plan, out, args);
+    LaunchPlaneReduce<false>(programmatic, kind, blocks, stream_, x, plan, out, args);
   }
   ADAFISHER_CUDA_LAUNCH_CHECK();
   *partial = out;
@@ -464,6 +505,7 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
   const ConvPlan plan = MakeConvPlan(shape);
+  const bool programmatic = programmatic_launch_ && Tuning().programmatic_launch;
   const int64_t copies = plan.parts > 0 ? plan.parts : 1;
   const int64_t line = plan.kh * plan.W;  // U entries of one class
   const bool fused = line <= kRowTapShared;
@@ -478,12 +520,8 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
       const int64_t tiles = CeilDiv(plan.pixels, int64_t{kThreads} * plan.unit);
       unsigned* tickets = plan.parts > 1 ? Tickets(static_cast<size_t>(tiles)) : nullptr;
       const unsigned blocks = GridSize(tiles * plan.parts);
-      if (plan.unit == 4) {
-        ConvPixelKernel<4><<<blocks, kThreads, 0, stream_>>>(x, plan, T, tickets);
-      } else {
-        ConvPixelKernel<1><<<blocks, kThreads, 0, stream_>>>(x, plan, T, tickets);
-      }
-      ADAFISHER_CUDA_LAUNCH_CHECK();
+      LaunchAwaiting(programmatic, plan.unit == 4 ? ConvPixelKernel<4> : ConvPixelKernel<1>, dim3(blocks), stream_, x,
+                     plan, T, tickets);
     } else {
       // No (n, g) pairs (batch 0): every pixel sum is zero.
       ADAFISHER_CUDA_CHECK(cudaMemsetAsync(T, 0, static_cast<size_t>(plan.pixels) * sizeof(double), stream_));
@@ -497,8 +535,8 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
     // About one U entry per thread, and no more than shared memory holds.
     const int64_t per_block = line > 0 ? std::clamp<int64_t>(kThreads / line, 1, kRowTapShared / line) : 1;
     const int64_t blocks = plan.cg > 0 ? CeilDiv(plan.cg, per_block) : 1;
-    ConvRowTapKernel<<<GridSize(blocks), kThreads, 0, stream_>>>(T, plan, per_block, count, has_bias, out);
-    ADAFISHER_CUDA_LAUNCH_CHECK();
+    LaunchAwaiting(programmatic, ConvRowTapKernel, dim3(GridSize(blocks)), stream_, T, plan, per_block, count,
+                   has_bias, out);
     return;
   }
   if (plan.row_items() > 0) {

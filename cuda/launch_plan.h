@@ -84,6 +84,9 @@ struct PlanTuning {
   // sums are the same bits either way: parts depend on conv_threads only.
   int64_t conv_threads = int64_t{1} << 18;
   bool conv_quads = false;
+  // Launch the factor kernels with programmatic stream serialization where the device and
+  // the kernels' image allow it (compute capability 9.0+). Timing only: same bits either way.
+  bool programmatic_launch = true;
 };
 inline PlanTuning& Tuning() {
   static PlanTuning tuning;

@@ -639,6 +639,28 @@ void TestMemory(Backend& cpu, Backend& gpu) {
 // ---------------------------------------------------------------------------------------
 // GPU: factor kernels.
 
+// run(gpu) with the plan constants changed by `change` (NOTE: [plan tuning]), then restored.
+template <typename Change, typename Run>
+std::vector<float> RunWithTuning(Backend& gpu, Change change, Run run) {
+  const cu::PlanTuning defaults = cu::Tuning();
+  change(cu::Tuning());
+  std::vector<float> out;
+  try {
+    out = run(gpu);
+  } catch (...) {
+    cu::Tuning() = defaults;
+    throw;
+  }
+  cu::Tuning() = defaults;
+  return out;
+}
+
+// A variant that must not change a single bit of the default's result.
+void RecordSameBits(const std::string& name, const std::vector<float>& want, const std::vector<float>& got) {
+  const bool same = want.size() == got.size() && std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) == 0;
+  Record(name, same, same ? "bit-identical to the default" : "differs from the default");
+}
+
 void TestReductions(Backend& cpu, Backend& gpu) {
   for (const ReduceShape& s : ReduceShapes()) {
     if (g_small && static_cast<size_t>(s.outer * s.kept * s.inner) > kSmallElements) continue;
@@ -664,6 +686,9 @@ void TestReductions(Backend& cpu, Backend& gpu) {
         };
         const std::vector<float> want = run(cpu), got = run(gpu), again = run(gpu);
         RecordParity(name, want, got, again);
+        RecordSameBits(name + " serial launches", got, RunWithTuning(gpu, [](cu::PlanTuning& t) {
+                         t.programmatic_launch = false;
+                       }, run));
       });
     }
   }
@@ -686,13 +711,12 @@ void TestConv(Backend& cpu, Backend& gpu) {
         };
         const std::vector<float> want = run(cpu), got = run(gpu), again = run(gpu);
         RecordParity(name, want, got, again);
-        // Phase 1 four adjacent pixels per thread (NOTE: [plan tuning]): the same bits.
-        const cu::PlanTuning defaults = cu::Tuning();
-        cu::Tuning().conv_quads = true;
-        const std::vector<float> quads = run(gpu);
-        cu::Tuning() = defaults;
-        const bool same = std::memcmp(quads.data(), got.data(), got.size() * sizeof(float)) == 0;
-        Record(name + " quads", same, same ? "bit-identical to one pixel per thread" : "differs from one pixel per thread");
+        // Phase 1 four adjacent pixels per thread, and serial launches (NOTE: [plan tuning]):
+        // the same bits.
+        RecordSameBits(name + " quads", got, RunWithTuning(gpu, [](cu::PlanTuning& t) { t.conv_quads = true; }, run));
+        RecordSameBits(name + " serial launches", got, RunWithTuning(gpu, [](cu::PlanTuning& t) {
+                         t.programmatic_launch = false;
+                       }, run));
       });
     }
   }
@@ -1163,6 +1187,10 @@ void Bench(Backend& gpu) {
       }
     }
   }
+  cu::Tuning() = defaults;
+  cu::Tuning().programmatic_launch = false;
+  tune("plane defaults, serial launches", false);
+  tune("conv defaults, serial launches", true);
   for (bool quads : {false, true}) {
     for (int shift : {16, 17, 18, 19, 20}) {
       cu::Tuning() = defaults;

@@ -237,6 +237,38 @@ Launcher<Params...> Launch(const char* name, void (*kernel)(Params...), dim3 gri
 }
 }  // namespace cuda_emu
 
+// Programmatic dependent launch (compute capability 9.0+): here every launch runs after
+// the work queued before it, so the attribute changes nothing and the device-side waits
+// (cudaGridDependencySynchronize) have nothing to wait for.
+enum cudaLaunchAttributeID { cudaLaunchAttributeIgnore = 0, cudaLaunchAttributeProgrammaticStreamSerialization = 6 };
+union cudaLaunchAttributeValue {
+  int programmaticStreamSerializationAllowed;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+template <typename... Params, typename... Args>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(Params...), Args&&... args) {
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttributeID id = config->attrs[i].id;
+    if (id != cudaLaunchAttributeIgnore && id != cudaLaunchAttributeProgrammaticStreamSerialization) {
+      return cudaErrorInvalidValue;  // an attribute the emulator does not know
+    }
+  }
+  cuda_emu::Launch("cudaLaunchKernelEx", kernel, config->gridDim, config->blockDim, config->dynamicSmemBytes,
+                   config->stream)(std::forward<Args>(args)...);
+  return cudaPeekAtLastError();
+}
+
 template <typename T>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, T* /*kernel*/) {
   return cuda_emu::FuncAttributes(attributes);
