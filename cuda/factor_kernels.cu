@@ -278,13 +278,43 @@ __global__ void __launch_bounds__(kThreads)
 // tile adds its tile's copies in part order (NOTE: [last-block epilogue]). Phases 2a and 2b
 // then run in one kernel, a block per few classes c' with U in shared memory.
 //
-// T[q] = sum over parts of T[part * pixels + q] for the `count` pixels q of the tile from
-// `first`, in place: each 32-column tile is read whole before its first row is written.
-__device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t first, int64_t count) {
-  const int64_t end = first + count < pixels ? first + count : pixels;
-  for (int64_t t = first; t < end; t += kTileColumns) {
-    const double sum = TileColumnSum(T, parts, pixels, end, t);
-    if (threadIdx.x < kTileColumns && t + threadIdx.x < end) T[t + threadIdx.x] = sum;
+// T[q] = sum over parts of T[part * pixels + q] for the kThreads pixels q from `first`, in
+// place, in TileColumnSum's order (warp w adds parts w, w + 8, ... of each column, then the 8
+// warp sums are added in warp order) but with the loads of kFoldTiles 32-column tiles in
+// flight together: a chain of parts / 8 L2 round trips per kFoldTiles tiles, not per tile.
+// (Two, not all eight: the one-pixel phase-1 kernel must stay within 32 registers; ptxas
+// then spills 8 bytes, against 108 with four.)
+constexpr int kFoldTiles = 2;
+__device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t first) {
+  __shared__ double warp_sums[kTileWarps][kTileColumns];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t group = first; group < first + kThreads; group += kFoldTiles * kTileColumns) {
+    double acc[kFoldTiles];
+    ADAFISHER_UNROLL
+    for (int t = 0; t < kFoldTiles; ++t) acc[t] = 0.0;
+    for (int64_t r = warp; r < parts; r += kTileWarps) {
+      const double* row = T + r * pixels + group + lane;
+      double v[kFoldTiles];
+      ADAFISHER_UNROLL
+      for (int t = 0; t < kFoldTiles; ++t) {
+        v[t] = group + lane + t * kTileColumns < pixels ? __ldcg(row + t * kTileColumns) : 0.0;
+      }
+      ADAFISHER_UNROLL
+      for (int t = 0; t < kFoldTiles; ++t) acc[t] += v[t];
+    }
+    // Every column's parts are read (above, by every warp) before its first row is written.
+    __syncthreads();
+    for (int t = 0; t < kFoldTiles; ++t) {
+      warp_sums[warp][lane] = acc[t];
+      __syncthreads();
+      if (threadIdx.x < kTileColumns) {
+        double total = 0.0;
+        for (int w = 0; w < kTileWarps; ++w) total += warp_sums[w][threadIdx.x];
+        const int64_t q = group + t * kTileColumns + threadIdx.x;
+        if (q < pixels) T[q] = total;
+      }
+      __syncthreads();
+    }
   }
 }
 
@@ -311,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm :
     }
   }
   if (parts == 1 || !LastOfGroup(tickets + tile, parts)) return;
-  FoldPixelTile(T, plan.parts, plan.pixels, int64_t{tile} * kThreads * kUnit, int64_t{kThreads} * kUnit);
+  for (int u = 0; u < kUnit; ++u) FoldPixelTile(T, plan.parts, plan.pixels, (int64_t{tile} * kUnit + u) * kThreads);
 }
 
 // Phases 2a and 2b for classes [blockIdx.x * per_block, + per_block): U of those classes
