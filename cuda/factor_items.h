@@ -28,6 +28,20 @@ constexpr int kLoadsInFlight = 8;
 #define ADAFISHER_UNROLL
 #endif
 
+// NOTE: [streamed loads]
+// The factor kernels read their inputs once, and may run under programmatic dependent launch
+// (factor_kernels.cu) right behind the kernel that wrote those inputs: they load through L2
+// only (ld.global.cg), never through the SM's L1 or read-only cache, which would gain nothing
+// on data read once and is the one place a stale line could hide.
+template <typename T>
+ADAFISHER_HD T StreamLoad(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
 template <bool kSquare>
 ADAFISHER_HD double SquareOrValue(float x) {
   // Widen first, then square: the CPU backend's `const double v = x; v * v`.
@@ -43,7 +57,7 @@ ADAFISHER_HD void ColumnLoads(const float* column, int64_t step, int64_t pitch, 
   for (; r + (kLoads - 1) * step < r_end; r += kLoads * step) {
     float v[kLoads];
     ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) v[u] = column[(r + u * step) * pitch];
+    for (int u = 0; u < kLoads; ++u) v[u] = StreamLoad(column + (r + u * step) * pitch);
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) acc += SquareOrValue<kSquare>(v[u]);
   }
@@ -89,7 +103,7 @@ ADAFISHER_HD void PlaneLoads(const float* plane, int64_t pitch, int64_t inner, i
     }
     float v[kLoads];
     ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) v[u] = plane[offset[u]];
+    for (int u = 0; u < kLoads; ++u) v[u] = StreamLoad(plane + offset[u]);
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) acc += SquareOrValue<kSquare>(v[u]);
   }
@@ -116,7 +130,7 @@ ADAFISHER_HD void PlaneQuadLoads(const float* plane, int64_t pitch, int64_t quad
     if (aligned) {
       ADAFISHER_UNROLL
       for (int u = 0; u < kLoads; ++u) {
-        const float4 q = __ldg(reinterpret_cast<const float4*>(at[u]));
+        const float4 q = StreamLoad(reinterpret_cast<const float4*>(at[u]));
         v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
       }
     } else
@@ -198,7 +212,7 @@ ADAFISHER_HD void ConvLoads(const float* x, int64_t groups, int64_t g_stride, in
     }
     float v[kLoads];
     ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) v[u] = x[at[u]];
+    for (int u = 0; u < kLoads; ++u) v[u] = StreamLoad(x + at[u]);
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) acc += SquareOrValue<true>(v[u]);
   }
@@ -227,7 +241,7 @@ ADAFISHER_HD void ConvQuadLoads(const float* x, bool aligned, int64_t groups, in
     if (aligned) {
       ADAFISHER_UNROLL
       for (int u = 0; u < kLoads; ++u) {
-        const float4 q = __ldg(reinterpret_cast<const float4*>(x + at[u]));
+        const float4 q = StreamLoad(reinterpret_cast<const float4*>(x + at[u]));
         v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
       }
     } else
@@ -320,13 +334,19 @@ ADAFISHER_HD void ValidOutputRange(int64_t tap, int64_t pad, int64_t stride, int
 }
 
 // Sum of line[(o * stride + tap - pad) * pitch] over the output positions o whose window
-// tap lands inside the input line of `size` pixels: one axis of the conv patch factor.
+// tap lands inside the input line of `size` pixels: one axis of the conv patch factor. With
+// kGlobal, `line` is global memory written by an earlier kernel, loaded through L2 (NOTE:
+// [streamed loads]); without, any memory (shared memory included).
+template <bool kGlobal>
 ADAFISHER_HD double TapSum(const double* line, int64_t pitch, int64_t tap, int64_t pad, int64_t stride, int64_t size,
                            int64_t out) {
   int64_t first, end;
   ValidOutputRange(tap, pad, stride, size, out, &first, &end);
   double sum = 0.0;
-  for (int64_t o = first; o < end; ++o) sum += line[(o * stride + tap - pad) * pitch];
+  for (int64_t o = first; o < end; ++o) {
+    const double* at = line + (o * stride + tap - pad) * pitch;
+    sum += kGlobal ? StreamLoad(at) : *at;
+  }
   return sum;
 }
 
@@ -336,7 +356,7 @@ ADAFISHER_HD double ConvRowSum(const double* T, const ConvPlan& p, int64_t cp, i
   const int64_t t_c = p.nhwc ? 1 : p.H * p.W;
   const int64_t t_y = p.nhwc ? p.W * p.cg : p.W;
   const int64_t t_x = p.nhwc ? p.cg : 1;
-  return TapSum(T + cp * t_c + x * t_x, t_y, i, p.pt, p.sh, p.H, p.OH);
+  return TapSum<true>(T + cp * t_c + x * t_x, t_y, i, p.pt, p.sh, p.H, p.OH);
 }
 
 // Phase 2a by U index, item = (c' * kh + i) * W + x for NCHW, (i * W + x) * cg + c' for NHWC.
@@ -369,7 +389,7 @@ ADAFISHER_HD double ConvColTap(const double* U, const ConvPlan& p, int64_t item,
   const int64_t u_c = p.nhwc ? 1 : p.kh * p.W;
   const int64_t u_i = p.nhwc ? p.W * p.cg : p.W;
   const int64_t u_x = p.nhwc ? p.cg : 1;
-  return TapSum(U + cp * u_c + i * u_i, u_x, j, p.pl, p.sw, p.W, p.OW);
+  return TapSum<true>(U + cp * u_c + i * u_i, u_x, j, p.pl, p.sw, p.W, p.OW);
 }
 
 }  // namespace cuda

@@ -51,7 +51,7 @@ __device__ __forceinline__ void AwaitPriorGrids() {
 template <typename... Params, typename... Args>
 void LaunchAwaiting(bool programmatic, void (*kernel)(Params...), dim3 grid, cudaStream_t stream,
                     const Args&... args) {
-  cudaLaunchAttribute attribute[1];
+  cudaLaunchAttribute attribute[1] = {};
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
@@ -136,8 +136,14 @@ __device__ double TileColumnSum(const double* partial, int64_t rows, int64_t pit
 // float atomics.
 //
 // True in the group's last block only, for every thread of the block; every thread of
-// the block must call it after its own partial writes.
-__device__ bool LastOfGroup(unsigned* ticket, unsigned group_blocks) {
+// the block must call it after its own partial writes. A group of one block draws no
+// ticket (`tickets` may then be null).
+__device__ bool LastOfGroup(unsigned* tickets, int64_t group, unsigned group_blocks) {
+  if (group_blocks == 1) {
+    __syncthreads();  // the block's partials are visible to all its threads
+    return true;
+  }
+  unsigned* ticket = tickets + group;
   __shared__ bool last;
   __threadfence();  // this thread's partials are visible to the whole device before the ticket
   __syncthreads();
@@ -172,7 +178,7 @@ __device__ __forceinline__ float Finished(double sum, double divisor) {
 // block of a tile adds the tile's partials and writes its factor entries.
 template <bool kSquare, Finish kFinish>
 __global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
-    ColumnReduceKernel(const float* __restrict__ x, const ColumnPlan plan, double* __restrict__ partial,
+    ColumnReduceKernel(const float* __restrict__ x, const ColumnPlan plan, double* partial,
                        const FinishArgs finish) {
   AwaitPriorGrids();
   __shared__ double sums[kThreads];
@@ -190,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
   }
   if (kFinish == Finish::kPartials) return;
   if (finish.has_appended && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) finish.out[plan.kept] = finish.appended;
-  if (!LastOfGroup(finish.tickets + blockIdx.x, gridDim.y)) return;
+  if (!LastOfGroup(finish.tickets, blockIdx.x, gridDim.y)) return;
   const int64_t first = int64_t{blockIdx.x} * plan.cols;
   const int64_t end = first + plan.cols < plan.kept ? first + plan.cols : plan.kept;
   for (int64_t tile = first; tile < end; tile += kTileColumns) {
@@ -204,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
 // adds b's partials and writes out[b].
 template <bool kSquare, Finish kFinish>
 __global__ void __launch_bounds__(kThreads)
-    PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* __restrict__ partial,
+    PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* partial,
                       const FinishArgs finish) {
   AwaitPriorGrids();
   const int64_t block = blockIdx.x;
@@ -214,7 +220,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[part * plan.kept + b] = total;
   if (kFinish == Finish::kPartials) return;
   if (finish.has_appended && block == 0 && threadIdx.x == 0) finish.out[plan.kept] = finish.appended;
-  if (!LastOfGroup(finish.tickets + b, static_cast<unsigned>(plan.parts))) return;
+  if (!LastOfGroup(finish.tickets, b, static_cast<unsigned>(plan.parts))) return;
   const double sum = TileColumnSum(partial, plan.parts, plan.kept, b + 1, b);
   if (threadIdx.x == 0) finish.out[b] = Finished<kFinish>(sum, finish.divisor);
 }
@@ -340,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm :
       row[0] = ConvPixelSum(x, plan, part, q);
     }
   }
-  if (parts == 1 || !LastOfGroup(tickets + tile, parts)) return;
+  if (parts == 1 || !LastOfGroup(tickets, tile, parts)) return;
   for (int u = 0; u < kUnit; ++u) FoldPixelTile(T, plan.parts, plan.pixels, (int64_t{tile} * kUnit + u) * kThreads);
 }
 
@@ -380,7 +386,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t ij = r - c * khw;
     const int64_t i = ij / plan.kw;
     const int64_t j = ij - i * plan.kw;
-    const double sum = TapSum(U + (c * plan.kh + i) * plan.W, 1, j, plan.pl, plan.sw, plan.W, plan.OW);
+    const double sum = TapSum<false>(U + (c * plan.kh + i) * plan.W, 1, j, plan.pl, plan.sw, plan.W, plan.OW);
     const int64_t cp = c0 + c;
     out[plan.channel_major ? cp * khw + ij : ij * plan.cg + cp] = static_cast<float>(count > 0 ? sum / count : 0.0);
   }
@@ -460,7 +466,7 @@ int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, inde
   if (inner == 1) {
     const ColumnPlan plan = MakeColumnPlan(outer, kept);
     double* out = static_cast<double*>(Scratch(static_cast<size_t>(plan.slices * kept) * sizeof(double)));
-    if (kind != Finish::kPartials) args.tickets = Tickets(static_cast<size_t>(plan.col_tiles));
+    if (kind != Finish::kPartials && plan.slices > 1) args.tickets = Tickets(static_cast<size_t>(plan.col_tiles));
     const dim3 grid(GridSize(plan.col_tiles), static_cast<unsigned>(plan.slices));
     if (square) {
       LaunchColumnReduce<true>(programmatic, kind, grid, stream_, x, plan, out, args);
@@ -474,7 +480,7 @@ int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, inde
   const PlanePlan plan = MakePlanePlan(outer, kept, inner);
   const unsigned blocks = GridSize(plan.parts * kept);
   double* out = static_cast<double*>(Scratch(static_cast<size_t>(blocks) * sizeof(double)));
-  if (kind != Finish::kPartials) args.tickets = Tickets(static_cast<size_t>(kept));
+  if (kind != Finish::kPartials && plan.parts > 1) args.tickets = Tickets(static_cast<size_t>(kept));
   if (square) {
     LaunchPlaneReduce<true>(programmatic, kind, blocks, stream_, x, plan, out, args);
   } else {
