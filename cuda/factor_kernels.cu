@@ -136,13 +136,9 @@ __device__ double TileColumnSum(const double* partial, int64_t rows, int64_t pit
 // float atomics.
 //
 // True in the group's last block only, for every thread of the block; every thread of
-// the block must call it after its own partial writes. A group of one block draws no
-// ticket (`tickets` may then be null).
+// the block must call it after its own partial writes. For groups of 2 blocks or more: a
+// group of one block draws no ticket (FinishesGroup).
 __device__ bool LastOfGroup(unsigned* tickets, int64_t group, unsigned group_blocks) {
-  if (group_blocks == 1) {
-    __syncthreads();  // the block's partials are visible to all its threads
-    return true;
-  }
   unsigned* ticket = tickets + group;
   __shared__ bool last;
   __threadfence();  // this thread's partials are visible to the whole device before the ticket
@@ -154,6 +150,14 @@ __device__ bool LastOfGroup(unsigned* tickets, int64_t group, unsigned group_blo
   __syncthreads();
   if (last) __threadfence();
   return last;
+}
+
+// LastOfGroup for any group size; a block alone in its group finishes it without a ticket
+// (`tickets` may then be null), once its threads' partials are visible to each other.
+__device__ __forceinline__ bool FinishesGroup(unsigned* tickets, int64_t group, unsigned group_blocks) {
+  if (group_blocks > 1) return LastOfGroup(tickets, group, group_blocks);
+  __syncthreads();
+  return true;
 }
 
 enum class Finish { kPartials, kMeanSquare, kNormGrad };
@@ -196,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
   }
   if (kFinish == Finish::kPartials) return;
   if (finish.has_appended && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) finish.out[plan.kept] = finish.appended;
-  if (!LastOfGroup(finish.tickets, blockIdx.x, gridDim.y)) return;
+  if (!FinishesGroup(finish.tickets, blockIdx.x, gridDim.y)) return;
   const int64_t first = int64_t{blockIdx.x} * plan.cols;
   const int64_t end = first + plan.cols < plan.kept ? first + plan.cols : plan.kept;
   for (int64_t tile = first; tile < end; tile += kTileColumns) {
@@ -220,7 +224,7 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[part * plan.kept + b] = total;
   if (kFinish == Finish::kPartials) return;
   if (finish.has_appended && block == 0 && threadIdx.x == 0) finish.out[plan.kept] = finish.appended;
-  if (!LastOfGroup(finish.tickets, b, static_cast<unsigned>(plan.parts))) return;
+  if (!FinishesGroup(finish.tickets, b, static_cast<unsigned>(plan.parts))) return;
   const double sum = TileColumnSum(partial, plan.parts, plan.kept, b + 1, b);
   if (threadIdx.x == 0) finish.out[b] = Finished<kFinish>(sum, finish.divisor);
 }
@@ -285,42 +289,14 @@ __global__ void __launch_bounds__(kThreads)
 // then run in one kernel, a block per few classes c' with U in shared memory.
 //
 // T[q] = sum over parts of T[part * pixels + q] for the kThreads pixels q from `first`, in
-// place, in TileColumnSum's order (warp w adds parts w, w + 8, ... of each column, then the 8
-// warp sums are added in warp order) but with the loads of kFoldTiles 32-column tiles in
-// flight together: a chain of parts / 8 L2 round trips per kFoldTiles tiles, not per tile.
-// (Two, not all eight: the one-pixel phase-1 kernel must stay within 32 registers; ptxas
-// then spills 8 bytes, against 108 with four.)
-constexpr int kFoldTiles = 2;
+// place, one 32-column tile at a time (NOTE: [partial sums]): each tile is read whole
+// before its first row is written. (Two tiles' loads in flight together would halve the
+// chain of L2 round trips, but spill in the 32-register one-pixel kernel.)
 __device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t first) {
-  __shared__ double warp_sums[kTileWarps][kTileColumns];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t group = first; group < first + kThreads; group += kFoldTiles * kTileColumns) {
-    double acc[kFoldTiles];
-    ADAFISHER_UNROLL
-    for (int t = 0; t < kFoldTiles; ++t) acc[t] = 0.0;
-    for (int64_t r = warp; r < parts; r += kTileWarps) {
-      const double* row = T + r * pixels + group + lane;
-      double v[kFoldTiles];
-      ADAFISHER_UNROLL
-      for (int t = 0; t < kFoldTiles; ++t) {
-        v[t] = group + lane + t * kTileColumns < pixels ? __ldcg(row + t * kTileColumns) : 0.0;
-      }
-      ADAFISHER_UNROLL
-      for (int t = 0; t < kFoldTiles; ++t) acc[t] += v[t];
-    }
-    // Every column's parts are read (above, by every warp) before its first row is written.
-    __syncthreads();
-    for (int t = 0; t < kFoldTiles; ++t) {
-      warp_sums[warp][lane] = acc[t];
-      __syncthreads();
-      if (threadIdx.x < kTileColumns) {
-        double total = 0.0;
-        for (int w = 0; w < kTileWarps; ++w) total += warp_sums[w][threadIdx.x];
-        const int64_t q = group + t * kTileColumns + threadIdx.x;
-        if (q < pixels) T[q] = total;
-      }
-      __syncthreads();
-    }
+  const int64_t end = first + kThreads < pixels ? first + kThreads : pixels;
+  for (int64_t t = first; t < end; t += kTileColumns) {
+    const double sum = TileColumnSum(T, parts, pixels, end, t);
+    if (threadIdx.x < kTileColumns && t + threadIdx.x < end) T[t + threadIdx.x] = sum;
   }
 }
 
@@ -337,17 +313,21 @@ __global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm :
   const unsigned part = blockIdx.x - tile * parts;
   const int64_t q = (int64_t{tile} * kThreads + threadIdx.x) * kUnit;
   if (q < plan.pixels) {
-    double* row = T + part * plan.pixels + q;
     if (kUnit == 4) {
       double sums[4];
       ConvQuadSum(x, plan, part, q, sums);  // plan.pixels % 4 == 0: all four exist
+      double* row = T + part * plan.pixels + q;
       row[0] = sums[0], row[1] = sums[1], row[2] = sums[2], row[3] = sums[3];
     } else {
-      row[0] = ConvPixelSum(x, plan, part, q);
+      const double sum = ConvPixelSum(x, plan, part, q);
+      T[part * plan.pixels + q] = sum;
     }
   }
-  if (parts == 1 || !LastOfGroup(tickets, tile, parts)) return;
-  for (int u = 0; u < kUnit; ++u) FoldPixelTile(T, plan.parts, plan.pixels, (int64_t{tile} * kUnit + u) * kThreads);
+  if (parts == 1) return;
+  // From the block index again rather than kept live through the loads (32 registers).
+  const unsigned my_tile = blockIdx.x / static_cast<unsigned>(plan.parts);
+  if (!LastOfGroup(tickets, my_tile, static_cast<unsigned>(plan.parts))) return;
+  for (int u = 0; u < kUnit; ++u) FoldPixelTile(T, plan.parts, plan.pixels, (int64_t{my_tile} * kUnit + u) * kThreads);
 }
 
 // Phases 2a and 2b for classes [blockIdx.x * per_block, + per_block): U of those classes
