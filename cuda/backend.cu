@@ -237,7 +237,7 @@ void CudaBackend::FreeResources() noexcept {
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   scratch_ = meta_device_ = meta_host_ = nullptr;
   tickets_ = nullptr;
-  ticket_count_ = 0;
+  ticket_bytes_ = 0;
   flag_device_ = flag_host_ = nullptr;
   staging_[0] = staging_[1] = nullptr;
   staging_done_[0] = staging_done_[1] = nullptr;
@@ -294,30 +294,33 @@ void CudaBackend::DestroyTimingMark(void* mark) noexcept {
   live_.fetch_sub(1, std::memory_order_relaxed);
 }
 
-void* CudaBackend::Scratch(size_t bytes) {
-  if (bytes <= scratch_bytes_) return scratch_;
+void CudaBackend::GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes, size_t minimum) {
   // Kernels still queued may use the old buffer.
   ADAFISHER_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (scratch_ != nullptr) ADAFISHER_CUDA_CHECK(cudaFree(scratch_));
-  scratch_ = nullptr;
-  scratch_bytes_ = 0;
-  const size_t grown = std::max(bytes, size_t{1} << 20);
-  ADAFISHER_CUDA_CHECK(cudaMalloc(&scratch_, grown));
-  scratch_bytes_ = grown;
+  if (*buffer != nullptr) ADAFISHER_CUDA_CHECK(cudaFree(*buffer));
+  *buffer = nullptr;
+  *capacity = 0;
+  const size_t grown = std::max(bytes, minimum);
+  ADAFISHER_CUDA_CHECK(cudaMalloc(buffer, grown));
+  *capacity = grown;
+}
+
+void* CudaBackend::Scratch(size_t bytes) {
+  if (bytes > scratch_bytes_) GrowDeviceBuffer(&scratch_, &scratch_bytes_, bytes, size_t{1} << 20);
   return scratch_;
 }
 
 unsigned* CudaBackend::Tickets(size_t count) {
-  if (count <= ticket_count_) return tickets_;
-  ADAFISHER_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (tickets_ != nullptr) ADAFISHER_CUDA_CHECK(cudaFree(tickets_));
-  tickets_ = nullptr;
-  ticket_count_ = 0;
-  const size_t grown = std::max(count, size_t{4096});
-  ADAFISHER_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&tickets_), grown * sizeof(unsigned)));
-  ADAFISHER_CUDA_CHECK(cudaMemsetAsync(tickets_, 0, grown * sizeof(unsigned), stream_));
-  ticket_count_ = grown;
-  return tickets_;
+  const size_t bytes = count * sizeof(unsigned);
+  if (bytes > ticket_bytes_) {
+    GrowDeviceBuffer(&tickets_, &ticket_bytes_, bytes, 4096 * sizeof(unsigned));
+    const cudaError_t zeroed = cudaMemsetAsync(tickets_, 0, ticket_bytes_, stream_);
+    if (zeroed != cudaSuccess) {
+      ticket_bytes_ = 0;  // not zeroed: the next call zeroes a new buffer
+      ThrowCudaError(zeroed, __FILE__, __LINE__);
+    }
+  }
+  return static_cast<unsigned*>(tickets_);
 }
 
 float* CudaBackend::Allocate(size_t count) {

@@ -39,6 +39,18 @@ std::string DescribeCudaError(cudaError_t error);
 namespace adafisher {
 namespace cuda {
 
+// What a factor reduction writes once its partials are added (NOTE: [last-block epilogue]
+// in factor_kernels.cu): nothing (its caller finishes), or the mean square or norm grad
+// entries. The kind is a template parameter of the kernels, the arguments a kernel argument.
+enum class Finish { kPartials, kMeanSquare, kNormGrad };
+struct FinishArgs {
+  double divisor = 1.0;       // count (mean square) or batch (norm grad)
+  bool has_appended = false;  // mean square: out[kept] = appended, written by block 0
+  float appended = 0.0f;
+  float* out = nullptr;
+  unsigned* tickets = nullptr;  // set by ReduceKept when a group has several blocks
+};
+
 class CudaBackend final : public Backend {
  public:
   // Creates the stream and the small pinned buffers on `device`; throws BackendError.
@@ -80,6 +92,9 @@ class CudaBackend final : public Backend {
   void FreeResources() noexcept;
   // Makes device_ current on the calling thread (the runtime's current device is per thread).
   void Activate() const;
+  // Replaces *buffer (of *capacity bytes) by one of max(bytes, minimum) bytes, after the
+  // queued kernels that may use it; contents are not kept.
+  void GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes, size_t minimum);
   // Device scratch of at least `bytes`, reused by every call (stream order keeps uses
   // apart); grows by reallocation after a stream sync.
   void* Scratch(size_t bytes);
@@ -87,19 +102,11 @@ class CudaBackend final : public Backend {
   // last-block epilogues (NOTE: [last-block epilogue] in factor_kernels.cu). Every kernel
   // that draws tickets puts them back to zero before it ends. Grows like Scratch.
   unsigned* Tickets(size_t count);
-  // What a reduction's last block per kept entry writes (NOTE: [last-block epilogue]).
-  struct ReduceFinish {
-    enum Kind { kPartials, kMeanSquare, kNormGrad } kind = kPartials;
-    double divisor = 1.0;  // count (mean square) or batch (norm grad)
-    bool has_appended = false;
-    float appended = 0.0f;
-    float* out = nullptr;
-  };
   // Reduces x viewed as [outer, kept, inner] over (outer, inner). Writes partial[r * kept + b],
-  // r < returned rows, and, unless finish.kind is kPartials, the finished factor to
-  // finish.out; 0 rows (nothing launched, nothing written) when there is nothing to read.
-  int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner,
-                     const ReduceFinish& finish, double** partial);
+  // r < returned rows, and, unless `finish` is kPartials, the finished factor to args.out;
+  // 0 rows (nothing launched, nothing written) when there is nothing to read.
+  int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner, Finish finish,
+                     FinishArgs args, double** partial);
   bool EnsureStaging();
   void CopyThroughDevice(float* dst, const float* src, size_t count);
 
@@ -113,8 +120,8 @@ class CudaBackend final : public Backend {
 
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
-  unsigned* tickets_ = nullptr;
-  size_t ticket_count_ = 0;
+  void* tickets_ = nullptr;  // unsigned counters (Tickets)
+  size_t ticket_bytes_ = 0;
 
   // Large host copies go through two pinned buffers (see Upload / Download).
   static constexpr size_t kStagingBytes = size_t{4} << 20;

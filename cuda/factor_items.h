@@ -42,6 +42,20 @@ ADAFISHER_HD T StreamLoad(const T* p) {
 #endif
 }
 
+// v[0..3] = p[0..3], through L2 (StreamLoad): one 16-byte load on the device when p is
+// 16-byte aligned, four 4-byte loads otherwise. The same values either way.
+ADAFISHER_HD void LoadQuad(const float* p, bool aligned, float v[4]) {
+#if defined(__CUDA_ARCH__)
+  if (aligned) {
+    const float4 q = StreamLoad(reinterpret_cast<const float4*>(p));
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    return;
+  }
+#endif
+  (void)aligned;
+  v[0] = StreamLoad(p), v[1] = StreamLoad(p + 1), v[2] = StreamLoad(p + 2), v[3] = StreamLoad(p + 3);
+}
+
 template <bool kSquare>
 ADAFISHER_HD double SquareOrValue(float x) {
   // Widen first, then square: the CPU backend's `const double v = x; v * v`.
@@ -126,22 +140,8 @@ ADAFISHER_HD void PlaneQuadLoads(const float* plane, int64_t pitch, int64_t quad
       if (c >= quads) c -= quads, ++a;
     }
     float v[kLoads][4];
-#if defined(__CUDA_ARCH__)
-    if (aligned) {
-      ADAFISHER_UNROLL
-      for (int u = 0; u < kLoads; ++u) {
-        const float4 q = StreamLoad(reinterpret_cast<const float4*>(at[u]));
-        v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
-      }
-    } else
-#endif
-    {
-      (void)aligned;
-      ADAFISHER_UNROLL
-      for (int u = 0; u < kLoads; ++u) {
-        v[u][0] = at[u][0], v[u][1] = at[u][1], v[u][2] = at[u][2], v[u][3] = at[u][3];
-      }
-    }
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) LoadQuad(at[u], aligned, v[u]);
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) {
       acc += SquareOrValue<kSquare>(v[u][0]);
@@ -237,22 +237,8 @@ ADAFISHER_HD void ConvQuadLoads(const float* x, bool aligned, int64_t groups, in
       }
     }
     float v[kLoads][4];
-#if defined(__CUDA_ARCH__)
-    if (aligned) {
-      ADAFISHER_UNROLL
-      for (int u = 0; u < kLoads; ++u) {
-        const float4 q = StreamLoad(reinterpret_cast<const float4*>(x + at[u]));
-        v[u][0] = q.x, v[u][1] = q.y, v[u][2] = q.z, v[u][3] = q.w;
-      }
-    } else
-#endif
-    {
-      (void)aligned;
-      ADAFISHER_UNROLL
-      for (int u = 0; u < kLoads; ++u) {
-        v[u][0] = x[at[u]], v[u][1] = x[at[u] + 1], v[u][2] = x[at[u] + 2], v[u][3] = x[at[u] + 3];
-      }
-    }
+    ADAFISHER_UNROLL
+    for (int u = 0; u < kLoads; ++u) LoadQuad(x + at[u], aligned, v[u]);
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) {
       ADAFISHER_UNROLL

@@ -47,7 +47,8 @@ __device__ __forceinline__ void AwaitPriorGrids() {
 }
 
 // Launches kernel<<<grid, kThreads, 0, stream>>>(args...), with programmatic stream
-// serialization when `programmatic`. The kernel must start with AwaitPriorGrids().
+// serialization when `programmatic`, and checks the launch. The kernel must start with
+// AwaitPriorGrids().
 template <typename... Params, typename... Args>
 void LaunchAwaiting(bool programmatic, void (*kernel)(Params...), dim3 grid, cudaStream_t stream,
                     const Args&... args) {
@@ -159,16 +160,6 @@ __device__ __forceinline__ bool FinishesGroup(unsigned* tickets, int64_t group, 
   __syncthreads();
   return true;
 }
-
-enum class Finish { kPartials, kMeanSquare, kNormGrad };
-
-struct FinishArgs {
-  double divisor;  // count (mean square) or batch (norm grad)
-  bool has_appended;  // mean square: out[kept] = appended, written by block 0
-  float appended;
-  float* out;
-  unsigned* tickets;
-};
 
 // The factor entry of a finished column sum: the CPU backend's double expressions exactly.
 template <Finish kFinish>
@@ -434,39 +425,33 @@ void LaunchPlaneReduce(bool programmatic, Finish kind, unsigned blocks, cudaStre
 }  // namespace
 
 int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner,
-                                const ReduceFinish& finish, double** partial) {
+                                Finish finish, FinishArgs args, double** partial) {
   *partial = nullptr;
   if (outer <= 0 || kept <= 0 || inner <= 0) return 0;
   const bool square = op == ReduceOp::kSquare;
-  const Finish kind = finish.kind == ReduceFinish::kMeanSquare ? Finish::kMeanSquare
-                      : finish.kind == ReduceFinish::kNormGrad ? Finish::kNormGrad
-                                                               : Finish::kPartials;
-  FinishArgs args{finish.divisor, finish.has_appended, finish.appended, finish.out, nullptr};
   const bool programmatic = programmatic_launch_ && Tuning().programmatic_launch;
   if (inner == 1) {
     const ColumnPlan plan = MakeColumnPlan(outer, kept);
     double* out = static_cast<double*>(Scratch(static_cast<size_t>(plan.slices * kept) * sizeof(double)));
-    if (kind != Finish::kPartials && plan.slices > 1) args.tickets = Tickets(static_cast<size_t>(plan.col_tiles));
+    if (finish != Finish::kPartials && plan.slices > 1) args.tickets = Tickets(static_cast<size_t>(plan.col_tiles));
     const dim3 grid(GridSize(plan.col_tiles), static_cast<unsigned>(plan.slices));
     if (square) {
-      LaunchColumnReduce<true>(programmatic, kind, grid, stream_, x, plan, out, args);
+      LaunchColumnReduce<true>(programmatic, finish, grid, stream_, x, plan, out, args);
     } else {
-      LaunchColumnReduce<false>(programmatic, kind, grid, stream_, x, plan, out, args);
+      LaunchColumnReduce<false>(programmatic, finish, grid, stream_, x, plan, out, args);
     }
-    ADAFISHER_CUDA_LAUNCH_CHECK();
     *partial = out;
     return plan.slices;
   }
   const PlanePlan plan = MakePlanePlan(outer, kept, inner);
   const unsigned blocks = GridSize(plan.parts * kept);
   double* out = static_cast<double*>(Scratch(static_cast<size_t>(blocks) * sizeof(double)));
-  if (kind != Finish::kPartials && plan.parts > 1) args.tickets = Tickets(static_cast<size_t>(kept));
+  if (finish != Finish::kPartials && plan.parts > 1) args.tickets = Tickets(static_cast<size_t>(kept));
   if (square) {
-    LaunchPlaneReduce<true>(programmatic, kind, blocks, stream_, x, plan, out, args);
+    LaunchPlaneReduce<true>(programmatic, finish, blocks, stream_, x, plan, out, args);
   } else {
-    LaunchPlaneReduce<false>(programmatic, kind, blocks, stream_, x, plan, out, args);
+    LaunchPlaneReduce<false>(programmatic, finish, blocks, stream_, x, plan, out, args);
   }
-  ADAFISHER_CUDA_LAUNCH_CHECK();
   *partial = out;
   return plan.parts;
 }
@@ -475,14 +460,13 @@ void CudaBackend::MeanSquareFactor(const float* x, index_t outer, index_t kept, 
                                    bool has_appended, float appended, float* out) {
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
-  ReduceFinish finish;
-  finish.kind = ReduceFinish::kMeanSquare;
+  FinishArgs finish;
   finish.divisor = count;
   finish.has_appended = has_appended;
   finish.appended = appended;
   finish.out = out;
   double* partial = nullptr;
-  const int64_t rows = ReduceKept(ReduceOp::kSquare, x, outer, kept, inner, finish, &partial);
+  const int64_t rows = ReduceKept(ReduceOp::kSquare, x, outer, kept, inner, Finish::kMeanSquare, finish, &partial);
   if (rows > 0) return;  // the reduction wrote every entry
   // Nothing to read: every entry is 0.
   const int64_t items = kept + (has_appended ? 1 : 0);
@@ -497,7 +481,7 @@ void CudaBackend::NormInputFactor(const float* x, index_t outer, index_t kept, i
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
   double* partial = nullptr;
-  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, ReduceFinish{}, &partial);
+  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, Finish::kPartials, FinishArgs{}, &partial);
   NormInputFinalizeKernel<<<1, kThreads, 0, stream_>>>(partial, rows, kept < 0 ? 0 : kept, u_divisor, batch, out);
   ADAFISHER_CUDA_LAUNCH_CHECK();
 }
@@ -506,12 +490,11 @@ void CudaBackend::NormGradFactor(const float* x, index_t outer, index_t kept, in
                                  float* out) {
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
-  ReduceFinish finish;
-  finish.kind = ReduceFinish::kNormGrad;
+  FinishArgs finish;
   finish.divisor = batch;
   finish.out = out;
   double* partial = nullptr;
-  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, finish, &partial);
+  const int64_t rows = ReduceKept(ReduceOp::kValue, x, outer, kept, inner, Finish::kNormGrad, finish, &partial);
   if (rows > 0 || kept <= 0) return;
   NormGradFinalizeKernel<<<TilesFor(kept), kThreads, 0, stream_>>>(partial, rows, kept, batch, out);
   ADAFISHER_CUDA_LAUNCH_CHECK();
