@@ -220,6 +220,7 @@ void CudaBackend::FreeResources() noexcept {
   // Nothing here may throw; errors (a faulted context) are ignored.
   cudaSetDevice(device_);
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  TrimTransient(0);  // leased blocks cannot outlive the backend: their holders own it
   if (scratch_ != nullptr) cudaFree(scratch_);
   if (tickets_ != nullptr) cudaFree(tickets_);
   if (meta_device_ != nullptr) cudaFree(meta_device_);
@@ -301,7 +302,7 @@ void CudaBackend::GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes
   *buffer = nullptr;
   *capacity = 0;
   const size_t grown = std::max(bytes, minimum);
-  ADAFISHER_CUDA_CHECK(cudaMalloc(buffer, grown));
+  *buffer = DeviceMalloc(grown, "scratch");
   *capacity = grown;
 }
 
@@ -323,28 +324,59 @@ unsigned* CudaBackend::Tickets(size_t count) {
   return static_cast<unsigned*>(tickets_);
 }
 
-float* CudaBackend::Allocate(size_t count) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  Activate();
-  if (count > (SIZE_MAX - 255) / sizeof(float)) {
-    throw BackendError(ErrorCode::kOutOfMemory, "cudaErrorMemoryAllocation: cannot allocate " +
-                                                    std::to_string(count) + " floats (size overflows)");
+namespace {
+
+constexpr size_t kMaxFloats = SIZE_MAX / 2 / sizeof(float);  // leaves room for rounding up
+
+void CheckFloatCount(size_t count) {
+  if (count > kMaxFloats) {
+    throw BackendError(ErrorCode::kOutOfMemory, "cudaErrorMemoryAllocation: cannot allocate " + std::to_string(count) +
+                                                    " floats (size overflows)");
   }
-  // 256-byte granules; at least one so that every allocation is a distinct pointer.
-  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(float) + 255) / 256 * 256;
+}
+
+// The size class of a transient block of `count` floats: 256-byte granules up to 1 MiB,
+// above that eighths of the size's power of two (at most 12.5 % unused), so that the
+// arguments of the same shape call after call land in the same class.
+size_t TransientBytes(size_t count) {
+  const size_t bytes = std::max<size_t>(count, 1) * sizeof(float);
+  if (bytes <= (size_t{1} << 20)) return (bytes + 255) / 256 * 256;
+  size_t top = size_t{1} << 20;
+  while (top <= bytes / 2) top *= 2;  // the largest power of two <= bytes
+  const size_t step = top / 8;
+  return (bytes + step - 1) / step * step;
+}
+
+}  // namespace
+
+void* CudaBackend::DeviceMalloc(size_t bytes, const std::string& what) {
   void* p = nullptr;
-  const cudaError_t error = cudaMalloc(&p, bytes);
+  cudaError_t error = cudaMalloc(&p, bytes);
+  if (error == cudaErrorMemoryAllocation && !transient_idle_.empty()) {
+    cudaGetLastError();
+    TrimTransient(0);
+    error = cudaMalloc(&p, bytes);
+  }
   if (error == cudaErrorMemoryAllocation) {
     cudaGetLastError();
     size_t free_bytes = 0, total_bytes = 0;
     cudaMemGetInfo(&free_bytes, &total_bytes);
     cudaGetLastError();
-    throw BackendError(ErrorCode::kOutOfMemory,
-                       "cudaErrorMemoryAllocation: out of GPU memory allocating " + std::to_string(count) +
-                           " floats (" + std::to_string(bytes) + " bytes; " + std::to_string(free_bytes >> 20) +
-                           " MiB free of " + std::to_string(total_bytes >> 20) + " MiB)");
+    throw BackendError(ErrorCode::kOutOfMemory, "cudaErrorMemoryAllocation: out of GPU memory allocating " + what + " (" +
+                                                    std::to_string(bytes) + " bytes; " + std::to_string(free_bytes >> 20) +
+                                                    " MiB free of " + std::to_string(total_bytes >> 20) + " MiB)");
   }
   ADAFISHER_CUDA_CHECK(error);
+  return p;
+}
+
+float* CudaBackend::Allocate(size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  CheckFloatCount(count);
+  // 256-byte granules; at least one so that every allocation is a distinct pointer.
+  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(float) + 255) / 256 * 256;
+  void* p = DeviceMalloc(bytes, std::to_string(count) + " floats");
   const cudaError_t zero = cudaMemsetAsync(p, 0, bytes, stream_);
   if (zero != cudaSuccess) {
     cudaFree(p);
@@ -352,6 +384,68 @@ float* CudaBackend::Allocate(size_t count) {
   }
   live_.fetch_add(1, std::memory_order_relaxed);
   return static_cast<float*>(p);
+}
+
+// NOTE: [transient device copies]
+// A Float32Array argument on this backend is copied into device memory for the length of
+// the call (and, for a parameter, back). cudaMalloc and cudaFree per argument per call
+// would cost more than many a step: cudaFree waits for the whole device. Returned blocks
+// therefore stay idle here, and the next call's argument of the same size class takes one
+// back. No wait is needed for that: all work is on the one stream, so the new upload runs
+// after every kernel that read the old contents. Idle blocks beyond the most ever leased
+// at once are freed, oldest first, and all of them when a cudaMalloc finds the device full.
+float* CudaBackend::AcquireTransient(size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  CheckFloatCount(count);
+  const size_t bytes = TransientBytes(count);
+  transient_leased_.reserve(transient_leased_.size() + 1);
+  transient_idle_.reserve(transient_idle_.size() + transient_leased_.size() + 1);  // ReleaseTransient cannot fail
+  void* p = nullptr;
+  for (size_t i = transient_idle_.size(); i-- > 0;) {  // the most recently returned first
+    if (transient_idle_[i].bytes != bytes) continue;
+    p = transient_idle_[i].ptr;
+    transient_idle_.erase(transient_idle_.begin() + static_cast<std::ptrdiff_t>(i));
+    transient_idle_bytes_ -= bytes;
+    break;
+  }
+  if (p == nullptr) p = DeviceMalloc(bytes, std::to_string(count) + " floats");
+  transient_leased_.push_back({p, bytes});
+  transient_leased_bytes_ += bytes;
+  transient_peak_bytes_ = std::max(transient_peak_bytes_, transient_leased_bytes_);
+  live_.fetch_add(1, std::memory_order_relaxed);
+  return static_cast<float*>(p);
+}
+
+void CudaBackend::ReleaseTransient(float* ptr) noexcept {
+  if (ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = 0; i < transient_leased_.size(); ++i) {
+    if (transient_leased_[i].ptr != ptr) continue;
+    const TransientBlock block = transient_leased_[i];
+    transient_leased_.erase(transient_leased_.begin() + static_cast<std::ptrdiff_t>(i));
+    transient_leased_bytes_ -= block.bytes;
+    transient_idle_.push_back(block);  // capacity reserved by AcquireTransient
+    transient_idle_bytes_ += block.bytes;
+    live_.fetch_sub(1, std::memory_order_relaxed);
+    break;
+  }
+  TrimTransient(transient_peak_bytes_);
+}
+
+void CudaBackend::TrimTransient(size_t keep_bytes) noexcept {
+  size_t drop = 0;
+  for (size_t idle = transient_idle_bytes_; drop < transient_idle_.size() && idle > keep_bytes; ++drop)
+    idle -= transient_idle_[drop].bytes;
+  if (drop == 0) return;
+  // cudaFree waits for the device, so no queued kernel still reads a freed block. A
+  // faulted context makes it fail; then the pointers are forgotten.
+  if (cudaSetDevice(device_) == cudaSuccess) {
+    for (size_t i = 0; i < drop; ++i) cudaFree(transient_idle_[i].ptr);
+  }
+  cudaGetLastError();
+  for (size_t i = 0; i < drop; ++i) transient_idle_bytes_ -= transient_idle_[i].bytes;
+  transient_idle_.erase(transient_idle_.begin(), transient_idle_.begin() + static_cast<std::ptrdiff_t>(drop));
 }
 
 void CudaBackend::Release(float* ptr) noexcept {
@@ -508,6 +602,11 @@ bool SynchronizeStream(Backend* backend, std::string* error) noexcept {
 }
 
 bool IsCudaBackend(const Backend* backend) noexcept { return dynamic_cast<const CudaBackend*>(backend) != nullptr; }
+
+size_t IdleTransientBytes(const Backend* backend) noexcept {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(backend);
+  return cuda != nullptr ? cuda->IdleTransientBytes() : 0;
+}
 
 }  // namespace cuda
 

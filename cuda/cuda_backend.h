@@ -12,6 +12,7 @@
 // started has finished (and possibly work enqueued while it waited).
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include "core/backend.h"
@@ -27,6 +28,10 @@ bool SynchronizeStream(Backend* backend, std::string* error) noexcept;
 
 // True when `backend` was made by CreateCudaBackend.
 bool IsCudaBackend(const Backend* backend) noexcept;
+
+// The bytes of device memory that `backend` keeps in idle transient blocks for later calls
+// (NOTE: [transient device copies] in backend.cu); 0 for a backend that is not CUDA.
+size_t IdleTransientBytes(const Backend* backend) noexcept;
 
 }  // namespace cuda
 }  // namespace adafisher

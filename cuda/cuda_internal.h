@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "core/backend.h"
 
@@ -63,6 +64,8 @@ class CudaBackend final : public Backend {
 
   float* Allocate(size_t count) override;
   void Release(float* ptr) noexcept override;
+  float* AcquireTransient(size_t count) override;
+  void ReleaseTransient(float* ptr) noexcept override;
   void Upload(float* dst, const float* host_src, size_t count) override;
   void Download(float* host_dst, const float* src, size_t count) override;
   void Copy(float* dst, const float* src, size_t count) override;
@@ -84,6 +87,10 @@ class CudaBackend final : public Backend {
 
   bool Step(const StepRequest& request) override;
 
+  size_t IdleTransientBytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return transient_idle_bytes_;
+  }
   // Waits for the stream; returns the CUDA error instead of throwing.
   cudaError_t SynchronizeNoThrow() const noexcept;
 
@@ -92,6 +99,11 @@ class CudaBackend final : public Backend {
   void FreeResources() noexcept;
   // Makes device_ current on the calling thread (the runtime's current device is per thread).
   void Activate() const;
+  // cudaMalloc of `bytes`; when the device is out of memory, frees the idle transient
+  // blocks and tries once more, then throws kOutOfMemory naming `what`.
+  void* DeviceMalloc(size_t bytes, const std::string& what);
+  // Frees the oldest idle transient blocks until at most `keep_bytes` stay idle.
+  void TrimTransient(size_t keep_bytes) noexcept;
   // Replaces *buffer (of *capacity bytes) by one of max(bytes, minimum) bytes, after the
   // queued kernels that may use it; contents are not kept.
   void GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes, size_t minimum);
@@ -129,6 +141,18 @@ class CudaBackend final : public Backend {
   float* staging_[2] = {nullptr, nullptr};
   cudaEvent_t staging_done_[2] = {nullptr, nullptr};
   bool staging_failed_ = false;
+
+  // Device copies of Float32Array arguments, kept for the next call (NOTE: [transient
+  // device copies] in backend.cu). Idle blocks oldest first.
+  struct TransientBlock {
+    void* ptr;
+    size_t bytes;
+  };
+  std::vector<TransientBlock> transient_idle_;
+  std::vector<TransientBlock> transient_leased_;
+  size_t transient_idle_bytes_ = 0;
+  size_t transient_leased_bytes_ = 0;
+  size_t transient_peak_bytes_ = 0;  // the most ever leased at once
 
   // Step: tables uploaded from a pinned buffer; meta_uploaded_ marks when the host side is free.
   void* meta_host_ = nullptr;

@@ -209,9 +209,16 @@ TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, con
     if (std::string(backend->name()) == "cpu") {
       ptr_ = host_;
     } else {
+      // Device memory for this call only (NOTE: [transient device copies] in cuda/backend.cu).
+      staging_ = backend->AcquireTransient(static_cast<size_t>(length_));
+      try {
+        backend->Upload(staging_, host_, static_cast<size_t>(length_));
+      } catch (...) {
+        backend->ReleaseTransient(staging_);  // a throwing constructor runs no destructor
+        staging_ = nullptr;
+        throw;
+      }
       keep_ = Napi::Persistent(value);
-      staging_ = backend->Allocate(static_cast<size_t>(length_));
-      backend->Upload(staging_, host_, static_cast<size_t>(length_));
       ptr_ = staging_;
     }
     return;
@@ -268,7 +275,7 @@ void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, c
 TensorRef::TensorRef(TensorRef&& o) noexcept { *this = std::move(o); }
 TensorRef& TensorRef::operator=(TensorRef&& o) noexcept {
   if (this != &o) {
-    if (staging_ != nullptr) backend_->Release(staging_);
+    if (staging_ != nullptr) backend_->ReleaseTransient(staging_);
     backend_ = std::move(o.backend_);
     ptr_ = o.ptr_;
     staging_ = o.staging_;
@@ -283,7 +290,7 @@ TensorRef& TensorRef::operator=(TensorRef&& o) noexcept {
 }
 
 TensorRef::~TensorRef() {
-  if (staging_ != nullptr) backend_->Release(staging_);
+  if (staging_ != nullptr) backend_->ReleaseTransient(staging_);
 }
 
 void TensorRef::Finish() {

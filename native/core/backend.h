@@ -111,6 +111,12 @@ class Backend {
   // Memory of this backend, counted in float32 elements.
   virtual float* Allocate(size_t count) = 0;  // zero-filled; throws kOutOfMemory
   virtual void Release(float* ptr) noexcept = 0;
+  // Device memory for the length of one call: the device copy of a Float32Array argument
+  // on a backend that cannot use host memory in place. Not zero-filled (the caller uploads
+  // into all of it). A backend may keep returned blocks for later calls (cuda does: NOTE:
+  // [transient device copies] in cuda/backend.cu); by default these are Allocate/Release.
+  virtual float* AcquireTransient(size_t count) { return Allocate(count); }
+  virtual void ReleaseTransient(float* ptr) noexcept { Release(ptr); }
   virtual void Upload(float* dst, const float* host_src, size_t count) = 0;
   virtual void Download(float* host_dst, const float* src, size_t count) = 0;
   virtual void Copy(float* dst, const float* src, size_t count) = 0;

@@ -612,6 +612,50 @@ void TestMemory(Backend& cpu, Backend& gpu) {
     });
   }
   if (!cu::IsCudaBackend(&gpu)) return;  // --self-test-cpu
+  Guarded("memory/transient_blocks", [&] {
+    // NOTE: [transient device copies]: a returned block serves the next argument of its
+    // size class without a cudaMalloc, the one stream keeps its old and new uses apart, and
+    // the idle blocks stay bounded.
+    const size_t n = 278011;  // over 1 MiB: a large size class
+    const std::vector<float> a = Normal(n, 41);
+    Buffer in(cpu, a), want(cpu, 1), got(gpu, 2);
+    const size_t live = gpu.LiveAllocations();
+    cpu.MeanSquareFactor(in.ptr(), 1, 1, static_cast<index_t>(n), double(n), false, 0.0f, want.ptr());
+    bool ok = true;
+    float* p = gpu.AcquireTransient(n);
+    ok &= gpu.LiveAllocations() == live + 1;
+    gpu.Upload(p, a.data(), n);
+    gpu.MeanSquareFactor(p, 1, 1, static_cast<index_t>(n), double(n), false, 0.0f, got.ptr());  // queued
+    gpu.ReleaseTransient(p);
+    float* q = gpu.AcquireTransient(n - 3);  // the same class: the same block, at once
+    float* r = gpu.AcquireTransient(n);      // q is leased: another block
+    float* small = gpu.AcquireTransient(1000);
+    ok &= q == p && r != q && small != q && small != r && gpu.LiveAllocations() == live + 3;
+    gpu.Fill(q, 2.0f, n - 3);  // queued behind the first factor, which must still read `a`
+    gpu.MeanSquareFactor(q, 1, 1, static_cast<index_t>(n - 3), double(n - 3), false, 0.0f, got.ptr() + 1);
+    for (float* t : {r, small, q}) gpu.ReleaseTransient(t);
+    ok &= gpu.LiveAllocations() == live;
+    const std::vector<float> g = got.Read(), w = want.Read();
+    const double rel = std::fabs(double(g[0]) - w[0]) / std::fabs(double(w[0]));
+    ok &= rel <= 1e-5 && g[1] == 4.0f;
+    // Ever larger arguments, one at a time: idle blocks beyond the largest are freed.
+    for (size_t k = 1; k <= 40; ++k) gpu.ReleaseTransient(gpu.AcquireTransient(k * n));
+    const size_t idle = cu::IdleTransientBytes(&gpu), bound = 40 * n * sizeof(float) * 9 / 8 + 256;
+    ok &= idle > 0 && idle <= bound && gpu.LiveAllocations() == live;
+    std::string detail = Format("first factor rel err %.1e, second %g; %zu bytes idle (bound %zu)", rel, g[1], idle, bound);
+    if (!g_sanitize) {  // a failed cudaMalloc is an API error to compute-sanitizer
+      // A full device first frees the idle blocks, then reports out of memory.
+      bool threw = false;
+      try {
+        gpu.Release(gpu.Allocate(size_t{1} << 42));  // 16 TiB
+      } catch (const BackendError& e) {
+        threw = e.code() == ErrorCode::kOutOfMemory;
+      }
+      ok &= threw && cu::IdleTransientBytes(&gpu) == 0;
+      detail += Format("; after out of memory %zu idle", cu::IdleTransientBytes(&gpu));
+    }
+    Record("memory/transient_blocks", ok, detail);
+  });
   if (g_small) {
     // Under racecheck, a launch made while another thread synchronizes the stream is lost
     // ("failed to track a kernel launch") and the run stalls here (seen on an H200).
