@@ -9,7 +9,7 @@
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
-import { backendInfo, createBuffer } from '../lib/index.js';
+import { AdaFisher, backendInfo, createBuffer, type DeviceBuffer, type LayerSpec } from '../lib/index.js';
 import { deriveWorkload, GPU_CASES, TARGETS, WORKLOADS } from './cases.js';
 import {
   caseList,
@@ -33,6 +33,8 @@ import {
   verdict,
   type Backend,
   type KernelFigures,
+  type Instance,
+  type Timer,
   type TorchBaselines,
   type WorkloadResult,
 } from './common.js';
@@ -93,14 +95,43 @@ async function measureFill(batches: number, backend: Backend): Promise<FillResul
   return out;
 }
 
-async function measureGpuWorkload(name: string, batches: number, backend: Backend): Promise<WorkloadResult & { device: string }> {
+type GpuWorkloadResult = WorkloadResult & { device: string; hostArrayStep: KernelFigures };
+
+/**
+ * The guarded step of a model whose parameters and gradients are Float32Arrays, as the core
+ * API's example passes them: each call copies both to the device and the parameters back
+ * (12 B/param over the host link), through device memory the backend keeps between calls
+ * (NOTE: [transient device copies] in cuda/backend.cu). Layer inputs stay DeviceBuffers.
+ */
+async function measureHostArrayStep(inst: Instance, timer: Timer): Promise<KernelFigures> {
+  const host = (b: DeviceBuffer) => b.download();
+  const layers = inst.layers.map((l): LayerSpec =>
+    'weight' in l ? { ...l, weight: host(l.weight as DeviceBuffer), bias: l.bias ? host(l.bias as DeviceBuffer) : l.bias } : l,
+  );
+  const grads = inst.grads.map(host);
+  const opt = new AdaFisher(layers, { lr: 1e-4, backend: inst.backend, tcov: 1_000_000, nonFiniteGuard: true });
+  inst.wl.shapes.forEach((s, i) => {
+    opt.recordInput(i, inst.inputs[i], s.inputShape);
+    opt.recordOutputGrad(i, inst.outGrads[i], s.outputShape);
+  });
+  opt.step(grads); // the one refreshing step
+  const timing = await timer.time(() => {
+    opt.step(grads);
+  });
+  opt.dispose();
+  const bytes = 12 * inst.wl.parameters;
+  return { timing, bytes, gbps: bytes / (timing.ms * 1e6) };
+}
+
+async function measureGpuWorkload(name: string, batches: number, backend: Backend): Promise<GpuWorkloadResult> {
   const info = backendInfo(backend);
   if (info.backend !== backend) throw new Error(`the ${backend} backend cannot be used: ${info.reason}`);
   const wl = deriveWorkload(WORKLOADS[name]);
   const inst = instantiate(wl, backend);
   const result = await measureWorkload(inst, gpuTimer(batches, 25, 2000, backend), { rotateBytes: ROTATE_BYTES });
+  const hostArrayStep = await measureHostArrayStep(inst, gpuTimer(batches, 25, 200, backend));
   inst.dispose();
-  return { ...result, device: backend === 'cuda' ? info.cuda.deviceName : 'cpu (dry run)' };
+  return { ...result, hostArrayStep, device: backend === 'cuda' ? info.cuda.deviceName : 'cpu (dry run)' };
 }
 
 /** The cold figure where one was taken, else the warm one. */
@@ -116,7 +147,7 @@ function dumpCases(): void {
 
 function report(
   fill: FillResult | { error: string },
-  results: Record<string, (WorkloadResult & { device: string }) | { error: string }>,
+  results: Record<string, GpuWorkloadResult | { error: string }>,
   torch: TorchBaselines | undefined,
   cases: readonly string[],
 ): { text: string; json: Record<string, unknown>; failures: number } {
@@ -148,6 +179,7 @@ function report(
       factorsMs: coldOrWarm(r.factors).timing.ms,
       minMaxEmaMs: r.minMaxEma.ms,
       wholeMs: r.wholeMs,
+      hostArrayStepMs: r.hostArrayStep.timing.ms,
       rotationCopies: `${r.rotation.factorCopies} (factors), ${r.rotation.stepCopies} (step)`,
     };
     const conv = r.factors.convWarm ? coldOrWarm({ cold: r.factors.convCold, warm: r.factors.convWarm }) : undefined;
@@ -187,6 +219,8 @@ function report(
       const c = coldOrWarm(f);
       return [label, fmtMs(c.timing.ms), fmtMs(f.warm.timing.ms), `${c.timing.callsPerSample}x${c.timing.samples}`, fmtMB(c.bytes), fmtNum(c.gbps, 0), pct(c.gbps)];
     });
+    const h = r.hostArrayStep;
+    body.push(['step, Float32Arrays (12 B/p host link)', fmtMs(h.timing.ms), '', `${h.timing.callsPerSample}x${h.timing.samples}`, fmtMB(h.bytes), fmtNum(h.gbps, 1), '-']);
     body.push(['min-max + EMA', fmtMs(r.minMaxEma.ms), '', '', '', '', `refresh ${fmtMs(r.minMaxEma.refreshStepMs)} - empty ${fmtMs(r.minMaxEma.emptyStepMs)}`]);
     body.push(['whole (factors+mm+step on)', fmtMs(r.wholeMs), '', '', '', '', '']);
     if (tw?.fusedAdamMs) body.push([`torch ${tw.adam ?? 'fused'} Adam step`, '', fmtMs(tw.fusedAdamMs), 'CUDA events', fmtMB(28 * r.parameters), fmtNum((28 * r.parameters) / (tw.fusedAdamMs * 1e6), 0), '']);
@@ -271,7 +305,7 @@ async function main(argv: string[]): Promise<void> {
   const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', backend]);
   const { text, json, failures } = report(
     res.fill as FillResult | { error: string },
-    res as Record<string, (WorkloadResult & { device: string }) | { error: string }>,
+    res as Record<string, GpuWorkloadResult | { error: string }>,
     torch,
     cases,
   );

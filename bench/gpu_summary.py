@@ -271,6 +271,8 @@ def bench_rows(out):
             parts.append("conv factors %.0f%% of copy" % (100 * k["convFactorsFractionOfCopy"]))
         if k.get("wholeSpeedupVsEager") is not None:
             parts.append("whole %.1fx eager" % k["wholeSpeedupVsEager"])
+        if k.get("hostArrayStepMs") is not None:
+            parts.append("Float32Array step %s ms" % fmt(k["hostArrayStepMs"]))
         verdicts = [(t, k[t]) for t in ("stepCopyTargetMet", "fusedAdamTargetMet", "convFactorsTargetMet", "eagerTargetMet") if t in k]
         missed = [t.replace("TargetMet", "") for t, ok in verdicts if not ok]
         verdict = "targets met" if verdicts and not missed else ("MISSED: " + ",".join(missed) if missed else "-")

@@ -93,6 +93,20 @@ describe('bench/gpu_summary.py on the newer log lines', () => {
     }
   });
 
+  it('adds the step from Float32Arrays to a workload\'s row', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const key = { stepGuardOffMs: 0.0438, stepGuardOnMs: 0.084, stepGuardOffFractionOfCopy: 0.2, hostArrayStepMs: 0.912, eagerTargetMet: true };
+      writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4251, key: { mlp: key } }));
+      expect(summary(dir).get('bench mlp')).toEqual({
+        result: 'targets met',
+        detail: 'step 0.0438 ms (off) / 0.084 ms (on); 20% of copy; Float32Array step 0.912 ms',
+      });
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("adds ncu's achieved occupancy and registers per kernel when the profile has them", () => {
     const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
     try {
