@@ -344,22 +344,44 @@ class CpuBackend final : public Backend {
   }
 
   bool Step(const StepRequest& r) override {
-    // Work list: (tensor, begin, end) chunks over every non-empty tensor.
-    struct Chunk {
+    // NOTE: [packed step tasks]
+    // A task is kTaskElements elements of the model, cut across tensor boundaries (pieces of
+    // consecutive tensors), as the CUDA launcher packs its blocks: a model of small tensors
+    // is one task, run on the calling thread without waking the pool (a wake-up costs more
+    // than such a step). Every element's update is independent of the others and the guard
+    // is an OR, so the grouping changes no result.
+    struct Piece {
       size_t tensor;
       index_t begin, end;
     };
-    std::vector<Chunk> chunks;
+    std::vector<Piece> pieces;
+    std::vector<size_t> task_first{0};  // task i is pieces [task_first[i], task_first[i + 1])
+    index_t room = kTaskElements;
     for (size_t t = 0; t < r.tensor_count; ++t) {
       const StepTensor& st = r.tensors[t];
-      for (index_t b = 0; b < st.numel; b += kTaskElements) chunks.push_back({t, b, std::min(st.numel, b + kTaskElements)});
+      for (index_t b = 0; b < st.numel;) {
+        const index_t e = std::min(st.numel, b + room);
+        pieces.push_back({t, b, e});
+        room -= e - b;
+        b = e;
+        if (room == 0) {
+          task_first.push_back(pieces.size());
+          room = kTaskElements;
+        }
+      }
     }
+    if (task_first.back() != pieces.size()) task_first.push_back(pieces.size());
+    const auto tasks = static_cast<int64_t>(task_first.size() - 1);
+    auto for_pieces = [&](int64_t task, auto&& fn) {
+      for (size_t i = task_first[task]; i < task_first[task + 1]; ++i) fn(pieces[i]);
+    };
     if (r.guard) {
       std::atomic<bool> bad{false};
-      pool_.Run(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
-        if (bad.load(std::memory_order_relaxed)) return;
-        const Chunk& ch = chunks[c];
-        if (!AllFinite(r.tensors[ch.tensor].grad + ch.begin, ch.end - ch.begin)) bad.store(true, std::memory_order_relaxed);
+      pool_.Run(tasks, [&](int64_t task) {
+        for_pieces(task, [&](const Piece& pc) {
+          if (bad.load(std::memory_order_relaxed)) return;
+          if (!AllFinite(r.tensors[pc.tensor].grad + pc.begin, pc.end - pc.begin)) bad.store(true, std::memory_order_relaxed);
+        });
       });
       if (r.refresh) {
         for (size_t s = 0; s < r.segment_count; ++s) {
@@ -386,13 +408,14 @@ class CpuBackend final : public Backend {
         }
       }
     }
-    pool_.Run(static_cast<int64_t>(chunks.size()), [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      if (r.rule == math::UpdateRule::kAdaFisher) {
-        UpdateChunk<math::UpdateRule::kAdaFisher>(r, r.tensors[ch.tensor], ch.begin, ch.end);
-      } else {
-        UpdateChunk<math::UpdateRule::kAdaFisherW>(r, r.tensors[ch.tensor], ch.begin, ch.end);
-      }
+    pool_.Run(tasks, [&](int64_t task) {
+      for_pieces(task, [&](const Piece& pc) {
+        if (r.rule == math::UpdateRule::kAdaFisher) {
+          UpdateChunk<math::UpdateRule::kAdaFisher>(r, r.tensors[pc.tensor], pc.begin, pc.end);
+        } else {
+          UpdateChunk<math::UpdateRule::kAdaFisherW>(r, r.tensors[pc.tensor], pc.begin, pc.end);
+        }
+      });
     });
     return true;
   }
