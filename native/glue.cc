@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 
 #include "buffer_wrap.h"
@@ -194,19 +195,24 @@ std::vector<index_t> ToShape(const Napi::Value& v, const std::string& what) {
 }
 
 TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, const Napi::Value& value, int64_t expected,
-                     const std::string& what, bool output)
+                     const ArgName& what, bool output)
     : backend_(backend), output_(output) {
   if (value.IsTypedArray()) {
-    const auto ta = value.As<Napi::TypedArray>();
-    if (ta.TypedArrayType() != napi_float32_array)
-      ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what + " but received " + Describe(value));
-    const auto f = value.As<Napi::Float32Array>();
-    length_ = static_cast<int64_t>(f.ElementLength());
+    // One napi_get_typedarray_info call for type, length and data (the Napi:: wrappers
+    // make one per wrapper; a step resolves two tensors per parameter).
+    napi_typedarray_type type = napi_int8_array;
+    size_t length = 0;
+    void* data = nullptr;
+    if (napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok)
+      ThrowCoded(env, ErrorCode::kInternal, "cannot read the typed array " + what.str());
+    if (type != napi_float32_array)
+      ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what.str() + " but received " + Describe(value));
+    length_ = static_cast<int64_t>(length);
     if (length_ != expected)
-      ThrowRangeError(env, "Expected " + std::to_string(expected) + " elements for " + what + " but received " +
+      ThrowRangeError(env, "Expected " + std::to_string(expected) + " elements for " + what.str() + " but received " +
                                std::to_string(length_) + (length_ == 0 ? " (is its ArrayBuffer detached?)" : ""));
-    host_ = const_cast<float*>(f.Data());
-    if (std::string(backend->name()) == "cpu") {
+    host_ = static_cast<float*>(data);
+    if (std::strcmp(backend->name(), "cpu") == 0) {
       ptr_ = host_;
     } else {
       // Device memory for this call only (NOTE: [transient device copies] in cuda/backend.cu).
@@ -225,15 +231,15 @@ TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, con
   }
   BufferWrap* buffer = TaggedUnwrap<BufferWrap>(env, value);
   if (buffer == nullptr)
-    ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what + " but received " + Describe(value));
-  if (buffer->data() == nullptr) ThrowCoded(env, ErrorCode::kDisposed, "DeviceBuffer already disposed (" + what + ").");
+    ThrowTypeError(env, "Expected a Float32Array or DeviceBuffer for " + what.str() + " but received " + Describe(value));
+  if (buffer->data() == nullptr) ThrowCoded(env, ErrorCode::kDisposed, "DeviceBuffer already disposed (" + what.str() + ").");
   if (buffer->backend().get() != backend.get())
     ThrowCoded(env, ErrorCode::kForeignBuffer,
-               "Expected a DeviceBuffer of the " + std::string(backend->name()) + " backend for " + what +
+               "Expected a DeviceBuffer of the " + std::string(backend->name()) + " backend for " + what.str() +
                    " but received one of the " + buffer->backend()->name() + " backend");
   length_ = buffer->length();
   if (length_ != expected)
-    ThrowRangeError(env, "Expected " + std::to_string(expected) + " elements for " + what + " but received a DeviceBuffer of " +
+    ThrowRangeError(env, "Expected " + std::to_string(expected) + " elements for " + what.str() + " but received a DeviceBuffer of " +
                              std::to_string(length_));
   ptr_ = buffer->data();
   keep_ = Napi::Persistent(value);  // the buffer cannot be collected while in use
@@ -251,7 +257,7 @@ void ExternalMemory::Clear(Napi::Env env) {
   bytes_ = 0;
 }
 
-void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, const std::vector<std::string>& names,
+void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, const std::vector<ArgName>& names,
                      const std::vector<bool>& writable) {
   // Sorted by start address, a range can only overlap the ones that start before it ends.
   std::vector<size_t> order;
@@ -265,8 +271,8 @@ void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, c
     for (size_t y = x + 1; y < order.size() && refs[order[y]]->source() < a_end; ++y) {
       if (!writable[order[x]] && !writable[order[y]]) continue;  // two read-only tensors may share memory
       const size_t i = std::min(order[x], order[y]), j = std::max(order[x], order[y]);
-      ThrowRangeError(env, "Expected separate memory for " + names[i] + " and " + names[j] +
-                               ", but they overlap: the step writes " + (writable[i] ? names[i] : names[j]) +
+      ThrowRangeError(env, "Expected separate memory for " + names[i].str() + " and " + names[j].str() +
+                               ", but they overlap: the step writes " + (writable[i] ? names[i] : names[j]).str() +
                                " while reading or writing the other");
     }
   }

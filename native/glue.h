@@ -63,6 +63,20 @@ class ExternalMemory {
   int64_t bytes_ = 0;
 };
 
+// An argument's name for error messages ("layers[2] input", "grads[7]"), made into a string
+// only when an error is thrown: a step names two tensors per parameter and throws rarely.
+class ArgName {
+ public:
+  ArgName(const std::string& full) : full_(&full) {}  // NOLINT: implicit, like a string; must outlive the call
+  ArgName(const char* base, size_t index) : base_(base), index_(index) {}
+  std::string str() const { return full_ != nullptr ? *full_ : std::string(base_) + "[" + std::to_string(index_) + "]"; }
+
+ private:
+  const std::string* full_ = nullptr;
+  const char* base_ = nullptr;
+  size_t index_ = 0;
+};
+
 class BufferWrap;
 // A Float32Array or a DeviceBuffer resolved to memory of `backend`. For a Float32Array
 // on a non-host backend the data travels through a temporary device copy, written back
@@ -71,7 +85,7 @@ class TensorRef {
  public:
   TensorRef() = default;
   TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, const Napi::Value& value, int64_t expected,
-            const std::string& what, bool output);
+            const ArgName& what, bool output);
   TensorRef(TensorRef&&) noexcept;
   TensorRef& operator=(TensorRef&&) noexcept;
   TensorRef(const TensorRef&) = delete;
@@ -94,7 +108,7 @@ class TensorRef {
 
 // Throws a RangeError naming two of `refs` (described by `names`) whose memory overlaps;
 // `writable[i]` marks the tensors a call writes: only overlaps involving one are refused.
-void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, const std::vector<std::string>& names,
+void CheckNoAliasing(Napi::Env env, const std::vector<const TensorRef*>& refs, const std::vector<ArgName>& names,
                      const std::vector<bool>& writable);
 
 // NOTE: [receiver checks]

@@ -200,12 +200,12 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       std::vector<uint8_t> has_grad(n, 0);
       for (size_t t = 0; t < n; ++t) {
         const int64_t numel = core.tensors()[t].numel;
-        params.emplace_back(env, backend, pv[t], numel, "params[" + std::to_string(t) + "]", true);
+        params.emplace_back(env, backend, pv[t], numel, ArgName("params", t), true);
         p[t] = params.back().data();
         if (gv[t].IsNull() || gv[t].IsUndefined()) {
           grads.emplace_back();
         } else {
-          grads.emplace_back(env, backend, gv[t], numel, "grads[" + std::to_string(t) + "]", false);
+          grads.emplace_back(env, backend, gv[t], numel, ArgName("grads", t), false);
           g[t] = grads.back().data();
           has_grad[t] = 1;
         }
@@ -213,11 +213,12 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       // Parameters are written in place: none may share memory with another tensor of the
       // step (the backends would disagree on the result: sequential on cpu, racing on cuda).
       std::vector<const TensorRef*> refs;
-      std::vector<std::string> names;
+      std::vector<ArgName> names;
       std::vector<bool> writable;
+      refs.reserve(2 * n), names.reserve(2 * n), writable.reserve(2 * n);
       for (size_t t = 0; t < n; ++t) {
-        refs.push_back(&params[t]), names.push_back("params[" + std::to_string(t) + "]"), writable.push_back(true);
-        refs.push_back(&grads[t]), names.push_back("grads[" + std::to_string(t) + "]"), writable.push_back(false);
+        refs.push_back(&params[t]), names.emplace_back("params", t), writable.push_back(true);
+        refs.push_back(&grads[t]), names.emplace_back("grads", t), writable.push_back(false);
       }
       CheckNoAliasing(env, refs, names, writable);
       const StepOutcome outcome = core.Step(p, g, has_grad);
