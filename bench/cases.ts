@@ -46,15 +46,6 @@ const CNN_LAYERS: LayerDef[] = [
 ];
 
 export const WORKLOADS: Record<string, WorkloadDef> = {
-  // Not a model: 32 tensors of 4 to 16 floats, whose step and factor calls cost what a
-  // call costs apart from its memory traffic (JS, the binding, planning, launches). Known
-  // to both benches, run when asked (--cases tiny).
-  tiny: {
-    name: 'tiny',
-    description: '16 x Linear 4->4 with biases, batch 2 (the fixed cost of a call)',
-    input: [2, 4],
-    layers: Array.from({ length: 16 }, (): LayerDef => ({ kind: 'linear', in: 4, out: 4, bias: true })),
-  },
   mlp: {
     name: 'mlp',
     description: 'Linear 784->1024->1024->10 with biases, batch 128',
@@ -92,6 +83,15 @@ export const WORKLOADS: Record<string, WorkloadDef> = {
       { kind: 'linear', in: 4096, out: 4096, bias: true },
       { kind: 'linear', in: 4096, out: 4096, bias: true },
     ],
+  },
+  // Not a model: 32 tensors of 4 to 16 floats, whose step and factor calls cost what a
+  // call costs apart from its memory traffic (JS, the binding, planning, launches). Known
+  // to both benches, run when asked (--cases tiny).
+  tiny: {
+    name: 'tiny',
+    description: '16 x Linear 4->4 with biases, batch 2 (the fixed cost of a call)',
+    input: [2, 4],
+    layers: Array.from({ length: 16 }, (): LayerDef => ({ kind: 'linear', in: 4, out: 4, bias: true })),
   },
 };
 

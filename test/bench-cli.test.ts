@@ -76,7 +76,7 @@ describe('bad values: exit 2 before anything is measured', () => {
     ['cpu.js', ['--reps', '0'], /--reps expects a positive integer, got '0'/],
     ['cpu.js', ['--reps', '2.5'], /--reps expects a positive integer, got '2.5'/],
     ['cpu.js', ['--reps', '-3'], /'--reps' argument is ambiguous/],
-    ['cpu.js', ['--cases', 'mlp,nope'], /unknown case 'nope' in --cases \(known: mlp, cnn, cnn512, big\)/],
+    ['cpu.js', ['--cases', 'mlp,nope'], /unknown case 'nope' in --cases \(known: mlp, cnn, cnn512, big, tiny\)/],
     ['cpu.js', ['--cases', ''], /--cases expects comma-separated case names/],
     ['cpu.js', ['--case', 'nope'], /unknown case 'nope' for --case \(known: bandwidth, /],
     ['cpu.js', ['--torch', 'torch.json', '--no-torch'], /--torch and --no-torch exclude each other/],
