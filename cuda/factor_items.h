@@ -193,6 +193,23 @@ ADAFISHER_HD double PlaneThreadSum(const float* x, const PlanePlan& p, int64_t p
   return acc;
 }
 
+// The offsets of the next kLoads (n, g) pairs into at[], (g, offset) stepping past them:
+// the next group is g_stride further, the next image's first group `wrap` further.
+template <int kLoads>
+ADAFISHER_HD void NextPairOffsets(int64_t groups, int64_t g_stride, int64_t wrap, int64_t& g, int64_t& offset,
+                                  int64_t at[kLoads]) {
+  ADAFISHER_UNROLL
+  for (int u = 0; u < kLoads; ++u) {
+    at[u] = offset;
+    if (++g == groups) {
+      g = 0;
+      offset += wrap;
+    } else {
+      offset += g_stride;
+    }
+  }
+}
+
 // Adds x[offset]^2 over the (n, g) pairs ng, ng + 1, ... while kLoads more remain before
 // ng_end, (g, offset) stepping with ng: kLoads loads issued, then added in order.
 template <int kLoads>
@@ -200,16 +217,7 @@ ADAFISHER_HD void ConvLoads(const float* x, int64_t groups, int64_t g_stride, in
                             int64_t& ng, int64_t& g, int64_t& offset, double& acc) {
   for (; ng + (kLoads - 1) < ng_end; ng += kLoads) {
     int64_t at[kLoads];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) {
-      at[u] = offset;
-      if (++g == groups) {
-        g = 0;
-        offset += wrap;
-      } else {
-        offset += g_stride;
-      }
-    }
+    NextPairOffsets<kLoads>(groups, g_stride, wrap, g, offset, at);
     float v[kLoads];
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) v[u] = StreamLoad(x + at[u]);
@@ -226,16 +234,7 @@ ADAFISHER_HD void ConvQuadLoads(const float* x, bool aligned, int64_t groups, in
                                 int64_t ng_end, int64_t& ng, int64_t& g, int64_t& offset, double acc[4]) {
   for (; ng + (kLoads - 1) < ng_end; ng += kLoads) {
     int64_t at[kLoads];
-    ADAFISHER_UNROLL
-    for (int u = 0; u < kLoads; ++u) {
-      at[u] = offset;
-      if (++g == groups) {
-        g = 0;
-        offset += wrap;
-      } else {
-        offset += g_stride;
-      }
-    }
+    NextPairOffsets<kLoads>(groups, g_stride, wrap, g, offset, at);
     float v[kLoads][4];
     ADAFISHER_UNROLL
     for (int u = 0; u < kLoads; ++u) LoadQuad(x + at[u], aligned, v[u]);
@@ -345,20 +344,27 @@ ADAFISHER_HD double ConvRowSum(const double* T, const ConvPlan& p, int64_t cp, i
   return TapSum<true>(T + cp * t_c + x * t_x, t_y, i, p.pt, p.sh, p.H, p.OH);
 }
 
-// Phase 2a by U index, item = (c' * kh + i) * W + x for NCHW, (i * W + x) * cg + c' for NHWC.
+// The (class, kernel row, column) of U entry `item` of `classes` classes: item =
+// (c * kh + i) * W + x for NCHW, (i * W + x) * classes + c for NHWC (consecutive items on
+// consecutive T addresses).
+ADAFISHER_HD void SplitRowItem(const ConvPlan& p, int64_t classes, int64_t item, int64_t* c, int64_t* i, int64_t* x) {
+  if (p.nhwc) {
+    *c = item % classes;
+    const int64_t t = item / classes;
+    *x = t % p.W;
+    *i = t / p.W;
+  } else {
+    *x = item % p.W;
+    const int64_t t = item / p.W;
+    *i = t % p.kh;
+    *c = t / p.kh;
+  }
+}
+
+// Phase 2a by U index (SplitRowItem over all cg classes).
 ADAFISHER_HD double ConvRowTap(const double* T, const ConvPlan& p, int64_t item) {
   int64_t cp, i, x;
-  if (p.nhwc) {
-    cp = item % p.cg;
-    const int64_t t = item / p.cg;
-    x = t % p.W;
-    i = t / p.W;
-  } else {
-    x = item % p.W;
-    const int64_t t = item / p.W;
-    i = t % p.kh;
-    cp = t / p.kh;
-  }
+  SplitRowItem(p, p.cg, item, &cp, &i, &x);
   return ConvRowSum(T, p, cp, i, x);
 }
 

@@ -337,17 +337,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = threadIdx.x; r < classes * line; r += kThreads) {
     // Consecutive threads on consecutive T addresses: x fastest for NCHW, c' for NHWC.
     int64_t c, i, xx;
-    if (plan.nhwc) {
-      c = r % classes;
-      const int64_t t = r / classes;
-      xx = t % plan.W;
-      i = t / plan.W;
-    } else {
-      xx = r % plan.W;
-      const int64_t t = r / plan.W;
-      i = t % plan.kh;
-      c = t / plan.kh;
-    }
+    SplitRowItem(plan, classes, r, &c, &i, &xx);
     U[(c * plan.kh + i) * plan.W + xx] = ConvRowSum(T, plan, c0 + c, i, xx);
   }
   __syncthreads();
