@@ -267,40 +267,41 @@ ADAFISHER_HD void ConvPixelStrides(const ConvPlan& p, int64_t q, int64_t* base, 
   }
 }
 
+// Where part `part` of pixel q's (n, g) pairs starts in x, and how to step through them
+// (the loaders above advance ng, g and offset).
+struct ConvPairWalk {
+  int64_t ng, ng_end, g, offset, g_stride, wrap;
+};
+ADAFISHER_HD ConvPairWalk StartPairWalk(const ConvPlan& p, int64_t part, int64_t q) {
+  ConvPairWalk w;
+  w.ng = part * p.span;
+  const int64_t ng_limit = w.ng + p.span;
+  w.ng_end = ng_limit < p.planes ? ng_limit : p.planes;
+  int64_t base, n_stride;
+  ConvPixelStrides(p, q, &base, &n_stride, &w.g_stride);
+  const int64_t n = w.ng / p.groups;
+  w.g = w.ng - n * p.groups;
+  w.offset = n * n_stride + w.g * w.g_stride + base;
+  w.wrap = n_stride - (p.groups - 1) * w.g_stride;  // from (n, groups - 1) to (n + 1, 0)
+  return w;
+}
+
 // Phase 1 for the 4 pixels q .. q + 3 (the plan's unit is 4: they are adjacent in x, and
 // 16-byte aligned when x is): sums[k] = ConvPixelSum(x, p, part, q + k), bit for bit.
 ADAFISHER_HD void ConvQuadSum(const float* x, const ConvPlan& p, int64_t part, int64_t q, double sums[4]) {
-  const int64_t ng_begin = part * p.span;
-  const int64_t ng_limit = ng_begin + p.span;
-  const int64_t ng_end = ng_limit < p.planes ? ng_limit : p.planes;
-  int64_t base, n_stride, g_stride;
-  ConvPixelStrides(p, q, &base, &n_stride, &g_stride);
-  int64_t n = ng_begin / p.groups;
-  int64_t g = ng_begin - n * p.groups;
-  int64_t offset = n * n_stride + g * g_stride + base;
-  const int64_t wrap = n_stride - (p.groups - 1) * g_stride;
+  ConvPairWalk w = StartPairWalk(p, part, q);
   const bool aligned = (reinterpret_cast<uintptr_t>(x) & 15u) == 0;
   sums[0] = sums[1] = sums[2] = sums[3] = 0.0;
-  int64_t ng = ng_begin;
-  ConvQuadLoads<4>(x, aligned, p.groups, g_stride, wrap, ng_end, ng, g, offset, sums);
-  ConvQuadLoads<1>(x, aligned, p.groups, g_stride, wrap, ng_end, ng, g, offset, sums);
+  ConvQuadLoads<4>(x, aligned, p.groups, w.g_stride, w.wrap, w.ng_end, w.ng, w.g, w.offset, sums);
+  ConvQuadLoads<1>(x, aligned, p.groups, w.g_stride, w.wrap, w.ng_end, w.ng, w.g, w.offset, sums);
 }
 
 ADAFISHER_HD double ConvPixelSum(const float* x, const ConvPlan& p, int64_t part, int64_t q) {
-  const int64_t ng_begin = part * p.span;
-  const int64_t ng_limit = ng_begin + p.span;
-  const int64_t ng_end = ng_limit < p.planes ? ng_limit : p.planes;
-  int64_t base, n_stride, g_stride;
-  ConvPixelStrides(p, q, &base, &n_stride, &g_stride);
-  int64_t n = ng_begin / p.groups;
-  int64_t g = ng_begin - n * p.groups;
-  int64_t offset = n * n_stride + g * g_stride + base;
-  const int64_t wrap = n_stride - (p.groups - 1) * g_stride;  // from (n, groups - 1) to (n + 1, 0)
+  ConvPairWalk w = StartPairWalk(p, part, q);
   double acc = 0.0;
-  int64_t ng = ng_begin;
-  ConvLoads<kLoadsInFlight>(x, p.groups, g_stride, wrap, ng_end, ng, g, offset, acc);
-  ConvLoads<4>(x, p.groups, g_stride, wrap, ng_end, ng, g, offset, acc);
-  ConvLoads<1>(x, p.groups, g_stride, wrap, ng_end, ng, g, offset, acc);
+  ConvLoads<kLoadsInFlight>(x, p.groups, w.g_stride, w.wrap, w.ng_end, w.ng, w.g, w.offset, acc);
+  ConvLoads<4>(x, p.groups, w.g_stride, w.wrap, w.ng_end, w.ng, w.g, w.offset, acc);
+  ConvLoads<1>(x, p.groups, w.g_stride, w.wrap, w.ng_end, w.ng, w.g, w.offset, acc);
   return acc;
 }
 
