@@ -24,6 +24,8 @@ import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { MAX_GLIBC, portabilityProblems } from './elf-needs.mjs';
+
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const work = join(root, 'build-prebuild');
 const stage = join(work, 'stage');
@@ -51,7 +53,18 @@ function check(addon) {
   if (!d.cuda && process.env.ADAFISHER_PREBUILD_ALLOW_CPU !== '1') {
     fail(`${addon} has no CUDA backend (no nvcc found?); set ADAFISHER_PREBUILD_ALLOW_CPU=1 to pack a CPU-only binary`);
   }
-  console.log(`prebuild: ${addon}: adafisher ${d.version}, ${d.buildSystem}, CUDA ${d.cuda ? `architectures ${d.archs}` : 'not compiled'}`);
+  // The published binary must load wherever Node 20 does (NOTE: [portable binary]).
+  const glibcX64 = process.platform === 'linux' && process.arch === 'x64' &&
+    (process.env.LIBC || (existsSync('/etc/alpine-release') ? 'musl' : 'glibc')) === 'glibc';
+  if (glibcX64) {
+    const problems = portabilityProblems(addon);
+    if (problems.length > 0) {
+      fail(`${addon} would not load on every Linux with glibc ${MAX_GLIBC}+:\n  ${problems.join('\n  ')}\n` +
+           '(built without the portable link of CMakeLists.txt, ADAFISHER_PORTABLE_LINUX?)');
+    }
+  }
+  console.log(`prebuild: ${addon}: adafisher ${d.version}, ${d.buildSystem}, CUDA ${d.cuda ? `architectures ${d.archs}` : 'not compiled'}` +
+              (glibcX64 ? `, loads on glibc ${MAX_GLIBC}+` : ''));
 }
 
 // Called by prebuildify in place of node-gyp: `rebuild --target=X --arch=Y --release|--debug …`.
