@@ -256,6 +256,16 @@ cudaError_t CudaBackend::SynchronizeNoThrow() const noexcept {
   return error;
 }
 
+bool CudaBackend::StreamBusy() const noexcept {
+  if (cudaSetDevice(device_) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const cudaError_t status = cudaStreamQuery(stream_);
+  if (status != cudaSuccess) cudaGetLastError();  // cudaErrorNotReady is not an error to keep
+  return status == cudaErrorNotReady;
+}
+
 void CudaBackend::Synchronize() {
   const cudaError_t error = SynchronizeNoThrow();
   if (error != cudaSuccess) ThrowCudaError(error, __FILE__, __LINE__);
@@ -487,14 +497,19 @@ bool CudaBackend::EnsureStaging() {
 // pinned buffers, synchronously, at a fraction of the bus bandwidth. Copies of 1 MiB and
 // more go through two 4 MiB pinned buffers instead: while the GPU copies one, the CPU fills
 // (upload) or drains (download) the other. Smaller copies are not worth the memcpy.
-void CudaBackend::Upload(float* dst, const float* host_src, size_t count) {
-  if (count == 0) return;
-  std::lock_guard<std::mutex> lock(mutex_);
-  Activate();
+//
+// An upload is queued like a kernel: a pageable copy returns once the driver has taken the
+// source ("no device synchronization is performed", CUDA's API synchronization behavior), a
+// staged one once the last chunk is in a pinned buffer (the next staged copy waits for both
+// buffers' events before it refills them). Only DeviceBuffer.upload, whose contract is
+// "returns with the data in place", then waits for the stream (Upload). The device copies of
+// Float32Array arguments (UploadAsync, NOTE: [transient device copies]) do not: the kernels
+// that read them are queued behind them, so a call given Float32Arrays no longer waits for
+// the GPU to finish everything queued before it, once per argument.
+void CudaBackend::EnqueueUpload(float* dst, const float* host_src, size_t count) {
   const size_t bytes = count * sizeof(float);
   if (bytes < kStagingThreshold || !EnsureStaging()) {
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
-    ADAFISHER_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return;
   }
   // Both buffers idle (a copy that threw half-way may have left one in flight).
@@ -509,7 +524,21 @@ void CudaBackend::Upload(float* dst, const float* host_src, size_t count) {
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging_[b], n * sizeof(float), cudaMemcpyHostToDevice, stream_));
     ADAFISHER_CUDA_CHECK(cudaEventRecord(staging_done_[b], stream_));
   }
+}
+
+void CudaBackend::Upload(float* dst, const float* host_src, size_t count) {
+  if (count == 0) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  EnqueueUpload(dst, host_src, count);
   ADAFISHER_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::UploadAsync(float* dst, const float* host_src, size_t count) {
+  if (count == 0) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  EnqueueUpload(dst, host_src, count);
 }
 
 void CudaBackend::Download(float* host_dst, const float* src, size_t count) {
@@ -599,6 +628,11 @@ bool SynchronizeStream(Backend* backend, std::string* error) noexcept {
     }
   }
   return false;
+}
+
+bool StreamBusy(Backend* backend) noexcept {
+  auto* cuda_backend = dynamic_cast<CudaBackend*>(backend);
+  return cuda_backend != nullptr && cuda_backend->StreamBusy();
 }
 
 bool IsCudaBackend(const Backend* backend) noexcept { return dynamic_cast<const CudaBackend*>(backend) != nullptr; }

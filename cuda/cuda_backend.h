@@ -29,6 +29,11 @@ bool SynchronizeStream(Backend* backend, std::string* error) noexcept;
 // True when `backend` was made by CreateCudaBackend.
 bool IsCudaBackend(const Backend* backend) noexcept;
 
+// True while work queued on `backend`'s stream has not finished (cudaStreamQuery says
+// cudaErrorNotReady): the parity harness checks with it that a call returned without
+// waiting for the GPU. False for a backend that is not CUDA.
+bool StreamBusy(Backend* backend) noexcept;
+
 // The bytes of device memory that `backend` keeps in idle transient blocks for later calls
 // (NOTE: [transient device copies] in backend.cu); 0 for a backend that is not CUDA.
 size_t IdleTransientBytes(const Backend* backend) noexcept;

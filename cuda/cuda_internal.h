@@ -67,6 +67,7 @@ class CudaBackend final : public Backend {
   float* AcquireTransient(size_t count) override;
   void ReleaseTransient(float* ptr) noexcept override;
   void Upload(float* dst, const float* host_src, size_t count) override;
+  void UploadAsync(float* dst, const float* host_src, size_t count) override;
   void Download(float* host_dst, const float* src, size_t count) override;
   void Copy(float* dst, const float* src, size_t count) override;
   void Fill(float* dst, float value, size_t count) override;
@@ -93,6 +94,8 @@ class CudaBackend final : public Backend {
   }
   // Waits for the stream; returns the CUDA error instead of throwing.
   cudaError_t SynchronizeNoThrow() const noexcept;
+  // True while queued work has not finished (lock-free, like SynchronizeNoThrow).
+  bool StreamBusy() const noexcept;
 
  private:
   enum class ReduceOp { kSquare, kValue };
@@ -104,6 +107,8 @@ class CudaBackend final : public Backend {
   void* DeviceMalloc(size_t bytes, const std::string& what);
   // Frees the oldest idle transient blocks until at most `keep_bytes` stay idle.
   void TrimTransient(size_t keep_bytes) noexcept;
+  // Queues the copy of host_src into dst; returns once host_src may change (mutex_ held).
+  void EnqueueUpload(float* dst, const float* host_src, size_t count);
   // Replaces *buffer (of *capacity bytes) by one of max(bytes, minimum) bytes, after the
   // queued kernels that may use it; contents are not kept.
   void GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes, size_t minimum);

@@ -218,7 +218,7 @@ TensorRef::TensorRef(Napi::Env env, const std::shared_ptr<Backend>& backend, con
       // Device memory for this call only (NOTE: [transient device copies] in cuda/backend.cu).
       staging_ = backend->AcquireTransient(static_cast<size_t>(length_));
       try {
-        backend->Upload(staging_, host_, static_cast<size_t>(length_));
+        backend->UploadAsync(staging_, host_, static_cast<size_t>(length_));  // queued: the kernels follow it
       } catch (...) {
         backend->ReleaseTransient(staging_);  // a throwing constructor runs no destructor
         staging_ = nullptr;

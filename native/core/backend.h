@@ -117,7 +117,12 @@ class Backend {
   // [transient device copies] in cuda/backend.cu); by default these are Allocate/Release.
   virtual float* AcquireTransient(size_t count) { return Allocate(count); }
   virtual void ReleaseTransient(float* ptr) noexcept { Release(ptr); }
+  // Host memory into dst, in queue order. Upload returns with the copy done; UploadAsync
+  // returns as soon as host_src may change again, possibly before the copy and the work
+  // queued ahead of it are done (cuda: NOTE: [host copies] in cuda/backend.cu). By default
+  // UploadAsync is Upload.
   virtual void Upload(float* dst, const float* host_src, size_t count) = 0;
+  virtual void UploadAsync(float* dst, const float* host_src, size_t count) { Upload(dst, host_src, count); }
   virtual void Download(float* host_dst, const float* src, size_t count) = 0;
   virtual void Copy(float* dst, const float* src, size_t count) = 0;
   virtual void Fill(float* dst, float value, size_t count) = 0;

@@ -892,6 +892,14 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   cuda_emu::Flush(s, s->enqueued);
   return cuda_emu::g_sticky;
 }
+// cudaErrorNotReady while the stream has work it has not run (here: until a wait runs it).
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  Lock lock(g_mutex);
+  cuda_emu::Stream* s = cuda_emu::Resolve(stream);
+  if (s == nullptr) return cuda_emu::Record(cudaErrorInvalidResourceHandle);
+  if (s->executed < s->enqueued) return cudaErrorNotReady;
+  return cuda_emu::g_sticky;
+}
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned flags) {
   Lock lock(g_mutex);
   if (event == nullptr) return cuda_emu::Record(cudaErrorInvalidValue);

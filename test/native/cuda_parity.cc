@@ -656,6 +656,53 @@ void TestMemory(Backend& cpu, Backend& gpu) {
     }
     Record("memory/transient_blocks", ok, detail);
   });
+  Guarded("memory/upload_async", [&] {
+    // NOTE: [host copies]: the device copy of a Float32Array argument is queued behind the
+    // work ahead of it and returns without waiting for that work; the host array may change
+    // at once. Upload (DeviceBuffer.upload) still returns with the copy done.
+#if ADAFISHER_CUDA_EMULATOR
+    const size_t busy_floats = 1024, busy_reps = 1;  // queued work waits for a wait here
+#else
+    const size_t busy_floats = size_t{64} << 20, busy_reps = 16;  // 16 x 256 MiB: milliseconds
+#endif
+    Buffer busy(gpu, busy_floats), got(gpu, 2), want(cpu, 2);
+    bool ok = true;
+    std::string detail;
+    // 1000 floats: the driver's pageable copy; 1.5 M floats (6 MB): both pinned buffers.
+    const size_t sizes[2] = {1000, 1500000};
+    float* blocks[2] = {nullptr, nullptr};
+    std::vector<float> host[2];
+    for (int i = 0; i < 2; ++i) {
+      host[i] = Normal(sizes[i], 71 + i);
+      Buffer in(cpu, host[i]);
+      cpu.MeanSquareFactor(in.ptr(), 1, 1, static_cast<index_t>(sizes[i]), double(sizes[i]), false, 0.0f, want.ptr() + i);
+    }
+    gpu.Synchronize();
+    for (int i = 0; i < 2; ++i) {
+      for (size_t r = 0; r < busy_reps; ++r) gpu.Fill(busy.ptr(), 0.0f, busy.size());
+      blocks[i] = gpu.AcquireTransient(sizes[i]);
+      gpu.UploadAsync(blocks[i], host[i].data(), sizes[i]);
+      const bool queued = cu::StreamBusy(&gpu);
+      ok &= queued;
+      detail += Format("%s%zu floats: %s", i == 0 ? "" : "; ", sizes[i], queued ? "returned before the work ahead" : "WAITED");
+      std::fill(host[i].begin(), host[i].end(), 1e30f);  // the copy has the old values already
+      gpu.MeanSquareFactor(blocks[i], 1, 1, static_cast<index_t>(sizes[i]), double(sizes[i]), false, 0.0f, got.ptr() + i);
+    }
+    for (float* b : blocks) gpu.ReleaseTransient(b);
+    const std::vector<float> g = got.Read(), w = want.Read();
+    for (int i = 0; i < 2; ++i) {
+      const double rel = std::fabs(double(g[i]) - w[i]) / std::fabs(double(w[i]));
+      ok &= rel <= 1e-5;
+      detail += Format("; factor %d rel err %.1e", i, rel);
+    }
+    // Upload waits for its copy, and so for everything queued before it.
+    for (size_t r = 0; r < busy_reps; ++r) gpu.Fill(busy.ptr(), 0.0f, busy.size());
+    gpu.Upload(got.ptr(), host[0].data(), 2);
+    const bool drained = !cu::StreamBusy(&gpu);
+    ok &= drained;
+    detail += drained ? "; Upload returned with the stream drained" : "; Upload returned EARLY";
+    Record("memory/upload_async", ok, detail);
+  });
   if (g_small) {
     // Under racecheck, a launch made while another thread synchronizes the stream is lost
     // ("failed to track a kernel launch") and the run stalls here (seen on an H200).
