@@ -260,7 +260,8 @@ export function loadBinding(): { binding: NativeBinding; path: string } {
       (process.env.ADAFISHER_ADDON
         ? 'Fix: point ADAFISHER_ADDON at a built adafisher.node, or unset it to use the installed binary.'
         : `Fix: reinstall with \`npm install adafisher\` (prebuilt binaries exist for linux-x64 glibc), or build from ` +
-          `source with a C++17 compiler and Python: \`npm rebuild adafisher --build-from-source\` (CPU only, node-gyp) or, ` +
+          `source with a C++17 compiler and Python: \`npm rebuild adafisher --build-from-source\` (CPU only, node-gyp; ` +
+          `where npm skips dependencies' install scripts until approved, first \`npm install-scripts approve adafisher\`) or, ` +
           `in a checkout, \`npm run build:native\` (CMake, CUDA when nvcc is present).`),
   ) as Error & { code: string };
   err.code = 'ADAFISHER_ADDON_NOT_FOUND';

@@ -246,6 +246,7 @@ describe('installed from the tarball without a compiler', () => {
       expect(r.message).toContain(join(release, 'adafisher.node'));
       expect(r.message).toMatch(/prebuilt .*adafisher\.glibc\.node: built for glibc, this system uses musl/);
       expect(r.message).toMatch(/Fix: .*npm rebuild adafisher --build-from-source/);
+      expect(r.message).toContain('npm install-scripts approve adafisher');
     } finally {
       rmSync(join(installed(), 'build'), { recursive: true, force: true });
     }
