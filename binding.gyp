@@ -28,6 +28,7 @@
       "xcode_settings": {
         "GCC_ENABLE_CPP_EXCEPTIONS": "YES",
         "CLANG_CXX_LANGUAGE_STANDARD": "c++17",
+        "OTHER_CPLUSPLUSFLAGS": ["-ffp-contract=off"],
         "MACOSX_DEPLOYMENT_TARGET": "11.0"
       },
       "msvs_settings": { "VCCLCompilerTool": { "ExceptionHandling": 1 } }
