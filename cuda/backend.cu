@@ -262,7 +262,7 @@ bool CudaBackend::StreamBusy() const noexcept {
     return false;
   }
   const cudaError_t status = cudaStreamQuery(stream_);
-  if (status != cudaSuccess) cudaGetLastError();  // cudaErrorNotReady is not an error to keep
+  if (status != cudaSuccess && status != cudaErrorNotReady) cudaGetLastError();  // a real error: not kept
   return status == cudaErrorNotReady;
 }
 

@@ -9,11 +9,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
 
+import { hostLibc } from '../lib/binding.js';
 import { MAX_GLIBC, portabilityProblems as problemsOf, readElfNeeds as needsOf } from '../scripts/elf-needs.mjs';
 import { ensureDist, repoRoot } from './workers/ensure-dist.js';
 
-const glibcX64 =
-  process.platform === 'linux' && process.arch === 'x64' && (process.env.LIBC ?? (existsSync('/etc/alpine-release') ? 'musl' : 'glibc')) === 'glibc';
+const glibcX64 = process.platform === 'linux' && process.arch === 'x64' && hostLibc() === 'glibc';
 
 // The cmake-js builds present: build/Release when cmake-js made it, and packed prebuilds.
 function cmakeJsBinaries(): string[] {
