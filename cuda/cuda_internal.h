@@ -86,6 +86,7 @@ class CudaBackend final : public Backend {
   void NormGradFactor(const float* x, index_t outer, index_t kept, index_t inner, double batch, float* out) override;
   void Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bool has_bias, float* out) override;
 
+  void FactorJobs(const FactorJob* jobs, size_t count) override;
   bool Step(const StepRequest& request) override;
 
   size_t IdleTransientBytes() const {
@@ -124,6 +125,10 @@ class CudaBackend final : public Backend {
   // 0 rows (nothing launched, nothing written) when there is nothing to read.
   int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner, Finish finish,
                      FinishArgs args, double** partial);
+  // One launch of the mean square jobs[0..count) (count <= kBatchJobs, all with something
+  // to read, all of the plan kind Plan): NOTE: [batched factor launch] in factor_kernels.cu.
+  template <typename Plan>
+  void LaunchMeanSquareBatch(const FactorJob* const* jobs, size_t count);
   bool EnsureStaging();
   void CopyThroughDevice(float* dst, const float* src, size_t count);
 

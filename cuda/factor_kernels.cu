@@ -170,45 +170,50 @@ __device__ __forceinline__ float Finished(double sum, double divisor) {
 
 // The first pass over an [outer, kept] matrix (ColumnPlan): block (tile, slice) writes
 // the partial of each of its columns over its slice of rows; with a finish, the last slice
-// block of a tile adds the tile's partials and writes its factor entries.
+// block of a tile adds the tile's partials and writes its factor entries. Every thread of
+// the block calls it.
+template <bool kSquare, Finish kFinish>
+__device__ __forceinline__ void ColumnReduceBlock(const float* __restrict__ x, const ColumnPlan& plan, double* partial,
+                                                  const FinishArgs& finish, int64_t tile, int64_t slice) {
+  __shared__ double sums[kThreads];
+  const int tid = threadIdx.x;
+  sums[tid] = ColumnThreadSum<kSquare>(x, plan, tile, slice, tid);
+  __syncthreads();
+  if (tid < plan.cols) {
+    const int64_t col = tile * plan.cols + tid;
+    if (col < plan.kept) {
+      // Rows of the block in order: sums[r * cols + tid] holds rows r, r + step, ...
+      double total = 0.0;
+      for (int r = 0; r < plan.step; ++r) total += sums[r * plan.cols + tid];
+      partial[slice * plan.kept + col] = total;
+    }
+  }
+  if (kFinish == Finish::kPartials) return;
+  if (finish.has_appended && tile == 0 && slice == 0 && tid == 0) finish.out[plan.kept] = finish.appended;
+  if (!FinishesGroup(finish.tickets, tile, static_cast<unsigned>(plan.slices))) return;
+  const int64_t first = tile * plan.cols;
+  const int64_t end = first + plan.cols < plan.kept ? first + plan.cols : plan.kept;
+  for (int64_t t = first; t < end; t += kTileColumns) {
+    const double sum = TileColumnSum(partial, plan.slices, plan.kept, end, t);
+    if (tid < kTileColumns && t + tid < end) finish.out[t + tid] = Finished<kFinish>(sum, finish.divisor);
+  }
+}
+
+// Grid (col_tiles, slices).
 template <bool kSquare, Finish kFinish>
 __global__ void __launch_bounds__(kThreads, kStreamingBlocksPerSm)
     ColumnReduceKernel(const float* __restrict__ x, const ColumnPlan plan, double* partial,
                        const FinishArgs finish) {
   AwaitPriorGrids();
-  __shared__ double sums[kThreads];
-  const int tid = threadIdx.x;
-  sums[tid] = ColumnThreadSum<kSquare>(x, plan, blockIdx.x, blockIdx.y, tid);
-  __syncthreads();
-  if (tid < plan.cols) {
-    const int64_t col = int64_t{blockIdx.x} * plan.cols + tid;
-    if (col < plan.kept) {
-      // Rows of the block in order: sums[r * cols + tid] holds rows r, r + step, ...
-      double total = 0.0;
-      for (int r = 0; r < plan.step; ++r) total += sums[r * plan.cols + tid];
-      partial[int64_t{blockIdx.y} * plan.kept + col] = total;
-    }
-  }
-  if (kFinish == Finish::kPartials) return;
-  if (finish.has_appended && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) finish.out[plan.kept] = finish.appended;
-  if (!FinishesGroup(finish.tickets, blockIdx.x, gridDim.y)) return;
-  const int64_t first = int64_t{blockIdx.x} * plan.cols;
-  const int64_t end = first + plan.cols < plan.kept ? first + plan.cols : plan.kept;
-  for (int64_t tile = first; tile < end; tile += kTileColumns) {
-    const double sum = TileColumnSum(partial, plan.slices, plan.kept, end, tile);
-    if (tid < kTileColumns && tile + tid < end) finish.out[tile + tid] = Finished<kFinish>(sum, finish.divisor);
-  }
+  ColumnReduceBlock<kSquare, kFinish>(x, plan, partial, finish, blockIdx.x, blockIdx.y);
 }
 
 // The first pass over [outer, kept, inner] with inner > 1 (PlanePlan): block (part, b)
 // writes the partial of its span of b's plane; with a finish, the last part block of b
-// adds b's partials and writes out[b].
+// adds b's partials and writes out[b]. `block` = part * kept + b; every thread calls it.
 template <bool kSquare, Finish kFinish>
-__global__ void __launch_bounds__(kThreads)
-    PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* partial,
-                      const FinishArgs finish) {
-  AwaitPriorGrids();
-  const int64_t block = blockIdx.x;
+__device__ __forceinline__ void PlaneReduceBlock(const float* __restrict__ x, const PlanePlan& plan, double* partial,
+                                                 const FinishArgs& finish, int64_t block) {
   const int64_t b = block % plan.kept;
   const int64_t part = block / plan.kept;
   const double total = BlockSum(PlaneThreadSum<kSquare>(x, plan, part, b, threadIdx.x, kThreads));
@@ -218,6 +223,78 @@ __global__ void __launch_bounds__(kThreads)
   if (!FinishesGroup(finish.tickets, b, static_cast<unsigned>(plan.parts))) return;
   const double sum = TileColumnSum(partial, plan.parts, plan.kept, b + 1, b);
   if (threadIdx.x == 0) finish.out[b] = Finished<kFinish>(sum, finish.divisor);
+}
+
+// Grid parts * kept.
+template <bool kSquare, Finish kFinish>
+__global__ void __launch_bounds__(kThreads)
+    PlaneReduceKernel(const float* __restrict__ x, const PlanePlan plan, double* partial,
+                      const FinishArgs finish) {
+  AwaitPriorGrids();
+  PlaneReduceBlock<kSquare, kFinish>(x, plan, partial, finish, blockIdx.x);
+}
+
+// NOTE: [batched factor launch]
+// A model's factor calls are one launch each (or two): for `big` (four Linear 4096->4096
+// layers, batch 256) eight launches read 4 MB each, and each launch's ramp and tail cost
+// about as much as its reads. recordFactors hands several layers' statistics in one call;
+// the mean squares among them (Linear inputs and output gradients, conv output gradients)
+// then run as one launch per plan kind (column, plane) of up to kBatchJobs jobs. Each job
+// keeps the plan, the block partition, its own partials and tickets, and the epilogue of
+// its own launch: block `first_block + l` of the batch does what block l of the job's own
+// launch does (column: tile l % col_tiles, slice l / col_tiles), so every factor is the same
+// bits as from its own call (the harness checks it). The job table travels in the kernel
+// arguments (__grid_constant__: read from the constant bank, never copied), so a batch costs
+// no upload and no synchronization.
+constexpr int kBatchJobs = 16;
+
+template <typename Plan>
+struct ReduceJob {
+  const float* x;
+  Plan plan;
+  double* partial;
+  FinishArgs finish;
+  int64_t first_block;  // in the batch's grid
+};
+
+template <typename Plan>
+struct ReduceBatch {
+  ReduceJob<Plan> job[kBatchJobs];
+  int count;
+};
+static_assert(sizeof(ReduceBatch<ColumnPlan>) <= 4000 && sizeof(ReduceBatch<PlanePlan>) <= 4000,
+              "a batch's job table must fit in the 4 KiB of kernel arguments of every architecture");
+
+// The job of the batch's block `block`: the last whose first block is <= block.
+template <typename Plan>
+__device__ __forceinline__ const ReduceJob<Plan>& JobOfBlock(const ReduceBatch<Plan>& batch, int64_t block) {
+  int j = 0;
+  while (j + 1 < batch.count && block >= batch.job[j + 1].first_block) ++j;
+  return batch.job[j];
+}
+
+// Indexed by the job, the plan's fields live in registers where a launch of its own reads
+// them from the argument bank as needed: ptxas spills the column pass below 48 registers
+// (at the 32 of ColumnReduceKernel's full occupancy, and also with one copy of the code
+// per job index). At 48, five blocks of 256 threads per SM keep 1280 x 8 loads (40 KB) in
+// flight (NOTE: [loads in flight]).
+constexpr int kBatchColumnBlocksPerSm = 5;
+
+__global__ void __launch_bounds__(kThreads, kBatchColumnBlocksPerSm)
+    ColumnBatchKernel(const __grid_constant__ ReduceBatch<ColumnPlan> batch) {
+  AwaitPriorGrids();
+  const ReduceJob<ColumnPlan>& job = JobOfBlock(batch, blockIdx.x);
+  const int64_t local = int64_t{blockIdx.x} - job.first_block;
+  ColumnReduceBlock<true, Finish::kMeanSquare>(job.x, job.plan, job.partial, job.finish, local % job.plan.col_tiles,
+                                               local / job.plan.col_tiles);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    PlaneBatchKernel(const __grid_constant__ ReduceBatch<PlanePlan> batch) {
+  AwaitPriorGrids();
+  const ReduceJob<PlanePlan>& job = JobOfBlock(batch, blockIdx.x);
+  PlaneReduceBlock<true, Finish::kMeanSquare>(job.x, job.plan, job.partial, job.finish,
+                                              int64_t{blockIdx.x} - job.first_block);
 }
 
 // The finalizers of an empty reduction (no first pass: outer or inner is 0) and of the norm
@@ -412,7 +489,61 @@ void LaunchPlaneReduce(bool programmatic, Finish kind, unsigned blocks, cudaStre
   }
 }
 
+// What a batch needs of a plan: its blocks, its partials and its ticket counters (one per
+// group of several blocks), as ReduceKept sizes them for the plan's own launch.
+struct BatchNeeds {
+  int64_t blocks, partials, tickets;
+};
+BatchNeeds NeedsOf(const ColumnPlan& p) {
+  return {p.col_tiles * p.slices, p.slices * p.kept, p.slices > 1 ? p.col_tiles : 0};
+}
+BatchNeeds NeedsOf(const PlanePlan& p) { return {p.parts * p.kept, p.parts * p.kept, p.parts > 1 ? p.kept : 0}; }
+
+ColumnPlan PlanOf(const FactorJob& j, ColumnPlan*) { return MakeColumnPlan(j.outer, j.kept); }
+PlanePlan PlanOf(const FactorJob& j, PlanePlan*) { return MakePlanePlan(j.outer, j.kept, j.inner); }
+
+void LaunchBatch(bool programmatic, cudaStream_t stream, unsigned blocks, const ReduceBatch<ColumnPlan>& batch) {
+  LaunchAwaiting(programmatic, ColumnBatchKernel, dim3(blocks), stream, batch);
+}
+void LaunchBatch(bool programmatic, cudaStream_t stream, unsigned blocks, const ReduceBatch<PlanePlan>& batch) {
+  LaunchAwaiting(programmatic, PlaneBatchKernel, dim3(blocks), stream, batch);
+}
+
 }  // namespace
+
+template <typename Plan>
+void CudaBackend::LaunchMeanSquareBatch(const FactorJob* const* jobs, size_t count) {
+  const bool programmatic = programmatic_launch_ && Tuning().programmatic_launch;
+  ReduceBatch<Plan> batch{};
+  batch.count = static_cast<int>(count);
+  int64_t blocks = 0, partials = 0, tickets = 0;
+  int64_t partial_at[kBatchJobs], ticket_at[kBatchJobs];
+  for (size_t i = 0; i < count; ++i) {
+    const FactorJob& j = *jobs[i];
+    ReduceJob<Plan>& r = batch.job[i];
+    r.x = j.x;
+    r.plan = PlanOf(j, static_cast<Plan*>(nullptr));
+    r.finish.divisor = j.divisor;
+    r.finish.has_appended = j.has_appended;
+    r.finish.appended = j.appended;
+    r.finish.out = j.out;
+    const BatchNeeds needs = NeedsOf(r.plan);
+    r.first_block = blocks;
+    blocks += needs.blocks;
+    partial_at[i] = partials;
+    partials += needs.partials;
+    ticket_at[i] = needs.tickets > 0 ? tickets : -1;
+    tickets += needs.tickets;
+  }
+  const unsigned grid = GridSize(blocks);
+  double* scratch = static_cast<double*>(Scratch(static_cast<size_t>(partials) * sizeof(double)));
+  unsigned* counters = tickets > 0 ? Tickets(static_cast<size_t>(tickets)) : nullptr;
+  for (size_t i = 0; i < count; ++i) {
+    batch.job[i].partial = scratch + partial_at[i];
+    batch.job[i].finish.tickets = ticket_at[i] >= 0 ? counters + ticket_at[i] : nullptr;
+  }
+  LaunchBatch(programmatic, stream_, grid, batch);
+}
 
 int64_t CudaBackend::ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner,
                                 Finish finish, FinishArgs args, double** partial) {
@@ -535,6 +666,33 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
   if (items > 0) {
     ConvTapKernel<<<BlocksFor(items), kThreads, 0, stream_>>>(U, plan, count, has_bias, out);
     ADAFISHER_CUDA_LAUNCH_CHECK();
+  }
+}
+
+void CudaBackend::FactorJobs(const FactorJob* jobs, size_t count) {
+  // The mean squares with something to read go into batches by plan kind (NOTE: [batched
+  // factor launch]); every other job, and a kind with a single job, runs its own launch.
+  std::vector<const FactorJob*> columns, planes;
+  for (size_t i = 0; i < count; ++i) {
+    const FactorJob& j = jobs[i];
+    if (j.op == FactorOp::kMeanSquare && j.outer > 0 && j.kept > 0 && j.inner > 0) {
+      (j.inner == 1 ? columns : planes).push_back(&j);
+    } else {
+      RunFactorJob(j);
+    }
+  }
+  for (std::vector<const FactorJob*>* kind : {&columns, &planes}) {
+    if (kind->size() == 1) RunFactorJob(*kind->front());
+    if (kind->size() <= 1) kind->clear();
+  }
+  if (columns.empty() && planes.empty()) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  Activate();
+  for (size_t i = 0; i < columns.size(); i += kBatchJobs) {
+    LaunchMeanSquareBatch<ColumnPlan>(columns.data() + i, std::min<size_t>(kBatchJobs, columns.size() - i));
+  }
+  for (size_t i = 0; i < planes.size(); i += kBatchJobs) {
+    LaunchMeanSquareBatch<PlanePlan>(planes.data() + i, std::min<size_t>(kBatchJobs, planes.size() - i));
   }
 }
 

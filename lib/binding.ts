@@ -44,6 +44,8 @@ export interface NativeLayer {
   padBottom?: number;
   padLeft?: number;
   padRight?: number;
+  /** The index the user knows this layer by, for messages (default: its index here). */
+  label?: number;
 }
 
 export interface NativeTensor {
@@ -95,12 +97,21 @@ export interface NativeTimingEvent {
   dispose(): void;
 }
 
+/** One input (which 0: H) or output gradient (which 1: S) of a layer, for recordFactors. */
+export interface NativeFactorRecord {
+  layer: number;
+  which: number;
+  data: NativeTensorArg;
+  shape: number[];
+}
+
 export interface NativeOptimizer {
   readonly steps: number;
   readonly disposed: boolean;
   readonly backend: NativeBackendName;
   recordInput(layer: number, data: NativeTensorArg, shape: number[]): void;
   recordOutputGrad(layer: number, data: NativeTensorArg, shape: number[]): void;
+  recordFactors(records: NativeFactorRecord[]): void;
   setFactor(layer: number, which: number, data: NativeTensorArg): void;
   step(params: NativeTensorArg[], grads: (NativeTensorArg | null)[]): { applied: boolean; refreshed: boolean };
   willRefresh(): boolean;

@@ -7,6 +7,7 @@ export type {
   BatchNormLayer,
   Conv2dLayer,
   DataFormatName,
+  FactorRecord,
   LayerNormLayer,
   LayerSpec,
   LinearLayer,

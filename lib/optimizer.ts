@@ -10,6 +10,7 @@ import {
   UpdateRule,
   WeightLayout,
   type NativeBackendName,
+  type NativeFactorRecord,
   type NativeLayer,
   type NativeOptimizer,
   type NativeTensor,
@@ -76,6 +77,18 @@ export interface ParamLayer {
 }
 
 export type LayerSpec = LinearLayer | Conv2dLayer | BatchNormLayer | LayerNormLayer | ParamLayer;
+
+/** One layer's statistics for AdaFisher.recordFactors: its input and/or its output gradient. */
+export interface FactorRecord {
+  /** Index into the layer list. */
+  layer: number;
+  /** The layer's input, as for recordInput, with its shape. */
+  input?: Tensor;
+  inputShape?: readonly number[];
+  /** The layer's output (pre-activation) gradient, as for recordOutputGrad, with its shape. */
+  outputGrad?: Tensor;
+  outputGradShape?: readonly number[];
+}
 
 export interface AdaFisherOptions {
   /** Learning rate, >= 0. Default 1e-3. */
@@ -320,7 +333,7 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
       weightNumel = biasNumel = d;
     }
     const weight = checkTensor(`${at}.weight`, (spec as { weight: unknown }).weight, weightNumel);
-    plan.nativeLayers.push(layer);
+    plan.nativeLayers.push({ ...layer, label: i });
     plan.tensors.push({ numel: weightNumel, layer: native, role: TensorRole.weight });
     plan.params.push(weight);
     plan.slots.push({ layer: i, role: 'weight' });
@@ -392,10 +405,10 @@ export class AdaFisher {
     return this.#native;
   }
 
-  #layerIndex(layer: unknown): number {
-    const i = checkInteger('layer', layer, 0, this.#layers.length - 1);
+  #layerIndex(layer: unknown, name = 'layer'): number {
+    const i = checkInteger(name, layer, 0, this.#layers.length - 1);
     const n = this.#plan.nativeIndex[i];
-    if (n < 0) throw rangeError('layer', 'the index of a preconditioned layer (not a plain parameter)', layer);
+    if (n < 0) throw rangeError(name, 'the index of a preconditioned layer (not a plain parameter)', layer);
     return n;
   }
 
@@ -455,6 +468,41 @@ export class AdaFisher {
   recordOutputGrad(layer: number, data: Tensor, shape: readonly number[]): void {
     const native = this.#alive();
     native.recordOutputGrad(this.#layerIndex(layer), data, checkShape('shape', shape));
+  }
+
+  /**
+   * recordInput and recordOutputGrad of several layers in one call, e.g. every layer's after
+   * the backward pass. Each record gives a layer's input (with inputShape) and/or its output
+   * gradient (with outputGradShape). Every record is checked before any is reduced, so a bad
+   * one records nothing; a layer's input or gradient given twice keeps the later, as with one
+   * call each. The results are those of one call each, bit for bit; the cuda backend reduces
+   * the Linear inputs and gradients and the conv output gradients in as few launches as
+   * possible (one per kind of reduction for up to 16 of them), which saves most of the fixed
+   * cost of a call when the layers are small.
+   * @throws {TypeError|RangeError} for a bad record, layer index, shape or data length.
+   */
+  recordFactors(records: readonly FactorRecord[]): void {
+    const native = this.#alive();
+    const what = 'an object { layer, input?, inputShape?, outputGrad?, outputGradShape? }';
+    if (!Array.isArray(records)) throw typeError('records', `an array of ${what}`, records);
+    const out: NativeFactorRecord[] = [];
+    records.forEach((r: unknown, i: number) => {
+      const name = `records[${i}]`;
+      if (r === null || typeof r !== 'object') throw typeError(name, what, r);
+      const rec = r as FactorRecord;
+      const layer = this.#layerIndex(rec.layer, `${name}.layer`);
+      if (rec.input === undefined && rec.outputGrad === undefined) throw typeError(name, 'an input or an outputGrad', r);
+      const add = (which: number, data: Tensor | undefined, shape: unknown, key: string) => {
+        if (data !== undefined) {
+          out.push({ layer, which, data, shape: checkShape(`${name}.${key}Shape`, shape) });
+        } else if (shape !== undefined) {
+          throw typeError(`${name}.${key}`, `a tensor, since ${key}Shape is given`, data);
+        }
+      };
+      add(FactorWhich.H, rec.input, rec.inputShape, 'input');
+      add(FactorWhich.S, rec.outputGrad, rec.outputGradShape, 'outputGrad');
+    });
+    native.recordFactors(out);
   }
 
   /**

@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import type { BackendName } from './backend.js';
 import { ErrorCodes, typeError } from './errors.js';
 import { AdaFisher, type LayerSpec, type Tensor } from './optimizer.js';
-import { checkRange } from './validate.js';
+import { checkBoolean, checkRange } from './validate.js';
 
 export interface GoldenLayer {
   kind: 'linear' | 'conv2d' | 'batchnorm2d' | 'layernorm';
@@ -202,18 +202,28 @@ function relError(ours: ArrayLike<number>, golden: number[]): number {
  * Replays a golden case through AdaFisher and reports max relative errors per array kind.
  * @param g a golden case (readGolden(), or parsed JSON: it is checked with validateGolden()).
  * @param options.upload turns host data into the tensors handed to the optimizer (e.g. DeviceBuffers).
+ * @param options.batched records each step's statistics with one recordFactors call instead
+ *   of a recordInput and a recordOutputGrad per layer.
  * @throws {TypeError} for a golden case or options that are not objects; GoldenFormatError
  *   (code ADAFISHER_BAD_GOLDEN_FILE) for a malformed case; code ADAFISHER_BACKEND_UNAVAILABLE
  *   for an unusable 'cuda'.
  */
 export function replayGolden(
   g: GoldenCase,
-  options: { backend?: BackendName; tolerance?: number; file?: string; upload?: (a: Float32Array) => Tensor; download?: (t: Tensor) => Float32Array } = {},
+  options: {
+    backend?: BackendName;
+    tolerance?: number;
+    file?: string;
+    upload?: (a: Float32Array) => Tensor;
+    download?: (t: Tensor) => Float32Array;
+    batched?: boolean;
+  } = {},
 ): ReplayReport {
   if (g === null || typeof g !== 'object' || Array.isArray(g)) throw typeError('golden', 'a golden case object (see readGolden)', g);
   if (options === null || typeof options !== 'object' || Array.isArray(options)) throw typeError('options', 'an object', options);
   validateGolden(g);
   const tolerance = options.tolerance === undefined ? 1e-4 : checkRange('options.tolerance', options.tolerance, 0, Infinity);
+  const batched = options.batched === undefined ? false : checkBoolean('options.batched', options.batched);
   const upload = options.upload ?? ((a: Float32Array) => a);
   const download = options.download ?? ((t: Tensor) => (t instanceof Float32Array ? t : t.download()));
   const { layers, params } = goldenLayers(g);
@@ -241,7 +251,17 @@ export function replayGolden(
   };
   try {
     g.steps.forEach((s, t) => {
-      if (opt.willRefreshFactors) {
+      if (opt.willRefreshFactors && batched) {
+        opt.recordFactors(
+          s.seen.map((e, i) => ({
+            layer: i,
+            input: upload(Float32Array.from(e.input)),
+            inputShape: e.inputShape,
+            outputGrad: upload(Float32Array.from(e.gradOutput)),
+            outputGradShape: e.gradOutputShape,
+          })),
+        );
+      } else if (opt.willRefreshFactors) {
         s.seen.forEach((e, i) => {
           opt.recordInput(i, upload(Float32Array.from(e.input)), e.inputShape);
           opt.recordOutputGrad(i, upload(Float32Array.from(e.gradOutput)), e.gradOutputShape);

@@ -36,6 +36,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     Napi::Function ctor = DefineClass(env, kClassName, {});
     C::Method<&OptimizerWrap::RecordInput>(env, ctor, "recordInput");
     C::Method<&OptimizerWrap::RecordOutputGrad>(env, ctor, "recordOutputGrad");
+    C::Method<&OptimizerWrap::RecordFactors>(env, ctor, "recordFactors");
     C::Method<&OptimizerWrap::SetFactor>(env, ctor, "setFactor");
     C::Method<&OptimizerWrap::Step>(env, ctor, "step");
     C::Method<&OptimizerWrap::WillRefresh>(env, ctor, "willRefresh");
@@ -80,6 +81,8 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
         l.out_features = ReadInteger(o, "outFeatures", at, 1, kMaxDim);
         l.layout = static_cast<WeightLayout>(ReadInteger(o, "layout", at, 0, 1));
         l.format = static_cast<DataFormat>(ReadInteger(o, "format", at, 0, 1));
+        const Napi::Value label = o.Get("label");
+        if (!label.IsUndefined()) l.label = ToInteger(label, at + ".label", 0, kMaxDim);
         if (l.kind == LayerKind::kConv2d) {
           l.kernel_h = ReadInteger(o, "kernelH", at, 1, 65536);
           l.kernel_w = ReadInteger(o, "kernelW", at, 1, 65536);
@@ -135,7 +138,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
-      const std::string what = "layers[" + std::to_string(layer) + "] input";
+      const std::string what = core.LayerName(layer) + " input";
       const auto shape = ToShape(info[2], what + " shape");
       const index_t n = core.CheckInputShape(layer, shape, what);
       TensorRef x(env, SharedBackend(env), info[1], n, what, false);
@@ -151,11 +154,53 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
-      const std::string what = "layers[" + std::to_string(layer) + "] output gradient";
+      const std::string what = core.LayerName(layer) + " output gradient";
       const auto shape = ToShape(info[2], what + " shape");
       const index_t n = core.CheckOutputGradShape(layer, shape, what);
       TensorRef g(env, SharedBackend(env), info[1], n, what, false);
       core.RecordOutputGrad(layer, g.data(), shape);
+      return env.Undefined();
+    });
+  }
+
+  // recordFactors(records: { layer, which: 0 = input (H) | 1 = output gradient (S), data, shape }[])
+  Napi::Value RecordFactors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      const Napi::Array rs = ToArray(info[0], "records");
+      const size_t n = rs.Length();
+      if (n > 0 && core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
+      // Read every field first (getters may run JS), then resolve them, which runs no JS
+      // (as in Step); every record is checked and resolved before any is reduced.
+      std::vector<OptimizerCore::FactorRecord> records(n);
+      std::vector<Napi::Value> data(n);
+      std::vector<std::string> what(n);
+      for (size_t i = 0; i < n; ++i) {
+        const std::string at = ArgName("records", i).str();
+        const Napi::Object o = ToObject(rs.Get(i), at);
+        records[i].layer = static_cast<int>(
+            ReadInteger(o, "layer", at, 0, static_cast<int64_t>(core.layers().size()) - 1));
+        records[i].which = static_cast<FactorKind>(ReadInteger(o, "which", at, 0, 1));
+        what[i] = core.LayerName(records[i].layer) + " " +
+                  (records[i].which == FactorKind::kH ? "input" : "output gradient");
+        records[i].shape = ToShape(o.Get("shape"), what[i] + " shape");
+        data[i] = o.Get("data");
+      }
+      std::vector<index_t> numel(n);
+      for (size_t i = 0; i < n; ++i) {
+        const OptimizerCore::FactorRecord& r = records[i];
+        numel[i] = r.which == FactorKind::kH ? core.CheckInputShape(r.layer, r.shape, what[i])
+                                             : core.CheckOutputGradShape(r.layer, r.shape, what[i]);
+      }
+      auto backend = SharedBackend(env);
+      std::vector<TensorRef> refs;
+      refs.reserve(n);
+      for (size_t i = 0; i < n; ++i) {
+        refs.emplace_back(env, backend, data[i], numel[i], what[i], false);
+        records[i].data = refs.back().data();
+      }
+      core.RecordFactors(records);
       return env.Undefined();
     });
   }
@@ -168,7 +213,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
       const auto which = static_cast<FactorKind>(ToInteger(info[1], "which", 0, 1));
-      const std::string what = "layers[" + std::to_string(layer) + "]." + (which == FactorKind::kH ? "H" : "S");
+      const std::string what = core.LayerName(layer) + "." + (which == FactorKind::kH ? "H" : "S");
       TensorRef v(env, SharedBackend(env), info[2], core.FactorLength(layer, which), what, false);
       core.SetFactor(layer, which, v.data());
       return env.Undefined();

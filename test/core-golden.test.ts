@@ -53,6 +53,13 @@ describe.each(files)('golden %s', (file) => {
     for (const k of KINDS) expect(report.maxRelError[k], `${file}: ${k}`).toBeLessThanOrEqual(TOLERANCE);
   });
 
+  test.each(BACKENDS)('replays to the same errors, bit for bit, with one recordFactors call per step (%s)', (backend) => {
+    const each = replayGolden(g, { backend });
+    const batched = replayGolden(g, { backend, batched: true });
+    expect(batched.maxRelError).toEqual(each.maxRelError);
+    expect(batched.pass).toBe(true);
+  });
+
   test('the float64 reference replays it within 1e-4 too', () => {
     const errors = replayReference(g);
     rows.push(`  ref  ${file.padEnd(30)} ` + KINDS.map((k) => `${k} ${errors[k].toExponential(2)}`).join('  '));

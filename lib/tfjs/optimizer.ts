@@ -670,10 +670,10 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       }
       missing.push(t);
     });
-    for (const { tap, H, S } of work) {
-      plan.core.recordInput(tap.coreLayer, H.data, H.shape);
-      plan.core.recordOutputGrad(tap.coreLayer, S.data, S.shape);
-    }
+    // Every layer in one native call (on cuda, the reductions of several layers share launches).
+    plan.core.recordFactors(
+      work.map(({ tap, H, S }) => ({ layer: tap.coreLayer, input: H.data, inputShape: H.shape, outputGrad: S.data, outputGradShape: S.shape })),
+    );
     if (missing.length === 0) return;
     const state = plan.core.exportState();
     for (const t of missing) {

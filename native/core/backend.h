@@ -103,6 +103,21 @@ struct StepRequest {
   bool guard = true;
 };
 
+// One fresh-factor computation: the arguments of one of the four factor methods of
+// Backend below, as data, so that a backend may run several in one launch (FactorJobs).
+enum class FactorOp : int32_t { kMeanSquare, kNormInput, kNormGrad, kConv2dPatch };
+struct FactorJob {
+  FactorOp op = FactorOp::kMeanSquare;
+  const float* x = nullptr;
+  index_t outer = 0, kept = 0, inner = 0;  // the [outer, kept, inner] view (all but conv)
+  double divisor = 1.0;  // kMeanSquare: count; kNormInput: u_divisor; kNormGrad: batch
+  double batch = 1.0;    // kNormInput
+  bool has_appended = false;  // kMeanSquare: out[kept] = appended; kConv2dPatch: has_bias
+  float appended = 0.0f;
+  Conv2dShape conv{};  // kConv2dPatch
+  float* out = nullptr;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -151,6 +166,14 @@ class Backend {
   // H of a Conv2d: the mean square of each im2col column (K = C/g * kh * kw entries, in
   // shape.order), without materializing im2col; with has_bias, out[K] = groups.
   virtual void Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bool has_bias, float* out) = 0;
+  // The job's method, with its arguments.
+  void RunFactorJob(const FactorJob& job);
+  // jobs[0..count), whose outputs do not overlap, with the results RunFactorJob gives each
+  // (bit for bit), in any order. By default one after the other; cuda reduces several mean
+  // squares in one launch (NOTE: [batched factor launch] in cuda/factor_kernels.cu).
+  virtual void FactorJobs(const FactorJob* jobs, size_t count) {
+    for (size_t i = 0; i < count; ++i) RunFactorJob(jobs[i]);
+  }
 
   // Guard, factor refresh and the preconditioned update of every tensor, in one call.
   // Returns false when the guard tripped (nothing was written).
@@ -159,6 +182,23 @@ class Backend {
   // Threads the backend computes with (CPU) or 0.
   virtual int Threads() const { return 0; }
 };
+
+inline void Backend::RunFactorJob(const FactorJob& j) {
+  switch (j.op) {
+    case FactorOp::kMeanSquare:
+      MeanSquareFactor(j.x, j.outer, j.kept, j.inner, j.divisor, j.has_appended, j.appended, j.out);
+      break;
+    case FactorOp::kNormInput:
+      NormInputFactor(j.x, j.outer, j.kept, j.inner, j.divisor, j.batch, j.out);
+      break;
+    case FactorOp::kNormGrad:
+      NormGradFactor(j.x, j.outer, j.kept, j.inner, j.divisor, j.out);
+      break;
+    case FactorOp::kConv2dPatch:
+      Conv2dPatchFactor(j.x, j.conv, j.has_appended, j.out);
+      break;
+  }
+}
 
 std::unique_ptr<Backend> CreateCpuBackend(int threads);
 

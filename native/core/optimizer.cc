@@ -61,7 +61,7 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
   index_t offset = 0;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const LayerSpec& l = layers_[i];
-    const std::string at = "layers[" + std::to_string(i) + "]";
+    const std::string at = LayerName(static_cast<int>(i));
     LayerPlan& p = plans_[i];
     if (l.out_features < 1 || l.out_features > kMaxElements) Invalid("Expected " + at + " to have at least one output feature/channel");
     switch (l.kind) {
@@ -124,10 +124,10 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
     st.s_offset = p.s_offset;
     const bool norm = l.kind == LayerKind::kBatchNorm || l.kind == LayerKind::kLayerNorm;
     if (ts.role == TensorRole::kWeight) {
-      if (weight_seen[ts.layer]++) Invalid("Expected one weight tensor for layers[" + std::to_string(ts.layer) + "]");
-      const index_t expected = CheckedProduct(out, p.k, "the weight of layers[" + std::to_string(ts.layer) + "]");
+      if (weight_seen[ts.layer]++) Invalid("Expected one weight tensor for " + LayerName(ts.layer));
+      const index_t expected = CheckedProduct(out, p.k, "the weight of " + LayerName(ts.layer));
       if (ts.numel != expected)
-        Invalid("Expected " + at + " (weight of layers[" + std::to_string(ts.layer) + "]) to have " +
+        Invalid("Expected " + at + " (weight of " + LayerName(ts.layer) + ") to have " +
                 std::to_string(expected) + " elements but received " + std::to_string(ts.numel));
       st.h_offset = p.h_offset;
       if (norm) {
@@ -138,10 +138,10 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
         st.o_stride = 1, st.o_count = out, st.k_stride = out, st.k_count = p.k;
       }
     } else if (ts.role == TensorRole::kBias) {
-      if (!l.has_bias) Invalid("Expected no bias tensor for layers[" + std::to_string(ts.layer) + "] (declared without bias)");
-      if (bias_seen[ts.layer]++) Invalid("Expected one bias tensor for layers[" + std::to_string(ts.layer) + "]");
+      if (!l.has_bias) Invalid("Expected no bias tensor for " + LayerName(ts.layer) + " (declared without bias)");
+      if (bias_seen[ts.layer]++) Invalid("Expected one bias tensor for " + LayerName(ts.layer));
       if (ts.numel != out)
-        Invalid("Expected " + at + " (bias of layers[" + std::to_string(ts.layer) + "]) to have " + std::to_string(out) +
+        Invalid("Expected " + at + " (bias of " + LayerName(ts.layer) + ") to have " + std::to_string(out) +
                 " elements but received " + std::to_string(ts.numel));
       st.h_offset = p.h_offset + p.k;  // the bias entry of H (H[1] for norm layers)
       st.o_stride = 1, st.o_count = out, st.k_stride = out, st.k_count = 1;
@@ -150,8 +150,8 @@ OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig c
     }
   }
   for (size_t i = 0; i < layers_.size(); ++i) {
-    if (!weight_seen[i]) Invalid("Expected a weight tensor for layers[" + std::to_string(i) + "]");
-    if (layers_[i].has_bias && !bias_seen[i]) Invalid("Expected a bias tensor for layers[" + std::to_string(i) + "]");
+    if (!weight_seen[i]) Invalid("Expected a weight tensor for " + LayerName(static_cast<int>(i)));
+    if (layers_[i].has_bias && !bias_seen[i]) Invalid("Expected a bias tensor for " + LayerName(static_cast<int>(i)));
   }
 
   step_counts_.assign(tensors_.size(), 0);
@@ -178,6 +178,11 @@ OptimizerCore::~OptimizerCore() {
 void OptimizerCore::CheckLayerIndex(int layer) const {
   if (layer < 0 || static_cast<size_t>(layer) >= layers_.size())
     Invalid("Expected a layer index in [0, " + std::to_string(layers_.size()) + ") but received " + std::to_string(layer));
+}
+
+std::string OptimizerCore::LayerName(int layer) const {
+  const int64_t label = layer >= 0 && static_cast<size_t>(layer) < layers_.size() ? layers_[layer].label : -1;
+  return "layers[" + std::to_string(label >= 0 ? label : layer) + "]";
 }
 
 index_t OptimizerCore::FactorLength(int layer, FactorKind which) const {
@@ -283,71 +288,119 @@ index_t OptimizerCore::CheckOutputGradShape(int layer, const std::vector<index_t
   return n;
 }
 
-void OptimizerCore::RecordInput(int layer, const float* x, const std::vector<index_t>& shape) {
-  const std::string what = "layers[" + std::to_string(layer) + "] input";
+FactorJob OptimizerCore::InputJob(int layer, const float* x, const std::vector<index_t>& shape) const {
+  const std::string what = LayerName(layer) + " input";
   const index_t n = CheckInputShape(layer, shape, what);
   const LayerSpec& l = layers_[layer];
-  LayerPlan& p = plans_[layer];
-  float* out = fresh_ + p.h_offset;
+  FactorJob job;
+  job.x = x;
+  job.out = fresh_ + plans_[layer].h_offset;
   switch (l.kind) {
     case LayerKind::kLinear: {
       const index_t rows = n / l.in_features;
-      backend_->MeanSquareFactor(x, rows, l.in_features, 1, static_cast<double>(rows), l.has_bias, 1.0f, out);
+      job.op = FactorOp::kMeanSquare;
+      job.outer = rows, job.kept = l.in_features, job.inner = 1;
+      job.divisor = static_cast<double>(rows);
+      job.has_appended = l.has_bias, job.appended = 1.0f;
       break;
     }
     case LayerKind::kConv2d:
-      backend_->Conv2dPatchFactor(x, ConvGeometry(layer, shape, what), l.has_bias, out);
+      job.op = FactorOp::kConv2dPatch;
+      job.conv = ConvGeometry(layer, shape, what);
+      job.has_appended = l.has_bias;
       break;
     case LayerKind::kBatchNorm: {
       const index_t N = shape[0], C = l.out_features;
       const index_t P = shape.size() == 4 ? n / (N * C) : 1;
       const bool planes = shape.size() == 4 && l.format == DataFormat::kNCHW;
       const double pd = static_cast<double>(P);
-      backend_->NormInputFactor(x, planes ? N : N * P, C, planes ? P : 1, pd * pd, static_cast<double>(N), out);
+      job.op = FactorOp::kNormInput;
+      job.outer = planes ? N : N * P, job.kept = C, job.inner = planes ? P : 1;
+      job.divisor = pd * pd, job.batch = static_cast<double>(N);
       break;
     }
     case LayerKind::kLayerNorm: {
       const index_t N = shape[0], T = shape[1];
       const index_t R = n / (N * T);
       const double rd = static_cast<double>(R);
-      backend_->NormInputFactor(x, N, T, R, rd * rd, static_cast<double>(N), out);
+      job.op = FactorOp::kNormInput;
+      job.outer = N, job.kept = T, job.inner = R;
+      job.divisor = rd * rd, job.batch = static_cast<double>(N);
       break;
     }
   }
-  p.has_h = true;
+  return job;
 }
 
-void OptimizerCore::RecordOutputGrad(int layer, const float* g, const std::vector<index_t>& shape) {
-  const std::string what = "layers[" + std::to_string(layer) + "] output gradient";
+FactorJob OptimizerCore::OutputGradJob(int layer, const float* g, const std::vector<index_t>& shape) const {
+  const std::string what = LayerName(layer) + " output gradient";
   const index_t n = CheckOutputGradShape(layer, shape, what);
   const LayerSpec& l = layers_[layer];
-  LayerPlan& p = plans_[layer];
-  float* out = fresh_ + p.s_offset;
   const index_t C = l.out_features;
+  FactorJob job;
+  job.x = g;
+  job.out = fresh_ + plans_[layer].s_offset;
   switch (l.kind) {
     case LayerKind::kLinear: {
       const index_t rows = n / C;
-      backend_->MeanSquareFactor(g, rows, C, 1, static_cast<double>(rows), false, 0.0f, out);
+      job.op = FactorOp::kMeanSquare;
+      job.outer = rows, job.kept = C, job.inner = 1;
+      job.divisor = static_cast<double>(rows);
       break;
     }
     case LayerKind::kConv2d: {
       const index_t N = shape[0], spatial = n / (N * C);
       const bool planes = l.format == DataFormat::kNCHW;
-      backend_->MeanSquareFactor(g, planes ? N : N * spatial, C, planes ? spatial : 1,
-                                 static_cast<double>(N) * static_cast<double>(spatial), false, 0.0f, out);
+      job.op = FactorOp::kMeanSquare;
+      job.outer = planes ? N : N * spatial, job.kept = C, job.inner = planes ? spatial : 1;
+      job.divisor = static_cast<double>(N) * static_cast<double>(spatial);
       break;
     }
     case LayerKind::kBatchNorm: {
       const index_t N = shape[0], P = shape.size() == 4 ? n / (N * C) : 1;
       const bool planes = shape.size() == 4 && l.format == DataFormat::kNCHW;
-      backend_->NormGradFactor(g, planes ? N : N * P, C, planes ? P : 1, static_cast<double>(N), out);
+      job.op = FactorOp::kNormGrad;
+      job.outer = planes ? N : N * P, job.kept = C, job.inner = planes ? P : 1;
+      job.divisor = static_cast<double>(N);
       break;
     }
     case LayerKind::kLayerNorm:
-      backend_->NormGradFactor(g, n / C, C, 1, static_cast<double>(shape[0]), out);
+      job.op = FactorOp::kNormGrad;
+      job.outer = n / C, job.kept = C, job.inner = 1;
+      job.divisor = static_cast<double>(shape[0]);
       break;
   }
-  p.has_s = true;
+  return job;
+}
+
+void OptimizerCore::RecordInput(int layer, const float* x, const std::vector<index_t>& shape) {
+  backend_->RunFactorJob(InputJob(layer, x, shape));
+  plans_[layer].has_h = true;
+}
+
+void OptimizerCore::RecordOutputGrad(int layer, const float* g, const std::vector<index_t>& shape) {
+  backend_->RunFactorJob(OutputGradJob(layer, g, shape));
+  plans_[layer].has_s = true;
+}
+
+void OptimizerCore::RecordFactors(const std::vector<FactorRecord>& records) {
+  // Every record is checked before any runs. A later record of the same factor replaces an
+  // earlier one, as with one call each: only the last runs (the jobs' outputs must not overlap).
+  std::vector<FactorJob> jobs;
+  jobs.reserve(records.size());
+  std::vector<int> slot(2 * plans_.size(), -1);  // (layer, which) -> index in jobs
+  for (const FactorRecord& r : records) {
+    FactorJob job = r.which == FactorKind::kH ? InputJob(r.layer, r.data, r.shape) : OutputGradJob(r.layer, r.data, r.shape);
+    int& at = slot[2 * static_cast<size_t>(r.layer) + (r.which == FactorKind::kH ? 0 : 1)];
+    if (at >= 0) {
+      jobs[static_cast<size_t>(at)] = job;
+    } else {
+      at = static_cast<int>(jobs.size());
+      jobs.push_back(job);
+    }
+  }
+  backend_->FactorJobs(jobs.data(), jobs.size());
+  for (const FactorRecord& r : records) (r.which == FactorKind::kH ? plans_[r.layer].has_h : plans_[r.layer].has_s) = true;
 }
 
 void OptimizerCore::SetFactor(int layer, FactorKind which, const float* values) {
@@ -372,7 +425,7 @@ StepOutcome OptimizerCore::Step(const std::vector<float*>& params, const std::ve
     for (size_t i = 0; i < plans_.size(); ++i) {
       if (!plans_[i].has_h || !plans_[i].has_s) {
         throw BackendError(ErrorCode::kMissingStatistics,
-                           "layers[" + std::to_string(i) + "]: no " + (!plans_[i].has_h ? "input (H)" : "output-gradient (S)") +
+                           LayerName(static_cast<int>(i)) + ": no " + (!plans_[i].has_h ? "input (H)" : "output-gradient (S)") +
                                " statistics were recorded before this step, which refreshes the factors (step " +
                                std::to_string(steps_) + ", tcov " + std::to_string(config_.tcov) + ")");
       }

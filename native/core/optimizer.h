@@ -31,6 +31,9 @@ struct LayerSpec {
   index_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, groups = 1;
   PadMode pad_mode = PadMode::kExplicit;
   index_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+  // The index the user knows the layer by, for messages ("layers[label]"); -1: its index
+  // here. They differ when the user's list holds layers that are not native (lib/: 'param').
+  int64_t label = -1;
 };
 
 struct TensorSpec {
@@ -65,6 +68,8 @@ class OptimizerCore {
   const std::vector<TensorSpec>& tensors() const { return tensors_; }
   const OptimizerConfig& config() const { return config_; }
   index_t FactorLength(int layer, FactorKind which) const;
+  // "layers[i]" with the user's index of layer `layer` (LayerSpec::label).
+  std::string LayerName(int layer) const;
 
   // Number of elements a layer input / output gradient of `shape` must have, after
   // checking the shape against the layer; throws kInvalidArgument with `what` in the message.
@@ -74,6 +79,16 @@ class OptimizerCore {
   // x / g are backend memory holding CheckInputShape/CheckOutputGradShape elements.
   void RecordInput(int layer, const float* x, const std::vector<index_t>& shape);
   void RecordOutputGrad(int layer, const float* g, const std::vector<index_t>& shape);
+  // Several layers' statistics in one call: records[i] is the input (kH) or output
+  // gradient (kS) of records[i].layer, as for RecordInput / RecordOutputGrad. All are
+  // checked before any is reduced; the backend may reduce several in one launch.
+  struct FactorRecord {
+    int layer = 0;
+    FactorKind which = FactorKind::kH;
+    const float* data = nullptr;
+    std::vector<index_t> shape;
+  };
+  void RecordFactors(const std::vector<FactorRecord>& records);
   // Already-reduced statistics (backend memory, FactorLength(layer, which) elements).
   void SetFactor(int layer, FactorKind which, const float* values);
 
@@ -104,6 +119,9 @@ class OptimizerCore {
     index_t h_offset = 0, h_length = 0, s_offset = 0, s_length = 0;
     bool has_h = false, has_s = false;  // statistics recorded since the last step
   };
+  // The backend work of RecordInput / RecordOutputGrad, after checking the shape.
+  FactorJob InputJob(int layer, const float* x, const std::vector<index_t>& shape) const;
+  FactorJob OutputGradJob(int layer, const float* g, const std::vector<index_t>& shape) const;
   Conv2dShape ConvGeometry(int layer, const std::vector<index_t>& shape, const std::string& what) const;
   void CheckLayerIndex(int layer) const;
 

@@ -48,6 +48,8 @@ using adafisher::BackendError;
 using adafisher::Conv2dShape;
 using adafisher::DataFormat;
 using adafisher::ErrorCode;
+using adafisher::FactorJob;
+using adafisher::FactorOp;
 using adafisher::FactorSegment;
 using adafisher::index_t;
 using adafisher::PatchOrder;
@@ -787,6 +789,79 @@ void TestReductions(Backend& cpu, Backend& gpu) {
   }
 }
 
+// Backend::FactorJobs: the cuda backend reduces the mean squares of a batch in one launch
+// per plan kind, up to 16 jobs each (NOTE: [batched factor launch] in cuda/factor_kernels.cu).
+// Every factor must be the bits of its own call; the batch mixes 21 column and 18 plane
+// jobs (two launches of each kind, the last of one job), unaligned inputs, and jobs that
+// run on their own (an empty mean square, a norm grad, a conv patch factor).
+void TestFactorBatch(Backend& cpu, Backend& gpu) {
+  const std::string name = "factor/batched 42 jobs";
+  Guarded(name, [&] {
+    std::vector<FactorJob> shapes;
+    auto mean_square = [&](index_t outer, index_t kept, index_t inner, bool appended) {
+      FactorJob j;
+      j.op = FactorOp::kMeanSquare;
+      j.outer = outer, j.kept = kept, j.inner = inner;
+      j.divisor = static_cast<double>(outer * inner);
+      j.has_appended = appended, j.appended = appended ? 1.0f : 0.0f;
+      shapes.push_back(j);
+    };
+    for (int i = 0; i < 21; ++i) mean_square(1 + 37 * i, 1 + (i * 29) % 300, 1, i % 2 == 0);
+    for (int i = 0; i < 17; ++i) mean_square(1 + 5 * i, 1 + (i * 7) % 40, 2 + 4 * (i % 3) + (i % 4 == 0 ? 2 : 0), false);
+    mean_square(64, 3, 1024, false);  // 16 parts per kept entry: tickets
+    mean_square(0, 12, 1, true);  // nothing to read: runs alone
+    FactorJob norm;
+    norm.op = FactorOp::kNormGrad;
+    norm.outer = 6, norm.kept = 5, norm.inner = 33, norm.divisor = 6.0;
+    shapes.push_back(norm);
+    FactorJob conv;
+    conv.op = FactorOp::kConv2dPatch;
+    conv.conv = MakeConv(3, 4, 9, 7, 3, 3, 2, 1, 2, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kSame);
+    conv.has_appended = true;
+    shapes.push_back(conv);
+
+    auto in_size = [](const FactorJob& j) {
+      return static_cast<size_t>(j.op == FactorOp::kConv2dPatch ? ConvInputSize(j.conv) : j.outer * j.kept * j.inner);
+    };
+    auto out_size = [](const FactorJob& j) {
+      return static_cast<size_t>(j.op == FactorOp::kConv2dPatch ? ConvOutputSize(j.conv, j.has_appended)
+                                                                 : j.kept + (j.has_appended ? 1 : 0));
+    };
+    // Runs the jobs on b, all at once or one by one; returns the outputs concatenated.
+    auto run = [&](Backend& b, bool batched) {
+      std::vector<Buffer> inputs;
+      inputs.reserve(shapes.size());
+      size_t total_out = 0;
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        inputs.emplace_back(b, Normal(in_size(shapes[i]), 7000 + i), i % 3 == 1 ? 1 : 0);
+        total_out += out_size(shapes[i]);
+      }
+      Buffer out(b, total_out);
+      b.Fill(out.ptr(), -1.0f, total_out);
+      std::vector<FactorJob> jobs = shapes;
+      size_t at = 0;
+      for (size_t i = 0; i < jobs.size(); ++i) {
+        jobs[i].x = inputs[i].ptr();
+        jobs[i].out = out.ptr() + at;
+        at += out_size(jobs[i]);
+      }
+      if (batched) {
+        b.FactorJobs(jobs.data(), jobs.size());
+      } else {
+        for (const FactorJob& j : jobs) b.RunFactorJob(j);
+      }
+      return out.Read();
+    };
+    const std::vector<float> want = run(cpu, false), single = run(gpu, false);
+    const std::vector<float> got = run(gpu, true), again = run(gpu, true);
+    RecordParity(name, want, got, again);
+    RecordSameBits(name + " vs one call each", single, got);
+    RecordSameBits(name + " serial launches", got, RunWithTuning(gpu, [](cu::PlanTuning& t) {
+                     t.programmatic_launch = false;
+                   }, [&](Backend& b) { return run(b, true); }));
+  });
+}
+
 void TestConv(Backend& cpu, Backend& gpu) {
   for (const ConvCase& c : ConvCases()) {
     if (g_small && static_cast<size_t>(ConvInputSize(c.shape)) > kSmallElements) continue;
@@ -1241,6 +1316,47 @@ void Bench(Backend& gpu) {
     total_seconds += h_seconds + s_seconds;
   }
   report("cnn512 conv factors, sum", total_bytes, total_seconds);
+  {
+    // cnn512's three output-gradient mean squares as one FactorJobs batch (one plane launch).
+    std::vector<FactorJob> jobs;
+    double bytes = 0;
+    for (const Cnn512Layer& l : Cnn512Layers()) {
+      const Conv2dShape s = l.Shape();
+      FactorJob j;
+      j.x = inputs[jobs.size()];
+      j.outer = 512, j.kept = l.out_c, j.inner = s.out_h * s.out_w;
+      j.divisor = 512.0 * static_cast<double>(j.inner);
+      j.out = out.ptr() + 1024 * jobs.size();
+      bytes += 4.0 * static_cast<double>(j.outer * j.kept * j.inner);
+      jobs.push_back(j);
+    }
+    double enqueue = 0;
+    report("cnn512 S, one batch", bytes, SecondsPerCall(gpu, [&] { gpu.FactorJobs(jobs.data(), jobs.size()); }, 20, &enqueue),
+           enqueue);
+  }
+  {
+    // The `big` bench case's factors (4 x Linear 4096 -> 4096, batch 256: a 4 MB input and a
+    // 4 MB output gradient per layer, one buffer each): 8 calls against one batch (one column
+    // launch; NOTE: [batched factor launch] in cuda/factor_kernels.cu). The 32 MB stay in an
+    // H100's or H200's L2 from call to call: these two lines compare fixed costs.
+    std::vector<FactorJob> jobs;
+    for (int i = 0; i < 8; ++i) {
+      FactorJob j;
+      j.x = a.ptr() + static_cast<size_t>(i) * 256 * 4096;
+      j.outer = 256, j.kept = 4096, j.inner = 1;
+      j.divisor = 256.0;
+      j.has_appended = i % 2 == 0, j.appended = 1.0f;
+      j.out = out.ptr() + static_cast<size_t>(i) * 4097;
+      jobs.push_back(j);
+    }
+    const double bytes = 8.0 * 4.0 * 256 * 4096;
+    double each_enqueue = 0, batch_enqueue = 0;
+    report("big factors, 8 calls", bytes, SecondsPerCall(gpu, [&] {
+             for (const FactorJob& j : jobs) gpu.RunFactorJob(j);
+           }, 20, &each_enqueue), each_enqueue);
+    report("big factors, one batch", bytes, SecondsPerCall(gpu, [&] { gpu.FactorJobs(jobs.data(), jobs.size()); }, 20,
+                                                            &batch_enqueue), batch_enqueue);
+  }
 
   // The plan constants (NOTE: [plan tuning] in cuda/launch_plan.h), swept on cnn512's calls:
   // one line per setting with the three calls' times and their sum against copy bandwidth.
@@ -1354,6 +1470,7 @@ int main(int argc, char** argv) {
   TestMemory(*cpu, *gpu);
   TestReductions(*cpu, *gpu);
   TestConv(*cpu, *gpu);
+  TestFactorBatch(*cpu, *gpu);
   TestStep(*cpu, *gpu, MixedScenario(math::UpdateRule::kAdaFisher, 1e-4));
   TestStep(*cpu, *gpu, MixedScenario(math::UpdateRule::kAdaFisherW, 1e-2));
   TestEmptyStep(*gpu);

@@ -471,7 +471,14 @@ function newOptimizer(world, valid) {
     realOpts.add(r.result);
     const e = { opt: r.result, model, params };
     world.opts.push(e);
-    if (valid && g(fc.boolean)) {
+    if (valid && g(fc.boolean) && g(fc.boolean)) {
+      // Every layer's statistics in one recordFactors call.
+      const records = model.layers.flatMap((l, i) => [0, 1].map((which) => {
+        const shape = which === 0 ? inputShape(g, l) : gradShape(g, l);
+        return { layer: i, which, data: randomF32(g, prod(shape)), shape };
+      }));
+      call(world, 'NativeOptimizer.recordFactors', () => e.opt.recordFactors(records), undefined, () => `(valid) recordFactors(${describe(records)})`);
+    } else if (valid && g(fc.boolean)) {
       model.layers.forEach((l, i) => {
         for (const method of ['recordInput', 'recordOutputGrad']) {
           const shape = method === 'recordInput' ? inputShape(g, l) : gradShape(g, l);
@@ -489,7 +496,7 @@ function fuzzOne(world) {
   const g = world.g;
   const pickBuf = () => world.buffers.length ? world.buffers[g(fc.integer, { min: 0, max: world.buffers.length - 1 })] : undefined;
   const pickOpt = () => world.opts.length ? world.opts[g(fc.integer, { min: 0, max: world.opts.length - 1 })] : undefined;
-  const op = g(fc.integer, { min: 0, max: 25 });
+  const op = g(fc.integer, { min: 0, max: 26 });
   switch (op) {
     case 0: { // new DeviceBuffer(backend, lengthOrData)
       const backend = world.maybe(BACKEND);
@@ -764,6 +771,28 @@ function fuzzOne(world) {
         dst.shadow.set(from.shadow);
         if (!bytesEqual(dst.buf.download(), dst.shadow)) return 'contents differ after copyFrom';
       }, () => `${describe(self)}.copyFrom(${describe(src)})`);
+      return;
+    }
+    case 26: { // recordFactors: records that are mostly valid, one of them perhaps broken
+      const e = pickOpt();
+      const layers = e?.model.layers ?? [];
+      const count = g(fc.integer, { min: 0, max: 4 });
+      const records = [];
+      for (let i = 0; i < count && layers.length; i++) {
+        const layer = g(fc.integer, { min: 0, max: layers.length - 1 });
+        const which = g(fc.integer, { min: 0, max: 1 });
+        const valid = which === 0 ? inputShape(g, layers[layer]) : gradShape(g, layers[layer]);
+        const shape = world.shape(valid);
+        const n = Array.isArray(shape) && shape.every((d) => Number.isInteger(d) && d >= 0 && d < 4096) ? prod(shape) : prod(valid);
+        records.push(world.mutate({ layer: world.maybe(layer), which: world.maybe(which), data: world.tensor(Math.min(n, 1 << 16)), shape }));
+      }
+      const arg = world.maybe(records);
+      const self = e ? world.maybe(e.opt) : world.any();
+      if (opts.avoid && records.some((r) => r && KNOWN_CRASHES.divByOverflow(r.shape))) return void avoided.divByOverflow++;
+      call(world, 'NativeOptimizer.recordFactors', () => NativeOptimizer.prototype.recordFactors.call(self, arg), () => {
+        if (otherRealOpt(self, e)) return;
+        if (self !== e?.opt) return 'accepted a bad receiver';
+      }, () => `${describe(self)}.recordFactors(${describe(arg)})`);
       return;
     }
     case 20: { // constructors called without new / on odd receivers

@@ -26,6 +26,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 // One block runs at a time on an OS thread, so block-shared memory is a thread-local static.
 #define __shared__ static thread_local
 

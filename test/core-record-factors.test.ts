@@ -1,0 +1,191 @@
+// recordFactors: several layers' statistics in one call. It must give, bit for bit, what one
+// recordInput / recordOutputGrad per layer gives (on cuda it runs the mean squares of
+// several layers in one launch: NOTE: [batched factor launch]), check every record before
+// reducing any, and keep the later of two records of the same factor.
+import { describe, expect, test } from 'vitest';
+
+import { loadBinding } from '../lib/binding.js';
+import { AdaFisher, backendInfo, createBuffer, ErrorCodes, type FactorRecord, type LayerSpec, type Tensor } from '../lib/index.js';
+import { assertSnapshotsIdentical, expectThrows, paramsOf, randomStats, Rng, snapshot, type LayerStats } from './helpers.js';
+
+// Every layer kind and both conv layouts, and 20 small Linear layers: 22 column reductions
+// (Linear inputs and gradients, NHWC conv gradients) and 2 plane reductions (NCHW conv
+// gradients) in one call, more than one launch's 16 jobs.
+function model(rng: Rng): { specs: LayerSpec[]; inputShapes: (number[] | undefined)[] } {
+  const specs: LayerSpec[] = [
+    { kind: 'conv2d', inChannels: 3, outChannels: 4, kernelSize: 3, padding: 1, weight: rng.array(108), bias: rng.array(4) },
+    { kind: 'conv2d', inChannels: 4, outChannels: 6, kernelSize: [2, 3], stride: 2, padding: 'same', weight: rng.array(144) },
+    { kind: 'conv2d', inChannels: 2, outChannels: 5, kernelSize: 2, dataFormat: 'NHWC', layout: 'tfjs', weight: rng.array(40), bias: rng.array(5) },
+    { kind: 'batchnorm', channels: 4, weight: rng.array(4), bias: rng.array(4) },
+    { kind: 'layernorm', features: 7, weight: rng.array(7), bias: rng.array(7) },
+    { kind: 'param', param: rng.array(9) },
+  ];
+  const inputShapes: (number[] | undefined)[] = [[3, 3, 8, 8], [3, 4, 8, 8], [3, 6, 5, 2], [3, 4, 8, 8], [3, 5, 7], undefined];
+  for (let i = 0; i < 20; i++) {
+    const inF = 3 + ((i * 7) % 40), outF = 2 + ((i * 11) % 30);
+    specs.push({ kind: 'linear', inFeatures: inF, outFeatures: outF, weight: rng.array(inF * outF), bias: i % 3 === 0 ? undefined : rng.array(outF), layout: i % 2 === 0 ? 'pytorch' : 'tfjs' });
+    inputShapes.push([1 + ((i * 13) % 70), inF]);
+  }
+  return { specs, inputShapes };
+}
+
+const options = { lr: 1e-2, weightDecay: 1e-3, tcov: 2 };
+
+function records(stats: readonly (LayerStats | undefined)[], wrap: (a: Float32Array) => Tensor = (a) => a): FactorRecord[] {
+  const out: FactorRecord[] = [];
+  stats.forEach((s, layer) => {
+    if (s !== undefined) out.push({ layer, input: wrap(s.input), inputShape: s.inputShape, outputGrad: wrap(s.grad), outputGradShape: s.gradShape });
+  });
+  return out;
+}
+
+describe('recordFactors', () => {
+  test.each([
+    ['Float32Arrays', (a: Float32Array): Tensor => a],
+    ['DeviceBuffers', (a: Float32Array): Tensor => createBuffer(a)],
+  ])('gives the bits of one recordInput and recordOutputGrad per layer, over 6 steps (%s)', (_, wrap) => {
+    const build = () => model(new Rng(51));
+    const one = build(), batch = build();
+    const a = new AdaFisher(one.specs, options), b = new AdaFisher(batch.specs, options);
+    const rng = new Rng(52);
+    let refreshed = 0;
+    for (let t = 0; t < 6; t++) {
+      const stats = randomStats(rng, one.specs, one.inputShapes);
+      const grads = paramsOf(one.specs).map((p) => rng.array(p.length));
+      if (a.willRefreshFactors) {
+        stats.forEach((s, i) => {
+          if (s === undefined) return;
+          a.recordInput(i, s.input, s.inputShape);
+          a.recordOutputGrad(i, s.grad, s.gradShape);
+        });
+        // Layers in reverse order, inputs and gradients in separate records: order does not matter.
+        const rs = records(stats, wrap).reverse();
+        b.recordFactors([...rs.map((r) => ({ layer: r.layer, input: r.input, inputShape: r.inputShape })), ...rs.map((r) => ({ layer: r.layer, outputGrad: r.outputGrad, outputGradShape: r.outputGradShape }))]);
+      }
+      const ra = a.step(grads), rb = b.step(grads);
+      expect(rb).toEqual(ra);
+      expect(ra.applied).toBe(true);
+      if (ra.refreshed) refreshed++;
+      assertSnapshotsIdentical(snapshot(b, paramsOf(batch.specs)), snapshot(a, paramsOf(one.specs)), `step ${t}`);
+    }
+    expect(refreshed).toBe(3);
+    // The factors are not trivially equal: they moved away from their initial value.
+    const f = a.exportState().factors;
+    expect(f.some((x) => x.H.some((v) => v !== f[0].H[0]))).toBe(true);
+    a.dispose();
+    b.dispose();
+  });
+
+  test('a later record of the same factor replaces an earlier one, as with one call each', () => {
+    const build = () => model(new Rng(53));
+    const one = build(), batch = build();
+    const a = new AdaFisher(one.specs, options), b = new AdaFisher(batch.specs, options);
+    const rng = new Rng(54);
+    const stale = randomStats(rng, one.specs, one.inputShapes);
+    const stats = randomStats(rng, one.specs, one.inputShapes);
+    for (const s of [stale, stats]) {
+      s.forEach((x, i) => {
+        if (x === undefined) return;
+        a.recordInput(i, x.input, x.inputShape);
+        a.recordOutputGrad(i, x.grad, x.gradShape);
+      });
+    }
+    b.recordFactors([...records(stale), ...records(stats)]);
+    const grads = paramsOf(one.specs).map((p) => rng.array(p.length));
+    expect(b.step(grads)).toEqual(a.step(grads));
+    assertSnapshotsIdentical(snapshot(b, paramsOf(batch.specs)), snapshot(a, paramsOf(one.specs)));
+    a.dispose();
+    b.dispose();
+  });
+
+  test('checks every record before reducing any: a bad last record leaves no statistics behind', () => {
+    const { specs, inputShapes } = model(new Rng(55));
+    const opt = new AdaFisher(specs, options);
+    const rng = new Rng(56);
+    const good = records(randomStats(rng, specs, inputShapes));
+    const last = good[good.length - 1];
+    const badShape = [...last.outputGradShape!];
+    badShape[badShape.length - 1] += 1;
+    expectThrows(() => opt.recordFactors([...good, { ...last, outputGradShape: badShape }]), {
+      cls: RangeError,
+      message: new RegExp(`layers\\[${last.layer}\\] output gradient`),
+    });
+    expectThrows(() => opt.recordFactors([...good, { ...last, input: new Float32Array(3) }]), { cls: RangeError, message: /input/ });
+    // Nothing was recorded: the first step refreshes the factors and finds no statistics.
+    const grads = paramsOf(specs).map((p) => rng.array(p.length));
+    expectThrows(() => opt.step(grads), { cls: Error, message: /layers\[0\]: no input \(H\) statistics/, code: ErrorCodes.missingStatistics });
+    // The good records alone are enough.
+    opt.recordFactors(good);
+    expect(opt.step(grads)).toEqual({ applied: true, refreshed: true });
+    opt.dispose();
+  });
+
+  test("errors name a layer by the user's index, also behind a 'param' layer (native index one less)", () => {
+    const rng = new Rng(59);
+    const specs: LayerSpec[] = [
+      { kind: 'param', param: rng.array(5) },
+      { kind: 'linear', inFeatures: 4, outFeatures: 3, weight: rng.array(12) },
+    ];
+    const opt = new AdaFisher(specs, options);
+    expectThrows(() => opt.recordInput(1, new Float32Array(8), [2, 5]), { cls: RangeError, message: /layers\[1\] input/ });
+    expectThrows(() => opt.recordFactors([{ layer: 1, outputGrad: new Float32Array(8), outputGradShape: [2, 4] }]), {
+      cls: RangeError,
+      message: /layers\[1\] output gradient/,
+    });
+    expectThrows(() => opt.setFactors(1, { H: new Float32Array(2) }), { cls: RangeError, message: /layers\[1\]\.H/ });
+    expectThrows(() => opt.step([rng.array(5), rng.array(12)]), { cls: Error, message: /^layers\[1\]: no input/, code: ErrorCodes.missingStatistics });
+    opt.dispose();
+  });
+
+  test('bad arguments: a TypeError or RangeError naming the record', () => {
+    const { specs } = model(new Rng(57));
+    const opt = new AdaFisher(specs, options);
+    const x = new Float32Array(3 * 3 * 8 * 8);
+    expectThrows(() => opt.recordFactors(null as never), { cls: TypeError, message: /records/ });
+    expectThrows(() => opt.recordFactors([7 as never]), { cls: TypeError, message: /records\[0\]/ });
+    expectThrows(() => opt.recordFactors([{ layer: 0 }]), { cls: TypeError, message: /input or an outputGrad for records\[0\]/ });
+    expectThrows(() => opt.recordFactors([{ layer: 0, inputShape: [3, 3, 8, 8], outputGrad: x, outputGradShape: [3, 4, 8, 8] }]), {
+      cls: TypeError,
+      message: /records\[0\]\.input/,
+    });
+    expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, 8] }, { layer: 99, input: x, inputShape: [1] }]), {
+      cls: RangeError,
+      message: /records\[1\]\.layer/,
+    });
+    expectThrows(() => opt.recordFactors([{ layer: 5, input: x, inputShape: [3] }]), { cls: RangeError, message: /preconditioned layer.*for records\[0\]\.layer/ });
+    expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, -8] }]), { cls: RangeError, message: /records\[0\]\.inputShape\[3\]/ });
+    expectThrows(() => opt.recordFactors([{ layer: 0, input: [1, 2] as never, inputShape: [3, 3, 8, 8] }]), { cls: TypeError, message: /layers\[0\] input/ });
+    opt.recordFactors([]);  // nothing to record is not an error
+    opt.dispose();
+    expectThrows(() => opt.recordFactors([]), { cls: Error, message: /disposed/, code: ErrorCodes.disposed });
+  });
+
+  test('the native method checks its records itself (called past the TypeScript API)', () => {
+    const b = loadBinding().binding;
+    const backend = backendInfo().backend!;
+    const cfg = { rule: 0, lr: 1e-3, beta: 0.9, damping: 1e-3, decay: 0.08, mix: 0.008, weightDecay: 0, tcov: 1, guard: true };
+    const linear = { kind: 0, hasBias: false, inFeatures: 4, outFeatures: 3, layout: 0, format: 0 };
+    const native = new b.NativeOptimizer(backend, cfg, [linear], [{ numel: 12, layer: 0, role: 0 }]) as unknown as {
+      recordFactors(records: unknown): void;
+      step(params: Float32Array[], grads: Float32Array[]): { applied: boolean };
+      dispose(): void;
+    };
+    const x = new Float32Array(8);
+    expectThrows(() => native.recordFactors(undefined), { cls: TypeError, message: /records/ });
+    expectThrows(() => native.recordFactors([{ layer: 0, which: 2, data: x, shape: [2, 4] }]), { cls: RangeError, message: /records\[0\]/ });
+    expectThrows(() => native.recordFactors([{ layer: 1, which: 0, data: x, shape: [2, 4] }]), { cls: RangeError, message: /records\[0\]/ });
+    expectThrows(() => native.recordFactors([{ layer: 0, which: 0, data: x, shape: 'no' }]), { cls: TypeError, message: /layers\[0\] input shape/ });
+    expectThrows(() => native.recordFactors([{ layer: 0, which: 0, data: x, shape: [2, 5] }]), { cls: RangeError, message: /layers\[0\] input/ });
+    expectThrows(() => native.recordFactors([{ layer: 0, which: 1, data: x, shape: [2, 4] }]), { cls: RangeError, message: /layers\[0\] output gradient/ });
+    expectThrows(() => native.recordFactors([{ layer: 0, which: 0, data: x, shape: [2, 4] }, { layer: 0, which: 1, data: x, shape: [2, 3] }]), {
+      cls: RangeError,
+      message: /6 elements for layers\[0\] output gradient/,
+    });
+    // None of those recorded anything: the (refreshing) first step lacks the statistics.
+    const p = new Float32Array(12), g = new Float32Array(12).fill(0.5);
+    expectThrows(() => native.step([p], [g]), { cls: Error, message: /no input \(H\)/, code: ErrorCodes.missingStatistics });
+    native.recordFactors([{ layer: 0, which: 1, data: new Float32Array(6), shape: [2, 3] }, { layer: 0, which: 0, data: x, shape: [2, 4] }]);
+    expect(native.step([p], [g]).applied).toBe(true);
+    native.dispose();
+  });
+});
