@@ -8,7 +8,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
-import { AdaFisher, createBuffer, createTimingEvent, synchronize, type DeviceBuffer, type LayerSpec, type Tensor } from '../lib/index.js';
+import { AdaFisher, createBuffer, createTimingEvent, synchronize, type DeviceBuffer, type FactorRecord, type LayerSpec, type Tensor } from '../lib/index.js';
 import { deriveWorkload, WORKLOADS, type DerivedWorkload } from './cases.js';
 
 export type Backend = 'cpu' | 'cuda';
@@ -236,7 +236,16 @@ export interface WorkloadResult {
    * Cold: every call starts from memory (CPU: caches flushed before it; GPU: it works on the
    * next of `rotation` copies of its data). Warm: back-to-back calls on the same buffers.
    */
-  factors: { cold?: KernelFigures; warm: KernelFigures; convCold?: KernelFigures; convWarm?: KernelFigures; perLayerWarmMs?: number[] };
+  factors: {
+    cold?: KernelFigures;
+    warm: KernelFigures;
+    convCold?: KernelFigures;
+    convWarm?: KernelFigures;
+    /** The same work as one recordFactors call (every layer's input and output gradient). */
+    batchedCold?: KernelFigures;
+    batchedWarm: KernelFigures;
+    perLayerWarmMs?: number[];
+  };
   minMaxEma: { ms: number; refreshStepMs: number; emptyStepMs: number; entries: number };
   step: {
     guardOn: { cold?: KernelFigures; warm: KernelFigures };
@@ -246,6 +255,8 @@ export interface WorkloadResult {
   rotation: { factorCopies: number; stepCopies: number };
   /** factors + min-max/EMA + guarded step (cold figures where measured). */
   wholeMs: number;
+  /** The same with the factors recorded by one recordFactors call. */
+  wholeBatchedMs: number;
 }
 
 function figures(timing: Timing, bytes: number): KernelFigures {
@@ -259,6 +270,17 @@ function recordAll(opt: AdaFisher, inst: Instance, onlyConv = false, data: Insta
     opt.recordInput(i, data.inputs[i], s.inputShape);
     opt.recordOutputGrad(i, data.outGrads[i], s.outputShape);
   });
+}
+
+/** The records of one recordFactors call for every layer of `data` (default: inst's own). */
+function allRecords(inst: Instance, data: Instance = inst): FactorRecord[] {
+  return inst.wl.shapes.map((s, i) => ({
+    layer: i,
+    input: data.inputs[i],
+    inputShape: s.inputShape,
+    outputGrad: data.outGrads[i],
+    outputGradShape: s.outputShape,
+  }));
 }
 
 /** Copies so that `copies x bytes` exceeds `rotateBytes` (at least 1, at most 256). */
@@ -306,7 +328,11 @@ export async function measureWorkload(
   const fOpt = mk({ tcov: 1, nonFiniteGuard: true });
   log('factors');
   const factorsWarm = figures(await timer.time(() => recordAll(fOpt, inst)), actBytes);
-  const factors: WorkloadResult['factors'] = { warm: factorsWarm };
+  const records = allRecords(inst);
+  const factors: WorkloadResult['factors'] = {
+    warm: factorsWarm,
+    batchedWarm: figures(await timer.time(() => fOpt.recordFactors(records)), actBytes),
+  };
   const rf = rotationCopies(actBytes, opts.rotateBytes);
   const coldFactors = async (onlyConv: boolean) => {
     if (opts.flush) return timer.time(() => recordAll(fOpt, inst, onlyConv), { before: opts.flush });
@@ -314,8 +340,17 @@ export async function measureWorkload(
     let i = 0;
     return timer.time(() => recordAll(fOpt, inst, onlyConv, data[i++ % rf]));
   };
+  const coldBatched = async () => {
+    if (opts.flush) return timer.time(() => fOpt.recordFactors(records), { before: opts.flush });
+    const each = rotation(rf).map((data) => allRecords(inst, data));
+    let i = 0;
+    return timer.time(() => fOpt.recordFactors(each[i++ % rf]));
+  };
   const cold = opts.flush !== undefined || rf > 1;
-  if (cold) factors.cold = figures(await coldFactors(false), actBytes);
+  if (cold) {
+    factors.cold = figures(await coldFactors(false), actBytes);
+    factors.batchedCold = figures(await coldBatched(), actBytes);
+  }
   if (convBytes > 0) {
     factors.convWarm = figures(await timer.time(() => recordAll(fOpt, inst, true)), convBytes);
     if (cold) factors.convCold = figures(await coldFactors(true), convBytes);
@@ -404,6 +439,7 @@ export async function measureWorkload(
     step,
     rotation: { factorCopies: cold && !opts.flush ? rf : 1, stepCopies: opts.flush ? 1 : rs },
     wholeMs: pick(factors as { cold?: KernelFigures; warm: KernelFigures }) + mm + pick(step.guardOn),
+    wholeBatchedMs: pick({ cold: factors.batchedCold, warm: factors.batchedWarm }) + mm + pick(step.guardOn),
   };
 }
 

@@ -271,6 +271,10 @@ def bench_rows(out):
             parts.append("conv factors %.0f%% of copy" % (100 * k["convFactorsFractionOfCopy"]))
         if k.get("wholeSpeedupVsEager") is not None:
             parts.append("whole %.1fx eager" % k["wholeSpeedupVsEager"])
+        if k.get("wholeBatchedSpeedupVsEager") is not None:
+            parts.append("%.1fx with recordFactors" % k["wholeBatchedSpeedupVsEager"])
+        if k.get("factorsMs") is not None and k.get("factorsBatchedMs") is not None:
+            parts.append("factors %s ms, %s ms batched" % (fmt(k["factorsMs"]), fmt(k["factorsBatchedMs"])))
         if k.get("hostArrayStepMs") is not None:
             parts.append("Float32Array step %s ms" % fmt(k["hostArrayStepMs"]))
         verdicts = [(t, k[t]) for t in ("stepCopyTargetMet", "fusedAdamTargetMet", "convFactorsTargetMet", "eagerTargetMet") if t in k]
