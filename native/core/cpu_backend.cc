@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -64,53 +65,129 @@ ADAFISHER_CPU_CLONES double SumRun(const float* __restrict x, index_t n) {
   return (s0 + s1) + (s2 + s3);
 }
 
-// sum over (a, c) of op(x[a, b, c]) for every b, in double, deterministic.
-template <bool kSquare>
-void ReduceKept(ThreadPool& pool, const float* x, index_t outer, index_t kept, index_t inner, double* sums) {
-  std::fill(sums, sums + kept, 0.0);
-  if (outer == 0 || kept == 0 || inner == 0) return;
-  if (inner == 1) {
-    // Columns of a row-major [outer, kept] matrix: tasks are (row block, column block).
-    const index_t col_blocks = CeilDiv(kept, kColumnBlock);
-    const index_t cols = std::min(kept, kColumnBlock);
-    const index_t rows_per_task = std::max<index_t>(1, kTaskElements / cols);
-    const index_t row_blocks = CeilDiv(outer, rows_per_task);
-    std::vector<double> partial(static_cast<size_t>(row_blocks * kept));
-    pool.Run(row_blocks * col_blocks, [&](int64_t task) {
-      const index_t rb = task / col_blocks, cb = task % col_blocks;
-      const index_t c0 = cb * kColumnBlock, c1 = std::min(kept, c0 + kColumnBlock);
-      const index_t r0 = rb * rows_per_task, r1 = std::min(outer, r0 + rows_per_task);
-      double* acc = partial.data() + rb * kept;
-      for (index_t r = r0; r < r1; ++r) AccumulateRow<kSquare>(acc + c0, x + r * kept + c0, c1 - c0);
-    });
-    for (index_t rb = 0; rb < row_blocks; ++rb) {
-      const double* acc = partial.data() + rb * kept;
-      for (index_t c = 0; c < kept; ++c) sums[c] += acc[c];
+// NOTE: [factor tasks]
+// Each fresh-factor computation is a FactorWork: tasks fixed by its shape (never by the
+// thread count), RunTask(t) on any thread in any order, then Finish(), which combines the
+// tasks' partials in task order and writes the factor. A factor call runs its work's tasks
+// in one pool run; FactorJobs (recordFactors) runs the tasks of all its jobs in ONE pool
+// run, so the pool wakes once for the whole model instead of once per call, and then
+// finishes the jobs. The same tasks and the same combination order: the same bits.
+class FactorWork {
+ public:
+  virtual ~FactorWork() = default;
+  int64_t tasks() const { return tasks_; }
+  int64_t elements() const { return elements_; }  // input values read
+  virtual void Prepare() = 0;               // before any task: allocates the partials
+  virtual void RunTask(int64_t task) = 0;  // must not throw
+  virtual void Finish() = 0;
+
+ protected:
+  int64_t tasks_ = 0;
+  int64_t elements_ = 0;
+};
+
+// The sums over (a, c) of x[a, b, c] (or its square) for every b, in double, then the
+// job's factor from them (mean square, norm input, norm grad).
+class ReduceWork final : public FactorWork {
+ public:
+  explicit ReduceWork(const FactorJob& job)
+      : job_(job), square_(job.op == FactorOp::kMeanSquare), outer_(job.outer), kept_(job.kept), inner_(job.inner) {
+    elements_ = outer_ * kept_ * inner_;
+    if (outer_ == 0 || kept_ == 0 || inner_ == 0) return;  // no tasks: every sum is 0
+    if (inner_ == 1) {
+      // Columns of a row-major [outer, kept] matrix: tasks are (row block, column block).
+      col_blocks_ = CeilDiv(kept_, kColumnBlock);
+      const index_t cols = std::min(kept_, kColumnBlock);
+      rows_per_task_ = std::max<index_t>(1, kTaskElements / cols);
+      blocks_ = CeilDiv(outer_, rows_per_task_);
+      tasks_ = blocks_ * col_blocks_;
+      return;
     }
-    return;
+    // Planes: x[a, b, :] is a contiguous run of `inner` values. A task is (a block, b block)
+    // and reads x[a0..a1, b0..b1, :], which is contiguous when the b block spans every b: the
+    // hardware prefetcher then streams it (one task per 4 KiB plane would restart at every
+    // page). partial[a block][b] is combined in a-block order.
+    b_per_task_ = std::clamp<index_t>(kTaskElements / inner_, 1, kept_);
+    b_blocks_ = CeilDiv(kept_, b_per_task_);
+    a_per_task_ = std::max<index_t>(1, kTaskElements / (b_per_task_ * inner_));
+    blocks_ = CeilDiv(outer_, a_per_task_);
+    tasks_ = blocks_ * b_blocks_;
   }
-  // Planes: x[a, b, :] is a contiguous run of `inner` values. A task is (a block, b block)
-  // and reads x[a0..a1, b0..b1, :], which is contiguous when the b block spans every b: the
-  // hardware prefetcher then streams it (one task per 4 KiB plane would restart at every
-  // page). partial[a block][b] is combined in a-block order.
-  const index_t b_per_task = std::clamp<index_t>(kTaskElements / inner, 1, kept);
-  const index_t b_blocks = CeilDiv(kept, b_per_task);
-  const index_t a_per_task = std::max<index_t>(1, kTaskElements / (b_per_task * inner));
-  const index_t a_blocks = CeilDiv(outer, a_per_task);
-  std::vector<double> partial(static_cast<size_t>(a_blocks * kept), 0.0);
-  pool.Run(a_blocks * b_blocks, [&](int64_t task) {
-    const index_t ab = task / b_blocks, bb = task % b_blocks;
-    const index_t a0 = ab * a_per_task, a1 = std::min(outer, a0 + a_per_task);
-    const index_t b0 = bb * b_per_task, b1 = std::min(kept, b0 + b_per_task);
-    double* acc = partial.data() + ab * kept;
+
+  void Prepare() override { partial_.assign(static_cast<size_t>(blocks_ * kept_), 0.0); }
+
+  void RunTask(int64_t task) override {
+    if (square_) {
+      Run<true>(task);
+    } else {
+      Run<false>(task);
+    }
+  }
+
+  void Finish() override {
+    std::vector<double> sums(static_cast<size_t>(kept_), 0.0);
+    if (tasks_ > 0) {
+      for (index_t blk = 0; blk < blocks_; ++blk) {
+        const double* acc = partial_.data() + blk * kept_;
+        for (index_t b = 0; b < kept_; ++b) sums[b] += acc[b];
+      }
+    }
+    float* out = job_.out;
+    switch (job_.op) {
+      case FactorOp::kMeanSquare: {
+        const double count = job_.divisor;
+        for (index_t b = 0; b < kept_; ++b) out[b] = static_cast<float>(count > 0 ? sums[b] / count : 0.0);
+        if (job_.has_appended) out[kept_] = job_.appended;
+        break;
+      }
+      case FactorOp::kNormInput: {
+        double total = 0.0;
+        for (index_t b = 0; b < kept_; ++b) {
+          const double u = sums[b] / job_.divisor;
+          total += u * u;
+        }
+        const double batch_sq = job_.batch * job_.batch;
+        out[0] = static_cast<float>(total / batch_sq);
+        out[1] = static_cast<float>(static_cast<double>(kept_) / batch_sq);
+        break;
+      }
+      case FactorOp::kNormGrad:
+        for (index_t b = 0; b < kept_; ++b) out[b] = static_cast<float>(sums[b] * sums[b] / job_.divisor);
+        break;
+      case FactorOp::kConv2dPatch:
+        break;  // not a reduction (ConvWork)
+    }
+  }
+
+ private:
+  template <bool kSquare>
+  void Run(int64_t task) {
+    const float* x = job_.x;
+    if (inner_ == 1) {
+      const index_t rb = task / col_blocks_, cb = task % col_blocks_;
+      const index_t c0 = cb * kColumnBlock, c1 = std::min(kept_, c0 + kColumnBlock);
+      const index_t r0 = rb * rows_per_task_, r1 = std::min(outer_, r0 + rows_per_task_);
+      double* acc = partial_.data() + rb * kept_;
+      for (index_t r = r0; r < r1; ++r) AccumulateRow<kSquare>(acc + c0, x + r * kept_ + c0, c1 - c0);
+      return;
+    }
+    const index_t ab = task / b_blocks_, bb = task % b_blocks_;
+    const index_t a0 = ab * a_per_task_, a1 = std::min(outer_, a0 + a_per_task_);
+    const index_t b0 = bb * b_per_task_, b1 = std::min(kept_, b0 + b_per_task_);
+    double* acc = partial_.data() + ab * kept_;
     for (index_t a = a0; a < a1; ++a) {
-      for (index_t b = b0; b < b1; ++b) acc[b] += SumRun<kSquare>(x + (a * kept + b) * inner, inner);
+      for (index_t b = b0; b < b1; ++b) acc[b] += SumRun<kSquare>(x + (a * kept_ + b) * inner_, inner_);
     }
-  });
-  for (index_t ab = 0; ab < a_blocks; ++ab) {
-    for (index_t b = 0; b < kept; ++b) sums[b] += partial[ab * kept + b];
   }
-}
+
+  const FactorJob job_;
+  const bool square_;
+  const index_t outer_, kept_, inner_;
+  index_t blocks_ = 0;  // row blocks (columns) or a blocks (planes): rows of partial_
+  index_t col_blocks_ = 1, rows_per_task_ = 1;
+  index_t b_per_task_ = 1, b_blocks_ = 1, a_per_task_ = 1;
+  std::vector<double> partial_;  // [blocks_][kept_]
+};
 
 // NOTE: [conv factor precision]
 // Within one plane the squares and their sums down the (at most out_h) rows of a kernel row
@@ -202,6 +279,73 @@ ADAFISHER_CPU_CLONES void PatchSums(const float* plane, const Conv2dShape& s, co
   }
 }
 
+// H of a Conv2d (Backend::Conv2dPatchFactor): per-(image, channel) patch sums, then their
+// fixed-order combination.
+class ConvWork final : public FactorWork {
+ public:
+  explicit ConvWork(const FactorJob& job) : job_(job), s_(job.conv), plan_(job.conv) {
+    khw_ = s_.kernel_h * s_.kernel_w;
+    plane_ = s_.height * s_.width;
+    elements_ = s_.batch * s_.channels * plane_;
+    if (s_.format == DataFormat::kNCHW) {
+      // A task is a run of consecutive planes (about kTaskElements values).
+      planes_ = s_.batch * s_.channels;
+      per_task_ = std::max<index_t>(1, kTaskElements / std::max<index_t>(plane_, 1));
+      tasks_ = CeilDiv(planes_, per_task_);
+    } else {
+      // NHWC: a task is (image, block of channels); a block of channels is contiguous.
+      block_ = std::min<index_t>(s_.channels, 64);
+      blocks_ = CeilDiv(s_.channels, block_);
+      tasks_ = s_.batch * blocks_;
+    }
+  }
+
+  // partial[n][c][i*kw + j]: one slot per (image, channel), combined in fixed order.
+  void Prepare() override { partial_.assign(static_cast<size_t>(s_.batch * s_.channels * khw_), 0.0); }
+
+  void RunTask(int64_t task) override {
+    thread_local PatchScratch scratch;
+    const float* x = job_.x;
+    if (s_.format == DataFormat::kNCHW) {
+      const index_t end = std::min(planes_, (task + 1) * per_task_);
+      for (index_t nc = task * per_task_; nc < end; ++nc) {
+        PatchSums(x + nc * plane_, s_, plan_, 1, s_.width, 1, scratch, partial_.data() + nc * khw_);
+      }
+      return;
+    }
+    const index_t C = s_.channels;
+    const index_t n = task / blocks_, c0 = (task % blocks_) * block_;
+    const index_t lanes = std::min(block_, C - c0);
+    PatchSums(x + n * plane_ * C + c0, s_, plan_, C, s_.width * C, lanes, scratch, partial_.data() + (n * C + c0) * khw_);
+  }
+
+  void Finish() override {
+    const index_t N = s_.batch, C = s_.channels, cg = C / s_.groups;
+    const double count = static_cast<double>(N) * static_cast<double>(s_.out_h) * static_cast<double>(s_.out_w);
+    float* out = job_.out;
+    for (index_t cp = 0; cp < cg; ++cp) {
+      for (index_t ij = 0; ij < khw_; ++ij) {
+        double sum = 0.0;
+        for (index_t n = 0; n < N; ++n) {
+          for (index_t g = 0; g < s_.groups; ++g) sum += partial_[(n * C + g * cg + cp) * khw_ + ij];
+        }
+        const index_t k = s_.order == PatchOrder::kChannelMajor ? cp * khw_ + ij : ij * cg + cp;
+        out[k] = static_cast<float>(count > 0 ? sum / count : 0.0);
+      }
+    }
+    if (job_.has_appended) out[cg * khw_] = static_cast<float>(s_.groups);
+  }
+
+ private:
+  const FactorJob job_;
+  const Conv2dShape s_;
+  const PatchPlan plan_;
+  index_t khw_ = 1, plane_ = 0;
+  index_t planes_ = 0, per_task_ = 1;  // NCHW
+  index_t block_ = 1, blocks_ = 1;     // NHWC
+  std::vector<double> partial_;
+};
+
 // math::is_finite over a run, as integer ops the compiler vectorizes with plain SSE2:
 // the exponent field plus one exponent LSB carries into bit 31 exactly when the exponent
 // is all ones (NaN or +-inf). Same predicate as math::is_finite.
@@ -254,74 +398,70 @@ class CpuBackend final : public Backend {
 
   void MeanSquareFactor(const float* x, index_t outer, index_t kept, index_t inner, double count, bool has_appended,
                         float appended, float* out) override {
-    std::vector<double> sums(static_cast<size_t>(kept));
-    ReduceKept<true>(pool_, x, outer, kept, inner, sums.data());
-    for (index_t b = 0; b < kept; ++b) out[b] = static_cast<float>(count > 0 ? sums[b] / count : 0.0);
-    if (has_appended) out[kept] = appended;
+    FactorJob job;
+    job.op = FactorOp::kMeanSquare;
+    job.x = x, job.outer = outer, job.kept = kept, job.inner = inner;
+    job.divisor = count, job.has_appended = has_appended, job.appended = appended;
+    job.out = out;
+    FactorJobs(&job, 1);
   }
 
   void NormInputFactor(const float* x, index_t outer, index_t kept, index_t inner, double u_divisor, double batch,
                        float* out) override {
-    std::vector<double> sums(static_cast<size_t>(kept));
-    ReduceKept<false>(pool_, x, outer, kept, inner, sums.data());
-    double total = 0.0;
-    for (index_t b = 0; b < kept; ++b) {
-      const double u = sums[b] / u_divisor;
-      total += u * u;
-    }
-    const double batch_sq = batch * batch;
-    out[0] = static_cast<float>(total / batch_sq);
-    out[1] = static_cast<float>(static_cast<double>(kept) / batch_sq);
+    FactorJob job;
+    job.op = FactorOp::kNormInput;
+    job.x = x, job.outer = outer, job.kept = kept, job.inner = inner;
+    job.divisor = u_divisor, job.batch = batch;
+    job.out = out;
+    FactorJobs(&job, 1);
   }
 
   void NormGradFactor(const float* x, index_t outer, index_t kept, index_t inner, double batch, float* out) override {
-    std::vector<double> sums(static_cast<size_t>(kept));
-    ReduceKept<false>(pool_, x, outer, kept, inner, sums.data());
-    for (index_t b = 0; b < kept; ++b) out[b] = static_cast<float>(sums[b] * sums[b] / batch);
+    FactorJob job;
+    job.op = FactorOp::kNormGrad;
+    job.x = x, job.outer = outer, job.kept = kept, job.inner = inner;
+    job.divisor = batch;
+    job.out = out;
+    FactorJobs(&job, 1);
   }
 
   void Conv2dPatchFactor(const float* x, const Conv2dShape& s, bool has_bias, float* out) override {
-    const index_t N = s.batch, C = s.channels, khw = s.kernel_h * s.kernel_w;
-    const index_t cg = C / s.groups;
-    const index_t K = cg * khw;
-    // partial[n][c][i*kw + j]: one slot per (image, channel), combined in fixed order.
-    std::vector<double> partial(static_cast<size_t>(N * C * khw), 0.0);
-    const index_t plane = s.height * s.width;
-    const PatchPlan plan(s);
-    if (s.format == DataFormat::kNCHW) {
-      // A task is a run of consecutive planes (about kTaskElements values).
-      const index_t planes = N * C;
-      const index_t per_task = std::max<index_t>(1, kTaskElements / std::max<index_t>(plane, 1));
-      pool_.Run(CeilDiv(planes, per_task), [&](int64_t task) {
-        thread_local PatchScratch scratch;
-        const index_t end = std::min(planes, (task + 1) * per_task);
-        for (index_t nc = task * per_task; nc < end; ++nc) {
-          PatchSums(x + nc * plane, s, plan, 1, s.width, 1, scratch, partial.data() + nc * khw);
-        }
-      });
-    } else {
-      // NHWC: a task is (image, block of channels); a block of channels is contiguous.
-      const index_t block = std::min<index_t>(C, 64);
-      const index_t blocks = CeilDiv(C, block);
-      pool_.Run(N * blocks, [&](int64_t task) {
-        thread_local PatchScratch scratch;
-        const index_t n = task / blocks, c0 = (task % blocks) * block;
-        const index_t lanes = std::min(block, C - c0);
-        PatchSums(x + n * plane * C + c0, s, plan, C, s.width * C, lanes, scratch, partial.data() + (n * C + c0) * khw);
-      });
-    }
-    const double count = static_cast<double>(N) * static_cast<double>(s.out_h) * static_cast<double>(s.out_w);
-    for (index_t cp = 0; cp < cg; ++cp) {
-      for (index_t ij = 0; ij < khw; ++ij) {
-        double sum = 0.0;
-        for (index_t n = 0; n < N; ++n) {
-          for (index_t g = 0; g < s.groups; ++g) sum += partial[(n * C + g * cg + cp) * khw + ij];
-        }
-        const index_t k = s.order == PatchOrder::kChannelMajor ? cp * khw + ij : ij * cg + cp;
-        out[k] = static_cast<float>(count > 0 ? sum / count : 0.0);
+    FactorJob job;
+    job.op = FactorOp::kConv2dPatch;
+    job.x = x, job.conv = s, job.has_appended = has_bias;
+    job.out = out;
+    FactorJobs(&job, 1);
+  }
+
+  // Every job's tasks in one pool run, then each job's combination (NOTE: [factor tasks]).
+  void FactorJobs(const FactorJob* jobs, size_t count) override {
+    std::vector<std::unique_ptr<FactorWork>> works;
+    works.reserve(count);
+    std::vector<int64_t> first(count + 1, 0);  // first[j]: the pool task of job j's task 0
+    int64_t elements = 0;
+    for (size_t j = 0; j < count; ++j) {
+      if (jobs[j].op == FactorOp::kConv2dPatch) {
+        works.push_back(std::make_unique<ConvWork>(jobs[j]));
+      } else {
+        works.push_back(std::make_unique<ReduceWork>(jobs[j]));
       }
+      works.back()->Prepare();
+      first[j + 1] = first[j] + works.back()->tasks();
+      elements += works.back()->elements();
     }
-    if (has_bias) out[K] = static_cast<float>(s.groups);
+    const auto run = [&](int64_t task) {
+      // The job whose tasks include `task` (jobs without tasks have first[j] == first[j + 1]).
+      const size_t j = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
+      works[j]->RunTask(task - first[j]);
+    };
+    if (elements <= kTaskElements) {
+      // Less than one task's worth in all (a model of small layers): waking the pool would
+      // cost more than the work. Which thread runs a task does not change its result.
+      for (int64_t task = 0; task < first[count]; ++task) run(task);
+    } else {
+      pool_.Run(first[count], run);
+    }
+    for (const std::unique_ptr<FactorWork>& w : works) w->Finish();
   }
 
   void* CreateTimingMark() override {
