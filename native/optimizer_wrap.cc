@@ -119,6 +119,18 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     if (!core_) ThrowCoded(env, ErrorCode::kDisposed, "Optimizer already disposed.");
     return *core_;
   }
+  // NOTE: [reentrant dispose]
+  // A method that reads its arguments' properties runs user JS (getters, Proxy traps) while
+  // it holds a reference to the core: a dispose() from there would free it under the method
+  // (a use after free). While such a method runs, dispose() throws instead, and nothing of
+  // the method's work has been done when its argument reading fails with that error.
+  struct InCall {
+    explicit InCall(int& depth) : depth_(depth) { ++depth_; }
+    ~InCall() { --depth_; }
+    InCall(const InCall&) = delete;
+    InCall& operator=(const InCall&) = delete;
+    int& depth_;
+  };
   std::shared_ptr<Backend> SharedBackend(Napi::Env env) {
     // The backend of this optimizer, as held by the instance (shared ownership).
     InstanceData& inst = Instance(env);
@@ -135,6 +147,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value RecordInput(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
@@ -151,6 +164,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value RecordOutputGrad(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
@@ -167,6 +181,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value RecordFactors(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       const Napi::Array rs = ToArray(info[0], "records");
       const size_t n = rs.Length();
@@ -209,6 +224,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value SetFactor(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
@@ -224,6 +240,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value Step(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       const Napi::Array ps = ToArray(info[0], "params");
       const Napi::Array gs = ToArray(info[1], "grads");
@@ -344,6 +361,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value ImportState(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       const Napi::Object o = ToObject(info[0], "state");
       OptimizerCore::State s;
@@ -375,9 +393,17 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    core_.reset();
-    external_.Clear(info.Env());
-    return info.Env().Undefined();
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      if (in_call_ > 0) {
+        ThrowCoded(env, ErrorCode::kInvalidArgument,
+                   "Cannot dispose the optimizer while one of its own calls is reading its arguments (a getter or "
+                   "Proxy trap called dispose()); dispose it after the call returns.");
+      }
+      core_.reset();
+      external_.Clear(env);
+      return env.Undefined();
+    });
   }
 
  public:
@@ -389,6 +415,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
  private:
   std::unique_ptr<OptimizerCore> core_;
   ExternalMemory external_;
+  int in_call_ = 0;  // methods of this optimizer in progress (NOTE: [reentrant dispose])
 };
 
 }  // namespace

@@ -87,6 +87,40 @@ describe('fuzz findings: re-entrancy while step() collects its arguments (use af
   });
 });
 
+describe("re-entrancy: an argument's getter disposes the optimizer whose method reads it (use after free)", () => {
+  // native/optimizer_wrap.cc: step, recordInput, recordFactors and importState hold a
+  // reference to the optimizer's core while they read their arguments, which runs user JS;
+  // a dispose() from there freed the core under them (step: SIGSEGV). Fix (NOTE: [reentrant
+  // dispose]): dispose() throws while such a call is in progress.
+  const setup = `
+    const linear = { kind: 0, hasBias: false, inFeatures: 4, outFeatures: 3, layout: 0, format: 0 };
+    const o = new b.NativeOptimizer('cpu', cfg, [linear], [{ numel: 12, layer: 0, role: 0 }]);
+    const killer = (value) => () => { o.dispose(); return value; };`;
+  const cases: [string, string][] = [
+    ['step (a gradient getter)', `const g = []; Object.defineProperty(g, 0, { enumerable: true, get: killer(new Float32Array(12)) });
+       g.length = 1; return o.step([new Float32Array(12)], g);`],
+    ['recordInput (a shape getter)', `const s = [2]; Object.defineProperty(s, 1, { enumerable: true, get: killer(4) });
+       return o.recordInput(0, new Float32Array(8), s);`],
+    ['recordFactors (a record getter)', `const r = { layer: 0, which: 0, shape: [2, 4] };
+       Object.defineProperty(r, 'data', { get: killer(new Float32Array(8)) }); return o.recordFactors([r]);`],
+    ['importState (a momenta getter)', `const m = []; Object.defineProperty(m, 0, { enumerable: true, get: killer(new Float32Array(12)) });
+       m.length = 1; return o.importState({ steps: 1, stepCounts: [1], momenta: m, factors: new Float32Array(7) });`],
+  ];
+  test.each(cases)('%s: dispose() throws, the call fails with that error, the optimizer stays usable', (_, body) => {
+    const r = inChild(`${setup}
+      let first;
+      try { ${body} } catch (e) { first = e; }
+      if (!first || first.code !== 'ADAFISHER_INVALID_ARGUMENT' || !/while one of its own calls/.test(first.message)) throw first ?? new Error('no error');
+      o.recordInput(0, new Float32Array(8), [2, 4]);
+      o.recordOutputGrad(0, new Float32Array(6), [2, 3]);
+      const out = o.step([new Float32Array(12)], [new Float32Array(12).fill(1)]);
+      o.dispose();
+      return { applied: out.applied, disposed: o.disposed };`);
+    expect({ status: r.status, signal: r.signal }, r.output).toEqual({ status: 0, signal: null });
+    expect(r.outcome, r.output).toEqual({ ok: true, value: { applied: true, disposed: true } });
+  });
+});
+
 describe('fuzz findings: getters called on the wrong receiver', () => {
   // node-addon-api InstanceAccessor getters carry no V8 receiver check (methods do:
   // "Illegal invocation"). native/buffer_wrap.cc:12-14 and native/optimizer_wrap.cc:41-43:
