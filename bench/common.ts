@@ -244,6 +244,9 @@ export interface WorkloadResult {
     /** The same work as one recordFactors call (every layer's input and output gradient). */
     batchedCold?: KernelFigures;
     batchedWarm: KernelFigures;
+    /** The conv layers' work as one recordFactors call. */
+    convBatchedCold?: KernelFigures;
+    convBatchedWarm?: KernelFigures;
     perLayerWarmMs?: number[];
   };
   minMaxEma: { ms: number; refreshStepMs: number; emptyStepMs: number; entries: number };
@@ -272,15 +275,14 @@ function recordAll(opt: AdaFisher, inst: Instance, onlyConv = false, data: Insta
   });
 }
 
-/** The records of one recordFactors call for every layer of `data` (default: inst's own). */
-function allRecords(inst: Instance, data: Instance = inst): FactorRecord[] {
-  return inst.wl.shapes.map((s, i) => ({
-    layer: i,
-    input: data.inputs[i],
-    inputShape: s.inputShape,
-    outputGrad: data.outGrads[i],
-    outputGradShape: s.outputShape,
-  }));
+/** The records of one recordFactors call for every layer (or every conv layer) of `data` (default: inst's own). */
+function allRecords(inst: Instance, data: Instance = inst, onlyConv = false): FactorRecord[] {
+  const records: FactorRecord[] = [];
+  inst.wl.shapes.forEach((s, i) => {
+    if (onlyConv && s.def.kind !== 'conv2d') return;
+    records.push({ layer: i, input: data.inputs[i], inputShape: s.inputShape, outputGrad: data.outGrads[i], outputGradShape: s.outputShape });
+  });
+  return records;
 }
 
 /** Copies so that `copies x bytes` exceeds `rotateBytes` (at least 1, at most 256). */
@@ -340,20 +342,25 @@ export async function measureWorkload(
     let i = 0;
     return timer.time(() => recordAll(fOpt, inst, onlyConv, data[i++ % rf]));
   };
-  const coldBatched = async () => {
-    if (opts.flush) return timer.time(() => fOpt.recordFactors(records), { before: opts.flush });
-    const each = rotation(rf).map((data) => allRecords(inst, data));
+  const coldBatched = async (onlyConv: boolean) => {
+    const each = rotation(opts.flush ? 1 : rf).map((data) => allRecords(inst, data, onlyConv));
+    if (opts.flush) return timer.time(() => fOpt.recordFactors(each[0]), { before: opts.flush });
     let i = 0;
     return timer.time(() => fOpt.recordFactors(each[i++ % rf]));
   };
   const cold = opts.flush !== undefined || rf > 1;
   if (cold) {
     factors.cold = figures(await coldFactors(false), actBytes);
-    factors.batchedCold = figures(await coldBatched(), actBytes);
+    factors.batchedCold = figures(await coldBatched(false), actBytes);
   }
   if (convBytes > 0) {
     factors.convWarm = figures(await timer.time(() => recordAll(fOpt, inst, true)), convBytes);
-    if (cold) factors.convCold = figures(await coldFactors(true), convBytes);
+    const convRecords = allRecords(inst, inst, true);
+    factors.convBatchedWarm = figures(await timer.time(() => fOpt.recordFactors(convRecords)), convBytes);
+    if (cold) {
+      factors.convCold = figures(await coldFactors(true), convBytes);
+      factors.convBatchedCold = figures(await coldBatched(true), convBytes);
+    }
   }
   if (backend === 'cpu') {
     // Per-layer split (warm), for "where does the time go".

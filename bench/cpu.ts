@@ -233,6 +233,7 @@ function report(
       { kernel: 'factors, all layers', fig: { cold: r.factors.cold, warm: r.factors.warm } },
       ...(r.factors.convWarm ? [{ kernel: 'factors, conv layers', fig: { cold: r.factors.convCold, warm: r.factors.convWarm } }] : []),
       { kernel: 'factors, one recordFactors', fig: { cold: r.factors.batchedCold, warm: r.factors.batchedWarm } },
+      ...(r.factors.convBatchedWarm ? [{ kernel: 'conv layers, one recordFactors', fig: { cold: r.factors.convBatchedCold, warm: r.factors.convBatchedWarm } }] : []),
       { kernel: 'min-max + EMA', ms: r.minMaxEma.ms, note: `${r.minMaxEma.entries} entries; refresh ${fmtMs(r.minMaxEma.refreshStepMs)} - empty ${fmtMs(r.minMaxEma.emptyStepMs)} ms` },
       { kernel: 'step, guard on (24 B/p)', fig: r.step.guardOn },
       { kernel: 'step, guard off (20 B/p)', fig: r.step.guardOff },

@@ -185,10 +185,12 @@ function report(
       rotationCopies: `${r.rotation.factorCopies} (factors), ${r.rotation.stepCopies} (step)`,
     };
     const conv = r.factors.convWarm ? coldOrWarm({ cold: r.factors.convCold, warm: r.factors.convWarm }) : undefined;
+    const convBatched = r.factors.convBatchedWarm ? coldOrWarm({ cold: r.factors.convBatchedCold, warm: r.factors.convBatchedWarm }) : undefined;
     if (copy) {
       k.stepGuardOffFractionOfCopy = (k.stepGuardOffGBps20 as number) / copy;
       k.stepGuardOnFractionOfCopy20 = (20 * r.parameters) / (onMs * 1e6) / copy;
       if (conv) k.convFactorsFractionOfCopy = conv.gbps / copy;
+      if (convBatched) k.convFactorsBatchedFractionOfCopy = convBatched.gbps / copy;
     }
     if (tw?.fusedAdamMs) {
       k.fusedAdamMs = tw.fusedAdamMs;
@@ -216,6 +218,9 @@ function report(
       ['factors, all layers', r.factors] as const,
       ...(r.factors.convWarm ? [['factors, conv layers', { cold: r.factors.convCold, warm: r.factors.convWarm }] as const] : []),
       ['factors, one recordFactors', { cold: r.factors.batchedCold, warm: r.factors.batchedWarm }] as const,
+      ...(r.factors.convBatchedWarm
+        ? [['conv layers, one recordFactors', { cold: r.factors.convBatchedCold, warm: r.factors.convBatchedWarm }] as const]
+        : []),
       ['step, guard on (24 B/p)', r.step.guardOn] as const,
       ['step, guard off (20 B/p)', r.step.guardOff] as const,
     ];
@@ -241,7 +246,9 @@ function report(
       const judged = convJudged
         ? `target >= ${100 * T.convFactorsFractionOfCopy}%: ${verdict(k.convFactorsTargetMet as boolean | null)}`
         : `${fmtMB(conv!.bytes)} of conv data, below the ${T.convFactorsMinBytes >> 20} MiB where the target is judged: latency-bound`;
-      lines.push(`conv factors at ${fmtNum(100 * (k.convFactorsFractionOfCopy as number), 0)}% of copy bandwidth (${judged})`);
+      const batched =
+        k.convFactorsBatchedFractionOfCopy !== undefined ? `; ${fmtNum(100 * (k.convFactorsBatchedFractionOfCopy as number), 0)}% with one recordFactors call (not judged)` : '';
+      lines.push(`conv factors at ${fmtNum(100 * (k.convFactorsFractionOfCopy as number), 0)}% of copy bandwidth (${judged})${batched}`);
     }
     if (k.wholeSpeedupVsEager !== undefined) {
       lines.push(

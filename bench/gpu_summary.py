@@ -269,6 +269,8 @@ def bench_rows(out):
             parts.append("%.2fx fused Adam" % k["speedupVsFusedAdamGuardOff"])
         if k.get("convFactorsFractionOfCopy") is not None:
             parts.append("conv factors %.0f%% of copy" % (100 * k["convFactorsFractionOfCopy"]))
+        if k.get("convFactorsBatchedFractionOfCopy") is not None:
+            parts.append("%.0f%% batched" % (100 * k["convFactorsBatchedFractionOfCopy"]))
         if k.get("wholeSpeedupVsEager") is not None:
             parts.append("whole %.1fx eager" % k["wholeSpeedupVsEager"])
         if k.get("wholeBatchedSpeedupVsEager") is not None:

@@ -125,10 +125,11 @@ class CudaBackend final : public Backend {
   // 0 rows (nothing launched, nothing written) when there is nothing to read.
   int64_t ReduceKept(ReduceOp op, const float* x, index_t outer, index_t kept, index_t inner, Finish finish,
                      FinishArgs args, double** partial);
-  // One launch of the mean square jobs[0..count) (count <= kBatchJobs, all with something
-  // to read, all of the plan kind Plan): NOTE: [batched factor launch] in factor_kernels.cu.
+  // The launches of jobs[0..count), all of the plan kind Plan (ColumnPlan, PlanePlan: mean
+  // squares with something to read, one launch; ConvPlan: batchable conv patch factors, two
+  // launches), at most a batch's jobs: NOTE: [batched factor launch] in factor_kernels.cu.
   template <typename Plan>
-  void LaunchMeanSquareBatch(const FactorJob* const* jobs, size_t count);
+  void LaunchFactorBatch(const FactorJob* const* jobs, size_t count);
   bool EnsureStaging();
   void CopyThroughDevice(float* dst, const float* src, size_t count);
 

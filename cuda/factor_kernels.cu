@@ -235,17 +235,20 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NOTE: [batched factor launch]
-// A model's factor calls are one launch each (or two): for `big` (four Linear 4096->4096
-// layers, batch 256) eight launches read 4 MB each, and each launch's ramp and tail cost
-// about as much as its reads. recordFactors hands several layers' statistics in one call;
-// the mean squares among them (Linear inputs and output gradients, conv output gradients)
-// then run as one launch per plan kind (column, plane) of up to kBatchJobs jobs. Each job
-// keeps the plan, the block partition, its own partials and tickets, and the epilogue of
-// its own launch: block `first_block + l` of the batch does what block l of the job's own
-// launch does (column: tile l % col_tiles, slice l / col_tiles), so every factor is the same
-// bits as from its own call (the harness checks it). The job table travels in the kernel
-// arguments (__grid_constant__: read from the constant bank, never copied), so a batch costs
-// no upload and no synchronization.
+// A model's factor calls are one launch each (two for a conv input): for `big` (four Linear
+// 4096->4096 layers, batch 256) eight launches read 4 MB each, and each launch's ramp and
+// tail cost about as much as its reads; cnn512's six conv calls are nine launches, a third
+// of their GPU time in latency-bound small kernels (bench/RESULTS.md). recordFactors hands
+// several layers' statistics in one call; the cuda backend then runs its mean squares
+// (Linear inputs and gradients, conv output gradients) as one launch per plan kind (column,
+// plane) of up to kBatchJobs jobs, and its conv patch factors as one phase-1 launch and one
+// phase-2 launch of up to kConvBatchJobs jobs. Each job keeps the plan, the block partition,
+// its own partials, T and tickets, and the epilogue of its own launches: block
+// `first_block + l` of the batch does what block l of the job's own launch does (column: tile
+// l % col_tiles, slice l / col_tiles), so every factor is the same bits as from its own call
+// (the harness checks it). The job table travels in the kernel arguments (__grid_constant__:
+// read from the constant bank, never copied), so a batch costs no upload and no
+// synchronization.
 constexpr int kBatchJobs = 16;
 
 template <typename Plan>
@@ -370,15 +373,15 @@ __device__ void FoldPixelTile(double* T, int64_t parts, int64_t pixels, int64_t 
 
 // Phase 1. Block (tile, part), parts of one tile adjacent in the grid so that the folds
 // spread over the launch: the kThreads * kUnit pixels of the tile, copy `part` of T; a
-// thread sums kUnit adjacent pixels (kUnit == plan.unit).
+// thread sums kUnit adjacent pixels (kUnit == plan.unit). `block` = tile * parts + part;
+// every thread of the block calls it.
 template <int kUnit>
-__global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm : kStreamingBlocksPerSm / 2)
-    ConvPixelKernel(const float* __restrict__ x, const ConvPlan plan, double* T, unsigned* __restrict__ tickets) {
-  AwaitPriorGrids();
+__device__ __forceinline__ void ConvPixelBlock(const float* __restrict__ x, const ConvPlan& plan, double* T,
+                                               unsigned* __restrict__ tickets, unsigned block) {
   // 32-bit: the grid has fewer than 2^31 blocks and parts <= 2^18 (MakeConvPlan).
   const unsigned parts = static_cast<unsigned>(plan.parts);
-  const unsigned tile = blockIdx.x / parts;
-  const unsigned part = blockIdx.x - tile * parts;
+  const unsigned tile = block / parts;
+  const unsigned part = block - tile * parts;
   const int64_t q = (int64_t{tile} * kThreads + threadIdx.x) * kUnit;
   if (q < plan.pixels) {
     if (kUnit == 4) {
@@ -393,22 +396,27 @@ __global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm :
   }
   if (parts == 1) return;
   // From the block index again rather than kept live through the loads (32 registers).
-  const unsigned my_tile = blockIdx.x / static_cast<unsigned>(plan.parts);
+  const unsigned my_tile = block / static_cast<unsigned>(plan.parts);
   if (!LastOfGroup(tickets, my_tile, static_cast<unsigned>(plan.parts))) return;
   for (int u = 0; u < kUnit; ++u) FoldPixelTile(T, plan.parts, plan.pixels, (int64_t{my_tile} * kUnit + u) * kThreads);
 }
 
-// Phases 2a and 2b for classes [blockIdx.x * per_block, + per_block): U of those classes
+template <int kUnit>
+__global__ void __launch_bounds__(kThreads, kUnit == 1 ? kStreamingBlocksPerSm : kStreamingBlocksPerSm / 2)
+    ConvPixelKernel(const float* __restrict__ x, const ConvPlan plan, double* T, unsigned* __restrict__ tickets) {
+  AwaitPriorGrids();
+  ConvPixelBlock<kUnit>(x, plan, T, tickets, blockIdx.x);
+}
+
+// Phases 2a and 2b for classes [block * per_block, + per_block): U of those classes
 // (per_block * kh * W <= kRowTapShared doubles) in shared memory, then their taps. Sums in
 // the order of ConvRowTap and ConvColTap (factor_items.h).
 constexpr int64_t kRowTapShared = 4096;  // 32 KiB of doubles
 
-__global__ void __launch_bounds__(kThreads)
-    ConvRowTapKernel(const double* __restrict__ T, const ConvPlan plan, int64_t per_block, double count,
-                     bool has_bias, float* __restrict__ out) {
-  AwaitPriorGrids();
+__device__ __forceinline__ void ConvRowTapBlock(const double* __restrict__ T, const ConvPlan& plan, int64_t per_block,
+                                                double count, bool has_bias, float* __restrict__ out, int64_t block) {
   __shared__ double U[kRowTapShared];
-  const int64_t c0 = blockIdx.x * per_block;
+  const int64_t c0 = block * per_block;
   const int64_t classes = per_block < plan.cg - c0 ? per_block : plan.cg - c0;
   const int64_t line = plan.kh * plan.W;  // U entries of one class
   for (int64_t r = threadIdx.x; r < classes * line; r += kThreads) {
@@ -428,7 +436,54 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t cp = c0 + c;
     out[plan.channel_major ? cp * khw + ij : ij * plan.cg + cp] = static_cast<float>(count > 0 ? sum / count : 0.0);
   }
-  if (has_bias && blockIdx.x == 0 && threadIdx.x == 0) out[plan.tap_items()] = static_cast<float>(plan.groups);
+  if (has_bias && block == 0 && threadIdx.x == 0) out[plan.tap_items()] = static_cast<float>(plan.groups);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    ConvRowTapKernel(const double* __restrict__ T, const ConvPlan plan, int64_t per_block, double count,
+                     bool has_bias, float* __restrict__ out) {
+  AwaitPriorGrids();
+  ConvRowTapBlock(T, plan, per_block, count, has_bias, out, blockIdx.x);
+}
+
+// A batch of conv patch factors (NOTE: [batched factor launch]): phase 1 of every job in one
+// launch, then phases 2a + 2b of every job in one more; each job's blocks do what its own
+// launches' blocks do.
+struct ConvJob {
+  const float* x;
+  ConvPlan plan;
+  double* T;
+  unsigned* tickets;
+  int64_t per_block;     // classes per phase-2 block
+  double count;          // N * OH * OW
+  float* out;
+  int64_t first_block;   // in the phase-1 grid
+  int64_t first_block2;  // in the phase-2 grid
+  bool has_bias;
+};
+constexpr int kConvBatchJobs = 8;
+struct ConvBatch {
+  ConvJob job[kConvBatchJobs];
+  int count;
+};
+static_assert(sizeof(ConvBatch) <= 4000, "a batch's job table must fit in the 4 KiB of kernel arguments");
+
+__global__ void __launch_bounds__(kThreads, kBatchColumnBlocksPerSm)
+    ConvPixelBatchKernel(const __grid_constant__ ConvBatch batch) {
+  AwaitPriorGrids();
+  int j = 0;
+  while (j + 1 < batch.count && blockIdx.x >= batch.job[j + 1].first_block) ++j;
+  const ConvJob& job = batch.job[j];
+  ConvPixelBlock<1>(job.x, job.plan, job.T, job.tickets, static_cast<unsigned>(blockIdx.x - job.first_block));
+}
+
+__global__ void __launch_bounds__(kThreads) ConvRowTapBatchKernel(const __grid_constant__ ConvBatch batch) {
+  AwaitPriorGrids();
+  int j = 0;
+  while (j + 1 < batch.count && blockIdx.x >= batch.job[j + 1].first_block2) ++j;
+  const ConvJob& job = batch.job[j];
+  ConvRowTapBlock(job.T, job.plan, job.per_block, job.count, job.has_bias, job.out,
+                  int64_t{blockIdx.x} - job.first_block2);
 }
 
 // Phases 2a and 2b for a class whose U does not fit in shared memory (kh * W > 4096): U in
@@ -509,10 +564,18 @@ void LaunchBatch(bool programmatic, cudaStream_t stream, unsigned blocks, const 
   LaunchAwaiting(programmatic, PlaneBatchKernel, dim3(blocks), stream, batch);
 }
 
+// A conv patch factor that a batch runs (ConvPixelBatchKernel, ConvRowTapBatchKernel): one
+// pixel per phase-1 thread, something to read, and U of a class in shared memory.
+bool ConvBatchable(const Conv2dShape& shape) {
+  const ConvPlan plan = MakeConvPlan(shape);
+  const int64_t line = plan.kh * plan.W;
+  return plan.unit == 1 && plan.pixels > 0 && plan.parts > 0 && line > 0 && line <= kRowTapShared;
+}
+
 }  // namespace
 
 template <typename Plan>
-void CudaBackend::LaunchMeanSquareBatch(const FactorJob* const* jobs, size_t count) {
+void CudaBackend::LaunchFactorBatch(const FactorJob* const* jobs, size_t count) {
   const bool programmatic = programmatic_launch_ && Tuning().programmatic_launch;
   ReduceBatch<Plan> batch{};
   batch.count = static_cast<int>(count);
@@ -621,6 +684,47 @@ void CudaBackend::NormGradFactor(const float* x, index_t outer, index_t kept, in
   ADAFISHER_CUDA_LAUNCH_CHECK();
 }
 
+template <>
+void CudaBackend::LaunchFactorBatch<ConvPlan>(const FactorJob* const* jobs, size_t count) {
+  const bool programmatic = programmatic_launch_ && Tuning().programmatic_launch;
+  ConvBatch batch{};
+  batch.count = static_cast<int>(count);
+  int64_t blocks = 0, blocks2 = 0, tickets = 0;
+  size_t t_bytes = 0;
+  size_t t_at[kConvBatchJobs];
+  int64_t ticket_at[kConvBatchJobs];
+  for (size_t i = 0; i < count; ++i) {
+    const FactorJob& j = *jobs[i];
+    ConvJob& c = batch.job[i];
+    c.x = j.x;
+    c.plan = MakeConvPlan(j.conv);
+    const ConvPlan& plan = c.plan;
+    const int64_t line = plan.kh * plan.W;
+    c.per_block = std::clamp<int64_t>(kThreads / line, 1, kRowTapShared / line);
+    c.count = static_cast<double>(j.conv.batch) * static_cast<double>(j.conv.out_h) * static_cast<double>(j.conv.out_w);
+    c.out = j.out;
+    c.has_bias = j.has_appended;
+    const int64_t tiles = CeilDiv(plan.pixels, int64_t{kThreads});  // plan.unit == 1
+    c.first_block = blocks;
+    blocks += tiles * plan.parts;
+    c.first_block2 = blocks2;
+    blocks2 += CeilDiv(plan.cg, c.per_block);
+    t_at[i] = t_bytes;
+    t_bytes += AlignUp(static_cast<size_t>(plan.parts * plan.pixels) * sizeof(double));
+    ticket_at[i] = plan.parts > 1 ? tickets : -1;
+    tickets += plan.parts > 1 ? tiles : 0;
+  }
+  const unsigned grid = GridSize(blocks), grid2 = GridSize(blocks2);
+  char* scratch = static_cast<char*>(Scratch(t_bytes));
+  unsigned* counters = tickets > 0 ? Tickets(static_cast<size_t>(tickets)) : nullptr;
+  for (size_t i = 0; i < count; ++i) {
+    batch.job[i].T = reinterpret_cast<double*>(scratch + t_at[i]);
+    batch.job[i].tickets = ticket_at[i] >= 0 ? counters + ticket_at[i] : nullptr;
+  }
+  LaunchAwaiting(programmatic, ConvPixelBatchKernel, dim3(grid), stream_, batch);
+  LaunchAwaiting(programmatic, ConvRowTapBatchKernel, dim3(grid2), stream_, batch);
+}
+
 void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bool has_bias, float* out) {
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
@@ -670,29 +774,35 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
 }
 
 void CudaBackend::FactorJobs(const FactorJob* jobs, size_t count) {
-  // The mean squares with something to read go into batches by plan kind (NOTE: [batched
-  // factor launch]); every other job, and a kind with a single job, runs its own launch.
-  std::vector<const FactorJob*> columns, planes;
+  // The mean squares with something to read and the conv patch factors of the usual shapes
+  // go into batches by plan kind (NOTE: [batched factor launch]); every other job, and a
+  // kind with a single job, runs its own launches.
+  std::vector<const FactorJob*> columns, planes, convs;
   for (size_t i = 0; i < count; ++i) {
     const FactorJob& j = jobs[i];
     if (j.op == FactorOp::kMeanSquare && j.outer > 0 && j.kept > 0 && j.inner > 0) {
       (j.inner == 1 ? columns : planes).push_back(&j);
+    } else if (j.op == FactorOp::kConv2dPatch && ConvBatchable(j.conv)) {
+      convs.push_back(&j);
     } else {
       RunFactorJob(j);
     }
   }
-  for (std::vector<const FactorJob*>* kind : {&columns, &planes}) {
+  for (std::vector<const FactorJob*>* kind : {&columns, &planes, &convs}) {
     if (kind->size() == 1) RunFactorJob(*kind->front());
     if (kind->size() <= 1) kind->clear();
   }
-  if (columns.empty() && planes.empty()) return;
+  if (columns.empty() && planes.empty() && convs.empty()) return;
   std::lock_guard<std::mutex> lock(mutex_);
   Activate();
   for (size_t i = 0; i < columns.size(); i += kBatchJobs) {
-    LaunchMeanSquareBatch<ColumnPlan>(columns.data() + i, std::min<size_t>(kBatchJobs, columns.size() - i));
+    LaunchFactorBatch<ColumnPlan>(columns.data() + i, std::min<size_t>(kBatchJobs, columns.size() - i));
   }
   for (size_t i = 0; i < planes.size(); i += kBatchJobs) {
-    LaunchMeanSquareBatch<PlanePlan>(planes.data() + i, std::min<size_t>(kBatchJobs, planes.size() - i));
+    LaunchFactorBatch<PlanePlan>(planes.data() + i, std::min<size_t>(kBatchJobs, planes.size() - i));
+  }
+  for (size_t i = 0; i < convs.size(); i += kConvBatchJobs) {
+    LaunchFactorBatch<ConvPlan>(convs.data() + i, std::min<size_t>(kConvBatchJobs, convs.size() - i));
   }
 }
 

@@ -475,10 +475,11 @@ export class AdaFisher {
    * the backward pass. Each record gives a layer's input (with inputShape) and/or its output
    * gradient (with outputGradShape). Every record is checked before any is reduced, so a bad
    * one records nothing; a layer's input or gradient given twice keeps the later, as with one
-   * call each. The results are those of one call each, bit for bit; the cuda backend reduces
-   * the Linear inputs and gradients and the conv output gradients in as few launches as
-   * possible (one per kind of reduction for up to 16 of them), which saves most of the fixed
-   * cost of a call when the layers are small.
+   * call each. The results are those of one call each, bit for bit. The cpu backend runs all
+   * of them in one pass of its thread pool; the cuda backend reduces the Linear inputs and
+   * gradients and the conv output gradients in one launch per kind of reduction (up to 16
+   * each) and the conv inputs in two (up to 8), which saves most of the fixed cost of a call
+   * when the layers are small.
    * @throws {TypeError|RangeError} for a bad record, layer index, shape or data length.
    */
   recordFactors(records: readonly FactorRecord[]): void {

@@ -789,13 +789,16 @@ void TestReductions(Backend& cpu, Backend& gpu) {
   }
 }
 
-// Backend::FactorJobs: the cuda backend reduces the mean squares of a batch in one launch
-// per plan kind, up to 16 jobs each (NOTE: [batched factor launch] in cuda/factor_kernels.cu).
-// Every factor must be the bits of its own call; the batch mixes 21 column and 18 plane
-// jobs (two launches of each kind, the last of one job), unaligned inputs, and jobs that
-// run on their own (an empty mean square, a norm grad, a conv patch factor).
+// Backend::FactorJobs: the cuda backend runs the mean squares of a batch in one launch per
+// plan kind (up to 16 jobs) and its conv patch factors in two (up to 8 jobs): NOTE:
+// [batched factor launch] in cuda/factor_kernels.cu. Every factor must be the bits of its
+// own call. The batch mixes 21 column and 18 plane mean squares (two launches of each kind,
+// the last of one job), 12 conv patch factors that batch (two batches, 8 and 4 jobs; NCHW
+// and NHWC, groups, strides, one with several phase-1 parts), unaligned inputs, and jobs
+// that run on their own (an empty mean square, a norm grad, a conv whose kernel rows do not
+// fit in shared memory).
 void TestFactorBatch(Backend& cpu, Backend& gpu) {
-  const std::string name = "factor/batched 42 jobs";
+  const std::string name = "factor/batched 54 jobs";
   Guarded(name, [&] {
     std::vector<FactorJob> shapes;
     auto mean_square = [&](index_t outer, index_t kept, index_t inner, bool appended) {
@@ -814,11 +817,24 @@ void TestFactorBatch(Backend& cpu, Backend& gpu) {
     norm.op = FactorOp::kNormGrad;
     norm.outer = 6, norm.kept = 5, norm.inner = 33, norm.divisor = 6.0;
     shapes.push_back(norm);
-    FactorJob conv;
-    conv.op = FactorOp::kConv2dPatch;
-    conv.conv = MakeConv(3, 4, 9, 7, 3, 3, 2, 1, 2, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kSame);
-    conv.has_appended = true;
-    shapes.push_back(conv);
+    auto conv = [&](const Conv2dShape& c, bool bias) {
+      FactorJob j;
+      j.op = FactorOp::kConv2dPatch;
+      j.conv = c;
+      j.has_appended = bias;
+      shapes.push_back(j);
+    };
+    conv(MakeConv(3, 4, 9, 7, 3, 3, 2, 1, 2, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kSame), true);
+    conv(MakeConv(5, 6, 8, 8, 2, 3, 1, 2, 3, DataFormat::kNHWC, PatchOrder::kChannelMinor, Pad::kValid), false);
+    // Several phase-1 parts (tickets):
+    conv(MakeConv(64, 2, 5, 5, 3, 3, 1, 1, 1, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kExplicit, 1, 1, 1, 1), true);
+    // kh * W > 4096: runs alone.
+    conv(MakeConv(1, 1, 3, 1500, 3, 3, 1, 1, 1, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kSame), false);
+    for (int i = 0; i < 9; ++i) {
+      conv(MakeConv(1 + i % 3, 2 + i, 4 + i, 6, 1 + i % 3, 2, 1 + i % 2, 1, 1, i % 2 ? DataFormat::kNHWC : DataFormat::kNCHW,
+                    i % 3 ? PatchOrder::kChannelMajor : PatchOrder::kChannelMinor, Pad::kSame),
+           i % 2 == 0);
+    }
 
     auto in_size = [](const FactorJob& j) {
       return static_cast<size_t>(j.op == FactorOp::kConv2dPatch ? ConvInputSize(j.conv) : j.outer * j.kept * j.inner);
@@ -1317,22 +1333,32 @@ void Bench(Backend& gpu) {
   }
   report("cnn512 conv factors, sum", total_bytes, total_seconds);
   {
-    // cnn512's three output-gradient mean squares as one FactorJobs batch (one plane launch).
+    // cnn512's six conv factor calls as one FactorJobs call: the three H in one batch (two
+    // launches), the three S in another (one launch). Layer i's input at the start of buffer
+    // i, its output gradient 128 MiB further (224 MB in all: more than L2).
     std::vector<FactorJob> jobs;
     double bytes = 0;
-    for (const Cnn512Layer& l : Cnn512Layers()) {
+    for (size_t i = 0; i < Cnn512Layers().size(); ++i) {
+      const Cnn512Layer& l = Cnn512Layers()[i];
       const Conv2dShape s = l.Shape();
-      FactorJob j;
-      j.x = inputs[jobs.size()];
-      j.outer = 512, j.kept = l.out_c, j.inner = s.out_h * s.out_w;
-      j.divisor = 512.0 * static_cast<double>(j.inner);
-      j.out = out.ptr() + 1024 * jobs.size();
-      bytes += 4.0 * static_cast<double>(j.outer * j.kept * j.inner);
-      jobs.push_back(j);
+      FactorJob h;
+      h.op = FactorOp::kConv2dPatch;
+      h.x = inputs[i];
+      h.conv = s;
+      h.has_appended = true;
+      h.out = out.ptr() + 4096 * i;
+      FactorJob g;
+      g.x = inputs[i] + (size_t{32} << 20);
+      g.outer = 512, g.kept = l.out_c, g.inner = s.out_h * s.out_w;
+      g.divisor = 512.0 * static_cast<double>(g.inner);
+      g.out = out.ptr() + 4096 * (i + 3);
+      bytes += 4.0 * (static_cast<double>(ConvInputSize(s)) + static_cast<double>(g.outer * g.kept * g.inner));
+      jobs.push_back(h);
+      jobs.push_back(g);
     }
     double enqueue = 0;
-    report("cnn512 S, one batch", bytes, SecondsPerCall(gpu, [&] { gpu.FactorJobs(jobs.data(), jobs.size()); }, 20, &enqueue),
-           enqueue);
+    report("cnn512 conv factors, one call", bytes,
+           SecondsPerCall(gpu, [&] { gpu.FactorJobs(jobs.data(), jobs.size()); }, 20, &enqueue), enqueue);
   }
   {
     // The `big` bench case's factors (4 x Linear 4096 -> 4096, batch 256: a 4 MB input and a
