@@ -268,12 +268,13 @@ struct ReduceBatch {
 static_assert(sizeof(ReduceBatch<ColumnPlan>) <= 4000 && sizeof(ReduceBatch<PlanePlan>) <= 4000,
               "a batch's job table must fit in the 4 KiB of kernel arguments of every architecture");
 
-// The job of the batch's block `block`: the last whose first block is <= block.
-template <typename Plan>
-__device__ __forceinline__ const ReduceJob<Plan>& JobOfBlock(const ReduceBatch<Plan>& batch, int64_t block) {
+// The job of a batch's block `block`: the last of jobs[0..count) whose first block (the
+// member `first`) is <= block.
+template <typename Job>
+__device__ __forceinline__ const Job& JobOfBlock(const Job* jobs, int count, int64_t block, int64_t Job::*first) {
   int j = 0;
-  while (j + 1 < batch.count && block >= batch.job[j + 1].first_block) ++j;
-  return batch.job[j];
+  while (j + 1 < count && block >= jobs[j + 1].*first) ++j;
+  return jobs[j];
 }
 
 // Indexed by the job, the plan's fields live in registers where a launch of its own reads
@@ -286,7 +287,7 @@ constexpr int kBatchColumnBlocksPerSm = 5;
 __global__ void __launch_bounds__(kThreads, kBatchColumnBlocksPerSm)
     ColumnBatchKernel(const __grid_constant__ ReduceBatch<ColumnPlan> batch) {
   AwaitPriorGrids();
-  const ReduceJob<ColumnPlan>& job = JobOfBlock(batch, blockIdx.x);
+  const auto& job = JobOfBlock(batch.job, batch.count, blockIdx.x, &ReduceJob<ColumnPlan>::first_block);
   const int64_t local = int64_t{blockIdx.x} - job.first_block;
   ColumnReduceBlock<true, Finish::kMeanSquare>(job.x, job.plan, job.partial, job.finish, local % job.plan.col_tiles,
                                                local / job.plan.col_tiles);
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, kBatchColumnBlocksPerSm)
 __global__ void __launch_bounds__(kThreads)
     PlaneBatchKernel(const __grid_constant__ ReduceBatch<PlanePlan> batch) {
   AwaitPriorGrids();
-  const ReduceJob<PlanePlan>& job = JobOfBlock(batch, blockIdx.x);
+  const auto& job = JobOfBlock(batch.job, batch.count, blockIdx.x, &ReduceJob<PlanePlan>::first_block);
   PlaneReduceBlock<true, Finish::kMeanSquare>(job.x, job.plan, job.partial, job.finish,
                                               int64_t{blockIdx.x} - job.first_block);
 }
@@ -471,17 +472,13 @@ static_assert(sizeof(ConvBatch) <= 4000, "a batch's job table must fit in the 4 
 __global__ void __launch_bounds__(kThreads, kBatchColumnBlocksPerSm)
     ConvPixelBatchKernel(const __grid_constant__ ConvBatch batch) {
   AwaitPriorGrids();
-  int j = 0;
-  while (j + 1 < batch.count && blockIdx.x >= batch.job[j + 1].first_block) ++j;
-  const ConvJob& job = batch.job[j];
+  const ConvJob& job = JobOfBlock(batch.job, batch.count, blockIdx.x, &ConvJob::first_block);
   ConvPixelBlock<1>(job.x, job.plan, job.T, job.tickets, static_cast<unsigned>(blockIdx.x - job.first_block));
 }
 
 __global__ void __launch_bounds__(kThreads) ConvRowTapBatchKernel(const __grid_constant__ ConvBatch batch) {
   AwaitPriorGrids();
-  int j = 0;
-  while (j + 1 < batch.count && blockIdx.x >= batch.job[j + 1].first_block2) ++j;
-  const ConvJob& job = batch.job[j];
+  const ConvJob& job = JobOfBlock(batch.job, batch.count, blockIdx.x, &ConvJob::first_block2);
   ConvRowTapBlock(job.T, job.plan, job.per_block, job.count, job.has_bias, job.out,
                   int64_t{blockIdx.x} - job.first_block2);
 }
