@@ -292,7 +292,7 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
       const s = spec as LinearLayer;
       const inF = checkInteger(`${at}.inFeatures`, s.inFeatures, 1);
       const outF = checkInteger(`${at}.outFeatures`, s.outFeatures, 1);
-      layer = { kind: LayerKind.linear, hasBias, inFeatures: inF, outFeatures: outF, layout: layout(s), format: DataFormat.NCHW };
+      layer = { kind: LayerKind.linear, hasBias, inFeatures: inF, outFeatures: outF, layout: layout(s), format: DataFormat.NCHW, label: i };
       weightNumel = inF * outF;
       biasNumel = outF;
     } else if (kind === 'conv2d') {
@@ -318,22 +318,23 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
         strideW: sw,
         groups,
         ...padding(`${at}.padding`, s.padding),
+        label: i,
       };
       weightNumel = outC * (inC / groups) * kh * kw;
       biasNumel = outC;
     } else if (kind === 'batchnorm') {
       const s = spec as BatchNormLayer;
       const c = checkInteger(`${at}.channels`, s.channels, 1);
-      layer = { kind: LayerKind.batchnorm, hasBias, inFeatures: c, outFeatures: c, layout: WeightLayout.pytorch, format: format(s) };
+      layer = { kind: LayerKind.batchnorm, hasBias, inFeatures: c, outFeatures: c, layout: WeightLayout.pytorch, format: format(s), label: i };
       weightNumel = biasNumel = c;
     } else {
       const s = spec as LayerNormLayer;
       const d = checkInteger(`${at}.features`, s.features, 1);
-      layer = { kind: LayerKind.layernorm, hasBias, inFeatures: d, outFeatures: d, layout: WeightLayout.pytorch, format: DataFormat.NCHW };
+      layer = { kind: LayerKind.layernorm, hasBias, inFeatures: d, outFeatures: d, layout: WeightLayout.pytorch, format: DataFormat.NCHW, label: i };
       weightNumel = biasNumel = d;
     }
     const weight = checkTensor(`${at}.weight`, (spec as { weight: unknown }).weight, weightNumel);
-    plan.nativeLayers.push({ ...layer, label: i });
+    plan.nativeLayers.push(layer);
     plan.tensors.push({ numel: weightNumel, layer: native, role: TensorRole.weight });
     plan.params.push(weight);
     plan.slots.push({ layer: i, role: 'weight' });
