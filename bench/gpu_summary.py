@@ -72,12 +72,14 @@ def tune_detail(out):
     """The parity log's "tune" lines (NOTE: [plan tuning]): the fastest setting of each sweep
     against the defaults (launch_plan.h's PlanTuning)."""
     log = read(os.path.join(out, "parity.log")) or ""
-    pattern = r"^tune (.+?)\s+([HS]) calls .* sum\s+([0-9.]+) us,\s+([0-9.]+)% of copy"
+    pattern = r"^tune (.+?)\s+([HSB]) calls .* sum\s+([0-9.]+) us,\s+([0-9.]+)% of copy"
     sweeps = {}
     for m in re.finditer(pattern, log, re.M):
         sweeps.setdefault(m.group(2), []).append((m.group(1), float(m.group(3)), float(m.group(4))))
     parts = []
-    for kind, default in (("S", "plane quads=1 min_per_thread=16 max_blocks=4096"), ("H", "conv quads=0 threads=2^18")):
+    defaults = (("S", "plane quads=1 min_per_thread=16 max_blocks=4096"), ("H", "conv quads=0 threads=2^18"),
+                ("B", "batch job_max_blocks=all"))
+    for kind, default in defaults:
         lines = sweeps.get(kind)
         if not lines:
             continue

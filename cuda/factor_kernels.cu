@@ -248,7 +248,9 @@ __global__ void __launch_bounds__(kThreads)
 // l % col_tiles, slice l / col_tiles), so every factor is the same bits as from its own call
 // (the harness checks it). The job table travels in the kernel arguments (__grid_constant__:
 // read from the constant bank, never copied), so a batch costs no upload and no
-// synchronization.
+// synchronization. A job whose own grid is larger than PlanTuning::batch_job_max_blocks runs
+// its own launches (the harness's "tune batch" lines time the choice); by default every job
+// of a batchable kind joins a batch.
 constexpr int kBatchJobs = 16;
 
 template <typename Plan>
@@ -563,10 +565,35 @@ void LaunchBatch(bool programmatic, cudaStream_t stream, unsigned blocks, const 
 
 // A conv patch factor that a batch runs (ConvPixelBatchKernel, ConvRowTapBatchKernel): one
 // pixel per phase-1 thread, something to read, and U of a class in shared memory.
-bool ConvBatchable(const Conv2dShape& shape) {
-  const ConvPlan plan = MakeConvPlan(shape);
+bool ConvBatchable(const ConvPlan& plan) {
   const int64_t line = plan.kh * plan.W;
   return plan.unit == 1 && plan.pixels > 0 && plan.parts > 0 && line > 0 && line <= kRowTapShared;
+}
+
+// The batch kinds; kNone: the job runs its own launches.
+enum class BatchKind { kNone, kColumn, kPlane, kConv };
+
+// Which batch a job joins, if any: the mean squares with something to read and the conv
+// patch factors of the usual shapes, unless the grid of the job's own (first) launch is
+// larger than PlanTuning::batch_job_max_blocks.
+BatchKind BatchKindOf(const FactorJob& j) {
+  int64_t blocks = 0;
+  BatchKind kind = BatchKind::kNone;
+  if (j.op == FactorOp::kMeanSquare && j.outer > 0 && j.kept > 0 && j.inner > 0) {
+    if (j.inner == 1) {
+      kind = BatchKind::kColumn;
+      blocks = NeedsOf(MakeColumnPlan(j.outer, j.kept)).blocks;
+    } else {
+      kind = BatchKind::kPlane;
+      blocks = NeedsOf(MakePlanePlan(j.outer, j.kept, j.inner)).blocks;
+    }
+  } else if (j.op == FactorOp::kConv2dPatch) {
+    const ConvPlan plan = MakeConvPlan(j.conv);
+    if (!ConvBatchable(plan)) return BatchKind::kNone;
+    kind = BatchKind::kConv;
+    blocks = CeilDiv(plan.pixels, int64_t{kThreads}) * plan.parts;
+  }
+  return blocks <= Tuning().batch_job_max_blocks ? kind : BatchKind::kNone;
 }
 
 }  // namespace
@@ -771,18 +798,16 @@ void CudaBackend::Conv2dPatchFactor(const float* x, const Conv2dShape& shape, bo
 }
 
 void CudaBackend::FactorJobs(const FactorJob* jobs, size_t count) {
-  // The mean squares with something to read and the conv patch factors of the usual shapes
-  // go into batches by plan kind (NOTE: [batched factor launch]); every other job, and a
-  // kind with a single job, runs its own launches.
+  // The jobs go into batches by plan kind (NOTE: [batched factor launch]); every other job,
+  // and a kind with a single job, runs its own launches.
   std::vector<const FactorJob*> columns, planes, convs;
   for (size_t i = 0; i < count; ++i) {
     const FactorJob& j = jobs[i];
-    if (j.op == FactorOp::kMeanSquare && j.outer > 0 && j.kept > 0 && j.inner > 0) {
-      (j.inner == 1 ? columns : planes).push_back(&j);
-    } else if (j.op == FactorOp::kConv2dPatch && ConvBatchable(j.conv)) {
-      convs.push_back(&j);
-    } else {
-      RunFactorJob(j);
+    switch (BatchKindOf(j)) {
+      case BatchKind::kColumn: columns.push_back(&j); break;
+      case BatchKind::kPlane: planes.push_back(&j); break;
+      case BatchKind::kConv: convs.push_back(&j); break;
+      case BatchKind::kNone: RunFactorJob(j); break;
     }
   }
   for (std::vector<const FactorJob*>* kind : {&columns, &planes, &convs}) {

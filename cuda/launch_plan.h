@@ -87,6 +87,10 @@ struct PlanTuning {
   // Launch the factor kernels with programmatic stream serialization where the device and
   // the kernels' image allow it (compute capability 9.0+). Timing only: same bits either way.
   bool programmatic_launch = true;
+  // A job of a factor batch whose own launch would have more blocks than this runs alone
+  // (NOTE: [batched factor launch]): a grid that fills the GPU by itself gains little from
+  // sharing a launch, and the batch kernels run fewer blocks per SM. Timing only: same bits.
+  int64_t batch_job_max_blocks = INT64_MAX;
 };
 inline PlanTuning& Tuning() {
   static PlanTuning tuning;

@@ -80,13 +80,16 @@ describe('bench/gpu_summary.py on the newer log lines', () => {
           'tune plane quads=0 min_per_thread=128 max_blocks=2048 S calls   21.0   12.0    9.0 us, sum   42.0 us,  66.0% of copy',
           'tune conv quads=0 threads=2^18                H calls    7.0   24.0   14.0 us, sum   45.0 us,  58.0% of copy',
           'tune conv quads=1 threads=2^19                H calls    6.0   22.0   13.0 us, sum   41.0 us,  63.0% of copy',
+          'tune batch job_max_blocks=512                 B calls cnn512   80.0 big   12.0 us, sum   92.0 us,  61.0% of copy',
+          'tune batch job_max_blocks=all                 B calls cnn512   90.0 big   11.0 us, sum  101.0 us,  55.0% of copy',
         ].join('\n') + '\n',
       );
       expect(summary(dir).get('tune')).toEqual({
         result: 'sweep',
         detail:
           'S best plane quads=1 min_per_thread=64 max_blocks=8192 40.0 us (70%) vs default 57.0 us (49%); ' +
-          'H best conv quads=1 threads=2^19 41.0 us (63%) vs default 45.0 us (58%)',
+          'H best conv quads=1 threads=2^19 41.0 us (63%) vs default 45.0 us (58%); ' +
+          'B best batch job_max_blocks=512 92.0 us (61%) vs default 101.0 us (55%)',
       });
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -875,6 +875,10 @@ void TestFactorBatch(Backend& cpu, Backend& gpu) {
     RecordSameBits(name + " serial launches", got, RunWithTuning(gpu, [](cu::PlanTuning& t) {
                      t.programmatic_launch = false;
                    }, [&](Backend& b) { return run(b, true); }));
+    // Jobs of more than 4 blocks run alone, the others still in batches.
+    RecordSameBits(name + " large jobs alone", got, RunWithTuning(gpu, [](cu::PlanTuning& t) {
+                     t.batch_job_max_blocks = 4;
+                   }, [&](Backend& b) { return run(b, true); }));
   });
 }
 
@@ -1332,6 +1336,8 @@ void Bench(Backend& gpu) {
     total_seconds += h_seconds + s_seconds;
   }
   report("cnn512 conv factors, sum", total_bytes, total_seconds);
+  std::vector<FactorJob> cnn512_jobs, big_jobs;
+  double cnn512_bytes = 0, big_bytes = 0;
   {
     // cnn512's six conv factor calls as one FactorJobs call: the three H in one batch (two
     // launches), the three S in another (one launch). Layer i's input at the start of buffer
@@ -1359,6 +1365,8 @@ void Bench(Backend& gpu) {
     double enqueue = 0;
     report("cnn512 conv factors, one call", bytes,
            SecondsPerCall(gpu, [&] { gpu.FactorJobs(jobs.data(), jobs.size()); }, 20, &enqueue), enqueue);
+    cnn512_jobs = jobs;
+    cnn512_bytes = bytes;
   }
   {
     // The `big` bench case's factors (4 x Linear 4096 -> 4096, batch 256: a 4 MB input and a
@@ -1382,6 +1390,8 @@ void Bench(Backend& gpu) {
            }, 20, &each_enqueue), each_enqueue);
     report("big factors, one batch", bytes, SecondsPerCall(gpu, [&] { gpu.FactorJobs(jobs.data(), jobs.size()); }, 20,
                                                             &batch_enqueue), batch_enqueue);
+    big_jobs = jobs;
+    big_bytes = bytes;
   }
 
   // The plan constants (NOTE: [plan tuning] in cuda/launch_plan.h), swept on cnn512's calls:
@@ -1433,6 +1443,19 @@ void Bench(Backend& gpu) {
       cu::Tuning().conv_threads = int64_t{1} << shift;
       tune(Format("conv quads=%d threads=2^%d", quads ? 1 : 0, shift), true);
     }
+  }
+  // The largest job a batch takes (PlanTuning::batch_job_max_blocks): cnn512's conv factors
+  // as one call and big's as one batch. cnn512's largest phase-1 grid is 1,024 blocks, each
+  // of big's 512.
+  for (int64_t most : {int64_t{0}, int64_t{256}, int64_t{512}, int64_t{1024}, INT64_MAX}) {
+    cu::Tuning() = defaults;
+    cu::Tuning().batch_job_max_blocks = most;
+    const double cnn = SecondsPerCall(gpu, [&] { gpu.FactorJobs(cnn512_jobs.data(), cnn512_jobs.size()); });
+    const double big = SecondsPerCall(gpu, [&] { gpu.FactorJobs(big_jobs.data(), big_jobs.size()); });
+    const std::string setting =
+        most == INT64_MAX ? std::string("batch job_max_blocks=all") : Format("batch job_max_blocks=%d", static_cast<int>(most));
+    std::printf("tune %-34s B calls cnn512 %6.1f big %6.1f us, sum %6.1f us, %5.1f%% of copy\n", setting.c_str(),
+                cnn * 1e6, big * 1e6, (cnn + big) * 1e6, 100.0 * (cnn512_bytes + big_bytes) / (cnn + big) / copy);
   }
   cu::Tuning() = defaults;
   const Conv2dShape tiny = MakeConv(1, 3, 8, 8, 3, 3, 1, 1, 1, DataFormat::kNCHW, PatchOrder::kChannelMajor, Pad::kSame);
