@@ -187,9 +187,11 @@ bool ReadBool(const Napi::Object& obj, const char* key, const std::string& what)
 
 std::vector<index_t> ToShape(const Napi::Value& v, const std::string& what) {
   const Napi::Array a = ToArray(v, what);
-  if (a.Length() > 16) ThrowRangeError(v.Env(), "Expected at most 16 dims for " + what);
-  std::vector<index_t> shape(a.Length());
-  for (uint32_t i = 0; i < a.Length(); ++i)
+  // The length is read once: a getter of an element may change it (NOTE: [read lengths once]).
+  const uint32_t dims = a.Length();
+  if (dims > 16) ThrowRangeError(v.Env(), "Expected at most 16 dims for " + what);
+  std::vector<index_t> shape(dims);
+  for (uint32_t i = 0; i < dims; ++i)
     shape[i] = ToInteger(a.Get(i), what + "[" + std::to_string(i) + "]", 0, index_t{1} << 50);
   return shape;
 }

@@ -69,9 +69,13 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       config.tcov = ReadInteger(c, "tcov", "config", 1, int64_t{1} << 40);
       config.guard = ReadBool(c, "guard", "config");
 
+      // NOTE: [read lengths once]
+      // An array's length is read once, before its elements: a getter of an element (or of
+      // an element's field) may push to or truncate the array, and the loops below write
+      // vectors sized by that first length.
       const Napi::Array ls = ToArray(info[2], "layers");
       std::vector<LayerSpec> layers(ls.Length());
-      for (uint32_t i = 0; i < ls.Length(); ++i) {
+      for (uint32_t i = 0; i < layers.size(); ++i) {
         const std::string at = "layers[" + std::to_string(i) + "]";
         const Napi::Object o = ToObject(ls.Get(i), at);
         LayerSpec& l = layers[i];
@@ -98,7 +102,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       }
       const Napi::Array ts = ToArray(info[3], "tensors");
       std::vector<TensorSpec> tensors(ts.Length());
-      for (uint32_t i = 0; i < ts.Length(); ++i) {
+      for (uint32_t i = 0; i < tensors.size(); ++i) {
         const std::string at = "tensors[" + std::to_string(i) + "]";
         const Napi::Object o = ToObject(ts.Get(i), at);
         tensors[i].numel = ReadInteger(o, "numel", at, 0, int64_t{1} << 50);

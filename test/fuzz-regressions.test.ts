@@ -197,3 +197,65 @@ describe('fuzz findings: integer overflow in shapes and layer geometry', () => {
     expectError(r, 'RangeError', 'ADAFISHER_INVALID_ARGUMENT');
   });
 });
+
+// NOTE: [read lengths once] in native/optimizer_wrap.cc: a getter of an element that grows
+// the array it belongs to made the native loop (bounded by the live length) write past a
+// vector sized by the first length: heap corruption (SIGABRT / SIGSEGV).
+describe('review findings: an array that grows while the glue reads its elements', () => {
+  test("a shape whose shape[0] getter pushes 100,000 dims: read as the 2 dims it had", () => {
+    const r = inChild(`
+      const o = new b.NativeOptimizer('cpu', cfg, [{ kind: 0, hasBias: false, inFeatures: 4, outFeatures: 2, layout: 0, format: 0 }],
+        [{ numel: 8, layer: 0, role: 0 }]);
+      const shape = [1, 4];
+      let fired = false;
+      Object.defineProperty(shape, 0, { get() { if (!fired) { fired = true; for (let i = 0; i < 100000; i++) shape.push(1); } return 1; } });
+      o.recordInput(0, new Float32Array(4), shape);
+      return shape.length;`);
+    expect({ status: r.status, signal: r.signal }, r.output).toEqual({ status: 0, signal: null });
+    expect(r.outcome, r.output).toEqual({ ok: true, value: 100002 });
+  });
+  test("layers whose layers[0].kind getter pushes 20,000 layers: the optimizer has the 1 layer it had", () => {
+    const r = inChild(`
+      const plain = { kind: 0, hasBias: false, inFeatures: 4, outFeatures: 2, layout: 0, format: 0 };
+      const layers = [];
+      let fired = false;
+      layers.push({ ...plain, get kind() { if (!fired) { fired = true; for (let i = 0; i < 20000; i++) layers.push({ ...plain }); } return 0; } });
+      const o = new b.NativeOptimizer('cpu', cfg, layers, [{ numel: 8, layer: 0, role: 0 }]);
+      return o.factorLayout().length;`);
+    expect({ status: r.status, signal: r.signal }, r.output).toEqual({ status: 0, signal: null });
+    expect(r.outcome, r.output).toEqual({ ok: true, value: 1 });
+  });
+  test("tensors whose tensors[0].numel getter pushes 20,000 tensors: the optimizer has the 1 tensor it had", () => {
+    const r = inChild(`
+      const tensors = [];
+      let fired = false;
+      tensors.push({ layer: -1, role: 0, get numel() { if (!fired) { fired = true; for (let i = 0; i < 20000; i++) tensors.push({ numel: 4, layer: -1, role: 0 }); } return 4; } });
+      const o = new b.NativeOptimizer('cpu', cfg, [], tensors);
+      return o.step([new Float32Array(4)], [new Float32Array(4)]).applied;`);
+    expect({ status: r.status, signal: r.signal }, r.output).toEqual({ status: 0, signal: null });
+    expect(r.outcome, r.output).toEqual({ ok: true, value: true });
+  });
+});
+
+// A factor task that throws on a pool thread (here: std::bad_alloc for a kernel row's 4 TiB
+// of scratch) called std::terminate, or, on the calling thread, left ThreadPool::Run while
+// workers still ran the task function. The first exception now reaches the caller once all
+// threads are done: ADAFISHER_OUT_OF_MEMORY, the optimizer still usable.
+describe('review findings: an exception inside a CPU pool task', () => {
+  test.each([1, 2, 3])('conv2d with a 65536-row kernel over %d images of 1 x 2^24: out of memory, no abort', (n) => {
+    const r = inChild(`
+      const kh = 65536, W = 1 << 24, N = ${n};
+      const layer = { kind: 1, hasBias: false, inFeatures: 1, outFeatures: 1, layout: 0, format: 0, kernelH: kh, kernelW: 1,
+        strideH: 1, strideW: 1, groups: 1, padMode: 0, padTop: kh - 1, padBottom: 0, padLeft: 0, padRight: 0 };
+      const o = new b.NativeOptimizer('cpu', cfg, [layer], [{ numel: kh, layer: 0, role: 0 }]);
+      let error;
+      try { o.recordInput(0, new Float32Array(N * W), [N, 1, 1, W]); } catch (e) { error = e; }
+      if (error?.code !== 'ADAFISHER_OUT_OF_MEMORY') throw error ?? new Error('no error');
+      // The pool runs the next call as usual.
+      o.recordInput(0, new Float32Array(N * 4), [N, 1, 1, 4]);
+      o.recordOutputGrad(0, new Float32Array(N * 4), [N, 1, 1, 4]);
+      return o.step([new Float32Array(kh)], [new Float32Array(kh).fill(1)]).applied;`);
+    expect({ status: r.status, signal: r.signal }, r.output).toEqual({ status: 0, signal: null });
+    expect(r.outcome, r.output).toEqual({ ok: true, value: true });
+  });
+});

@@ -20,7 +20,18 @@ void ThreadPool::Drain() {
   for (;;) {
     const int64_t task = next_.fetch_add(1, std::memory_order_relaxed);
     if (task >= job_tasks_) break;
-    fn(task);
+    // An exception must not leave a worker's thread function (std::terminate) nor the
+    // caller's Drain while workers still run fn: the first one is kept for Run to rethrow,
+    // and the remaining tasks are counted without being run.
+    if (!failed_.load(std::memory_order_relaxed)) {
+      try {
+        fn(task);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+        failed_.store(true, std::memory_order_relaxed);
+      }
+    }
     finished_.fetch_add(1, std::memory_order_acq_rel);
   }
 }
@@ -58,6 +69,8 @@ void ThreadPool::Run(int64_t tasks, const std::function<void(int64_t)>& fn) {
     job_tasks_ = tasks;
     next_.store(0, std::memory_order_relaxed);
     finished_.store(0, std::memory_order_relaxed);
+    failed_.store(false, std::memory_order_relaxed);
+    error_ = nullptr;
     ++generation_;
   }
   wake_.notify_all();
@@ -66,6 +79,11 @@ void ThreadPool::Run(int64_t tasks, const std::function<void(int64_t)>& fn) {
   // Every task finished, and no worker is still inside Drain() reading job_.
   done_.wait(lock, [&] { return finished_.load(std::memory_order_acquire) == job_tasks_ && busy_ == 0; });
   job_ = nullptr;
+  if (error_) {
+    std::exception_ptr error = error_;
+    error_ = nullptr;
+    std::rethrow_exception(error);
+  }
 }
 
 }  // namespace adafisher

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -23,7 +24,9 @@ class ThreadPool {
   int threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Calls fn(task) for every task in [0, tasks), on the pool's threads and the caller's;
-  // returns when all are done. fn must not throw. Calls from several threads serialize.
+  // returns when all are done. Calls from several threads serialize. If fn throws (say
+  // std::bad_alloc for a task's scratch), the tasks not yet started are skipped and Run
+  // rethrows the first exception once no thread runs fn any more.
   void Run(int64_t tasks, const std::function<void(int64_t)>& fn);
 
  private:
@@ -39,6 +42,8 @@ class ThreadPool {
   int64_t job_tasks_ = 0;
   std::atomic<int64_t> next_{0};
   std::atomic<int64_t> finished_{0};
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;  // the first exception of the current Run (under mutex_)
   uint64_t generation_ = 0;
   int busy_ = 0;
   bool stop_ = false;
