@@ -36,6 +36,7 @@ struct StepDesc {
 struct GuardDesc {
   const float* data;
   int64_t numel;
+  int32_t infinity_ok;  // a fresh factor segment: only NaN trips the guard (math::guard_accepts)
 };
 
 inline StepDesc MakeStepDesc(const StepTensor& t, const float* running) {

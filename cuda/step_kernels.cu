@@ -31,27 +31,30 @@ constexpr int kRefreshThreads = 256;
 __device__ __forceinline__ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // ---------------------------------------------------------------------------------------
-// Guard: one block per (range, chunk); any non-finite value sets *flag = 1. Every block
-// that finds one writes the same value, so the outcome does not depend on timing.
+// Guard: one block per (range, chunk); any value that math::guard_accepts refuses (NaN or
+// +-inf in a gradient, NaN in a fresh factor) sets *flag = 1. Every block that finds one
+// writes the same value, so the outcome does not depend on timing.
 __global__ void __launch_bounds__(kStepThreads) GuardKernel(const GuardLaunchArgs args) {
   const BlockSlot slot = args.slots[blockIdx.x];
   const GuardDesc d = args.table[slot.tensor];
   const int64_t start = int64_t{slot.chunk} * kChunkElements;
   const int n = static_cast<int>(min(kChunkElements, d.numel - start));
   const float* __restrict__ x = d.data + start;
-  bool finite = true;
+  const bool inf_ok = d.infinity_ok != 0;
+  bool ok = true;
   int tail = 0;
   if (Aligned16(x)) {
     const float4* x4 = reinterpret_cast<const float4*>(x);
     const int n4 = n >> 2;
     for (int v = threadIdx.x; v < n4; v += kStepThreads) {
       const float4 q = __ldg(x4 + v);
-      finite &= math::is_finite(q.x) & math::is_finite(q.y) & math::is_finite(q.z) & math::is_finite(q.w);
+      ok &= math::guard_accepts(q.x, inf_ok) & math::guard_accepts(q.y, inf_ok) & math::guard_accepts(q.z, inf_ok) &
+            math::guard_accepts(q.w, inf_ok);
     }
     tail = n4 << 2;
   }
-  for (int e = tail + threadIdx.x; e < n; e += kStepThreads) finite &= math::is_finite(__ldg(x + e));
-  if (__syncthreads_or(!finite) && threadIdx.x == 0) *args.flag = 1;
+  for (int e = tail + threadIdx.x; e < n; e += kStepThreads) ok &= math::guard_accepts(__ldg(x + e), inf_ok);
+  if (__syncthreads_or(!ok) && threadIdx.x == 0) *args.flag = 1;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -185,11 +188,11 @@ bool CudaBackend::Step(const StepRequest& r) {
   std::vector<GuardDesc> guards;
   if (r.guard) {
     for (size_t t = 0; t < r.tensor_count; ++t) {
-      if (r.tensors[t].numel > 0) guards.push_back({r.tensors[t].grad, r.tensors[t].numel});
+      if (r.tensors[t].numel > 0) guards.push_back({r.tensors[t].grad, r.tensors[t].numel, 0});
     }
     if (refresh) {
       for (size_t s = 0; s < r.segment_count; ++s) {
-        if (r.segments[s].length > 0) guards.push_back({r.fresh + r.segments[s].offset, r.segments[s].length});
+        if (r.segments[s].length > 0) guards.push_back({r.fresh + r.segments[s].offset, r.segments[s].length, 1});
       }
     }
   }

@@ -1,6 +1,6 @@
 // The non-finite guard: a NaN/±Inf gradient or a NaN statistic skips the whole step,
 // changing nothing; the next good step is exactly the step an optimizer that never saw
-// the bad one would take.
+// the bad one would take. An infinite statistic is cleaned (+inf -> 1, -inf -> 0), not skipped.
 import { describe, expect, test } from 'vitest';
 
 import { AdaFisher, ErrorCodes, stateFromJSON, stateToJSON, type AdaFisherOptions, type LayerSpec } from '../lib/index.js';
@@ -89,7 +89,7 @@ describe('non-finite guard (default on)', () => {
 describe('non-finite guard and setFactors', () => {
   test.each([
     ['NaN in S', { S: Float32Array.of(1, NaN) }],
-    ['+Inf in H', { H: Float32Array.of(1, 2, Infinity, 4) }],
+    ['NaN in H', { H: Float32Array.of(1, 2, NaN, 4) }],
   ] as const)('%s handed through setFactors: skipped, nothing changes', (_n, bad) => {
     const rng = new Rng(10);
     const specs = model(4);
@@ -107,6 +107,61 @@ describe('non-finite guard and setFactors', () => {
     expect(feed(opt, d)).toEqual({ applied: true, refreshed: true });
     expect(opt.steps).toBe(2);
     opt.dispose();
+  });
+});
+
+// ALGORITHM.md cleans a fresh factor's infinities (+inf -> 1, -inf -> 0) before its min-max:
+// the guard lets them through, so an overflowing statistic steps as in the official code
+// (a guard that skipped it would skip every later step too: the weights would never change).
+describe('non-finite guard and infinite statistics', () => {
+  test.each([
+    ['+Inf', Infinity, 1],
+    ['-Inf', -Infinity, 0],
+  ] as const)('%s in H handed through setFactors: applied, the same bits as H with it cleaned (+Inf -> 1, -Inf -> 0)', (_n, inf, clean) => {
+    const run = (value: number) => {
+      const rng = new Rng(12);
+      const specs = model(6);
+      const opt = new AdaFisher(specs, { lr: 1e-2 });
+      feed(opt, stepData(rng));
+      const d = stepData(rng);
+      d.stats.forEach((s, i) => {
+        opt.recordInput(i, s.input, s.inputShape);
+        opt.recordOutputGrad(i, s.grad, s.gradShape);
+      });
+      opt.setFactors(1, { H: Float32Array.of(0.5, 2, value, 4) });
+      const result = opt.step(d.grads);
+      const snap = snapshot(opt, paramsOf(specs));
+      opt.dispose();
+      return { result, snap };
+    };
+    const got = run(inf);
+    expect(got.result).toEqual({ applied: true, refreshed: true });
+    assertSnapshotsIdentical(got.snap, run(clean).snap, `H with ${clean} in place of ${inf}`);
+  });
+
+  test('an activation whose square overflows float32 (1e20): applied, the same bits as with the guard off', () => {
+    const run = (nonFiniteGuard: boolean) => {
+      const rng = new Rng(13);
+      const specs = model(7);
+      const opt = new AdaFisher(specs, { lr: 1e-2, nonFiniteGuard });
+      feed(opt, stepData(rng));
+      const d = stepData(rng);
+      d.stats[1].input[5] = 1e20; // H of the linear layer: mean of squares 3.3e39 -> +inf -> 1
+      const result = feed(opt, d);
+      const snap = snapshot(opt, paramsOf(specs));
+      const state = opt.exportState();
+      opt.dispose();
+      return { result, snap, state };
+    };
+    const guarded = run(true);
+    expect(guarded.result).toEqual({ applied: true, refreshed: true });
+    const open = run(false).snap;
+    // Everything but the hyperparameters (which differ in nonFiniteGuard).
+    open.state.hyperparameters = guarded.snap.state.hyperparameters;
+    assertSnapshotsIdentical(guarded.snap, open, 'guard on against guard off');
+    for (const f of guarded.state.factors) {
+      for (const a of [f.H, f.S]) expect([...a].every(Number.isFinite)).toBe(true);
+    }
   });
 });
 

@@ -98,8 +98,9 @@ struct StepRequest {
   const float* fresh = nullptr;
   float* running = nullptr;
   float decay = 0.08f, mix = 0.008f;
-  // Non-finite guard: when any grad (or, on refresh, any fresh factor entry) is NaN or
-  // +-inf, the step writes nothing at all.
+  // Non-finite guard: when any grad is NaN or +-inf, or (on refresh) any fresh factor entry
+  // is NaN, the step writes nothing at all. A fresh factor's +-inf is cleaned to 1 / 0
+  // (NOTE: [guard predicate] in math.h).
   bool guard = true;
 };
 

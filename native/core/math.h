@@ -41,6 +41,13 @@ ADAFISHER_HD bool is_finite(float x) {
   return (x - x) == 0.0f;
 }
 
+// NOTE: [guard predicate]
+// What the non-finite guard accepts: a gradient must be finite; a fresh factor entry only
+// not NaN, since clean_infinity maps its +-inf to 1 and 0 as the official code does (an
+// overflowing activation statistic leaves the refresh finite, and a guard that skipped it
+// would skip every later step too, the weights never changing).
+ADAFISHER_HD bool guard_accepts(float x, bool infinity_ok) { return infinity_ok ? x == x : is_finite(x); }
+
 // One entry of the running factor: R <- decay * R + mix * (x - min) / (max - min + eps).
 // `denominator` is min_max_denominator(min, max) of the cleaned fresh factor.
 ADAFISHER_HD float ema_of_normalized(float running, float fresh, float min_value, float denominator, float decay,

@@ -1096,7 +1096,8 @@ Scenario MixedScenario(math::UpdateRule rule, double weight_decay) {
   }
   sc.Initialize(rule == math::UpdateRule::kAdaFisher ? 100 : 200);
   // 0: refresh; 1: reuse the factors; 2: NaN gradient in the first tensor, inf in the last -> skipped;
-  // 3: inf fresh factor -> skipped; 4: refresh; 5: no guard, +-inf and NaN fresh factors.
+  // 3: NaN fresh factor -> skipped; 4: refresh, +-inf fresh factors cleaned (the guard lets them
+  // through: NOTE: [guard predicate]); 5: no guard, +-inf and NaN fresh factors.
   sc.steps.push_back(sc.MakeStep(1000, true));
   sc.steps.push_back(sc.MakeStep(2000, false));
   StepInput nan_grad = sc.MakeStep(3000, true);
@@ -1109,11 +1110,14 @@ Scenario MixedScenario(math::UpdateRule rule, double weight_decay) {
   }
   nan_grad.expect_applied = false;
   sc.steps.push_back(nan_grad);
-  StepInput inf_fresh = sc.MakeStep(4000, true);
-  inf_fresh.fresh[sc.segments[7].offset + 1] = std::numeric_limits<float>::infinity();
-  inf_fresh.expect_applied = false;
+  StepInput nan_fresh = sc.MakeStep(4000, true);
+  nan_fresh.fresh[sc.segments[7].offset + 1] = std::numeric_limits<float>::quiet_NaN();
+  nan_fresh.expect_applied = false;
+  sc.steps.push_back(nan_fresh);
+  StepInput inf_fresh = sc.MakeStep(5000, true);
+  inf_fresh.fresh[sc.segments[7].offset + 1] = std::numeric_limits<float>::infinity();   // -> 1
+  inf_fresh.fresh[sc.segments[2].offset] = -std::numeric_limits<float>::infinity();      // -> 0
   sc.steps.push_back(inf_fresh);
-  sc.steps.push_back(sc.MakeStep(5000, true));
   StepInput unguarded = sc.MakeStep(6000, true);
   unguarded.guard = false;
   unguarded.fresh[sc.segments[0].offset + 7] = std::numeric_limits<float>::infinity();    // -> 1
