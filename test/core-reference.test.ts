@@ -534,3 +534,39 @@ describe('more paths against the reference', () => {
     opt.dispose();
   });
 });
+
+// NOTE: [conv factor precision] in native/core/cpu_backend.cc: the CPU backend adds a conv's
+// squares down a kernel row in float32. At inputs near 1e19 those sums overflow where the
+// factor itself (a mean, ~1e38) does not; the plane is then summed in double, as the cuda
+// backend always does, so both give the same finite factor.
+describe('conv2d near the top of float32', () => {
+  test.each(['NCHW', 'NHWC'] as const)(
+    '%s: inputs ~1e19 whose row sums of squares overflow float32 give the scaled factors of inputs ~1',
+    (dataFormat) => {
+      const rng = new Rng(31);
+      const u = Float32Array.from({ length: 6 * 3 }, () => 0.5 + 0.5 * rng.uniform());
+      const grad = rng.array(5 * 2);
+      const run = (scale: number) => {
+        const specs: LayerSpec[] = [
+          { kind: 'conv2d', inChannels: 1, outChannels: 1, kernelSize: 2, dataFormat, weight: Float32Array.of(0.1, 0.2, 0.3, 0.4) },
+        ];
+        const opt = new AdaFisher(specs);
+        // [1, 1, 6, 3] (NCHW) or [1, 6, 3, 1] (NHWC): one channel, the same memory; every
+        // kernel row sums 5 input rows of squares up to 1.44e38.
+        opt.recordInput(0, u.map((v) => v * scale), dataFormat === 'NCHW' ? [1, 1, 6, 3] : [1, 6, 3, 1]);
+        opt.recordOutputGrad(0, grad, dataFormat === 'NCHW' ? [1, 1, 5, 2] : [1, 5, 2, 1]);
+        const result = opt.step([rng.array(4)]);
+        const { H } = opt.exportState().factors[0];
+        opt.dispose();
+        return { result, H };
+      };
+      const small = run(1);
+      const huge = run(1.2e19);
+      expect(huge.result).toEqual({ applied: true, refreshed: true });
+      expect([...huge.H].every(Number.isFinite)).toBe(true);
+      // Min-max normalization removes the scale (up to its 1e-6 epsilon against a range ~0.5).
+      assertClose(huge.H, small.H, { rtol: 1e-5, atol: 0 }, 'H at 1.2e19 against H at 1');
+      expect(Math.max(...small.H)).toBeGreaterThan(0);
+    },
+  );
+});

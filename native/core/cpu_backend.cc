@@ -194,9 +194,13 @@ class ReduceWork final : public FactorWork {
 // are float32, as in the official float32 implementation; every sum across columns, planes
 // and images is double. The float part adds at most out_h terms of one sign: its relative
 // error stays below out_h * 2^-24 (~2e-6 for 32 rows), far inside the 1e-5 parity bound,
-// and it doubles the SIMD width of the hot loop.
+// and it doubles the SIMD width of the hot loop. Where a float square or row sum overflows
+// (inputs near 1e19) but the double sums the cuda backend keeps would not, the plane is
+// summed again in double (PatchSumsWide), so both backends see the same finite factor;
+// NaN or infinite inputs take that path too and give the same non-finite result.
 struct PatchScratch {
-  std::vector<float> rows;  // [kh][W][lanes]: per kernel row i, column sums of squares
+  std::vector<float> rows;   // [kh][W][lanes]: per kernel row i, column sums of squares
+  std::vector<double> wide;  // the same in double, for PatchSumsWide
 };
 
 // The geometry of a conv's windows, worked out once per call (no divisions in the loops):
@@ -230,35 +234,46 @@ struct PatchPlan {
 // `x_stride` is the distance between horizontally adjacent values (1 for NCHW, C for
 // NHWC) and `y_stride` between rows. Each input row is squared and added to the
 // accumulators of every kernel row i whose windows cover it (rows_i, in float: see
-// NOTE: [conv factor precision]); the column sums of rows_i per tap j are double.
-ADAFISHER_CPU_CLONES void PatchSums(const float* plane, const Conv2dShape& s, const PatchPlan& plan, index_t x_stride,
-                                    index_t y_stride, index_t lanes, PatchScratch& scratch, double* acc) {
+// NOTE: [conv factor precision]); the column sums of rows_i per tap j are double. The
+// lanes' accumulators start at zero. Returns false when a sum is not finite (then acc holds
+// no meaningful values).
+template <typename Row>
+__attribute__((always_inline)) inline bool PatchSumsOf(const float* plane, const Conv2dShape& s, const PatchPlan& plan,
+                                                       index_t x_stride, index_t y_stride, index_t lanes,
+                                                       std::vector<Row>& rows, double* acc) {
   const index_t kh = s.kernel_h, kw = s.kernel_w, W = s.width;
   const index_t row_len = W * lanes;
-  scratch.rows.assign(static_cast<size_t>(kh * row_len), 0.0f);
+  rows.assign(static_cast<size_t>(kh * row_len), Row{0});
+  bool finite = true;
   for (const PatchPlan::RowTap& tap : plan.row_taps) {
     // Squared in registers for each kernel row it feeds (a multiply is cheaper than a
     // stored and reloaded row of squares).
     const float* __restrict src = plane + tap.y * y_stride;
-    float* __restrict r = scratch.rows.data() + tap.i * row_len;
+    Row* __restrict r = rows.data() + tap.i * row_len;
     if (lanes == 1 && x_stride == 1) {
-      for (index_t x = 0; x < W; ++x) r[x] += src[x] * src[x];
+      for (index_t x = 0; x < W; ++x) {
+        const Row v = src[x];
+        r[x] += v * v;
+      }
     } else if (lanes == 1) {
       for (index_t x = 0; x < W; ++x) {
-        const float v = src[x * x_stride];
+        const Row v = src[x * x_stride];
         r[x] += v * v;
       }
     } else {
       for (index_t x = 0; x < W; ++x) {
         const float* __restrict px = src + x * x_stride;
-        float* __restrict rx = r + x * lanes;
-        for (index_t l = 0; l < lanes; ++l) rx[l] += px[l] * px[l];
+        Row* __restrict rx = r + x * lanes;
+        for (index_t l = 0; l < lanes; ++l) {
+          const Row v = px[l];
+          rx[l] += v * v;
+        }
       }
     }
   }
   // acc[l][i*kw + j] += sum over output cols ow of rows_i[x = ow*sw + j - pad_left][l].
   for (index_t i = 0; i < kh; ++i) {
-    const float* r = scratch.rows.data() + i * row_len;
+    const Row* r = rows.data() + i * row_len;
     for (index_t j = 0; j < kw; ++j) {
       const index_t first = plan.col_first[j], end = plan.col_end[j];
       double* __restrict out = acc + i * kw + j;
@@ -266,17 +281,41 @@ ADAFISHER_CPU_CLONES void PatchSums(const float* plane, const Conv2dShape& s, co
       for (index_t l = 0; l < lanes; ++l) {
         // Two interleaved partial sums (even and odd ow) halve the add-latency chain.
         double even = 0.0, odd = 0.0;
-        const float* __restrict col = r + (first * s.stride_w + j - s.pad_left) * lanes + l;
+        const Row* __restrict col = r + (first * s.stride_w + j - s.pad_left) * lanes + l;
         index_t ow = first;
         for (; ow + 2 <= end; ow += 2, col += 2 * step) {
           even += col[0];
           odd += col[step];
         }
         if (ow < end) even += col[0];
-        out[l * kh * kw] += even + odd;
+        const double sum = even + odd;
+        finite &= (sum - sum) == 0.0;
+        out[l * kh * kw] += sum;
       }
     }
   }
+  return finite;
+}
+
+ADAFISHER_CPU_CLONES void PatchSumsWide(const float* plane, const Conv2dShape& s, const PatchPlan& plan,
+                                        index_t x_stride, index_t y_stride, index_t lanes, std::vector<double>& rows,
+                                        double* acc) {
+  PatchSumsOf(plane, s, plan, x_stride, y_stride, lanes, rows, acc);
+}
+
+ADAFISHER_CPU_CLONES bool PatchSumsNarrow(const float* plane, const Conv2dShape& s, const PatchPlan& plan,
+                                          index_t x_stride, index_t y_stride, index_t lanes, std::vector<float>& rows,
+                                          double* acc) {
+  return PatchSumsOf(plane, s, plan, x_stride, y_stride, lanes, rows, acc);
+}
+
+// The patch sums of one plane (or block of NHWC lanes) into acc[0, lanes * kh*kw), zero on
+// entry: in float rows, or in double where those overflow (NOTE: [conv factor precision]).
+void PatchSums(const float* plane, const Conv2dShape& s, const PatchPlan& plan, index_t x_stride, index_t y_stride,
+               index_t lanes, PatchScratch& scratch, double* acc) {
+  if (PatchSumsNarrow(plane, s, plan, x_stride, y_stride, lanes, scratch.rows, acc)) return;
+  std::fill(acc, acc + lanes * s.kernel_h * s.kernel_w, 0.0);
+  PatchSumsWide(plane, s, plan, x_stride, y_stride, lanes, scratch.wide, acc);
 }
 
 // H of a Conv2d (Backend::Conv2dPatchFactor): per-(image, channel) patch sums, then their
@@ -304,7 +343,13 @@ class ConvWork final : public FactorWork {
   void Prepare() override { partial_.assign(static_cast<size_t>(s_.batch * s_.channels * khw_), 0.0); }
 
   void RunTask(int64_t task) override {
-    thread_local PatchScratch scratch;
+    // A thread keeps its scratch between calls up to kKeptScratchFloats floats (4 MiB); a
+    // larger one lives for this task only.
+    constexpr index_t kKeptScratchFloats = index_t{1} << 20;
+    thread_local PatchScratch kept;
+    PatchScratch local;
+    const index_t lanes_most = s_.format == DataFormat::kNCHW ? 1 : block_;
+    PatchScratch& scratch = s_.kernel_h * s_.width * lanes_most <= kKeptScratchFloats ? kept : local;
     const float* x = job_.x;
     if (s_.format == DataFormat::kNCHW) {
       const index_t end = std::min(planes_, (task + 1) * per_task_);
