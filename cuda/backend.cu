@@ -448,9 +448,11 @@ void CudaBackend::TrimTransient(size_t keep_bytes) noexcept {
   for (size_t idle = transient_idle_bytes_; drop < transient_idle_.size() && idle > keep_bytes; ++drop)
     idle -= transient_idle_[drop].bytes;
   if (drop == 0) return;
-  // cudaFree waits for the device, so no queued kernel still reads a freed block. A
-  // faulted context makes it fail; then the pointers are forgotten.
+  // A released block may still be read by kernels queued before its release: the stream
+  // drains first (as in Release; cudaFree's own wait for the device is not a documented
+  // guarantee). A faulted context makes these fail; then the pointers are forgotten.
   if (cudaSetDevice(device_) == cudaSuccess) {
+    cudaStreamSynchronize(stream_);
     for (size_t i = 0; i < drop; ++i) cudaFree(transient_idle_[i].ptr);
   }
   cudaGetLastError();
