@@ -110,7 +110,10 @@ export interface AdaFisherOptions {
   decoupled?: boolean;
   /** 'auto' (default: ADAFISHER_BACKEND, else cuda when usable, else cpu), 'cpu' or 'cuda'. */
   backend?: BackendName;
-  /** Skip a step, changing nothing, when a gradient or fresh statistic is NaN/±Inf. Default true. */
+  /**
+   * Skip a step, changing nothing, when a gradient is NaN/±Inf or a fresh statistic is NaN
+   * (a statistic's ±Inf is cleaned to 1 / 0 as in the official code). Default true.
+   */
   nonFiniteGuard?: boolean;
 }
 
@@ -522,7 +525,7 @@ export class AdaFisher {
   /**
    * One AdaFisher step for every parameter: refresh the factors when due (tcov), then
    * m ← βm + (1-β)g and p ← p - lr/bc · m / (S⊗H + λ). All arguments are checked before
-   * anything is written; a NaN/Inf gradient or statistic skips the step (applied: false).
+   * anything is written; a NaN/Inf gradient or a NaN statistic skips the step (applied: false).
    * Statistics recorded since the previous step belong to this step and are consumed by it,
    * applied or skipped: record the next batch's before the next step.
    * @param grads one gradient per parameterSlots() entry; null leaves that parameter as is.
