@@ -1576,6 +1576,41 @@ describe('custom loops: what the review found', () => {
     o.dispose();
   });
 
+  it('warns once per optimizer, code ADAFISHER_STEPS_SKIPPED, when the guard skips 10 steps in a row (fit)', async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    m.compile({ optimizer: o, loss: 'meanSquaredError' });
+    const good = xy(8);
+    const bad = { x: tf.fill([8, 3], NaN), y: tf.ones([8, 1]) };
+    const warnings: (Error & { code?: string })[] = [];
+    const onWarning = (w: Error & { code?: string }) => {
+      if (w.code === 'ADAFISHER_STEPS_SKIPPED') warnings.push(w);
+    };
+    process.on('warning', onWarning);
+    const fit = async (d: { x: tf.Tensor; y: tf.Tensor }, epochs: number) => {
+      await m.fit(d.x, d.y, { epochs, batchSize: 8, verbose: 0 });
+      await new Promise((r) => setTimeout(r, 10));
+    };
+    try {
+      // 9 skipped, a good step, 9 skipped: never 10 in a row.
+      await fit(bad, 9);
+      await fit(good, 1);
+      expect(o.lastStep?.applied).toBe(true);
+      await fit(bad, 9);
+      expect(o.lastStep?.applied).toBe(false);
+      expect(warnings.length).toBe(0);
+      await fit(bad, 1);
+      expect(warnings.length).toBe(1);
+      expect(warnings[0].message).toMatch(/skipped the last 10 steps.*lower the learning rate \(the step is about lr \/ damping = /);
+      await fit(bad, 20);
+      expect(warnings.length).toBe(1);
+    } finally {
+      process.off('warning', onWarning);
+    }
+    tf.dispose([good.x, good.y, bad.x, bad.y]);
+    o.dispose();
+  });
+
   it("skipping a batch whose loss is not finite: with clearStatistics() (the README's pattern) the next good step is taken", () => {
     const run = (clear: boolean) => {
       const m = denseModel();

@@ -104,6 +104,14 @@ interface Plan {
  */
 export const PENDING_WARNING_THRESHOLD = 64;
 
+/**
+ * This many steps in a row skipped by the non-finite guard draws a process warning (once per
+ * optimizer): `fit` goes on reporting a frozen loss while nothing trains, most often because
+ * the weights diverged (a learning rate too large: the step is about lr/damping times the
+ * momentum).
+ */
+export const SKIPPED_WARNING_THRESHOLD = 10;
+
 const PREFIX = 'AdaFisher (TF.js):';
 
 function checkGradientArgs(f: unknown, varList: unknown): void {
@@ -178,6 +186,8 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   /** why nothing is pending, for MISSING_STATISTICS (null: nothing was ever recorded, or something is pending) */
   #emptiedBy: string | null = null;
   #warnedPending = false;
+  #skippedInARow = 0;
+  #warnedSkipped = false;
   /** set while minimize() runs its computeGradients() */
   #minimizing = false;
   /** set while minimize() runs */
@@ -574,6 +584,18 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
     this.iterations_ = core.steps;
     this.#last = result;
+    this.#skippedInARow = result.applied ? 0 : this.#skippedInARow + 1;
+    if (this.#skippedInARow === SKIPPED_WARNING_THRESHOLD && !this.#warnedSkipped) {
+      this.#warnedSkipped = true;
+      const h = this.#hyper;
+      process.emitWarning(
+        `${PREFIX} the non-finite guard skipped the last ${SKIPPED_WARNING_THRESHOLD} steps (a gradient was NaN or ` +
+          'infinite, or a layer statistic NaN): the weights have not changed since. If the loss is NaN or huge, the ' +
+          `weights diverged before: lower the learning rate (the step is about lr / damping = ${h.lr / h.damping} times ` +
+          'the momentum). optimizer.lastStep tells whether a step was applied.',
+        { code: 'ADAFISHER_STEPS_SKIPPED' },
+      );
+    }
     this.#timing.stepMs += performance.now() - t0;
     this.#timing.steps++;
   }
