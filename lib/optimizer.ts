@@ -336,6 +336,10 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
       layer = { kind: LayerKind.layernorm, hasBias, inFeatures: d, outFeatures: d, layout: WeightLayout.pytorch, format: DataFormat.NCHW, label: i };
       weightNumel = biasNumel = d;
     }
+    if (!Number.isSafeInteger(weightNumel)) {
+      // No tensor has this many elements (and the product printed as a number would be rounded).
+      throw rangeError(`${at}.weight`, "at most 2^53 elements (the layer's sizes multiply to more)", (spec as { weight: unknown }).weight);
+    }
     const weight = checkTensor(`${at}.weight`, (spec as { weight: unknown }).weight, weightNumel);
     plan.nativeLayers.push(layer);
     plan.tensors.push({ numel: weightNumel, layer: native, role: TensorRole.weight });
@@ -642,10 +646,15 @@ export class AdaFisher {
     if (hyper.nonFiniteGuard) {
       // Sizes and types are checked natively (importState); values here. A guarded
       // optimizer never holds a NaN/Infinity momentum, so such a checkpoint is corrupt.
+      // A plain loop: findIndex throws a TypeError on a detached buffer, whose length (0) the
+      // native check then reports as a checkpoint error.
       state.momenta.forEach((m, t) => {
         if (!(m instanceof Float32Array)) return;
-        const i = m.findIndex((x) => !Number.isFinite(x));
-        if (i >= 0) throw bad(`momenta[${t}][${i}] is ${m[i]}; a checkpoint saved with nonFiniteGuard: true holds only finite momenta`);
+        for (let i = 0; i < m.length; i++) {
+          if (!Number.isFinite(m[i])) {
+            throw bad(`momenta[${t}][${i}] is ${m[i]}; a checkpoint saved with nonFiniteGuard: true holds only finite momenta`);
+          }
+        }
       });
     }
     // A fresh native optimizer with the checkpoint's hyperparameters; swap only once it holds the state.
@@ -654,8 +663,11 @@ export class AdaFisher {
       fresh.importState({ steps: state.steps, stepCounts: state.stepCounts, momenta: state.momenta, factors: flat });
     } catch (e) {
       fresh.dispose();
+      // The checkpoint's fault (sizes, types, counts): one code and prefix whichever side found
+      // it. Anything else (out of memory, a CUDA error) stays what it is.
       const err = e as Error & { code?: string };
-      if (err.code === ErrorCodes.badCheckpoint) throw err;
+      const resources: (string | undefined)[] = [ErrorCodes.outOfMemory, ErrorCodes.cudaError, ErrorCodes.internal];
+      if (resources.includes(err.code)) throw err;
       throw bad(err.message);
     }
     this.#alive().dispose();

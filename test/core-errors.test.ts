@@ -85,6 +85,14 @@ const withState = (f: Fixture, patch: (s: AdaFisherState) => unknown) => {
 };
 
 const cases: Case[] = [
+  // --- layer sizes ---
+  {
+    name: 'a linear layer 2^31 x 2^31 (a weight count past 2^53, which a number would print rounded)',
+    call: () => new AdaFisher([{ kind: 'linear', inFeatures: 2 ** 31, outFeatures: 2 ** 31, weight: new Float32Array(4) }]),
+    cls: RangeError,
+    message: /^Expected at most 2\^53 elements \(the layer's sizes multiply to more\) for layers\[0\]\.weight but received a Float32Array of length 4$/,
+    code: INVALID,
+  },
   // --- gradients ---
   {
     name: 'a Float64Array gradient for the third tensor',
@@ -363,7 +371,20 @@ const cases: Case[] = [
     name: 'checkpoint: one momentum missing',
     call: (f) => f.opt.loadState(withState(f, (s) => void s.momenta.pop()) as AdaFisherState),
     cls: Error,
-    message: /Expected state for 3 tensors but received 2 momenta and 3 step counts/,
+    message: /^Invalid AdaFisher checkpoint: Expected state for 3 tensors but received 2 momenta and 3 step counts$/,
+    code: BAD_CHECKPOINT,
+  },
+  {
+    name: 'checkpoint: a momentum whose buffer was transferred (detached)',
+    call: (f) =>
+      f.opt.loadState(
+        withState(f, (s) => {
+          const m = s.momenta[1] as Float32Array;
+          structuredClone(m.buffer, { transfer: [m.buffer] });
+        }) as AdaFisherState,
+      ),
+    cls: Error,
+    message: /^Invalid AdaFisher checkpoint: checkpoint momenta\[1\] has 0 elements, expected \d+$/,
     code: BAD_CHECKPOINT,
   },
   {

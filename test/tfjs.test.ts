@@ -976,6 +976,9 @@ describe('learning-rate schedules', () => {
     weightsOf(model).forEach((w, i) => expect(Array.from(w)).toEqual(Array.from(before[i])));
     expect(opt.steps).toBeGreaterThan(steps);
     expect(() => (opt.learningRate = -1)).toThrow(RangeError);
+    // The message names what the program set.
+    expect(() => (opt.learningRate = NaN)).toThrow(/^Expected a finite number for learningRate but received NaN/);
+    expect(() => opt.setLearningRate(NaN)).toThrow(/for lr but received NaN/);
     expect(opt.learningRate).toBe(0);
     tf.dispose([x, y]);
     opt.dispose();

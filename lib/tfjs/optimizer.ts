@@ -14,7 +14,7 @@ import {
   type LayerSpec,
   type StepResult,
 } from '../optimizer.js';
-import { checkOneOf } from '../validate.js';
+import { checkOneOf, checkRange } from '../validate.js';
 import {
   freshStateTensors,
   isFreshState,
@@ -275,7 +275,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   }
 
   set learningRate(lr: number) {
-    this.setLearningRate(lr);
+    this.#setLearningRate(lr, 'learningRate');
   }
 
   /**
@@ -285,7 +285,12 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
    * @throws {RangeError} code ADAFISHER_INVALID_ARGUMENT for an lr that is not a finite number >= 0.
    */
   setLearningRate(lr: number): void {
+    this.#setLearningRate(lr, 'lr');
+  }
+
+  #setLearningRate(lr: number, name: string): void {
     this.#alive();
+    checkRange(name, lr, 0, Infinity);
     const hyper = resolveHyperparameters({ ...this.#options, lr });
     this.#plan?.core.setLearningRate(lr);
     this.#options = { ...this.#options, lr };
