@@ -153,14 +153,20 @@ function help(command?: Command): number {
   return EXIT.ok;
 }
 
+/** The subcommand running, for the usage hint of an error it raises without naming one. */
+let running: Command | undefined;
+
 function run(argv: string[]): number {
   const [cmd, ...rest] = argv;
   switch (cmd) {
     case 'replay':
+      running = 'replay';
       return replay(rest);
     case 'info':
+      running = 'info';
       return info(rest);
     case 'demo':
+      running = 'demo';
       return demo(rest);
     case undefined:
     case 'help':
@@ -180,8 +186,9 @@ function main(argv: string[]): number {
     const err = e as Error & { code?: unknown };
     const code = typeof err?.code === 'string' ? err.code : undefined;
     const message = err instanceof Error ? err.message : String(e);
+    const hint = (command: Command | undefined) => `Run 'adafisher ${command ? `${command} ` : ''}--help' for usage.`;
     if (e instanceof UsageError) {
-      console.error(`adafisher: ${message}\nRun 'adafisher ${e.command ? `${e.command} ` : ''}--help' for usage.`);
+      console.error(`adafisher: ${message}\n${hint(e.command)}`);
       return EXIT.usage;
     }
     if (err instanceof BadFile || code === ErrorCodes.badGoldenFile) {
@@ -190,7 +197,7 @@ function main(argv: string[]): number {
     }
     if (code === ErrorCodes.invalidArgument) {
       // A bad --backend or ADAFISHER_* variable: the message names it.
-      console.error(`adafisher: ${message}\nRun 'adafisher --help' for usage.`);
+      console.error(`adafisher: ${message}\n${hint(running)}`);
       return EXIT.usage;
     }
     if (code === ErrorCodes.backendUnavailable) {

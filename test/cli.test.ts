@@ -59,7 +59,9 @@ describe('adafisher replay', () => {
     [['--tol', 'abc'], /for --tol but received 'abc'/],
     [['--tol', ''], /for --tol but received ''$/],
   ])('bad usage %j: exit 2, one line, no stack', (extra, message) => {
-    expectFailure(adafisher(['replay', golden, ...extra]), 2, message, true);
+    const r = adafisher(['replay', golden, ...extra]);
+    expectFailure(r, 2, message, true);
+    expect(r.stderr).toContain("Run 'adafisher replay --help' for usage.");
   });
 
   test('no file, or two: exit 2', () => {
@@ -116,7 +118,9 @@ describe('adafisher info', () => {
     [{}, ['--frob'], /Unknown option '--frob'/],
     [{}, ['extra'], /Unexpected argument 'extra'/],
   ] as [Record<string, string>, string[], RegExp][])('bad usage (env %j, args %j): exit 2, one line, no stack', (env, args, message) => {
-    expectFailure(adafisher(['info', ...args], env), 2, message, true);
+    const r = adafisher(['info', ...args], env);
+    expectFailure(r, 2, message, true);
+    expect(r.stderr).toContain("Run 'adafisher info --help' for usage.");
   });
 
   test('--help prints the usage of info and exits 0', () => {
