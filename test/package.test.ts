@@ -33,6 +33,7 @@ const ALLOWED = [
   /^test\/golden\/[^/]+\.json$/, // data of `adafisher demo`
   /^test\/golden\/README\.md$/, // their format, which the README cites
   /^docs\/ALGORITHM\.md$/, // the math, which the code and the README cite
+  /^docs\/mnist-demo\.svg$/, // the plot the README shows
 ];
 const REQUIRED = [
   'package.json',
@@ -47,6 +48,8 @@ const REQUIRED = [
   'test/golden/mlp_adafisher.json',
   'test/golden/README.md',
   'docs/ALGORITHM.md',
+  // the README's plot, which it shows from the installed package too
+  'docs/mnist-demo.svg',
 ];
 
 let work = '';
