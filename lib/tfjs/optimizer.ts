@@ -31,6 +31,7 @@ import {
   collectLayers,
   installTap,
   reportLayers,
+  untrainableNormalization,
   type LayerReport,
   type LayerVariableLike,
   type SupportedLayer,
@@ -409,7 +410,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     this.#checkTrainable(vars);
     const inst = this.#instrument();
     if ((plan !== null && !plan.core.willRefreshFactors) || inst.open !== null) {
-      const result = super.computeGradients(f, vars);
+      const result = this.#gradients(f, vars);
       if (minimizing) this.#consume(inst, 'discarded by minimize()');
       return result;
     }
@@ -428,7 +429,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     inst.open = open;
     let result: { value: tf.Scalar; grads: tf.NamedTensorMap };
     try {
-      result = super.computeGradients(f, vars);
+      result = this.#gradients(f, vars);
     } finally {
       inst.open = null;
     }
@@ -718,6 +719,29 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       );
     }
     return this.#model;
+  }
+
+  // TF.js's gradient computation; a failure that TF.js's own normalization layers cause (they
+  // fail the same way under tf.train.adam) comes back saying which layer and why.
+  #gradients(f: () => tf.Scalar, vars: tf.Variable[]): { value: tf.Scalar; grads: tf.NamedTensorMap } {
+    try {
+      return super.computeGradients(f, vars);
+    } catch (e) {
+      if (!(e instanceof Error) || (e as Error & { code?: unknown }).code !== undefined) throw e;
+      const culprits = collectLayers(this.#requireModel())
+        .map((layer) => ({ layer, why: untrainableNormalization(layer) }))
+        .filter((c) => c.why !== null);
+      if (culprits.length === 0) throw e;
+      const list = culprits.map((c) => `${c.layer.getClassName()} layer '${c.layer.name}' (${c.why})`).join(', ');
+      const err = codedError(
+        ErrorCodes.unsupportedLayer,
+        `${PREFIX} TF.js failed while computing the gradients ("${e.message}"). The model has ${list}: TF.js ` +
+          `${tfjs.version.tfjs} cannot train ${culprits.length > 1 ? 'these' : 'this'} (fit with tf.train.adam fails the ` +
+          'same way). Keep center and scale on (the default) and normalize over the last axis.',
+      );
+      (err as Error & { cause?: unknown }).cause = e;
+      throw err;
+    }
   }
 
   // Where TF.js itself cannot train a layer, say so before it fails deep inside TF.js.

@@ -101,6 +101,25 @@ function inputRank(layer: tf.layers.Layer): number | undefined {
   }
 }
 
+/**
+ * Why TF.js cannot train a normalization layer, or null: TF.js 4.22's training pass fails
+ * (with any optimizer) for a BatchNormalization without gamma or beta or over another axis
+ * than the last, and for a LayerNormalization without gamma or beta.
+ */
+export function untrainableNormalization(layer: tf.layers.Layer): string | null {
+  const cls = layer.getClassName();
+  if (cls !== 'BatchNormalization' && cls !== 'LayerNormalization') return null;
+  const l = layer as unknown as { gamma?: unknown; beta?: unknown; axis?: number | number[] };
+  if (l.gamma == null) return 'scale: false';
+  if (l.beta == null) return 'center: false';
+  if (cls === 'BatchNormalization') {
+    const axis = l.axis as number;
+    const rank = inputRank(layer);
+    if (axis !== -1 && rank !== undefined && axis !== rank - 1) return `axis ${axis} of a rank-${rank} input`;
+  }
+  return null;
+}
+
 function trainableNames(l: tf.layers.Layer): string[] {
   return (l.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.originalName);
 }
@@ -169,7 +188,10 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
       };
     }
     case 'BatchNormalization': {
-      if (l.gamma == null) return { reason: 'BatchNormalization with scale: false (no gamma to precondition)' };
+      const broken = untrainableNormalization(layer);
+      if (broken !== null || l.gamma == null) {
+        return { reason: `BatchNormalization with ${broken ?? 'scale: false'}: TF.js cannot train it (its training pass fails)` };
+      }
       const axis = l.axis as number;
       const rank = inputRank(layer);
       if (!(axis === -1 || (rank !== undefined && axis === rank - 1))) {
@@ -188,7 +210,10 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
       };
     }
     case 'LayerNormalization': {
-      if (l.gamma == null) return { reason: 'LayerNormalization with scale: false (no gamma to precondition)' };
+      const broken = untrainableNormalization(layer);
+      if (broken !== null || l.gamma == null) {
+        return { reason: `LayerNormalization with ${broken ?? 'scale: false'}: TF.js cannot train it (its training pass fails)` };
+      }
       const axes = Array.isArray(l.axis) ? l.axis : [l.axis];
       const rank = inputRank(layer);
       if (axes.length !== 1 || !(axes[0] === -1 || (rank !== undefined && axes[0] === rank - 1))) {
