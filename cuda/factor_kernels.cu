@@ -24,9 +24,19 @@ namespace {
 
 constexpr int kThreads = kReduceThreads;
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block must be whole warps");
-// The streaming first passes keep a full SM's 2048 threads resident (32 registers each):
-// their epilogues must not cost them occupancy.
-constexpr int kStreamingBlocksPerSm = 2048 / kThreads;
+// Threads resident per SM in the architecture being compiled: 1024 on sm_75, 1536 on
+// sm_86/87/89, 2048 on sm_80 and sm_90 (and in host code). The launch bounds below ask
+// for no more, or ptxas ignores them (with a warning) and caps no registers at all.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+constexpr int kThreadsPerSm = 1024;
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
+constexpr int kThreadsPerSm = 1536;
+#else
+constexpr int kThreadsPerSm = 2048;
+#endif
+// The streaming first passes keep a full SM's threads resident (32 registers each on
+// sm_90): their epilogues must not cost them occupancy.
+constexpr int kStreamingBlocksPerSm = kThreadsPerSm / kThreads;
 
 // NOTE: [programmatic dependent launch]
 // A model's factor calls are a chain of short kernels on one stream (cnn512: nine, from 6 to
@@ -284,7 +294,7 @@ __device__ __forceinline__ const Job& JobOfBlock(const Job* jobs, int count, int
 // (at the 32 of ColumnReduceKernel's full occupancy, and also with one copy of the code
 // per job index). At 48, five blocks of 256 threads per SM keep 1280 x 8 loads (40 KB) in
 // flight (NOTE: [loads in flight]).
-constexpr int kBatchColumnBlocksPerSm = 5;
+constexpr int kBatchColumnBlocksPerSm = 5 < kStreamingBlocksPerSm ? 5 : kStreamingBlocksPerSm;
 
 __global__ void __launch_bounds__(kThreads, kBatchColumnBlocksPerSm)
     ColumnBatchKernel(const __grid_constant__ ReduceBatch<ColumnPlan> batch) {
