@@ -115,6 +115,7 @@ export interface NativeOptimizer {
   setFactor(layer: number, which: number, data: NativeTensorArg): void;
   step(params: NativeTensorArg[], grads: (NativeTensorArg | null)[]): { applied: boolean; refreshed: boolean };
   willRefresh(): boolean;
+  setLearningRate(lr: number): void;
   exportState(): NativeState;
   importState(state: NativeState): void;
   factorLayout(): { hOffset: number; hLength: number; sOffset: number; sLength: number }[];

@@ -17,7 +17,7 @@ import {
 } from './binding.js';
 import { BACKEND_NAMES, resolveBackend, type BackendName, type DeviceBuffer } from './backend.js';
 import { codedError, ErrorCodes, rangeError, typeError } from './errors.js';
-import { checkBoolean, checkInteger, checkOneOf, checkPair, checkRange, checkShape } from './validate.js';
+import { checkBoolean, checkFloat32, checkInteger, checkOneOf, checkPair, checkRange, checkShape } from './validate.js';
 
 /** A parameter, gradient or activation: a Float32Array (zero-copy on cpu) or a DeviceBuffer. */
 export type Tensor = Float32Array | DeviceBuffer;
@@ -165,10 +165,13 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
   for (const key of Object.keys(options)) {
     if (!known.has(key)) throw rangeError(`options.${key}`, `a known option (${[...known].join(', ')})`, key);
   }
-  const lr = options.lr === undefined ? 1e-3 : checkRange('options.lr', options.lr, 0, Infinity);
+  // Every number the kernels take as float32 must fit in one (1e39 would be +Infinity there).
+  const lr = options.lr === undefined ? 1e-3 : checkFloat32('options.lr', checkRange('options.lr', options.lr, 0, Infinity));
   const beta = options.beta === undefined ? 0.9 : checkRange('options.beta', options.beta, 0, 1, { hiOpen: true });
   const damping =
-    options.damping === undefined ? 1e-3 : checkRange('options.damping', options.damping, 0, Infinity, { loOpen: true });
+    options.damping === undefined
+      ? 1e-3
+      : checkFloat32('options.damping', checkRange('options.damping', options.damping, 0, Infinity, { loOpen: true }), true);
   let decay: number;
   let mix: number;
   if (options.decay !== undefined || options.mix !== undefined) {
@@ -177,14 +180,15 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
       throw rangeError(options.decay === undefined ? 'options.decay' : 'options.mix', 'decay and mix given together', undefined);
     }
     decay = checkRange('options.decay', options.decay, 0, 1);
-    mix = checkRange('options.mix', options.mix, 0, Infinity);
+    mix = checkFloat32('options.mix', checkRange('options.mix', options.mix, 0, Infinity));
   } else {
     const gamma = options.gamma === undefined ? 0.8 : checkRange('options.gamma', options.gamma, 0, 1, { hiOpen: true });
     decay = gamma / 10;
     mix = gamma / 100;
   }
   const tcov = options.tcov === undefined ? 1 : checkInteger('options.tcov', options.tcov, 1);
-  const weightDecay = options.weightDecay === undefined ? 0 : checkRange('options.weightDecay', options.weightDecay, 0, Infinity);
+  const weightDecay =
+    options.weightDecay === undefined ? 0 : checkFloat32('options.weightDecay', checkRange('options.weightDecay', options.weightDecay, 0, Infinity));
   const decoupled = options.decoupled === undefined ? false : checkBoolean('options.decoupled', options.decoupled);
   const nonFiniteGuard = options.nonFiniteGuard === undefined ? true : checkBoolean('options.nonFiniteGuard', options.nonFiniteGuard);
   return { lr, beta, damping, decay, mix, tcov, weightDecay, decoupled, nonFiniteGuard };
@@ -427,15 +431,14 @@ export class AdaFisher {
 
   /**
    * Changes the learning rate from the next step on, keeping the whole state (momenta,
-   * factors, step counts): for learning-rate schedules. It moves the state through a
-   * checkpoint (exportState + loadState), so call it per epoch or every few hundred steps,
-   * not every step of a large model.
-   * @throws {RangeError} for an lr that is not a finite number >= 0.
+   * factors, step counts, statistics recorded for the next step): for learning-rate
+   * schedules, as often as every step.
+   * @throws {RangeError} for an lr that is not a finite number >= 0 (and below 2^128, as float32 holds it).
    */
   setLearningRate(lr: number): void {
-    checkRange('lr', lr, 0, Infinity);
-    const state = this.exportState();
-    this.loadState({ ...state, hyperparameters: { ...state.hyperparameters, lr } });
+    checkFloat32('lr', checkRange('lr', lr, 0, Infinity));
+    this.#alive().setLearningRate(lr);
+    this.#hyper = { ...this.#hyper, lr };
   }
 
   /** Steps applied so far. */
@@ -642,21 +645,10 @@ export class AdaFisher {
       flat.set(f.H, l.hOffset);
       flat.set(f.S, l.sOffset);
     });
+    // Momenta are checked natively for sizes and types (importState), not for values: even a
+    // guarded optimizer may hold an infinite or NaN one (the guard reads the gradients, and
+    // with L2 weight decay g + wd·p can overflow), and every state it exports must load.
     if (!Array.isArray(state.momenta)) throw bad('momenta must be an array');
-    if (hyper.nonFiniteGuard) {
-      // Sizes and types are checked natively (importState); values here. A guarded
-      // optimizer never holds a NaN/Infinity momentum, so such a checkpoint is corrupt.
-      // A plain loop: findIndex throws a TypeError on a detached buffer, whose length (0) the
-      // native check then reports as a checkpoint error.
-      state.momenta.forEach((m, t) => {
-        if (!(m instanceof Float32Array)) return;
-        for (let i = 0; i < m.length; i++) {
-          if (!Number.isFinite(m[i])) {
-            throw bad(`momenta[${t}][${i}] is ${m[i]}; a checkpoint saved with nonFiniteGuard: true holds only finite momenta`);
-          }
-        }
-      });
-    }
     // A fresh native optimizer with the checkpoint's hyperparameters; swap only once it holds the state.
     const fresh = this.#createNative(hyper);
     try {

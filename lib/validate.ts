@@ -25,6 +25,17 @@ export function checkRange(
   return v;
 }
 
+/**
+ * A number the native code can hold as float32 (the hyperparameters are float32 in its
+ * kernels): below 2^128 (else +Infinity), and, when `positive`, not rounding to 0.
+ */
+export function checkFloat32(name: string, value: number, positive = false): number {
+  const f = Math.fround(value);
+  if (!Number.isFinite(f)) throw rangeError(name, "a number below 2^128 (float32's range)", value);
+  if (positive && f === 0) throw rangeError(name, "a number of at least 2^-149 (float32's smallest above 0)", value);
+  return value;
+}
+
 export function checkInteger(name: string, value: unknown, lo: number, hi = Number.MAX_SAFE_INTEGER): number {
   if (typeof value !== 'number') throw typeError(name, 'an integer', value);
   if (!Number.isInteger(value) || value < lo || value > hi) {

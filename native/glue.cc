@@ -157,13 +157,15 @@ Napi::Array ToArray(const Napi::Value& v, const std::string& what) {
   return v.As<Napi::Array>();
 }
 
-double ReadNumber(const Napi::Object& obj, const char* key, const std::string& what) {
-  const Napi::Value v = obj.Get(key);
-  const std::string name = what + "." + key;
-  if (!v.IsNumber()) ThrowTypeError(obj.Env(), "Expected a number for " + name + " but received " + Describe(v));
+double ToNumber(const Napi::Value& v, const std::string& what) {
+  if (!v.IsNumber()) ThrowTypeError(v.Env(), "Expected a number for " + what + " but received " + Describe(v));
   const double d = v.As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(d)) ThrowRangeError(obj.Env(), "Expected a finite number for " + name + " but received " + Describe(v));
+  if (!std::isfinite(d)) ThrowRangeError(v.Env(), "Expected a finite number for " + what + " but received " + Describe(v));
   return d;
+}
+
+double ReadNumber(const Napi::Object& obj, const char* key, const std::string& what) {
+  return ToNumber(obj.Get(key), what + "." + key);
 }
 
 int64_t ToInteger(const Napi::Value& v, const std::string& what, int64_t lo, int64_t hi) {

@@ -41,6 +41,7 @@ std::string FormatNumber(double d);
 Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn);
 
 double ReadNumber(const Napi::Object& obj, const char* key, const std::string& what);
+double ToNumber(const Napi::Value& v, const std::string& what);
 int64_t ReadInteger(const Napi::Object& obj, const char* key, const std::string& what, int64_t lo, int64_t hi);
 int64_t ToInteger(const Napi::Value& v, const std::string& what, int64_t lo, int64_t hi);
 bool ReadBool(const Napi::Object& obj, const char* key, const std::string& what);

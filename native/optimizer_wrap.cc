@@ -40,6 +40,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     C::Method<&OptimizerWrap::SetFactor>(env, ctor, "setFactor");
     C::Method<&OptimizerWrap::Step>(env, ctor, "step");
     C::Method<&OptimizerWrap::WillRefresh>(env, ctor, "willRefresh");
+    C::Method<&OptimizerWrap::SetLearningRate>(env, ctor, "setLearningRate");
     C::Method<&OptimizerWrap::ExportState>(env, ctor, "exportState");
     C::Method<&OptimizerWrap::ImportState>(env, ctor, "importState");
     C::Method<&OptimizerWrap::FactorLayout>(env, ctor, "factorLayout");
@@ -301,6 +302,16 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
   Napi::Value WillRefresh(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value { return Napi::Boolean::New(env, Core(env).WillRefresh()); });
+  }
+
+  // setLearningRate(lr: number)
+  Napi::Value SetLearningRate(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      OptimizerCore& core = Core(env);
+      core.SetLearningRate(ToNumber(info[0], "lr"));
+      return env.Undefined();
+    });
   }
 
   Napi::Value Steps(const Napi::CallbackInfo& info) {

@@ -122,6 +122,21 @@ describe('checkpoint resume is bit-identical', () => {
   });
 });
 
+describe('every exported state loads back', () => {
+  test('a guarded optimizer whose L2 weight decay overflowed a momentum (g + wd·p = +Infinity)', () => {
+    const p = Float32Array.of(3e38, 1);
+    const opt = new AdaFisher([{ kind: 'param', param: p }], { weightDecay: 10 });
+    expect(opt.step([Float32Array.of(1, 1)])).toEqual({ applied: true, refreshed: true });
+    const s = opt.exportState();
+    expect(s.momenta[0][0]).toBe(Infinity);
+    const other = new AdaFisher([{ kind: 'param', param: Float32Array.of(0, 0) }], { weightDecay: 10 });
+    other.loadState(s);
+    assertStatesIdentical(other.exportState(), s, 'loaded');
+    opt.setLearningRate(1e-4); // which once went through a checkpoint too
+    for (const o of [opt, other]) o.dispose();
+  });
+});
+
 describe('setLearningRate', () => {
   test('takes effect at the next step and keeps momenta, factors and step counts', () => {
     const rng = new Rng(7);
@@ -154,7 +169,37 @@ describe('setLearningRate', () => {
     stepOnce(a.opt);
     paramsOf(a.specs).forEach((p, i) => expect(Array.from(p as Float32Array)).toEqual(Array.from(before[i])));
     expect(() => a.opt.setLearningRate(Number.NaN)).toThrow(RangeError);
+    expect(() => a.opt.setLearningRate(1e39)).toThrow(/^Expected a number below 2\^128 \(float32's range\) for lr but received 1e\+39 of type number$/);
     expect(a.opt.hyperparameters.lr).toBe(0);
     for (const o of [a.opt, b.opt, c]) o.dispose();
+  });
+
+  test('between recording the statistics and the step: they are kept, and the step is the one at the new rate', () => {
+    const rng = new Rng(8);
+    const specsOf = () => [{ kind: 'linear', inFeatures: 3, outFeatures: 2, weight: new Rng(3).array(6), bias: new Rng(4).array(2) }] as LayerSpec[];
+    const x = rng.array(6), dy = rng.array(4);
+    const grads = [rng.array(6), rng.array(2)];
+    const run = (lr: number, change: number | null) => {
+      const specs = specsOf();
+      const opt = new AdaFisher(specs, { lr });
+      opt.recordInput(0, x, [2, 3]);
+      opt.recordOutputGrad(0, dy, [2, 2]);
+      if (change !== null) opt.setLearningRate(change);
+      expect(opt.step(grads)).toEqual({ applied: true, refreshed: true });
+      const snap = snapshot(opt, paramsOf(specs));
+      opt.dispose();
+      return snap;
+    };
+    assertSnapshotsIdentical(run(0.1, 1e-4), run(1e-4, null), 'lr changed after recording');
+  });
+});
+
+describe('hyperparameters that float32 cannot hold', () => {
+  test.each([
+    ['lr', 1e39, /^Expected a number below 2\^128 \(float32's range\) for options\.lr but received 1e\+39 of type number$/],
+    ['weightDecay', 4e38, /for options\.weightDecay but received 4e\+38 of type number$/],
+    ['damping', 1e-50, /^Expected a number of at least 2\^-149 \(float32's smallest above 0\) for options\.damping but received 1e-50 of type number$/],
+  ] as const)('%s %s is refused (it would be +Infinity or 0 in the kernels)', (key, value, message) => {
+    expect(() => new AdaFisher([{ kind: 'param', param: new Float32Array(2) }], { [key]: value })).toThrow(message);
   });
 });

@@ -316,19 +316,6 @@ const cases: Case[] = [
     code: BAD_CHECKPOINT,
   },
   {
-    name: 'checkpoint: a NaN momentum (saved with nonFiniteGuard: true)',
-    call: (f) =>
-      f.opt.loadState(
-        withState(f, (s) => {
-          s.hyperparameters.lr = 0.5;
-          s.momenta[2][4] = NaN;
-        }) as AdaFisherState,
-      ),
-    cls: Error,
-    message: /^Invalid AdaFisher checkpoint: momenta\[2\]\[4\] is NaN; a checkpoint saved with nonFiniteGuard: true holds only finite momenta$/,
-    code: BAD_CHECKPOINT,
-  },
-  {
     name: 'checkpoint JSON: -Infinity in a running factor',
     call: (f) => {
       const json = stateToJSON(f.state) as { factors: { H: unknown[] }[] };

@@ -14,7 +14,7 @@ import {
   type LayerSpec,
   type StepResult,
 } from '../optimizer.js';
-import { checkOneOf, checkRange } from '../validate.js';
+import { checkFloat32, checkOneOf, checkRange } from '../validate.js';
 import {
   freshStateTensors,
   isFreshState,
@@ -280,10 +280,9 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   }
 
   /**
-   * Changes the learning rate from the next step on, keeping momenta, factors and step
-   * counts (AdaFisher.setLearningRate: the state moves through a checkpoint, so per epoch or
-   * every few hundred steps rather than every step of a large model).
-   * @throws {RangeError} code ADAFISHER_INVALID_ARGUMENT for an lr that is not a finite number >= 0.
+   * Changes the learning rate from the next step on, keeping momenta, factors, step counts and
+   * recorded statistics (AdaFisher.setLearningRate), as often as every step.
+   * @throws {RangeError} code ADAFISHER_INVALID_ARGUMENT for an lr that is not a finite number >= 0 below 2^128.
    */
   setLearningRate(lr: number): void {
     this.#setLearningRate(lr, 'lr');
@@ -291,7 +290,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
 
   #setLearningRate(lr: number, name: string): void {
     this.#alive();
-    checkRange(name, lr, 0, Infinity);
+    checkFloat32(name, checkRange(name, lr, 0, Infinity));
     const hyper = resolveHyperparameters({ ...this.#options, lr });
     this.#plan?.core.setLearningRate(lr);
     this.#options = { ...this.#options, lr };

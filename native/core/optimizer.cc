@@ -45,6 +45,11 @@ index_t CeilDiv(index_t a, index_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
+void OptimizerCore::SetLearningRate(double lr) {
+  if (!(std::isfinite(lr) && lr >= 0)) Invalid("Expected lr >= 0");
+  config_.lr = lr;
+}
+
 OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig config, std::vector<LayerSpec> layers,
                              std::vector<TensorSpec> tensors)
     : backend_(std::move(backend)), config_(config), layers_(std::move(layers)), tensors_(std::move(tensors)) {

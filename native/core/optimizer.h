@@ -93,6 +93,9 @@ class OptimizerCore {
   void SetFactor(int layer, FactorKind which, const float* values);
 
   bool WillRefresh() const { return steps_ % config_.tcov == 0; }
+  // The learning rate of the next steps; nothing else changes (statistics recorded for the
+  // next step included). Throws kInvalidArgument unless lr is finite and >= 0.
+  void SetLearningRate(double lr);
   int64_t steps() const { return steps_; }
 
   // params/grads: one entry per tensor, backend memory of numel elements; a tensor whose
