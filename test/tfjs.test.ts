@@ -427,6 +427,9 @@ describe('save and load', () => {
     expect(restored.map((w) => w.name)).toEqual(artifacts!.weightSpecs!.filter((s) => s.group === 'optimizer').map((s) => s.name));
     expect(restored.find((w) => w.name === 'iter')!.tensor.shape).toEqual([]);
     expect(restored.find((w) => w.name === 'iter')!.tensor.dataSync()[0]).toBe(3);
+    // and counts its steps from the restored ones already (as TF.js's own optimizers do)
+    expect(lopt.steps).toBe(3);
+    expect(lopt.iterations).toBe(3);
     const { x, y } = batch(9, true);
     await expect(loaded.fit(x, y, { epochs: 1, verbose: 0 })).rejects.toThrow(/not attached to a model.*attach\(model\)/);
     lopt.attach(loaded);
@@ -1612,6 +1615,26 @@ describe('custom loops: what the review found', () => {
     } finally {
       process.off('warning', onWarning);
     }
+    tf.dispose([x, y]);
+    o.dispose();
+  });
+
+  it("minimize with only a preconditioned layer's kernel (after the first step): stepped with its statistics, the bias left alone", async () => {
+    const m = denseModel();
+    const o = adaFisher(m, { lr: LR });
+    m.compile({ optimizer: o, loss: 'meanSquaredError' });
+    const { x, y } = xy(3);
+    await m.fit(x, y, { epochs: 1, batchSize: 8, verbose: 0 });
+    const last = m.layers[1] as tf.layers.Layer & { kernel: { read(): tf.Variable }; bias: { read(): tf.Variable } };
+    const kernel = last.kernel.read();
+    const bias = last.bias.read();
+    const before = { kernel: kernel.dataSync().slice(), bias: bias.dataSync().slice(), first: (m.layers[0].getWeights()[0].dataSync() as Float32Array).slice() };
+    tf.dispose(o.minimize(loss(m, x, y), true, [kernel]));
+    expect(o.lastStep).toEqual({ applied: true, refreshed: true });
+    expect(o.steps).toBe(2);
+    expect(Array.from(bias.dataSync())).toEqual(Array.from(before.bias));
+    expect(Array.from(m.layers[0].getWeights()[0].dataSync())).toEqual(Array.from(before.first));
+    expect(Array.from(kernel.dataSync())).not.toEqual(Array.from(before.kernel));
     tf.dispose([x, y]);
     o.dispose();
   });

@@ -418,9 +418,13 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     const open: Recording = {
       inputs: inst.layers.map(() => []),
       grads: inst.layers.map(() => []),
-      records: inst.layers.map(
-        (s, i) => names.has(s.weight.name) && (s.bias === null || names.has(s.bias.name)) && (planned === null || planned.has(i)),
-      ),
+      // The first step makes a layer preconditioned only with all its weights (#createPlan); after
+      // it, a preconditioned layer's statistics are recorded whenever any of its weights trains.
+      records: inst.layers.map((s, i) => {
+        const weight = names.has(s.weight.name);
+        const bias = s.bias !== null && names.has(s.bias.name);
+        return planned === null ? weight && (s.bias === null || bias) : planned.has(i) && (weight || bias);
+      }),
       vars: names,
       alone: minimizing,
       problem: null,
@@ -926,7 +930,11 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     }
     if (this.#instruments !== null) this.#consume(this.#instruments, 'cleared by optimizer.setWeights()');
     if (this.#plan === null) {
+      // Loaded at the first step (it needs the plan); the step count shows at once, as TF.js's
+      // own optimizers show theirs. A malformed 'iter' fails at that step, with the rest.
       this.#pending = saved;
+      const iter = saved.get(ITER);
+      if (iter !== undefined && iter.length === 1 && Number.isSafeInteger(iter[0]) && iter[0] >= 0) this.iterations_ = iter[0];
       return;
     }
     const core = this.#plan.core;
