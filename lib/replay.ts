@@ -82,6 +82,8 @@ export function validateGolden(data: unknown): GoldenCase {
     if (typeof c[k] !== 'number') fail(`$.config.${k}`, 'expected a number');
   }
   if (!Array.isArray(g.layers) || g.layers.length === 0) fail('$.layers', 'expected a non-empty array');
+  // w, b: weight and bias elements; h, s: running factor lengths (ALGORITHM.md: H has K entries
+  // plus one for a bias, S one per output; a norm layer's weight is K = 1).
   const sizes = g.layers.map((l, i) => {
     const at = `$.layers[${i}]`;
     if (l === null || typeof l !== 'object') fail(at, 'expected an object');
@@ -89,19 +91,24 @@ export function validateGolden(data: unknown): GoldenCase {
     switch (l.kind) {
       case 'linear':
         numbers([l.in, l.out], `${at}.in/out`);
-        return { w: l.in! * l.out!, b: l.out! };
+        return { w: l.in! * l.out!, b: l.out!, h: l.in! + (l.bias ? 1 : 0), s: l.out! };
       case 'conv2d':
         numbers([l.inChannels, l.outChannels, l.groups ?? 1], `${at}.inChannels/outChannels/groups`);
         numbers(l.kernel, `${at}.kernel`, 2);
         numbers(l.stride, `${at}.stride`, 2);
         numbers(l.padding, `${at}.padding`, 2);
-        return { w: l.outChannels! * (l.inChannels! / (l.groups ?? 1)) * l.kernel![0] * l.kernel![1], b: l.outChannels! };
+        return {
+          w: l.outChannels! * (l.inChannels! / (l.groups ?? 1)) * l.kernel![0] * l.kernel![1],
+          b: l.outChannels!,
+          h: (l.inChannels! / (l.groups ?? 1)) * l.kernel![0] * l.kernel![1] + (l.bias ? 1 : 0),
+          s: l.outChannels!,
+        };
       case 'batchnorm2d':
         numbers([l.channels], `${at}.channels`);
-        return { w: l.channels!, b: l.channels! };
+        return { w: l.channels!, b: l.channels!, h: 1 + (l.bias ? 1 : 0), s: l.channels! };
       case 'layernorm':
         numbers(l.shape, `${at}.shape`, 1);
-        return { w: l.shape![0], b: l.shape![0] };
+        return { w: l.shape![0], b: l.shape![0], h: 1 + (l.bias ? 1 : 0), s: l.shape![0] };
       default:
         return fail(`${at}.kind`, `unsupported layer kind '${String((l as { kind: unknown }).kind)}'`);
     }
@@ -127,8 +134,8 @@ export function validateGolden(data: unknown): GoldenCase {
       const p = `${at}.after[${i}]`;
       numbers(e?.weight, `${p}.weight`, sizes[i].w);
       numbers(e.momentumWeight, `${p}.momentumWeight`, sizes[i].w);
-      numbers(e.H, `${p}.H`);
-      numbers(e.S, `${p}.S`);
+      numbers(e.H, `${p}.H`, sizes[i].h);
+      numbers(e.S, `${p}.S`, sizes[i].s);
       if (g.layers[i].bias) {
         numbers(e.bias, `${p}.bias`, sizes[i].b);
         numbers(e.momentumBias, `${p}.momentumBias`, sizes[i].b);
@@ -187,6 +194,7 @@ export function goldenLayers(g: GoldenCase): { layers: LayerSpec[]; params: { we
 }
 
 function relError(ours: ArrayLike<number>, golden: number[]): number {
+  if (ours.length !== golden.length) return Infinity; // validateGolden checks the lengths; never compare a prefix
   let maxErr = 0;
   let maxAbs = 0;
   for (let i = 0; i < golden.length; i++) {

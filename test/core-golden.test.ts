@@ -113,3 +113,25 @@ function replayReference(g: GoldenCase): Record<(typeof KINDS)[number], number> 
   }
   return err;
 }
+
+// A golden file whose factor arrays are short used to pass: only the entries it had were
+// compared (an empty S reported an error of 0).
+describe('golden files with factor arrays of the wrong length', () => {
+  const g = readGolden(join(dir, 'conv_stride2_nobias_bn.json'));
+  test.each([
+    ['H truncated to 1 entry (conv: 18)', (c: GoldenCase) => void (c.steps[0].after[0].H = c.steps[0].after[0].H.slice(0, 1)), /\$\.steps\[0\]\.after\[0\]\.H: expected 18 numbers, found 1/],
+    ['S emptied (batchnorm: 3)', (c: GoldenCase) => void (c.steps[1].after[1].S = []), /\$\.steps\[1\]\.after\[1\]\.S: expected 3 numbers, found 0/],
+    ['one H entry too many (linear with bias: 28)', (c: GoldenCase) => void c.steps[0].after[2].H.push(0), /\$\.steps\[0\]\.after\[2\]\.H: expected 28 numbers, found 29/],
+  ] as const)('%s: refused as malformed', (_n, patch, message) => {
+    const bad = structuredClone(g);
+    patch(bad);
+    let error: (Error & { code?: string }) | undefined;
+    try {
+      replayGolden(bad, { backend: 'cpu' });
+    } catch (e) {
+      error = e as Error & { code?: string };
+    }
+    expect(error?.code).toBe('ADAFISHER_BAD_GOLDEN_FILE');
+    expect(error?.message).toMatch(message);
+  });
+});
