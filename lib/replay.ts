@@ -55,6 +55,11 @@ export interface ReplayReport {
   worst: { kind: ArrayKind; step: number; layer: number };
   tolerance: number;
   pass: boolean;
+  /**
+   * Where the replay did something the official run did not (a step the non-finite guard
+   * skipped, a factor refresh at another step): the replay stops there and fails.
+   */
+  divergence?: string;
 }
 
 function fail(path: string, what: string): never {
@@ -122,6 +127,7 @@ export function validateGolden(data: unknown): GoldenCase {
   g.steps.forEach((s, t) => {
     const at = `$.steps[${t}]`;
     if (!Array.isArray(s?.seen) || s.seen.length !== g.layers.length) fail(`${at}.seen`, `expected ${g.layers.length} entries`);
+    if (typeof s.factorsUpdated !== 'boolean') fail(`${at}.factorsUpdated`, 'expected a boolean');
     if (!Array.isArray(s.after) || s.after.length !== g.layers.length) fail(`${at}.after`, `expected ${g.layers.length} entries`);
     s.seen.forEach((e, i) => {
       const p = `${at}.seen[${i}]`;
@@ -257,8 +263,9 @@ export function replayGolden(
       worst = { kind, step, layer };
     }
   };
+  let divergence: string | undefined;
   try {
-    g.steps.forEach((s, t) => {
+    for (const [t, s] of g.steps.entries()) {
       if (opt.willRefreshFactors && batched) {
         opt.recordFactors(
           s.seen.map((e, i) => ({
@@ -281,7 +288,16 @@ export function replayGolden(
         if (g.layers[i].bias) grads.push(upload(Float32Array.from(e.biasGrad!)));
       });
       const result = opt.step(grads);
-      if (!result.applied) throw new Error(`step ${t} was skipped by the non-finite guard`);
+      // The refresh cadence (tcov) is compared too, not only through the factors it leaves.
+      if (!result.applied) divergence = `step ${t} was skipped by the non-finite guard`;
+      else if (result.refreshed !== s.factorsUpdated) {
+        divergence = `step ${t} ${result.refreshed ? 'refreshed' : 'did not refresh'} the factors; the official run ${s.factorsUpdated ? 'did' : 'did not'}`;
+      }
+      if (divergence !== undefined) {
+        overall = Infinity;
+        worst = { kind: result.applied ? 'H' : 'weights', step: t, layer: 0 };
+        break;
+      }
       const state = opt.exportState();
       let slot = 0;
       s.after.forEach((a, i) => {
@@ -294,7 +310,7 @@ export function replayGolden(
         note('H', t, i, relError(state.factors[i].H, a.H));
         note('S', t, i, relError(state.factors[i].S, a.S));
       });
-    });
+    }
   } finally {
     opt.dispose();
   }
@@ -307,6 +323,7 @@ export function replayGolden(
     overall,
     worst,
     tolerance,
-    pass: overall <= tolerance,
+    pass: divergence === undefined && overall <= tolerance,
+    ...(divergence === undefined ? {} : { divergence }),
   };
 }

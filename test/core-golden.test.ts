@@ -135,3 +135,16 @@ describe('golden files with factor arrays of the wrong length', () => {
     expect(error?.message).toMatch(message);
   });
 });
+
+test("a golden step whose refresh differs from the replay's (factorsUpdated) fails the replay, naming the step", () => {
+  const g = readGolden(join(dir, 'mlp_adafisherw_tcov2.json'));
+  expect(replayGolden(g, { backend: 'cpu' })).not.toHaveProperty('divergence');
+  const bad = structuredClone(g);
+  bad.steps[1].factorsUpdated = true; // tcov 2: step 1 does not refresh
+  const report = replayGolden(bad, { backend: 'cpu' });
+  expect(report).toMatchObject({ pass: false, overall: Infinity, divergence: 'step 1 did not refresh the factors; the official run did' });
+  expect(report.worst).toEqual({ kind: 'H', step: 1, layer: 0 });
+  const untyped = structuredClone(g) as unknown as { steps: { factorsUpdated?: unknown }[] };
+  delete untyped.steps[2].factorsUpdated;
+  expect(() => replayGolden(untyped as unknown as GoldenCase, { backend: 'cpu' })).toThrow(/\$\.steps\[2\]\.factorsUpdated: expected a boolean/);
+});
