@@ -496,7 +496,7 @@ function fuzzOne(world) {
   const g = world.g;
   const pickBuf = () => world.buffers.length ? world.buffers[g(fc.integer, { min: 0, max: world.buffers.length - 1 })] : undefined;
   const pickOpt = () => world.opts.length ? world.opts[g(fc.integer, { min: 0, max: world.opts.length - 1 })] : undefined;
-  const op = g(fc.integer, { min: 0, max: 26 });
+  const op = g(fc.integer, { min: 0, max: 27 });
   switch (op) {
     case 0: { // new DeviceBuffer(backend, lengthOrData)
       const backend = world.maybe(BACKEND);
@@ -793,6 +793,19 @@ function fuzzOne(world) {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
       }, () => `${describe(self)}.recordFactors(${describe(arg)})`);
+      return;
+    }
+    case 27: { // setLearningRate: mostly a valid rate, on the optimizer or another receiver
+      const e = pickOpt();
+      const lr = world.maybe(g(fc.constantFrom, 0, 1e-3, 0.5, 1e30));
+      const self = e ? world.maybe(e.opt) : world.any();
+      const steps = e?.opt.disposed === false ? e.opt.steps : undefined;
+      call(world, 'NativeOptimizer.setLearningRate', () => NativeOptimizer.prototype.setLearningRate.call(self, lr), () => {
+        if (otherRealOpt(self, e)) return;
+        if (self !== e?.opt) return 'accepted a bad receiver';
+        if (!(typeof lr === 'number' && Number.isFinite(lr) && lr >= 0)) return `accepted lr ${describe(lr)}`;
+        if (e.opt.steps !== steps) return 'changed the step count';
+      }, () => `${describe(self)}.setLearningRate(${describe(lr)})`);
       return;
     }
     case 20: { // constructors called without new / on odd receivers
