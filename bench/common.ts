@@ -457,7 +457,13 @@ export async function measureWorkload(
  * Runs `script --case NAME ...args` in a forked child for every case, in order, and
  * collects what each child sends with `process.send`. A failed case yields { error }.
  */
-export async function runCasesInChildren(script: string, cases: readonly string[], args: string[]): Promise<Record<string, unknown>> {
+export async function runCasesInChildren(
+  script: string,
+  cases: readonly string[],
+  args: string[],
+  /** Called after each case with the results so far (say, to save them before a time limit cuts the run). */
+  onResult?: (results: Record<string, unknown>) => void,
+): Promise<Record<string, unknown>> {
   const results: Record<string, unknown> = {};
   for (const name of cases) {
     results[name] = await new Promise((resolve) => {
@@ -471,6 +477,7 @@ export async function runCasesInChildren(script: string, cases: readonly string[
         else resolve({ error: `case ${name} exited with ${signal ?? code} before reporting` });
       });
     });
+    onResult?.(results);
   }
   return results;
 }

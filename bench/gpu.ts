@@ -317,15 +317,23 @@ async function main(argv: string[]): Promise<void> {
   }
   const torchFile = opts.torch;
   const torch = torchFile !== undefined ? readTorchBaselines(torchFile) : undefined;
-  const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', backend]);
+  const out = opts['json-out'];
+  // --json-out is rewritten after every case, marked partial until the last: a run that its
+  // time limit cuts short (scripts/gpu-check.sh) still leaves the cases it finished.
+  const saveSoFar = (res: Record<string, unknown>) => {
+    if (out === undefined || res.fill === undefined) return;
+    const done = cases.filter((c) => res[c] !== undefined);
+    const { json } = report(res.fill as FillResult | { error: string }, res as Record<string, GpuWorkloadResult | { error: string }>, torch, done);
+    writeFileSync(out, JSON.stringify({ ...json, partial: done.length < cases.length }, null, 2));
+  };
+  const res = await runCasesInChildren(SCRIPT, ['fill', ...cases], ['--batches', String(batches), '--backend', backend], saveSoFar);
   const { text, json, failures } = report(
     res.fill as FillResult | { error: string },
     res as Record<string, GpuWorkloadResult | { error: string }>,
     torch,
     cases,
   );
-  const out = opts['json-out'];
-  if (out !== undefined) writeFileSync(out, JSON.stringify(json, null, 2));
+  if (out !== undefined) writeFileSync(out, JSON.stringify({ ...json, partial: false }, null, 2));
   if (opts.json) console.log(JSON.stringify(json, null, 2));
   else console.log(text);
   process.exitCode = failures ? 1 : 0;

@@ -171,7 +171,11 @@ def golden_detail(out):
         name = os.path.basename(path)[len("golden-"):-len(".json")]
         rep = load_json(path)
         if isinstance(rep, dict) and "overall" in rep:
-            parts.append("%s %.1e%s" % (name, rep["overall"], "" if rep.get("pass") else " FAIL"))
+            # JSON has no Infinity: a replay that diverged (or met a NaN) has overall null.
+            overall = rep["overall"]
+            error = "%.1e" % overall if isinstance(overall, (int, float)) else "inf"
+            why = (" (%s)" % rep["divergence"]) if rep.get("divergence") else ""
+            parts.append("%s %s%s%s" % (name, error, "" if rep.get("pass") else " FAIL", why))
         else:
             text = read(path) or ""
             err = [l.strip() for l in text.splitlines() if re.match(r"^\s*\w*Error\b", l)][:1]
@@ -257,6 +261,8 @@ def bench_rows(out):
     head = "D2D copy %s GB/s" % fmt(copy, ".0f")
     if torch and torch.get("error"):
         head += "; torch error: %s" % torch["error"][:60]
+    if (bench or {}).get("partial"):
+        head += "; cut short: only the cases below finished"
     rows.append(("bench", status(out, "bench"), head))
     for name, k in ((bench or {}).get("key") or {}).items():
         if "error" in k:
@@ -282,28 +288,48 @@ def bench_rows(out):
         if k.get("hostArrayStepMs") is not None:
             parts.append("Float32Array step %s ms" % fmt(k["hostArrayStepMs"]))
         verdicts = [(t, k[t]) for t in ("stepCopyTargetMet", "fusedAdamTargetMet", "convFactorsTargetMet", "eagerTargetMet") if t in k]
-        missed = [t.replace("TargetMet", "") for t, ok in verdicts if not ok]
-        verdict = "targets met" if verdicts and not missed else ("MISSED: " + ",".join(missed) if missed else "-")
+        # A target's verdict is true, false, or null when it was not measured.
+        missed = [t.replace("TargetMet", "") for t, ok in verdicts if ok is False]
+        unmeasured = [t.replace("TargetMet", "") for t, ok in verdicts if ok is None]
+        if missed:
+            verdict = "MISSED: " + ",".join(missed)
+        elif unmeasured:
+            verdict = "not measured: " + ",".join(unmeasured)
+        else:
+            verdict = "targets met" if verdicts else "-"
         rows.append(("bench " + name, verdict, "; ".join(parts)))
     return rows
 
 
+def safely(fn, *args):
+    """A detail that cannot be read (a log of an unexpected form) says so; the table still prints."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - any parse failure of one row
+        return "unreadable (%s: %s)" % (type(e).__name__, e)
+
+
 def main(out):
     smi = (read(os.path.join(out, "nvidia-smi.txt")) or "no nvidia-smi output").strip().splitlines()
+    tune = safely(tune_detail, out)
     rows = [
         ("build", status(out, "build"), ""),
-        ("parity", status(out, "parity"), parity_detail(out)),
-        ("wide", status(out, "wide"), wide_detail(out)),
-        ("golden", status(out, "golden"), golden_detail(out)),
-        ("vitest", status(out, "vitest"), vitest_detail(out)),
-        ("fuzz", status(out, "fuzz"), fuzz_detail(out)),
-        ("oom", status(out, "oom"), oom_detail(out)),
-        ("memcheck", status(out, "memcheck"), sanitizer_detail(out, "memcheck")),
-        ("racecheck", status(out, "racecheck"), sanitizer_detail(out, "racecheck")),
-        ("profile", status(out, "profile"), profile_detail(out)),
-        ("tune", "sweep" if tune_detail(out) else "not run", tune_detail(out)),
-        ("torch", status(out, "torch"), torch_detail(out)),
-    ] + bench_rows(out)
+        ("parity", status(out, "parity"), safely(parity_detail, out)),
+        ("wide", status(out, "wide"), safely(wide_detail, out)),
+        ("golden", status(out, "golden"), safely(golden_detail, out)),
+        ("vitest", status(out, "vitest"), safely(vitest_detail, out)),
+        ("fuzz", status(out, "fuzz"), safely(fuzz_detail, out)),
+        ("oom", status(out, "oom"), safely(oom_detail, out)),
+        ("memcheck", status(out, "memcheck"), safely(sanitizer_detail, out, "memcheck")),
+        ("racecheck", status(out, "racecheck"), safely(sanitizer_detail, out, "racecheck")),
+        ("profile", status(out, "profile"), safely(profile_detail, out)),
+        ("tune", "sweep" if tune else "not run", tune),
+        ("torch", status(out, "torch"), safely(torch_detail, out)),
+    ]
+    try:
+        rows += bench_rows(out)
+    except Exception as e:  # noqa: BLE001
+        rows.append(("bench", status(out, "bench"), "unreadable (%s: %s)" % (type(e).__name__, e)))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print("\nGPU check: %s" % (smi[0] if smi else "?"))

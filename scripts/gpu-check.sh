@@ -14,6 +14,10 @@
 #   golden    node dist/lib/cli.js replay FILE --backend cuda, every test/golden/*.json
 #   fuzz      test/workers/fuzz-driver.mjs --backend cuda: 10,000 fuzzed calls on the GPU
 #   oom       test/workers/oom-driver.mjs: out of GPU memory is catchable, leaks nothing
+#   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
+#             first replays test/golden/ on the GPU to show it computes AdaFisher)
+#   bench     node dist/bench/gpu.js --torch torch.json (the figures come before the
+#             sanitizers, which are the stages most likely to run long)
 #   memcheck  compute-sanitizer --tool memcheck over the parity harness (--sanitize: not the
 #             deliberate failed cudaMalloc, which the sanitizer reports as an API error)
 #   racecheck compute-sanitizer --tool racecheck over its short run (--sanitize --small)
@@ -21,9 +25,6 @@
 #             registers of every kernel of the cnn512 case's conv factor calls (against the
 #             bench's wall time per call); the parity stage's "tune" lines sweep the plan
 #             constants of the same calls (NOTE: [plan tuning] in cuda/launch_plan.h)
-#   torch     bench/torch_baselines.py (D2D copy, fused Adam, eager PyTorch AdaFisher, which
-#             first replays test/golden/ on the GPU to show it computes AdaFisher)
-#   bench     node dist/bench/gpu.js --torch torch.json
 #   vitest    ADAFISHER_BACKEND=cuda vitest run: the test suite on the GPU, with whatever time
 #             is left (not the tests that need npm, cmake or the CUDA host emulator)
 #   package   the carried npm tarball, unpacked as an installed package: `adafisher info`
@@ -34,12 +35,12 @@
 #   CUDAARCHS=90 npx cmake-js compile --out build-cuda         -> build-cuda/Release
 #   cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-native-test -j2
 #   bash ../shared/device/pack-node.sh                         -> .device
-#   build-gpu-carry/: the npm tarball, the node_modules the stages need (node-gyp-build,
+#   build-gpu-carry/: the parity harness (cuda_parity), the npm tarball, the node_modules the stages need (node-gyp-build,
 #   node-api-headers, node-addon-api, fast-check, pure-rand), copied into node_modules here,
 #   and test-modules.tar.xz (what the test suite loads from node_modules: vitest's closure
 #   and TF.js's Node bundles, scripts/test-modules.mjs), unpacked into node_modules here
-#   carry: .device dist build-cuda/Release build-native-test build-gpu-carry
-# (scripts/prepare-gpu-run.sh does all of it; about 48 MB).
+#   carry: .device dist build-cuda/Release build-gpu-carry
+# (scripts/prepare-gpu-run.sh does all of it and checks the 64 MiB; about 45 MB).
 #
 # Knobs (environment): GPU_CHECK_BUDGET_S (default 470: stages that would not fit are
 # skipped so the table always prints), GPU_CHECK_STAGES (comma list to run a subset, e.g.
@@ -56,9 +57,13 @@ RESULT=${OUT:-}
 OUT=$ROOT/out/gpu-check
 rm -rf "$OUT"
 mkdir -p "$OUT"
+# The stage log and statuses so far, rewritten as ONE file after every stage (the device
+# tool returns at most 8 files from $OUT): if its timeout cuts the run short, this comes back.
+PROGRESS=${RESULT:-$OUT}/progress.txt
+mkdir -p "$(dirname "$PROGRESS")"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
-STAGES=${GPU_CHECK_STAGES:-env,build,parity,wide,golden,fuzz,oom,memcheck,racecheck,profile,torch,bench,vitest,package}
+STAGES=${GPU_CHECK_STAGES:-env,build,parity,wide,golden,fuzz,oom,torch,bench,memcheck,racecheck,profile,vitest,package}
 export CUDAARCHS=${CUDAARCHS:-90}
 RESERVE=20 # seconds kept for the table
 
@@ -87,6 +92,10 @@ run_stage() {
   echo "$rc" > "$OUT/$name.rc"
   log "stage $name rc=$rc in $(($(date +%s) - t0))s"
   if ((rc == 124 || rc == 137)); then status "$name" "TIMEOUT (${limit}s)"; elif ((rc == 0)); then status "$name" PASS; else status "$name" "FAIL (rc $rc)"; fi
+  # On the GPU machine the harness must run its GPU cases: one that printed SKIP (no usable
+  # device) checked nothing there.
+  if ((rc == 0)) && grep -q '^SKIP:' "$OUT/$name.log"; then status "$name" "FAIL (GPU cases skipped)"; fi
+  { cat "$OUT/gpu-check.log"; for f in "$OUT"/*.status; do echo "$(basename "$f" .status): $(cat "$f")"; done; } > "$PROGRESS" 2> /dev/null
   return $rc
 }
 
@@ -95,7 +104,7 @@ run_stage() {
 if [ -d build-gpu-carry/node_modules ]; then
   mkdir -p node_modules && cp -rn build-gpu-carry/node_modules/. node_modules/
 fi
-if [ -f build-gpu-carry/test-modules.tar.xz ]; then
+if [ -f build-gpu-carry/test-modules.tar.xz ] && wanted vitest; then
   if command -v xz > /dev/null 2>&1; then
     tar -xJf build-gpu-carry/test-modules.tar.xz
   else
@@ -104,7 +113,7 @@ if [ -f build-gpu-carry/test-modules.tar.xz ]; then
 fi
 if [ -f .device/env.sh ]; then
   # shellcheck disable=SC1091
-  source .device/env.sh > "$OUT/env.log" 2>&1 || true
+  source .device/env.sh >> "$OUT/env.log" 2>&1 || true
 fi
 {
   echo "node: $(command -v node || echo MISSING) $(node --version 2>/dev/null)"
@@ -125,7 +134,7 @@ command -v node > /dev/null 2>&1 && HAVE_NODE=1
 # An addon is good when it loads and reports a usable CUDA device.
 addon_ok() {
   ((HAVE_NODE)) || return 1
-  ADAFISHER_ADDON=$1 node -e "
+  ADAFISHER_ADDON=$1 timeout -k 5 60 node -e "
     import('./dist/lib/index.js').then((m) => { const r = m.backendInfo('cuda');
       console.log(process.env.ADAFISHER_ADDON, JSON.stringify(r.cuda), r.reason);
       process.exit(r.cuda.usable ? 0 : 1); }, (e) => { console.log(e.message); process.exit(1); });" >> "$OUT/build.log" 2>&1
@@ -133,18 +142,19 @@ addon_ok() {
 HARNESS=""
 GEN=()
 command -v ninja > /dev/null 2>&1 && GEN=(-G Ninja)
+# The builds are bounded (5 minutes each step): a hung build must not eat the device time.
 build_addon() {
   # cmake directly, with the arguments cmake-js passes (only node-api-headers and
   # node-addon-api are needed from node_modules), so npx/npm need not be carried.
-  cmake -S "$ROOT" -B "$ROOT/build-gpu" ${GEN[@]+"${GEN[@]}"} --no-warn-unused-cli -DCMAKE_BUILD_TYPE=Release \
+  timeout -k 10 300 cmake -S "$ROOT" -B "$ROOT/build-gpu" ${GEN[@]+"${GEN[@]}"} --no-warn-unused-cli -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/build-gpu/Release" \
     "-DCMAKE_JS_INC=$ROOT/node_modules/node-api-headers/include;$ROOT/node_modules/node-addon-api" \
     -DCMAKE_JS_SRC= -DCMAKE_JS_LIB= -DCMAKE_CXX_FLAGS=-DBUILDING_NODE_EXTENSION &&
-    cmake --build "$ROOT/build-gpu" -j"$(nproc)"
+    timeout -k 10 300 cmake --build "$ROOT/build-gpu" -j"$(nproc)"
 }
 build_harness() {
-  cmake -S "$ROOT/test/native" -B "$ROOT/build-native-test-dev" ${GEN[@]+"${GEN[@]}"} -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" && cmake --build "$ROOT/build-native-test-dev" -j"$(nproc)"
+  timeout -k 10 300 cmake -S "$ROOT/test/native" -B "$ROOT/build-native-test-dev" ${GEN[@]+"${GEN[@]}"} -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" && timeout -k 10 300 cmake --build "$ROOT/build-native-test-dev" -j"$(nproc)"
 }
 # Look for a carried (or earlier-built) addon whose CUDA backend is usable, first of all.
 : > "$OUT/build.log"
@@ -163,6 +173,8 @@ if wanted build; then
   fi
   if [ -n "${GPU_CHECK_HARNESS:-}" ]; then
     HARNESS=$GPU_CHECK_HARNESS
+  elif [ -x build-gpu-carry/cuda_parity ]; then
+    HARNESS=$ROOT/build-gpu-carry/cuda_parity
   elif [ -x build-native-test/cuda_parity ]; then
     HARNESS=$ROOT/build-native-test/cuda_parity
   else
@@ -183,7 +195,8 @@ if wanted build; then
   log "addon: ${ADDON:-none}; harness: $HARNESS"
 else
   [ -n "$ADDON" ] && export ADAFISHER_ADDON=$ADDON
-  HARNESS=${GPU_CHECK_HARNESS:-$ROOT/build-native-test/cuda_parity}
+  HARNESS=${GPU_CHECK_HARNESS:-$ROOT/build-gpu-carry/cuda_parity}
+  [ -x "$HARNESS" ] || HARNESS=$ROOT/build-native-test/cuda_parity
   [ -x "$HARNESS" ] || HARNESS=$ROOT/build-native-test-dev/cuda_parity
 fi
 export ADAFISHER_BACKEND=cuda
@@ -244,28 +257,9 @@ if wanted oom; then
   fi
 fi
 
-# ---- (3) compute-sanitizer -------------------------------------------------------------------
-if command -v compute-sanitizer > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
-  wanted memcheck && run_stage memcheck 100 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 --print-limit 20 "$HARNESS" --sanitize
-  wanted racecheck && run_stage racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 "$HARNESS" --sanitize --small
-else
-  for s in memcheck racecheck; do wanted $s && status $s "SKIPPED (no compute-sanitizer or no harness)"; done
-fi
-
-# ---- where cnn512's conv factor time goes: every kernel of its six calls, timed by ncu -------
-if wanted profile; then
-  if command -v ncu > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
-    run_stage profile 90 ncu --clock-control none --csv --print-kernel-base function -k "regex:Conv|Reduce|Finalize" \
-      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread \
-      "$HARNESS" --profile
-  else
-    status profile "SKIPPED (no ncu or no harness)"
-  fi
-fi
-
 # ---- (4) benchmark -------------------------------------------------------------------------
 if wanted torch || wanted bench; then
-  if ((HAVE_NODE)); then node dist/bench/gpu.js --dump-cases > "$OUT/cases.json" 2> "$OUT/cases.err" || log "dump-cases failed"; fi
+  if ((HAVE_NODE)); then timeout -k 5 60 node dist/bench/gpu.js --dump-cases > "$OUT/cases.json" 2> "$OUT/cases.err" || log "dump-cases failed"; fi
 fi
 if wanted torch; then
   if [ -s "$OUT/cases.json" ]; then
@@ -282,6 +276,30 @@ if wanted bench; then
     run_stage bench 150 node dist/bench/gpu.js "${targs[@]}" --json-out "$OUT/gpu-bench.json"
   else
     status bench "SKIPPED (no node or no CUDA addon)"
+  fi
+fi
+
+# ---- (3) compute-sanitizer -------------------------------------------------------------------
+if command -v compute-sanitizer > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
+  wanted memcheck && run_stage memcheck 100 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 3 --print-limit 20 "$HARNESS" --sanitize
+  wanted racecheck && run_stage racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 "$HARNESS" --sanitize --small
+else
+  for s in memcheck racecheck; do wanted $s && status $s "SKIPPED (no compute-sanitizer or no harness)"; done
+fi
+
+# ---- where cnn512's conv factor time goes: every kernel of its six calls, timed by ncu -------
+if wanted profile; then
+  if ! command -v ncu > /dev/null 2>&1; then
+    for d in /opt/nvidia/nsight-compute/*/ /usr/local/cuda/nsight-compute*/; do [ -x "${d}ncu" ] && export PATH=$PATH:${d%/}; done
+  fi
+  if command -v ncu > /dev/null 2>&1 && [ -x "$HARNESS" ]; then
+    run_stage profile 90 ncu --clock-control none --csv --print-kernel-base function -k "regex:Conv|Reduce|Finalize" \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread \
+      "$HARNESS" --profile
+    # ncu exits 0 when it profiled nothing (no counter permission, no matching kernel).
+    [ "$(cat "$OUT/profile.status")" = PASS ] && ! grep -q '^"' "$OUT/profile.log" && status profile "FAIL (ncu printed no rows)"
+  else
+    status profile "SKIPPED (no ncu or no harness)"
   fi
 fi
 
@@ -317,7 +335,9 @@ fi
 
 # ---- table ---------------------------------------------------------------------------------
 log "done in $(elapsed)s; logs in $OUT"
-python3 bench/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.txt"
+python3 bench/gpu_summary.py "$OUT" > "$OUT/summary.txt" 2>&1 ||
+  { echo "(bench/gpu_summary.py failed; the stage statuses:)"; for f in "$OUT"/*.status; do echo "$(basename "$f" .status): $(cat "$f")"; done; } >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"
 [ -f "$OUT/profile-kernels.txt" ] && { echo; cat "$OUT/profile-kernels.txt"; }
 [ -f "$OUT/package-info.txt" ] && { echo; echo "packed tarball, adafisher info ($(cat "$OUT/package.status" 2>/dev/null)):"; cat "$OUT/package-info.txt"; }
 if [ -n "$RESULT" ] && [ "$RESULT" != "$OUT" ]; then

@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CUDAARCHS=${CUDAARCHS:-90}
+PACK_NODE=../shared/device/pack-node.sh
+# Checked first: the last step needs it, after minutes of building.
+[ -f "$PACK_NODE" ] || { echo "prepare-gpu-run: $PACK_NODE not found (run from the checkout beside ../shared)" >&2; exit 1; }
 
 node node_modules/typescript/bin/tsc -p tsconfig.json
 # The addon for the GPU (one architecture keeps the build short) ...
@@ -20,6 +23,8 @@ env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build
 ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node node scripts/prebuild.mjs
 rm -rf build-gpu-carry adafisher-*.tgz
 mkdir -p build-gpu-carry/node_modules
+# The harness binary alone (3 MB; its build folder is 12 MB of objects).
+cp build-native-test/cuda_parity build-gpu-carry/
 npm pack --silent --pack-destination build-gpu-carry > /dev/null
 # ... the few packages the stages load (one carry path for all of them) ...
 for m in node-gyp-build node-api-headers node-addon-api fast-check pure-rand; do
@@ -30,12 +35,23 @@ node scripts/test-modules.mjs > build-gpu-carry/test-modules.txt
 tar -cf - -T build-gpu-carry/test-modules.txt | xz -6 -T0 > build-gpu-carry/test-modules.tar.xz
 rm build-gpu-carry/test-modules.txt
 # ... and Node.js itself.
-bash ../shared/device/pack-node.sh > /dev/null
+bash "$PACK_NODE" > /dev/null
 
+# What travels: the tracked files and the carried paths, 64 MiB at most.
+CARRY=(.device dist build-cuda/Release build-gpu-carry)
+tracked=$(git ls-files -z | du -cb --files0-from=- 2> /dev/null | tail -1 | cut -f1)
+carried=$(du -cb "${CARRY[@]}" | tail -1 | cut -f1)
+total=$((tracked + carried))
+printf 'travels: %d MiB (tracked %d MiB + carried %d MiB; the limit is 64 MiB)\n' $((total >> 20)) $((tracked >> 20)) $((carried >> 20))
+if ((total > 64 << 20)); then
+  echo "prepare-gpu-run: over 64 MiB: carry less" >&2
+  exit 1
+fi
+# A full run took under a minute on an H200 (bench/results): the budget leaves room for a rerun
+# within the session's 15 minutes of device time, machine start included.
 cat <<'TXT'
 Ready. Run on the GPU machine (device tool), with:
-  carry:   [".device", "dist", "build-cuda/Release", "build-native-test", "build-gpu-carry"]
-  command: GPU_CHECK_BUDGET_S=420 bash scripts/gpu-check.sh
-  timeout_s: 480
+  carry:   [".device", "dist", "build-cuda/Release", "build-gpu-carry"]
+  command: GPU_CHECK_BUDGET_S=300 bash scripts/gpu-check.sh
+  timeout_s: 360
 TXT
-du -shc .device dist build-cuda/Release build-native-test build-gpu-carry | tail -1

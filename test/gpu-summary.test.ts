@@ -135,3 +135,39 @@ describe('bench/gpu_summary.py on the newer log lines', () => {
     }
   });
 });
+
+// What a scripts/gpu-check.sh review found: a diverging golden replay (overall Infinity,
+// which JSON writes as null) crashed the table, and a target left unmeasured (null) read as
+// MISSED.
+describe('bench/gpu_summary.py on failures', () => {
+  it('a golden replay that diverged: inf, FAIL and why, and the rest of the table still prints', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const report = { name: 'x', overall: null, pass: false, divergence: 'step 1 did not refresh the factors; the official run did' };
+      writeFileSync(join(dir, 'golden-mlp_adafisherw_tcov2.json'), JSON.stringify(report));
+      writeFileSync(join(dir, 'golden-mlp_adafisher.json'), JSON.stringify({ name: 'y', overall: 2.5e-7, pass: true }));
+      writeFileSync(join(dir, 'golden.status'), 'FAIL (1 files)\n');
+      const rows = summary(dir);
+      expect(rows.get('golden')).toEqual({
+        result: 'FAIL (1 files)',
+        detail: 'mlp_adafisher 2.5e-07, mlp_adafisherw_tcov2 inf FAIL (step 1 did not refresh the factors; the official run did)',
+      });
+      expect(rows.get('parity')?.result).toBe('not run');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a target that was not measured (null) is "not measured", not MISSED', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const key = { stepGuardOffMs: 0.05, stepCopyTargetMet: true, fusedAdamTargetMet: null, eagerTargetMet: true };
+      writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, key: { big: key } }));
+      expect(summary(dir).get('bench big')?.result).toBe('not measured: fusedAdam');
+      writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, key: { big: { ...key, eagerTargetMet: false } } }));
+      expect(summary(dir).get('bench big')?.result).toBe('MISSED: eager');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
