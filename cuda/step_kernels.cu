@@ -59,9 +59,8 @@ __global__ void __launch_bounds__(kStepThreads) GuardKernel(const GuardLaunchArg
 
 // ---------------------------------------------------------------------------------------
 // Refresh: one block per factor segment. running <- decay * running + mix * minmax(fresh).
-// min/max over clean_infinity(fresh) match the CPU backend's sequential std::min/std::max
-// started at element 0: NaNs are skipped (fminf/fmaxf), except that a NaN first element
-// makes both NaN.
+// min/max over clean_infinity(fresh) match the CPU backend's: NaN anywhere makes both NaN
+// (NOTE: [NaN min-max] in native/core/math.h); otherwise fminf/fmaxf over the values.
 __device__ __forceinline__ void BlockMinMax(float* lo, float* hi) {
   __shared__ float warp_lo[kRefreshThreads / 32], warp_hi[kRefreshThreads / 32];
   float l = *lo, h = *hi;
@@ -92,14 +91,15 @@ __global__ void __launch_bounds__(kRefreshThreads)
   float* r = running + seg.offset;
   const float nan = __int_as_float(0x7fc00000);
   float lo = nan, hi = nan;  // fminf(NaN, v) == v: threads without elements do not count
+  int saw_nan = 0;
   for (int64_t i = threadIdx.x; i < seg.length; i += kRefreshThreads) {
     const float v = math::clean_infinity(f[i]);
+    saw_nan |= v != v;
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
   }
   BlockMinMax(&lo, &hi);
-  const float first = math::clean_infinity(f[0]);
-  if (first != first) lo = hi = first;
+  if (__syncthreads_or(saw_nan)) lo = hi = nan;
   const float denominator = math::min_max_denominator(lo, hi);
   for (int64_t i = threadIdx.x; i < seg.length; i += kRefreshThreads) {
     r[i] = math::ema_of_normalized(r[i], f[i], lo, denominator, decay, mix);

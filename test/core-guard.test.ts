@@ -185,6 +185,24 @@ describe('nonFiniteGuard: false', () => {
     opt.dispose();
   });
 
+  test.each([0, 1, 3])('a fresh factor with NaN at entry %i refreshes the whole factor to NaN, as torch min()/max() do', (at) => {
+    // NOTE: [NaN min-max]: wherever the NaN sits, min and max are NaN; the other layer's factors stay finite.
+    const specs: LayerSpec[] = [
+      { kind: 'linear', inFeatures: 3, outFeatures: 2, weight: new Rng(1).array(6), bias: new Rng(2).array(2) },
+      { kind: 'linear', inFeatures: 2, outFeatures: 2, weight: new Rng(3).array(4) },
+    ];
+    const opt = new AdaFisher(specs, { nonFiniteGuard: false });
+    const H = Float32Array.of(0.5, 2, 1, 3);
+    H[at] = NaN;
+    opt.setFactors(0, { H, S: Float32Array.of(1, 2) });
+    opt.setFactors(1, { H: Float32Array.of(1, 2), S: Float32Array.of(1, 2) });
+    expect(opt.step([new Rng(4).array(6), new Rng(5).array(2), new Rng(6).array(4)]).applied).toBe(true);
+    const [first, second] = opt.exportState().factors;
+    expect([...first.H].every(Number.isNaN), `H ${[...first.H]}`).toBe(true);
+    expect([...first.S, ...second.H, ...second.S].every(Number.isFinite)).toBe(true);
+    opt.dispose();
+  });
+
   test('an infinite gradient is applied too', () => {
     const rng = new Rng(9);
     const specs = model(3);
@@ -216,7 +234,7 @@ describe('nonFiniteGuard: false', () => {
     negative.factors[0].S[1] = -1;
     expectThrows(() => other.loadState(negative), {
       cls: Error,
-      message: /^Invalid AdaFisher checkpoint: factors\[0\]\.S\[1\] is -1; running factors are finite and >= 0$/,
+      message: /^Invalid AdaFisher checkpoint: factors\[0\]\.S\[1\] is -1; running factors are >= 0$/,
       code: ErrorCodes.badCheckpoint,
     });
     assertStatesIdentical(other.exportState(), state, 'after the refused load', true);

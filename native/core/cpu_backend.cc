@@ -190,14 +190,18 @@ class ReduceWork final : public FactorWork {
 };
 
 // NOTE: [conv factor precision]
-// Within one plane the squares and their sums down the (at most out_h) rows of a kernel row
-// are float32, as in the official float32 implementation; every sum across columns, planes
-// and images is double. The float part adds at most out_h terms of one sign: its relative
-// error stays below out_h * 2^-24 (~2e-6 for 32 rows), far inside the 1e-5 parity bound,
-// and it doubles the SIMD width of the hot loop. Where a float square or row sum overflows
+// Within a band of at most kPatchBandRows input rows of one plane, the squares and their sums
+// down the rows of a kernel row are float32, as in the official float32 implementation; every
+// sum across bands, columns, planes and images is double. The float part adds at most 64
+// terms of one sign: its relative error stays below 64 * 2^-24 (3.8e-6), inside the 1e-5
+// parity bound with the cuda backend (which sums in double) for images of any height (one
+// float sum down a 512-row image drifted 3e-5 on adversarial data), and it doubles the SIMD
+// width of the hot loop. Images up to 64 rows are one band. Where a float square or row sum overflows
 // (inputs near 1e19) but the double sums the cuda backend keeps would not, the plane is
 // summed again in double (PatchSumsWide), so both backends see the same finite factor;
 // NaN or infinite inputs take that path too and give the same non-finite result.
+constexpr index_t kPatchBandRows = 64;
+
 struct PatchScratch {
   std::vector<float> rows;   // [kh][W][lanes]: per kernel row i, column sums of squares
   std::vector<double> wide;  // the same in double, for PatchSumsWide
@@ -243,54 +247,61 @@ __attribute__((always_inline)) inline bool PatchSumsOf(const float* plane, const
                                                        std::vector<Row>& rows, double* acc) {
   const index_t kh = s.kernel_h, kw = s.kernel_w, W = s.width;
   const index_t row_len = W * lanes;
-  rows.assign(static_cast<size_t>(kh * row_len), Row{0});
   bool finite = true;
-  for (const PatchPlan::RowTap& tap : plan.row_taps) {
-    // Squared in registers for each kernel row it feeds (a multiply is cheaper than a
-    // stored and reloaded row of squares).
-    const float* __restrict src = plane + tap.y * y_stride;
-    Row* __restrict r = rows.data() + tap.i * row_len;
-    if (lanes == 1 && x_stride == 1) {
-      for (index_t x = 0; x < W; ++x) {
-        const Row v = src[x];
-        r[x] += v * v;
-      }
-    } else if (lanes == 1) {
-      for (index_t x = 0; x < W; ++x) {
-        const Row v = src[x * x_stride];
-        r[x] += v * v;
-      }
-    } else {
-      for (index_t x = 0; x < W; ++x) {
-        const float* __restrict px = src + x * x_stride;
-        Row* __restrict rx = r + x * lanes;
-        for (index_t l = 0; l < lanes; ++l) {
-          const Row v = px[l];
-          rx[l] += v * v;
+  const auto* tap = plan.row_taps.data();
+  const auto* const taps_end = tap + plan.row_taps.size();
+  // Bands of kPatchBandRows input rows (NOTE: [conv factor precision]): a kernel row's float
+  // sum never takes more than that many squares before it is folded into the double sums.
+  for (index_t band = 0; band < s.height; band += kPatchBandRows) {
+    const index_t band_end = band + kPatchBandRows;
+    rows.assign(static_cast<size_t>(kh * row_len), Row{0});
+    for (; tap != taps_end && tap->y < band_end; ++tap) {
+      // Squared in registers for each kernel row it feeds (a multiply is cheaper than a
+      // stored and reloaded row of squares).
+      const float* __restrict src = plane + tap->y * y_stride;
+      Row* __restrict r = rows.data() + tap->i * row_len;
+      if (lanes == 1 && x_stride == 1) {
+        for (index_t x = 0; x < W; ++x) {
+          const Row v = src[x];
+          r[x] += v * v;
+        }
+      } else if (lanes == 1) {
+        for (index_t x = 0; x < W; ++x) {
+          const Row v = src[x * x_stride];
+          r[x] += v * v;
+        }
+      } else {
+        for (index_t x = 0; x < W; ++x) {
+          const float* __restrict px = src + x * x_stride;
+          Row* __restrict rx = r + x * lanes;
+          for (index_t l = 0; l < lanes; ++l) {
+            const Row v = px[l];
+            rx[l] += v * v;
+          }
         }
       }
     }
-  }
-  // acc[l][i*kw + j] += sum over output cols ow of rows_i[x = ow*sw + j - pad_left][l].
-  for (index_t i = 0; i < kh; ++i) {
-    const Row* r = rows.data() + i * row_len;
-    for (index_t j = 0; j < kw; ++j) {
-      const index_t first = plan.col_first[j], end = plan.col_end[j];
-      double* __restrict out = acc + i * kw + j;
-      const index_t step = s.stride_w * lanes;
-      for (index_t l = 0; l < lanes; ++l) {
-        // Two interleaved partial sums (even and odd ow) halve the add-latency chain.
-        double even = 0.0, odd = 0.0;
-        const Row* __restrict col = r + (first * s.stride_w + j - s.pad_left) * lanes + l;
-        index_t ow = first;
-        for (; ow + 2 <= end; ow += 2, col += 2 * step) {
-          even += col[0];
-          odd += col[step];
+    // acc[l][i*kw + j] += sum over output cols ow of rows_i[x = ow*sw + j - pad_left][l].
+    for (index_t i = 0; i < kh; ++i) {
+      const Row* r = rows.data() + i * row_len;
+      for (index_t j = 0; j < kw; ++j) {
+        const index_t first = plan.col_first[j], end = plan.col_end[j];
+        double* __restrict out = acc + i * kw + j;
+        const index_t step = s.stride_w * lanes;
+        for (index_t l = 0; l < lanes; ++l) {
+          // Two interleaved partial sums (even and odd ow) halve the add-latency chain.
+          double even = 0.0, odd = 0.0;
+          const Row* __restrict col = r + (first * s.stride_w + j - s.pad_left) * lanes + l;
+          index_t ow = first;
+          for (; ow + 2 <= end; ow += 2, col += 2 * step) {
+            even += col[0];
+            odd += col[step];
+          }
+          if (ow < end) even += col[0];
+          const double sum = even + odd;
+          finite &= (sum - sum) == 0.0;
+          out[l * kh * kw] += sum;
         }
-        if (ow < end) even += col[0];
-        const double sum = even + odd;
-        finite &= (sum - sum) == 0.0;
-        out[l * kh * kw] += sum;
       }
     }
   }
@@ -594,12 +605,16 @@ class CpuBackend final : public Backend {
         if (seg.length == 0) continue;
         const float* f = r.fresh + seg.offset;
         float* run = r.running + seg.offset;
+        // NaN anywhere makes min and max NaN, as torch's min()/max() do (NOTE: [NaN min-max]).
         float lo = math::clean_infinity(f[0]), hi = lo;
+        bool nan = lo != lo;
         for (index_t i = 1; i < seg.length; ++i) {
           const float v = math::clean_infinity(f[i]);
+          nan |= v != v;
           lo = std::min(lo, v);
           hi = std::max(hi, v);
         }
+        if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
         const float denominator = math::min_max_denominator(lo, hi);
         for (index_t i = 0; i < seg.length; ++i) {
           run[i] = math::ema_of_normalized(run[i], f[i], lo, denominator, r.decay, r.mix);

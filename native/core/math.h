@@ -57,6 +57,12 @@ ADAFISHER_HD float ema_of_normalized(float running, float fresh, float min_value
   return decay * running + mix * normalized;
 }
 
+// NOTE: [NaN min-max]
+// A fresh factor with a NaN entry (possible only with the guard off) has NaN as its min and
+// max on both backends, so the whole factor's refresh is NaN, as with torch's min()/max() in
+// the official code. A reduction that skipped NaNs (fminf, or std::min depending on the
+// position of the NaN) would make the result depend on where the NaN sits.
+
 // Denominator of the min-max normalization for a factor whose cleaned range is [lo, hi].
 ADAFISHER_HD float min_max_denominator(float lo, float hi) { return (hi - lo) + kMinMaxEpsilon; }
 

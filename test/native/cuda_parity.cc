@@ -787,6 +787,28 @@ void TestReductions(Backend& cpu, Backend& gpu) {
       });
     }
   }
+  // A tall plane whose float row sums would lose their small terms (NOTE: [conv factor
+  // precision]): row 0 is 1, the 511 rows below are sqrt(0.98 * 2^-24), so every square below
+  // rounds away against 1 in a float sum. One float sum down the 512 rows is 3e-5 off the
+  // cuda backend's double sums; the CPU's 64-row bands stay inside the tolerance.
+  for (DataFormat format : {DataFormat::kNCHW, DataFormat::kNHWC}) {
+    const std::string name = std::string("factor/conv tall plane 512 rows ") + (format == DataFormat::kNCHW ? "nchw" : "nhwc");
+    Guarded(name, [&] {
+      const Conv2dShape shape = MakeConv(1, 1, 512, 8, 3, 3, 1, 1, 1, format, PatchOrder::kChannelMajor, Pad::kSame);
+      std::vector<float> host(512 * 8, std::sqrt(0.98f * std::ldexp(1.0f, -24)));
+      std::fill(host.begin(), host.begin() + 8, 1.0f);
+      auto run = [&](Backend& b) {
+        Buffer x(b, host);
+        // No bias entry: the error measure is relative to the largest entry, and the bias
+        // entry (1) would dwarf the window entries (~2e-3) where the drift shows.
+        Buffer out(b, static_cast<size_t>(ConvOutputSize(shape, false)));
+        b.Conv2dPatchFactor(x.ptr(), shape, false, out.ptr());
+        return out.Read();
+      };
+      const std::vector<float> want = run(cpu), got = run(gpu), again = run(gpu);
+      RecordParity(name, want, got, again);
+    });
+  }
 }
 
 // Backend::FactorJobs: the cuda backend runs the mean squares of a batch in one launch per
@@ -1122,8 +1144,8 @@ Scenario MixedScenario(math::UpdateRule rule, double weight_decay) {
   unguarded.guard = false;
   unguarded.fresh[sc.segments[0].offset + 7] = std::numeric_limits<float>::infinity();    // -> 1
   unguarded.fresh[sc.segments[1].offset + 2] = -std::numeric_limits<float>::infinity();   // -> 0
-  unguarded.fresh[sc.segments[4].offset] = std::numeric_limits<float>::quiet_NaN();       // first: NaN min/max
-  unguarded.fresh[sc.segments[6].offset + 3] = std::numeric_limits<float>::quiet_NaN();   // later: skipped by min/max
+  unguarded.fresh[sc.segments[4].offset] = std::numeric_limits<float>::quiet_NaN();       // first entry: the whole factor NaN
+  unguarded.fresh[sc.segments[6].offset + 3] = std::numeric_limits<float>::quiet_NaN();   // a later entry: NaN too (NOTE: [NaN min-max])
   sc.steps.push_back(unguarded);
   return sc;
 }
