@@ -112,7 +112,10 @@ export interface NativeOptimizer {
   recordInput(layer: number, data: NativeTensorArg, shape: number[]): void;
   recordOutputGrad(layer: number, data: NativeTensorArg, shape: number[]): void;
   recordFactors(records: NativeFactorRecord[]): void;
-  setFactor(layer: number, which: number, data: NativeTensorArg): void;
+  /** Both are checked before either is written; at least one must be given. */
+  setFactors(layer: number, H: NativeTensorArg | null | undefined, S: NativeTensorArg | null | undefined): void;
+  /** Each layer's running factors as the statistics of the next step; all indices checked first. */
+  reuseRunningFactors(layers: number[]): void;
   step(params: NativeTensorArg[], grads: (NativeTensorArg | null)[]): { applied: boolean; refreshed: boolean };
   willRefresh(): boolean;
   setLearningRate(lr: number): void;

@@ -260,6 +260,15 @@ function padding(name: string, p: Padding | undefined): Pick<NativeLayer, 'padMo
   throw typeError(name, "'valid', 'same', an integer, [ph, pw] or [top, bottom, left, right]", p);
 }
 
+/** The fields each layer kind takes (see LinearLayer ... ParamLayer). */
+const LAYER_KEYS: Record<LayerSpec['kind'], readonly string[]> = {
+  linear: ['kind', 'inFeatures', 'outFeatures', 'weight', 'bias', 'layout'],
+  conv2d: ['kind', 'inChannels', 'outChannels', 'kernelSize', 'stride', 'padding', 'groups', 'dataFormat', 'weight', 'bias', 'layout'],
+  batchnorm: ['kind', 'channels', 'weight', 'bias', 'dataFormat'],
+  layernorm: ['kind', 'features', 'weight', 'bias'],
+  param: ['kind', 'param'],
+};
+
 interface Plan {
   nativeLayers: NativeLayer[];
   tensors: NativeTensor[];
@@ -276,6 +285,13 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
     const at = `layers[${i}]`;
     if (spec === null || typeof spec !== 'object') throw typeError(at, 'a layer description object', spec);
     const kind = checkOneOf(`${at}.kind`, (spec as LayerSpec).kind, ['linear', 'conv2d', 'batchnorm', 'layernorm', 'param'] as const);
+    // A misspelt or unsupported field ('strides', 'dilation', 'data_format') would otherwise
+    // leave its default in place and precondition with the wrong geometry, silently.
+    for (const key of Object.keys(spec)) {
+      if (!LAYER_KEYS[kind].includes(key)) {
+        throw rangeError(`${at}.${key}`, `a field of a '${kind}' layer (${LAYER_KEYS[kind].join(', ')})`, key);
+      }
+    }
     if (kind === 'param') {
       const s = spec as ParamLayer;
       plan.nativeIndex.push(-1);
@@ -518,15 +534,34 @@ export class AdaFisher {
   }
 
   /**
-   * Hands already-reduced statistics for a layer: H (with its bias entry) and/or S.
-   * @throws {TypeError|RangeError} for a bad layer index or length.
+   * Hands already-reduced statistics for a layer: H (with its bias entry) and/or S. Both are
+   * checked before either is written: a call that throws changes nothing.
+   * @throws {TypeError|RangeError} for a bad layer index, an unknown key, or a bad tensor or length.
    */
   setFactors(layer: number, factors: { H?: Tensor; S?: Tensor }): void {
     const native = this.#alive();
     const n = this.#layerIndex(layer);
-    if (factors === null || typeof factors !== 'object') throw typeError('factors', 'an object { H?, S? }', factors);
-    if (factors.H !== undefined) native.setFactor(n, FactorWhich.H, factors.H);
-    if (factors.S !== undefined) native.setFactor(n, FactorWhich.S, factors.S);
+    if (factors === null || typeof factors !== 'object' || Array.isArray(factors)) throw typeError('factors', 'an object { H?, S? }', factors);
+    for (const key of Object.keys(factors)) {
+      if (key !== 'H' && key !== 'S') throw rangeError(`factors.${key}`, "a known key ('H' or 'S')", key);
+    }
+    const { H, S } = factors;
+    if (H === undefined && S === undefined) throw typeError('factors', 'an object with H, S or both', factors);
+    native.setFactors(n, H, S);
+  }
+
+  /**
+   * For preconditioned layers that did not run this step (frozen, or cut off from the loss):
+   * each one's running factors become its statistics for the next step, as if recorded. A
+   * refreshing step then moves them toward their own min-max normalization
+   * (R ← decay·R + mix·norm(R)). Copied on the backend, without a round trip through the host.
+   * @throws {TypeError|RangeError} for a bad index (nothing is changed then).
+   */
+  reuseRunningFactors(layers: readonly number[]): void {
+    const native = this.#alive();
+    if (!Array.isArray(layers)) throw typeError('layers', 'an array of layer indices', layers);
+    const n = layers.map((l, i) => this.#layerIndex(l, `layers[${i}]`));
+    native.reuseRunningFactors(n);
   }
 
   /**
@@ -596,7 +631,7 @@ export class AdaFisher {
   loadState(state: AdaFisherState): void {
     this.#alive();
     const bad = (msg: string) => codedError(ErrorCodes.badCheckpoint, `Invalid AdaFisher checkpoint: ${msg}`);
-    if (state === null || typeof state !== 'object') throw bad(`expected an object, received ${typeof state}`);
+    if (state === null || typeof state !== 'object' || Array.isArray(state)) throw bad(`expected an object, received ${describeType(state)}`);
     if (state.format !== 'adafisher-state' || state.version !== 1) throw bad("expected format 'adafisher-state', version 1");
     const h = state.hyperparameters as Partial<AdaFisherHyperparameters> | undefined;
     if (h === null || typeof h !== 'object' || Array.isArray(h)) {
@@ -667,7 +702,11 @@ export class AdaFisher {
     this.#hyper = hyper;
   }
 
-  /** Frees native state now. Further calls throw code ADAFISHER_DISPOSED. Idempotent. */
+  /**
+   * Frees native state now. Idempotent. Later calls that need it (recording, step, state,
+   * learning rate) throw code ADAFISHER_DISPOSED; the plain descriptions (`hyperparameters`,
+   * `parameterSlots()`, `backend`) stay readable.
+   */
   dispose(): void {
     this.#native?.dispose();
     this.#native = null;
@@ -683,16 +722,18 @@ const HYPERPARAMETER_KEYS = ['lr', 'beta', 'damping', 'decay', 'mix', 'tcov', 'w
 /**
  * Running factors start at ones and are updated as decay·R + mix·x' with decay, mix >= 0 and
  * x' a min-max-normalized statistic in [0, 1) (docs/ALGORITHM.md "Normalize, then average"), so
- * they are finite and >= 0. The one exception: with nonFiniteGuard off a NaN statistic is
- * let through and leaves NaN factors, which such a checkpoint may carry.
+ * they are >= 0; +Infinity included, which a large mix reaches (decay 1, mix 3e38 overflows
+ * float32 in two refreshes) and which every exported state must be able to load back. With
+ * nonFiniteGuard off, a NaN statistic is let through and leaves NaN factors, which such a
+ * checkpoint may carry. A negative value or -Infinity is no state an optimizer can reach.
  */
 function checkFactorValues(a: Float32Array, name: string, guard: boolean, bad: (msg: string) => Error): void {
   for (let i = 0; i < a.length; i++) {
     const x = a[i];
-    if (x >= 0 && x !== Infinity) continue;
+    if (x >= 0) continue;
     if (Number.isNaN(x) && !guard) continue;
     throw bad(
-      `${name}[${i}] is ${x}; running factors are finite and >= 0` +
+      `${name}[${i}] is ${x}; running factors are >= 0` +
         (Number.isNaN(x) ? ' (NaN only in a checkpoint saved with nonFiniteGuard: false)' : ''),
     );
   }

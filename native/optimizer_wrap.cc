@@ -37,7 +37,8 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     C::Method<&OptimizerWrap::RecordInput>(env, ctor, "recordInput");
     C::Method<&OptimizerWrap::RecordOutputGrad>(env, ctor, "recordOutputGrad");
     C::Method<&OptimizerWrap::RecordFactors>(env, ctor, "recordFactors");
-    C::Method<&OptimizerWrap::SetFactor>(env, ctor, "setFactor");
+    C::Method<&OptimizerWrap::SetFactors>(env, ctor, "setFactors");
+    C::Method<&OptimizerWrap::ReuseRunningFactors>(env, ctor, "reuseRunningFactors");
     C::Method<&OptimizerWrap::Step>(env, ctor, "step");
     C::Method<&OptimizerWrap::WillRefresh>(env, ctor, "willRefresh");
     C::Method<&OptimizerWrap::SetLearningRate>(env, ctor, "setLearningRate");
@@ -225,18 +226,44 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     });
   }
 
-  // setFactor(layer, which: 0 = H | 1 = S, data)
-  Napi::Value SetFactor(const Napi::CallbackInfo& info) {
+  // setFactors(layer, H: Tensor | null | undefined, S: Tensor | null | undefined): already-reduced
+  // statistics. Both are resolved (types, backend, lengths) before either is written, so a
+  // call that throws leaves the layer's recorded statistics as they were.
+  Napi::Value SetFactors(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
       const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
-      const auto which = static_cast<FactorKind>(ToInteger(info[1], "which", 0, 1));
-      const std::string what = core.LayerName(layer) + "." + (which == FactorKind::kH ? "H" : "S");
-      TensorRef v(env, SharedBackend(env), info[2], core.FactorLength(layer, which), what, false);
-      core.SetFactor(layer, which, v.data());
+      const bool has_h = !info[1].IsNull() && !info[1].IsUndefined();
+      const bool has_s = !info[2].IsNull() && !info[2].IsUndefined();
+      if (!has_h && !has_s) ThrowTypeError(env, "Expected H or S (a Float32Array or DeviceBuffer) but received neither");
+      auto backend = SharedBackend(env);
+      TensorRef h, s;
+      if (has_h) h = TensorRef(env, backend, info[1], core.FactorLength(layer, FactorKind::kH), core.LayerName(layer) + ".H", false);
+      if (has_s) s = TensorRef(env, backend, info[2], core.FactorLength(layer, FactorKind::kS), core.LayerName(layer) + ".S", false);
+      if (has_h) core.SetFactor(layer, FactorKind::kH, h.data());
+      if (has_s) core.SetFactor(layer, FactorKind::kS, s.data());
+      return env.Undefined();
+    });
+  }
+
+  // reuseRunningFactors(layers: number[]): each layer's running factors as the statistics of
+  // the next step (a layer that did not run this step).
+  Napi::Value ReuseRunningFactors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    return Guarded(env, [&]() -> Napi::Value {
+      const InCall in_call(in_call_);
+      OptimizerCore& core = Core(env);
+      const Napi::Array ls = ToArray(info[0], "layers");
+      const uint32_t n = ls.Length();  // read once: NOTE: [read lengths once]
+      std::vector<int> layers(n);
+      for (uint32_t i = 0; i < n; ++i) {
+        layers[i] = static_cast<int>(
+            ToInteger(ls.Get(i), ArgName("layers", i).str(), 0, static_cast<int64_t>(core.layers().size()) - 1));
+      }
+      core.ReuseRunningFactors(layers);
       return env.Undefined();
     });
   }

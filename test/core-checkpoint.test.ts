@@ -137,6 +137,26 @@ describe('every exported state loads back', () => {
   });
 });
 
+describe('every exported state loads back: running factors', () => {
+  test('decay 1 and a huge mix overflow the running factors to +Infinity: that state loads', () => {
+    const make = () => {
+      const p = Float32Array.of(1, 2, 3, 4);
+      return new AdaFisher([{ kind: 'linear', inFeatures: 2, outFeatures: 2, weight: p }], { decay: 1, mix: 3e38 });
+    };
+    const opt = make();
+    for (let t = 0; t < 3; t++) {
+      opt.setFactors(0, { H: Float32Array.of(0, 1), S: Float32Array.of(1, 0) });
+      expect(opt.step([Float32Array.of(0.1, 0.1, 0.1, 0.1)]).applied).toBe(true);
+    }
+    const s = opt.exportState();
+    expect(s.factors[0].H[1]).toBe(Infinity);
+    const other = make();
+    other.loadState(s);
+    assertStatesIdentical(other.exportState(), s, 'loaded');
+    for (const o of [opt, other]) o.dispose();
+  });
+});
+
 describe('setLearningRate', () => {
   test('takes effect at the next step and keeps momenta, factors and step counts', () => {
     const rng = new Rng(7);

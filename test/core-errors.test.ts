@@ -208,6 +208,20 @@ const cases: Case[] = [
     code: INVALID,
   },
   {
+    name: "setFactors with an unknown key ('s' for 'S')",
+    call: (f) => f.opt.setFactors(0, { H: new Float32Array(5), s: new Float32Array(3) } as { H: Float32Array }),
+    cls: RangeError,
+    message: /^Expected a known key \('H' or 'S'\) for factors\.s but received 's' of type string$/,
+    code: INVALID,
+  },
+  {
+    name: 'setFactors with neither H nor S',
+    call: (f) => f.opt.setFactors(0, {}),
+    cls: TypeError,
+    message: /^Expected an object with H, S or both for factors/,
+    code: INVALID,
+  },
+  {
     name: 'a disposed DeviceBuffer as an input',
     call: (f) => f.opt.recordInput(0, disposedBuffer(8), [2, 4]),
     cls: Error,
@@ -235,7 +249,7 @@ const cases: Case[] = [
     name: 'checkpoint: null',
     call: (f) => f.opt.loadState(null as unknown as AdaFisherState),
     cls: Error,
-    message: /^Invalid AdaFisher checkpoint: expected an object/,
+    message: /^Invalid AdaFisher checkpoint: expected an object, received null$/,
     code: BAD_CHECKPOINT,
   },
   {
@@ -292,7 +306,7 @@ const cases: Case[] = [
         }) as AdaFisherState,
       ),
     cls: Error,
-    message: /^Invalid AdaFisher checkpoint: factors\[0\]\.S\[1\] is NaN; running factors are finite and >= 0/,
+    message: /^Invalid AdaFisher checkpoint: factors\[0\]\.S\[1\] is NaN; running factors are >= 0/,
     code: BAD_CHECKPOINT,
   },
   {
@@ -305,14 +319,14 @@ const cases: Case[] = [
         }) as AdaFisherState,
       ),
     cls: Error,
-    message: /^Invalid AdaFisher checkpoint: factors\[0\]\.H\[2\] is -0\.5; running factors are finite and >= 0$/,
+    message: /^Invalid AdaFisher checkpoint: factors\[0\]\.H\[2\] is -0\.5; running factors are >= 0$/,
     code: BAD_CHECKPOINT,
   },
   {
-    name: 'checkpoint: an infinite running factor S',
-    call: (f) => f.opt.loadState(withState(f, (s) => void (s.factors[0].S[0] = Infinity)) as AdaFisherState),
+    name: 'checkpoint: -Infinity in a running factor S',
+    call: (f) => f.opt.loadState(withState(f, (s) => void (s.factors[0].S[0] = -Infinity)) as AdaFisherState),
     cls: Error,
-    message: /factors\[0\]\.S\[0\] is Infinity; running factors are finite and >= 0$/,
+    message: /factors\[0\]\.S\[0\] is -Infinity; running factors are >= 0$/,
     code: BAD_CHECKPOINT,
   },
   {
@@ -467,6 +481,24 @@ const cases: Case[] = [
     message: /^Expected an object for options but received an array of length 0$/,
     code: INVALID,
   },
+  // --- a field the layer kind does not take would leave its default in place, silently ---
+  ...(
+    [
+      [{ kind: 'conv2d', inChannels: 1, outChannels: 1, kernelSize: 3, strides: 2 }, 'strides'],
+      [{ kind: 'conv2d', inChannels: 1, outChannels: 1, kernelSize: 3, dilation: 2 }, 'dilation'],
+      [{ kind: 'conv2d', inChannels: 1, outChannels: 1, kernelSize: 3, data_format: 'NHWC' }, 'data_format'],
+      [{ kind: 'linear', inFeatures: 3, outFeatures: 3, Layout: 'tfjs' }, 'Layout'],
+      [{ kind: 'batchnorm', channels: 9, layout: 'tfjs' }, 'layout'],
+    ] as [Record<string, unknown>, string][]
+  ).map(
+    ([spec, key]): Case => ({
+      name: `a ${String(spec.kind)} layer with '${key}'`,
+      call: () => new AdaFisher([{ ...spec, weight: new Float32Array(9) } as unknown as LayerSpec]),
+      cls: RangeError,
+      message: new RegExp(`^Expected a field of a '${String(spec.kind)}' layer \\(kind, .*\\) for layers\\[0\\]\\.${key} but received '${key}' of type string$`),
+      code: INVALID,
+    }),
+  ),
   // --- memory shared between tensors: updated in place, a parameter must own its memory ---
   {
     name: 'two parameters sharing memory (a view into another) are refused when the optimizer is created',

@@ -160,6 +160,104 @@ describe('recordFactors', () => {
     expectThrows(() => opt.recordFactors([]), { cls: Error, message: /disposed/, code: ErrorCodes.disposed });
   });
 
+  test('setFactors checks H and S before it writes either: a call that throws records nothing', () => {
+    const { backend } = backendInfo();
+    const specs: LayerSpec[] = [{ kind: 'linear', inFeatures: 4, outFeatures: 3, weight: new Rng(3).array(12), bias: new Rng(4).array(3) }];
+    const opt = new AdaFisher(specs, options);
+    const H = Float32Array.of(1, 2, 3, 4, 1);
+    const disposed = createBuffer(3, { backend: backend! });
+    disposed.dispose();
+    const badS: [unknown, ErrorConstructor, RegExp][] = [
+      [new Float32Array(5), RangeError, /Expected 3 elements for layers\[0\]\.S but received 5/],
+      [new Float64Array(3), TypeError, /layers\[0\]\.S/],
+      [disposed, Error, /disposed/],
+    ];
+    for (const [S, cls, message] of badS) expectThrows(() => opt.setFactors(0, { H, S: S as Float32Array }), { cls, message });
+    // The H of those calls was not kept: a step with only S handed over lacks it.
+    opt.setFactors(0, { S: Float32Array.of(1, 2, 3) });
+    const grads = [new Float32Array(12).fill(0.1), new Float32Array(3).fill(0.1)];
+    expectThrows(() => opt.step(grads), { cls: Error, message: /^layers\[0\]: no input \(H\)/, code: ErrorCodes.missingStatistics });
+    opt.setFactors(0, { H });
+    expect(opt.step(grads)).toEqual({ applied: true, refreshed: true });
+    // The same through the raw binding, which checks on its own.
+    const b = loadBinding().binding;
+    const cfg = { rule: 0, lr: 1e-3, beta: 0.9, damping: 1e-3, decay: 0.08, mix: 0.008, weightDecay: 0, tcov: 1, guard: true };
+    const linear = { kind: 0, hasBias: false, inFeatures: 4, outFeatures: 3, layout: 0, format: 0 };
+    const native = new b.NativeOptimizer(backend, cfg, [linear], [{ numel: 12, layer: 0, role: 0 }]) as unknown as {
+      setFactors(layer: unknown, H: unknown, S: unknown): void;
+      step(params: Float32Array[], grads: Float32Array[]): { applied: boolean };
+      dispose(): void;
+    };
+    expectThrows(() => native.setFactors(0, null, undefined), { cls: TypeError, message: /^Expected H or S \(a Float32Array or DeviceBuffer\) but received neither$/ });
+    expectThrows(() => native.setFactors(0, Float32Array.of(1, 2, 3, 4), new Float32Array(2)), { cls: RangeError, message: /layers\[0\]\.S/ });
+    native.setFactors(0, undefined, Float32Array.of(1, 2, 3));
+    const p = new Float32Array(12), g = new Float32Array(12).fill(0.5);
+    expectThrows(() => native.step([p], [g]), { cls: Error, message: /no input \(H\)/, code: ErrorCodes.missingStatistics });
+    native.setFactors(0, Float32Array.of(1, 2, 3, 4), null);
+    expect(native.step([p], [g]).applied).toBe(true);
+    native.dispose();
+    opt.dispose();
+  });
+
+  test("reuseRunningFactors hands a layer's running factors as its statistics: the same bits as setFactors with them", () => {
+    const make = () => {
+      const rng = new Rng(61);
+      const specs: LayerSpec[] = [
+        { kind: 'linear', inFeatures: 4, outFeatures: 3, weight: rng.array(12), bias: rng.array(3) },
+        { kind: 'param', param: rng.array(5) },
+        { kind: 'linear', inFeatures: 3, outFeatures: 2, weight: rng.array(6) },
+      ];
+      return { specs, opt: new AdaFisher(specs, { lr: 1e-2 }) };
+    };
+    const a = make(), b = make();
+    const data = new Rng(62);
+    const x0 = data.array(8), g0 = data.array(6), x2 = data.array(6), g2 = data.array(4);
+    const grads = [data.array(12), data.array(3), data.array(5), data.array(6)];
+    for (const { opt } of [a, b]) {
+      opt.recordInput(0, x0, [2, 4]);
+      opt.recordOutputGrad(0, g0, [2, 3]);
+      opt.recordInput(2, x2, [2, 3]);
+      opt.recordOutputGrad(2, g2, [2, 2]);
+      expect(opt.step(grads).applied).toBe(true);
+    }
+    // Step 2: layer 2 did not run.
+    const running = b.opt.exportState().factors[1];
+    for (const { opt } of [a, b]) {
+      opt.recordInput(0, x0, [2, 4]);
+      opt.recordOutputGrad(0, g0, [2, 3]);
+    }
+    expectThrows(() => a.opt.reuseRunningFactors([2, 1]), { cls: RangeError, message: /preconditioned layer.*for layers\[1\]/ });
+    expectThrows(() => a.opt.reuseRunningFactors([2, 9]), { cls: RangeError, message: /layers\[1\]/ });
+    expectThrows(() => a.opt.reuseRunningFactors(2 as never), { cls: TypeError, message: /array of layer indices for layers/ });
+    // None of those recorded layer 2's statistics.
+    expectThrows(() => a.opt.step([...grads.slice(0, 3), null as never]), { cls: Error, message: /^layers\[2\]: no input/, code: ErrorCodes.missingStatistics });
+    a.opt.reuseRunningFactors([2]);
+    b.opt.setFactors(2, { H: running.H, S: running.S });
+    for (const { opt } of [a, b]) expect(opt.step([...grads.slice(0, 3), null as never])).toEqual({ applied: true, refreshed: true });
+    assertSnapshotsIdentical(snapshot(a.opt, paramsOf(a.specs)), snapshot(b.opt, paramsOf(b.specs)), 'reuseRunningFactors against setFactors');
+    expect(a.opt.exportState().factors[1].H).not.toEqual(running.H); // the refresh moved them: R <- decay R + mix norm(R)
+    for (const { opt } of [a, b]) opt.dispose();
+  });
+
+  test('the binding refuses hyperparameters that float32 cannot hold, as the TypeScript API does', () => {
+    const b = loadBinding().binding;
+    const backend = backendInfo().backend!;
+    const cfg = { rule: 0, lr: 1e-3, beta: 0.9, damping: 1e-3, decay: 0.08, mix: 0.008, weightDecay: 0, tcov: 1, guard: true };
+    const make = (patch: object) => new b.NativeOptimizer(backend, { ...cfg, ...patch }, [], [{ numel: 4, layer: -1, role: 0 }]);
+    const bad: [object, RegExp][] = [
+      [{ damping: 1e-50 }, /damping > 0 in float32/],
+      [{ lr: 1e39 }, /lr >= 0 and below 2\^128/],
+      [{ mix: 1e39 }, /mix >= 0 \(below 2\^128\)/],
+      [{ weightDecay: 1e39 }, /weightDecay >= 0 and below 2\^128/],
+      [{ lr: NaN }, /finite number for config\.lr/],
+    ];
+    for (const [patch, message] of bad) expectThrows(() => make(patch), { cls: RangeError, message });
+    const ok = make({ damping: 2 ** -149, lr: 3e38 }) as unknown as { setLearningRate(lr: number): void; dispose(): void };
+    expectThrows(() => ok.setLearningRate(1e39), { cls: RangeError, message: /lr >= 0 and below 2\^128/ });
+    ok.setLearningRate(1e38);
+    ok.dispose();
+  });
+
   test('the native method checks its records itself (called past the TypeScript API)', () => {
     const b = loadBinding().binding;
     const backend = backendInfo().backend!;

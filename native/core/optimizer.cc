@@ -43,23 +43,28 @@ index_t CheckedProduct(index_t a, index_t b, const std::string& what) {
 
 index_t CeilDiv(index_t a, index_t b) { return (a + b - 1) / b; }
 
+// The kernels take these as float32 (lib/validate.ts checkFloat32 is the same rule): a value
+// that rounds to +inf there (lr 1e39) or, for damping, to 0 (1e-50) is refused here too, for
+// callers of the binding that skip the TypeScript checks.
+bool FitsFloat32(double v) { return v >= 0 && std::isfinite(static_cast<float>(v)); }
+
 }  // namespace
 
 void OptimizerCore::SetLearningRate(double lr) {
-  if (!(std::isfinite(lr) && lr >= 0)) Invalid("Expected lr >= 0");
+  if (!FitsFloat32(lr)) Invalid("Expected lr >= 0 and below 2^128 (float32's range)");
   config_.lr = lr;
 }
 
 OptimizerCore::OptimizerCore(std::shared_ptr<Backend> backend, OptimizerConfig config, std::vector<LayerSpec> layers,
                              std::vector<TensorSpec> tensors)
     : backend_(std::move(backend)), config_(config), layers_(std::move(layers)), tensors_(std::move(tensors)) {
-  auto finite_in = [](double v, double lo, double hi) { return std::isfinite(v) && v >= lo && v <= hi; };
-  if (!finite_in(config_.lr, 0, std::numeric_limits<double>::max())) Invalid("Expected lr >= 0");
+  if (!FitsFloat32(config_.lr)) Invalid("Expected lr >= 0 and below 2^128 (float32's range)");
   if (!(std::isfinite(config_.beta) && config_.beta >= 0 && config_.beta < 1)) Invalid("Expected 0 <= beta < 1");
-  if (!(std::isfinite(config_.damping) && config_.damping > 0)) Invalid("Expected damping > 0");
-  if (!finite_in(config_.decay, 0, 1) || !finite_in(config_.mix, 0, std::numeric_limits<double>::max()))
-    Invalid("Expected 0 <= decay <= 1 and mix >= 0");
-  if (!finite_in(config_.weight_decay, 0, std::numeric_limits<double>::max())) Invalid("Expected weightDecay >= 0");
+  if (!(FitsFloat32(config_.damping) && static_cast<float>(config_.damping) > 0))
+    Invalid("Expected damping > 0 in float32 (at least 2^-149) and below 2^128");
+  if (!(config_.decay >= 0 && config_.decay <= 1) || !FitsFloat32(config_.mix))
+    Invalid("Expected 0 <= decay <= 1 and mix >= 0 (below 2^128)");
+  if (!FitsFloat32(config_.weight_decay)) Invalid("Expected weightDecay >= 0 and below 2^128 (float32's range)");
   if (config_.tcov < 1) Invalid("Expected an integer tcov >= 1");
 
   plans_.resize(layers_.size());
@@ -417,6 +422,15 @@ void OptimizerCore::SetFactor(int layer, FactorKind which, const float* values) 
   } else {
     backend_->Copy(fresh_ + p.s_offset, values, static_cast<size_t>(p.s_length));
     p.has_s = true;
+  }
+}
+
+void OptimizerCore::ReuseRunningFactors(const std::vector<int>& layers) {
+  for (int layer : layers) CheckLayerIndex(layer);
+  for (int layer : layers) {
+    const LayerPlan& p = plans_[layer];
+    SetFactor(layer, FactorKind::kH, running_ + p.h_offset);
+    SetFactor(layer, FactorKind::kS, running_ + p.s_offset);
   }
 }
 

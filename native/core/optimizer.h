@@ -91,6 +91,9 @@ class OptimizerCore {
   void RecordFactors(const std::vector<FactorRecord>& records);
   // Already-reduced statistics (backend memory, FactorLength(layer, which) elements).
   void SetFactor(int layer, FactorKind which, const float* values);
+  // For layers that did not run this step: their running factors become the statistics of
+  // the next step (copied on the backend; no host round trip). All indices are checked first.
+  void ReuseRunningFactors(const std::vector<int>& layers);
 
   bool WillRefresh() const { return steps_ % config_.tcov == 0; }
   // The learning rate of the next steps; nothing else changes (statistics recorded for the

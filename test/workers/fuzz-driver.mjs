@@ -496,7 +496,7 @@ function fuzzOne(world) {
   const g = world.g;
   const pickBuf = () => world.buffers.length ? world.buffers[g(fc.integer, { min: 0, max: world.buffers.length - 1 })] : undefined;
   const pickOpt = () => world.opts.length ? world.opts[g(fc.integer, { min: 0, max: world.opts.length - 1 })] : undefined;
-  const op = g(fc.integer, { min: 0, max: 27 });
+  const op = g(fc.integer, { min: 0, max: 28 });
   switch (op) {
     case 0: { // new DeviceBuffer(backend, lengthOrData)
       const backend = world.maybe(BACKEND);
@@ -619,19 +619,21 @@ function fuzzOne(world) {
       }, () => `${describe(self)}.${method}(${describe(layer)}, ${describe(data)}, ${describe(shape)})`);
       return;
     }
-    case 12: { // setFactor
+    case 12: { // setFactors
       const e = pickOpt();
       const layerIdx = e && e.model.layers.length ? g(fc.integer, { min: 0, max: e.model.layers.length - 1 }) : 0;
-      const which = world.maybe(g(fc.integer, { min: 0, max: 1 }));
       const lay = e?.opt.disposed ? undefined : e?.opt.factorLayout()[layerIdx];
-      const n = lay ? (which === 1 ? lay.sLength : lay.hLength) : 1;
-      const data = world.tensor(n);
+      // H, S or both; either may be missing (null/undefined), mis-sized or of another kind.
+      const factor = (n) => (g(fc.integer, { min: 0, max: 3 }) === 0 ? (g(fc.boolean) ? null : undefined) : world.tensor(n));
+      const H = factor(lay ? lay.hLength : 1);
+      const S = factor(lay ? lay.sLength : 1);
       const self = e ? world.maybe(e.opt) : world.any();
       const layer = world.maybe(layerIdx);
-      call(world, 'NativeOptimizer.setFactor', () => NativeOptimizer.prototype.setFactor.call(self, layer, which, data), () => {
+      call(world, 'NativeOptimizer.setFactors', () => NativeOptimizer.prototype.setFactors.call(self, layer, H, S), () => {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
-      }, () => `${describe(self)}.setFactor(${describe(layer)}, ${describe(which)}, ${describe(data)})`);
+        if (H == null && S == null) return 'accepted neither H nor S';
+      }, () => `${describe(self)}.setFactors(${describe(layer)}, ${describe(H)}, ${describe(S)})`);
       return;
     }
     case 13:
@@ -806,6 +808,23 @@ function fuzzOne(world) {
         if (!(typeof lr === 'number' && Number.isFinite(lr) && lr >= 0)) return `accepted lr ${describe(lr)}`;
         if (e.opt.steps !== steps) return 'changed the step count';
       }, () => `${describe(self)}.setLearningRate(${describe(lr)})`);
+      return;
+    }
+    case 28: { // reuseRunningFactors: mostly valid layer lists, sometimes a bad index or not an array
+      const e = pickOpt();
+      const count = e?.model.layers.length ?? 0;
+      const list = Array.from({ length: g(fc.integer, { min: 0, max: 3 }) }, () =>
+        count > 0 && g(fc.integer, { min: 0, max: 5 }) > 0 ? g(fc.integer, { min: 0, max: count - 1 }) : world.any(),
+      );
+      const arg = world.maybe(list);
+      const self = e ? world.maybe(e.opt) : world.any();
+      const steps = e?.opt.disposed === false ? e.opt.steps : undefined;
+      call(world, 'NativeOptimizer.reuseRunningFactors', () => NativeOptimizer.prototype.reuseRunningFactors.call(self, arg), () => {
+        if (otherRealOpt(self, e)) return;
+        if (self !== e?.opt) return 'accepted a bad receiver';
+        if (!Array.isArray(arg) || !arg.every((l) => Number.isInteger(l) && l >= 0 && l < count)) return `accepted layers ${describe(arg)}`;
+        if (e.opt.steps !== steps) return 'changed the step count';
+      }, () => `${describe(self)}.reuseRunningFactors(${describe(arg)})`);
       return;
     }
     case 20: { // constructors called without new / on odd receivers
