@@ -837,6 +837,53 @@ describe('an optimizer trains only the model it is attached to', () => {
     ok.dispose();
   });
 
+  it('a Dense or Conv2D subclass with its own call() keeps it (momentum); one without its own call() is preconditioned', async () => {
+    // NOTE: [stock layers]: the subclasses inherit the className 'Dense' / 'Conv2D'.
+    const Dense = Object.getPrototypeOf(tf.layers.dense({ units: 1 })).constructor as new (a: object) => tf.layers.Layer;
+    const Conv2D = Object.getPrototypeOf(tf.layers.conv2d({ filters: 1, kernelSize: 1 })).constructor as new (a: object) => tf.layers.Layer;
+    class ScaledDense extends Dense {
+      override call(inputs: tf.Tensor | tf.Tensor[], kwargs: object) {
+        return tf.mul((super.call as (i: unknown, k: unknown) => tf.Tensor)(inputs, kwargs), 100);
+      }
+    }
+    class NegatedConv extends Conv2D {
+      override call(inputs: tf.Tensor | tf.Tensor[], kwargs: object) {
+        return tf.neg((super.call as (i: unknown, k: unknown) => tf.Tensor)(inputs, kwargs));
+      }
+    }
+    class NamedDense extends Dense {
+      describe() {
+        return 'no call() of its own';
+      }
+    }
+    const model = tf.sequential({
+      layers: [
+        new NegatedConv({ inputShape: [5, 5, 2], filters: 2, kernelSize: 3, name: 'negated' }),
+        tf.layers.flatten({ name: 'flat' }),
+        new ScaledDense({ units: 3, name: 'scaled' }),
+        new NamedDense({ units: 2, name: 'named' }),
+      ],
+    });
+    seedWeights(model, 5);
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const r = rng(77);
+    const x = tf.tensor4d(Float32Array.from({ length: 4 * 50 }, () => r()), [4, 5, 5, 2]);
+    const y = tf.ones([4, 2]);
+    const before = (model.evaluate(x, y) as tf.Scalar).dataSync()[0];
+    const h = await model.fit(x, y, { batchSize: 4, epochs: 1, verbose: 0, shuffle: false });
+    // fit computed the loss of the model as it is, the subclasses' call() included
+    expect(h.history.loss[0]).toBeCloseTo(before, 4);
+    const by = Object.fromEntries(opt.layerReport().map((l) => [l.name, l]));
+    expect(by.negated).toMatchObject({ preconditioned: false, className: 'Conv2D' });
+    expect(by.negated.reason).toMatch(/a Conv2D with its own call\(\).*only TF\.js's own Conv2D is preconditioned/);
+    expect(by.scaled).toMatchObject({ preconditioned: false, className: 'Dense' });
+    expect(by.named).toMatchObject({ preconditioned: true, kind: 'linear' });
+    tf.dispose([x, y]);
+    opt.dispose();
+    model.dispose();
+  });
+
   it('still trains unsupported layers (Embedding, LSTM) with momentum and reports them', async () => {
     const model = tf.sequential({
       layers: [
@@ -873,6 +920,57 @@ async function saveToMemory(model: tf.LayersModel): Promise<tf.io.ModelArtifacts
   );
   return artifacts!;
 }
+
+describe('a checkpoint taken after freezing a layer', () => {
+  it('resumes exactly: the restored optimizer keeps the frozen layer it was set up for', async () => {
+    // Two PReLU layers: plain-momentum parameters, whose step counts a checkpoint keeps by
+    // position. Freezing the first makes model.weights list it last; its count (2 steps) and
+    // the second's (4) must still go to the right variables.
+    const model = tf.sequential({
+      layers: [
+        tf.layers.prelu({ inputShape: [6], name: 'frozen_prelu' }),
+        tf.layers.dense({ units: 5, activation: 'relu', name: 'frozen_dense' }),
+        tf.layers.prelu({ name: 'prelu' }),
+        tf.layers.dense({ units: 3, name: 'head' }),
+      ],
+    });
+    seedWeights(model, 9);
+    const opt = adaFisher(model, { lr: LR, tcov: 2 });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const fit = async (m: tf.LayersModel, s: number) => {
+      const b = batch(s, false);
+      await m.fit(b.x, b.y, { batchSize: 8, epochs: 1, verbose: 0, shuffle: false });
+      tf.dispose([b.x, b.y]);
+    };
+    for (let s = 1; s <= 2; s++) await fit(model, s);
+    model.layers[0].trainable = false;
+    model.layers[1].trainable = false;
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    for (let s = 3; s <= 4; s++) await fit(model, s);
+    // model.getWeights() lists the trainable weights first: the frozen layers' are the last three
+    const frozen = weightsOf(model).slice(3);
+    const loaded = await tf.loadLayersModel(tf.io.fromMemory(await saveToMemory(model)));
+    expect(loaded.layers[0].trainable).toBe(false);
+    const lopt = loaded.optimizer as AdaFisherOptimizer;
+    lopt.attach(loaded);
+    for (let s = 5; s <= 7; s++) {
+      await fit(model, s);
+      await fit(loaded, s);
+    }
+    const a = weightsOf(model);
+    weightsOf(loaded).forEach((w, i) => expect(Array.from(w), `weight ${i}`).toEqual(Array.from(a[i])));
+    a.slice(3).forEach((w, i) => expect(Array.from(w), `frozen weight ${i}`).toEqual(Array.from(frozen[i])));
+    expect(lopt.steps).toBe(7);
+    const sa = await opt.getWeights();
+    const sb = await lopt.getWeights();
+    expect(sb.map((w) => w.name)).toEqual(sa.map((w) => w.name));
+    sa.forEach((w, i) => expect(Array.from(sb[i].tensor.dataSync()), w.name).toEqual(Array.from(w.tensor.dataSync())));
+    opt.dispose();
+    lopt.dispose();
+    model.dispose();
+    loaded.dispose();
+  });
+});
 
 describe('a model saved before its first training step', () => {
   it('loads, re-attaches and trains exactly like a fresh optimizer', async () => {
@@ -1427,6 +1525,13 @@ describe('custom loops: what the review found', () => {
     expect(empty.code).toBe('ADAFISHER_INVALID_ARGUMENT');
     expect(empty.message).toMatch(/for varList/);
     expect((await errorOf(() => o.minimize(f, false, []))).message).toMatch(/for varList/);
+    // fit on a model with every layer frozen passes an empty varList itself: the message says so
+    const frozen = denseModel();
+    frozen.layers.forEach((l) => (l.trainable = false));
+    const fo = adaFisher(frozen, { lr: LR });
+    frozen.compile({ optimizer: fo, loss: 'meanSquaredError' });
+    expect((await errorOf(() => frozen.fit(x, y, { epochs: 1, verbose: 0 }))).message).toMatch(/model\.fit passes the trainable weights here; does the model have any left unfrozen\?/);
+    fo.dispose();
     // a computeGradients that throws inside TF.js fixes nothing
     expect(await errorOf(() => o.computeGradients(() => m.apply(x) as tf.Scalar))).toBeTruthy();
     // a probe of the head only, never applied

@@ -19,6 +19,7 @@ import {
   freshStateTensors,
   isFreshState,
   ITER,
+  momentumName,
   readSavedWeights,
   stateFromSaved,
   stateToTensors,
@@ -120,7 +121,14 @@ function checkGradientArgs(f: unknown, varList: unknown): void {
   if (varList === undefined || varList === null) return;
   if (!Array.isArray(varList)) throw typeError('varList', 'an array of tf.Variable', varList);
   if (varList.length === 0) {
-    throw rangeError('varList', "a non-empty array of tf.Variable (or no varList: the attached model's trainable weights)", varList);
+    // model.fit and trainOnBatch pass the model's trainable weights here: a model whose layers
+    // are all frozen gives an empty list without the user writing any varList.
+    throw rangeError(
+      'varList',
+      "a non-empty array of tf.Variable, or no varList (the attached model's trainable weights): nothing would be " +
+        'trained (model.fit passes the trainable weights here; does the model have any left unfrozen?)',
+      varList,
+    );
   }
   varList.forEach((v, i) => {
     if (!(v instanceof tfjs.Variable)) throw typeError(`varList[${i}]`, 'a tf.Variable', v);
@@ -705,12 +713,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     plan.core.recordFactors(
       work.map(({ tap, H, S }) => ({ layer: tap.coreLayer, input: H.data, inputShape: H.shape, outputGrad: S.data, outputGradShape: S.shape })),
     );
-    if (missing.length === 0) return;
-    const state = plan.core.exportState();
-    for (const t of missing) {
-      const f = state.factors.find((x) => x.layer === t.coreLayer)!;
-      plan.core.setFactors(t.coreLayer, { H: f.H, S: f.S });
-    }
+    if (missing.length > 0) plan.core.reuseRunningFactors(missing.map((t) => t.coreLayer));
   }
 
   #requireModel(): tf.LayersModel {
@@ -801,7 +804,13 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     const weights = model.weights as unknown as LayerVariableLike[];
     const lvByName = new Map(weights.map((w) => [w.name, w]));
     const wanted = new Set(pending.flatMap((r) => [...r.vars]));
-    const vars = weights.map((w) => w.read()).filter((v) => wanted.has(v.name));
+    // A restored state names the variables it was trained on (their momenta, NOTE: [optimizer
+    // weight names]): those stay in the plan even when frozen since (a checkpoint taken after
+    // freezing layers resumes; the frozen ones get no gradients). A variable it lacks fails
+    // the restore, naming the missing weight.
+    const restored = this.#pending;
+    if (restored !== null) for (const w of weights) if (restored.has(momentumName(w.originalName))) wanted.add(w.name);
+    const vars = weightsInLayerOrder(model).map((w) => w.read()).filter((v) => wanted.has(v.name));
     const byName = new Map(vars.map((v) => [v.name, v]));
     for (const v of vars) {
       if (v.dtype !== 'float32') {
@@ -999,3 +1008,27 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
 }
 
 tfjs.serialization.registerClass(AdaFisherOptimizer);
+
+/**
+ * The model's weights in layer order (nested models walked in place), whatever is trainable
+ * now: `model.weights` lists the trainable weights first, so freezing a layer would reorder the
+ * plan's slots, and the step counts a checkpoint keeps by position (NOTE: [optimizer weight
+ * names]) would go to other variables. With the same weights trainable the order is the same.
+ */
+function weightsInLayerOrder(model: tf.LayersModel): LayerVariableLike[] {
+  const out: LayerVariableLike[] = [];
+  const seen = new Set<string>();
+  const add = (w: LayerVariableLike) => {
+    if (seen.has(w.name)) return;
+    seen.add(w.name);
+    out.push(w);
+  };
+  const walk = (layer: tf.layers.Layer) => {
+    const inner = (layer as unknown as { layers?: tf.layers.Layer[] }).layers;
+    if (Array.isArray(inner)) inner.forEach(walk);
+    else (layer.weights as unknown as LayerVariableLike[]).forEach(add);
+  };
+  model.layers.forEach(walk);
+  (model.weights as unknown as LayerVariableLike[]).forEach(add);
+  return out;
+}

@@ -136,6 +136,12 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
   const l = layer as AnyLayer;
   const cls = layer.getClassName();
   if (!layer.built) return { reason: 'the layer is not built yet' };
+  const stock = stockCall(l, cls);
+  if (PRECONDITIONED_CLASSES.has(cls) && (stock === undefined || untappedCall(l) !== stock)) {
+    // A subclass keeps its parent's className; the tap would replace its call() by the stock
+    // layer's math (and a BatchNormalization's statistics would describe another function).
+    return { reason: `a ${cls} with its own call() (a subclass or a patched instance): only TF.js's own ${cls} is preconditioned` };
+  }
   switch (cls) {
     case 'Dense': {
       const [inF, outF] = l.kernel!.shape;
@@ -233,6 +239,31 @@ export function classifyLayer(layer: tf.layers.Layer): SupportedLayer | { reason
     default:
       return { reason: `${cls} is not one of Dense, Conv2D, BatchNormalization, LayerNormalization` };
   }
+}
+
+// NOTE: [stock layers]
+// The tap computes a Dense or Conv2D layer's output with TF.js's own math (NOTE: [taps]), and
+// the factors of every kind assume that math: a layer whose class is one of the four but whose
+// call() is not its class's (a subclass, which inherits the className, or an instance with its
+// own call) is trained with momentum instead. The stock class is the one nearest the root of
+// the layer's prototype chain that names itself `cls` (found by walking the chain: making an
+// instance to compare with would take a name from TF.js's layer-name counters).
+const PRECONDITIONED_CLASSES = new Set(['Dense', 'Conv2D', 'BatchNormalization', 'LayerNormalization']);
+function stockCall(l: AnyLayer, cls: string): AnyLayer['call'] | undefined {
+  if (!PRECONDITIONED_CLASSES.has(cls)) return undefined;
+  let stock: AnyLayer | undefined;
+  for (let p = Object.getPrototypeOf(l) as AnyLayer | null; p !== null; p = Object.getPrototypeOf(p) as AnyLayer | null) {
+    const ctor = (p as { constructor?: { className?: unknown } }).constructor;
+    if (ctor !== undefined && Object.prototype.hasOwnProperty.call(ctor, 'className') && ctor.className === cls) stock = p;
+  }
+  return stock?.call;
+}
+
+/** The layer's call() under any taps installed over it (NOTE: [stacked taps]). */
+function untappedCall(l: AnyLayer): AnyLayer['call'] {
+  let c = l.call;
+  for (let rec = tapRecords.get(c); rec !== undefined; rec = tapRecords.get(c)) c = rec.original;
+  return c;
 }
 
 type Shape = (number | null)[];
