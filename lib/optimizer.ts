@@ -144,6 +144,13 @@ export interface AdaFisherState {
   hyperparameters: AdaFisherHyperparameters;
   /** One entry per parameter tensor, in step() order. */
   tensors: { numel: number; layer: number; role: 'weight' | 'bias' }[];
+  /**
+   * Each layer of the model the state belongs to, as a one-line description (kind, sizes,
+   * geometry, layout, data format): loadState refuses a state whose layers differ (a
+   * 'pytorch' weight's momenta loaded into a 'tfjs' one would be transposed). Optional when
+   * loading: states exported before it existed carry none.
+   */
+  layers?: string[];
   /** Optimizer steps applied (drives the tcov cadence). */
   steps: number;
   /** Per tensor: steps applied to it (drives bias correction). */
@@ -616,11 +623,17 @@ export class AdaFisher {
         layer: this.#plan.slots[i].layer,
         role: t.role === TensorRole.bias ? 'bias' : 'weight',
       })),
+      layers: this.#layerDescriptions(),
       steps: s.steps,
       stepCounts: s.stepCounts,
       momenta: s.momenta,
       factors,
     };
+  }
+
+  #layerDescriptions(): string[] {
+    const p = this.#plan;
+    return p.nativeIndex.map((n, i) => (n < 0 ? `param ${p.tensors[p.slots.findIndex((x) => x.layer === i)].numel}` : describeLayer(p.nativeLayers[n])));
   }
 
   /**
@@ -662,6 +675,15 @@ export class AdaFisher {
         throw bad(`tensors[${i}] is the ${t.role} of layer ${t.layer}, this model's is the ${role} of layer ${slot.layer}`);
       }
     });
+    if (state.layers !== undefined) {
+      const ours = this.#layerDescriptions();
+      if (!Array.isArray(state.layers) || state.layers.length !== ours.length) {
+        throw bad(`expected the descriptions of ${ours.length} layers, received ${Array.isArray(state.layers) ? state.layers.length : describeType(state.layers)}`);
+      }
+      state.layers.forEach((l, i) => {
+        if (l !== ours[i]) throw bad(`layers[${i}] is '${String(l)}', this model's is '${ours[i]}'`);
+      });
+    }
     const layout = this.#alive().factorLayout();
     const preconditioned = this.#plan.nativeIndex.map((n, i) => ({ n, i })).filter((x) => x.n >= 0);
     if (!Array.isArray(state.factors) || state.factors.length !== preconditioned.length) {
@@ -710,6 +732,27 @@ export class AdaFisher {
   dispose(): void {
     this.#native?.dispose();
     this.#native = null;
+  }
+}
+
+/** A layer as a checkpoint describes it, e.g. 'linear 784->10 layout=pytorch bias'. */
+function describeLayer(l: NativeLayer): string {
+  const name = (table: Record<string, number>, v: number) => Object.keys(table).find((k) => table[k] === v) ?? String(v);
+  const bias = l.hasBias ? ' bias' : '';
+  switch (l.kind) {
+    case LayerKind.linear:
+      return `linear ${l.inFeatures}->${l.outFeatures} layout=${name(WeightLayout, l.layout)}${bias}`;
+    case LayerKind.conv2d: {
+      const pad = l.padMode === PadMode.same ? 'same' : `${l.padTop},${l.padBottom},${l.padLeft},${l.padRight}`;
+      return (
+        `conv2d ${l.inFeatures}->${l.outFeatures} kernel=${l.kernelH}x${l.kernelW} stride=${l.strideH}x${l.strideW} ` +
+        `groups=${l.groups} padding=${pad} format=${name(DataFormat, l.format)} layout=${name(WeightLayout, l.layout)}${bias}`
+      );
+    }
+    case LayerKind.batchnorm:
+      return `batchnorm ${l.inFeatures} format=${name(DataFormat, l.format)}${bias}`;
+    default:
+      return `layernorm ${l.inFeatures}${bias}`;
   }
 }
 

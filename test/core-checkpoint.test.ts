@@ -2,8 +2,8 @@
 // JSON), continue; parameters and state must be bit-identical to the uninterrupted run.
 import { describe, expect, test } from 'vitest';
 
-import { AdaFisher, stateFromJSON, stateToJSON, type AdaFisherOptions, type AdaFisherState, type LayerSpec } from '../lib/index.js';
-import { assertSnapshotsIdentical, assertStatesIdentical, paramsOf, Rng, snapshot } from './helpers.js';
+import { AdaFisher, ErrorCodes, stateFromJSON, stateToJSON, type AdaFisherOptions, type AdaFisherState, type LayerSpec } from '../lib/index.js';
+import { assertSnapshotsIdentical, assertStatesIdentical, expectThrows, paramsOf, Rng, snapshot } from './helpers.js';
 
 function model(): LayerSpec[] {
   const rng = new Rng(21);
@@ -154,6 +154,49 @@ describe('every exported state loads back: running factors', () => {
     other.loadState(s);
     assertStatesIdentical(other.exportState(), s, 'loaded');
     for (const o of [opt, other]) o.dispose();
+  });
+});
+
+describe('a checkpoint describes its layers', () => {
+  const linear = (layout: 'pytorch' | 'tfjs'): LayerSpec => ({ kind: 'linear', inFeatures: 3, outFeatures: 2, weight: new Rng(1).array(6), bias: new Rng(2).array(2), layout });
+  const conv1x1: LayerSpec = { kind: 'conv2d', inChannels: 3, outChannels: 2, kernelSize: 1, weight: new Rng(1).array(6), bias: new Rng(2).array(2) };
+  const trained = () => {
+    const opt = new AdaFisher([linear('pytorch'), { kind: 'param', param: new Rng(3).array(4) }]);
+    opt.recordInput(0, new Rng(4).array(6), [2, 3]);
+    opt.recordOutputGrad(0, new Rng(5).array(4), [2, 2]);
+    expect(opt.step([new Rng(6).array(6), new Rng(7).array(2), new Rng(8).array(4)]).applied).toBe(true);
+    const state = opt.exportState();
+    opt.dispose();
+    return state;
+  };
+
+  test('its kind, sizes, geometry and layout, which loadState compares (through JSON too)', () => {
+    const state = trained();
+    expect(state.layers).toEqual(['linear 3->2 layout=pytorch bias', 'param 4']);
+    const cases: [LayerSpec, RegExp][] = [
+      [linear('tfjs'), /^Invalid AdaFisher checkpoint: layers\[0\] is 'linear 3->2 layout=pytorch bias', this model's is 'linear 3->2 layout=tfjs bias'$/],
+      [conv1x1, /layers\[0\] is 'linear 3->2 layout=pytorch bias', this model's is 'conv2d 3->2 kernel=1x1 stride=1x1 groups=1 padding=0,0,0,0 format=NCHW layout=pytorch bias'$/],
+    ];
+    for (const [spec, message] of cases) {
+      // Same element counts, indices and roles: only the descriptions tell them apart.
+      const other = new AdaFisher([spec, { kind: 'param', param: new Float32Array(4) }]);
+      const before = other.exportState();
+      for (const s of [state, stateFromJSON(JSON.parse(JSON.stringify(stateToJSON(state))))]) {
+        expectThrows(() => other.loadState(s), { cls: Error, message, code: ErrorCodes.badCheckpoint });
+      }
+      assertStatesIdentical(other.exportState(), before, 'after the refused load');
+      other.dispose();
+    }
+    const same = new AdaFisher([linear('pytorch'), { kind: 'param', param: new Float32Array(4) }]);
+    same.loadState(state);
+    assertStatesIdentical(same.exportState(), state, 'loaded');
+    // A state without descriptions (exported before they existed) loads on counts alone.
+    const { layers: _omitted, ...old } = state;
+    const other = new AdaFisher([linear('tfjs'), { kind: 'param', param: new Float32Array(4) }]);
+    other.loadState(old as AdaFisherState);
+    expectThrows(() => other.loadState({ ...state, layers: ['param 4'] }), { cls: Error, message: /descriptions of 2 layers, received 1/, code: ErrorCodes.badCheckpoint });
+    same.dispose();
+    other.dispose();
   });
 });
 
