@@ -11,6 +11,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "core/backend.h"
@@ -45,6 +46,25 @@ ADAFISHER_CPU_CLONES void AccumulateRow(double* __restrict acc, const float* __r
   }
 }
 
+// AccumulateRow of four consecutive rows (x, x + stride, ...), in row order: each acc[c]
+// receives the same additions in the same order as four AccumulateRow calls, but is loaded
+// and stored once instead of four times.
+template <bool kSquare>
+ADAFISHER_CPU_CLONES void AccumulateRows4(double* __restrict acc, const float* __restrict x, index_t stride, index_t n) {
+  const float* __restrict x1 = x + stride;
+  const float* __restrict x2 = x + 2 * stride;
+  const float* __restrict x3 = x + 3 * stride;
+  for (index_t c = 0; c < n; ++c) {
+    const double v0 = x[c], v1 = x1[c], v2 = x2[c], v3 = x3[c];
+    double a = acc[c];
+    a += kSquare ? v0 * v0 : v0;
+    a += kSquare ? v1 * v1 : v1;
+    a += kSquare ? v2 * v2 : v2;
+    a += kSquare ? v3 * v3 : v3;
+    acc[c] = a;
+  }
+}
+
 // sum of x[c] (or x[c]^2) in double; four independent partial sums keep the loop
 // vectorizable without reassociation flags.
 template <bool kSquare>
@@ -63,6 +83,35 @@ ADAFISHER_CPU_CLONES double SumRun(const float* __restrict x, index_t n) {
     s0 += kSquare ? v * v : v;
   }
   return (s0 + s1) + (s2 + s3);
+}
+
+// SumRun of four runs of n values at x, x + stride, x + 2 * stride, x + 3 * stride, into
+// out[0..3]: each lane of each run is the same chain of IEEE operations in the same order as
+// SumRun's s0..s3 (tail into s0, then (s0 + s1) + (s2 + s3)), so every out[p] is bit-identical
+// to SumRun<kSquare>(x + p * stride, n). Four independent chains hide the add latency that
+// bounds a single run (one 4-double chain: 4 values per add latency).
+typedef double V4d __attribute__((vector_size(32)));
+typedef float V4f __attribute__((vector_size(16)));
+template <bool kSquare>
+ADAFISHER_CPU_CLONES void SumRun4(const float* __restrict x, index_t stride, index_t n, double* __restrict out) {
+  V4d acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+  index_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    for (int p = 0; p < 4; ++p) {
+      V4f f;
+      std::memcpy(&f, x + p * stride + c, sizeof(f));
+      const V4d v = __builtin_convertvector(f, V4d);
+      acc[p] += kSquare ? v * v : v;
+    }
+  }
+  for (int p = 0; p < 4; ++p) {
+    double s0 = acc[p][0];
+    for (index_t t = c; t < n; ++t) {
+      const double v = x[p * stride + t];
+      s0 += kSquare ? v * v : v;
+    }
+    out[p] = (s0 + acc[p][1]) + (acc[p][2] + acc[p][3]);
+  }
 }
 
 // NOTE: [factor tasks]
@@ -168,7 +217,9 @@ class ReduceWork final : public FactorWork {
       const index_t c0 = cb * kColumnBlock, c1 = std::min(kept_, c0 + kColumnBlock);
       const index_t r0 = rb * rows_per_task_, r1 = std::min(outer_, r0 + rows_per_task_);
       double* acc = partial_.data() + rb * kept_;
-      for (index_t r = r0; r < r1; ++r) AccumulateRow<kSquare>(acc + c0, x + r * kept_ + c0, c1 - c0);
+      index_t r = r0;
+      for (; r + 4 <= r1; r += 4) AccumulateRows4<kSquare>(acc + c0, x + r * kept_ + c0, kept_, c1 - c0);
+      for (; r < r1; ++r) AccumulateRow<kSquare>(acc + c0, x + r * kept_ + c0, c1 - c0);
       return;
     }
     const index_t ab = task / b_blocks_, bb = task % b_blocks_;
@@ -176,7 +227,13 @@ class ReduceWork final : public FactorWork {
     const index_t b0 = bb * b_per_task_, b1 = std::min(kept_, b0 + b_per_task_);
     double* acc = partial_.data() + ab * kept_;
     for (index_t a = a0; a < a1; ++a) {
-      for (index_t b = b0; b < b1; ++b) acc[b] += SumRun<kSquare>(x + (a * kept_ + b) * inner_, inner_);
+      index_t b = b0;
+      for (; b + 4 <= b1; b += 4) {
+        double four[4];
+        SumRun4<kSquare>(x + (a * kept_ + b) * inner_, inner_, inner_, four);
+        for (int p = 0; p < 4; ++p) acc[b + p] += four[p];
+      }
+      for (; b < b1; ++b) acc[b] += SumRun<kSquare>(x + (a * kept_ + b) * inner_, inner_);
     }
   }
 
@@ -216,8 +273,23 @@ struct PatchPlan {
   };
   std::vector<RowTap> row_taps;
   std::vector<index_t> col_first, col_end;  // [kw]: ow in [first, end) reads x = ow*sw + j - pad_left
+  // [band][i]: the input rows of kernel row i inside band b are y0 + k * stride_h, k < count
+  // (the rows of row_taps with that i and y in the band, in the same ascending order).
+  std::vector<index_t> band_y0, band_count;
 
   explicit PatchPlan(const Conv2dShape& s) {
+    for (index_t band = 0; band < s.height; band += kPatchBandRows) {
+      const index_t band_end = std::min(s.height, band + kPatchBandRows);
+      for (index_t i = 0; i < s.kernel_h; ++i) {
+        // y = oh * stride_h - pad_top + i with oh in [0, out_h) and y in [band, band_end).
+        const index_t lo = band + s.pad_top - i;  // oh * stride_h >= lo
+        const index_t oh0 = lo <= 0 ? 0 : CeilDiv(lo, s.stride_h);
+        const index_t hi = band_end - 1 + s.pad_top - i;  // oh * stride_h <= hi
+        const index_t oh1 = hi < 0 ? -1 : std::min(s.out_h - 1, hi / s.stride_h);
+        band_y0.push_back(oh0 * s.stride_h - s.pad_top + i);
+        band_count.push_back(oh1 >= oh0 ? oh1 - oh0 + 1 : 0);
+      }
+    }
     for (index_t y = 0; y < s.height; ++y) {
       for (index_t i = 0; i < s.kernel_h; ++i) {
         const index_t t = y + s.pad_top - i;  // = oh * stride_h for the window oh that uses it
@@ -232,6 +304,39 @@ struct PatchPlan {
     }
   }
 };
+
+// r[x] = sum over k < count of src[k * step + x]^2 in float, in ascending k, for x < W.
+typedef float V8f __attribute__((vector_size(32)));
+__attribute__((always_inline)) inline void PatchRowsNarrow(const float* __restrict src, index_t step, index_t count,
+                                                           index_t W, float* __restrict r) {
+  index_t x = 0;
+  for (; x + 32 <= W; x += 32) {
+    V8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const float* p = src + x;
+    for (index_t k = 0; k < count; ++k, p += step) {
+      V8f v0, v1, v2, v3;
+      std::memcpy(&v0, p, 32), std::memcpy(&v1, p + 8, 32), std::memcpy(&v2, p + 16, 32), std::memcpy(&v3, p + 24, 32);
+      a0 += v0 * v0, a1 += v1 * v1, a2 += v2 * v2, a3 += v3 * v3;
+    }
+    std::memcpy(r + x, &a0, 32), std::memcpy(r + x + 8, &a1, 32), std::memcpy(r + x + 16, &a2, 32), std::memcpy(r + x + 24, &a3, 32);
+  }
+  for (; x + 8 <= W; x += 8) {
+    V8f a0 = {};
+    const float* p = src + x;
+    for (index_t k = 0; k < count; ++k, p += step) {
+      V8f v0;
+      std::memcpy(&v0, p, 32);
+      a0 += v0 * v0;
+    }
+    std::memcpy(r + x, &a0, 32);
+  }
+  for (; x < W; ++x) {
+    float a = 0.0f;
+    const float* p = src + x;
+    for (index_t k = 0; k < count; ++k, p += step) a += *p * *p;
+    r[x] = a;
+  }
+}
 
 // Sums of squares of the patch entries (i, j) of one channel plane (or, for NHWC, a
 // block of `lanes` channels stored contiguously): adds into acc[l * kh*kw + i*kw + j].
@@ -255,6 +360,22 @@ __attribute__((always_inline)) inline bool PatchSumsOf(const float* plane, const
   for (index_t band = 0; band < s.height; band += kPatchBandRows) {
     const index_t band_end = band + kPatchBandRows;
     rows.assign(static_cast<size_t>(kh * row_len), Row{0});
+    if constexpr (std::is_same<Row, float>::value) {
+      if (lanes == 1 && x_stride == 1) {
+        // NOTE: [conv rows in registers] Kernel row by kernel row, 32 columns at a time in
+        // registers down the rows that feed it: each rows_i[x] takes the same float additions
+        // (0, then v*v in ascending y) as in the tap loop below, without a load and a store of
+        // rows_i[x] per addition. The tap loop then has nothing left to do in any band.
+        const index_t b = band / kPatchBandRows;
+        for (index_t i = 0; i < kh; ++i) {
+          const index_t count = plan.band_count[b * kh + i];
+          if (count == 0) continue;
+          PatchRowsNarrow(plane + plan.band_y0[b * kh + i] * y_stride, s.stride_h * y_stride, count, W,
+                          rows.data() + i * row_len);
+        }
+        tap = taps_end;
+      }
+    }
     for (; tap != taps_end && tap->y < band_end; ++tap) {
       // Squared in registers for each kernel row it feeds (a multiply is cheaper than a
       // stored and reloaded row of squares).
