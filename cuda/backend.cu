@@ -155,7 +155,9 @@ std::string ExplainInitError(cudaError_t error, int driver_version, int runtime_
   const std::string detail = " (" + DescribeCudaError(error) + ")";
   switch (error) {
     case cudaErrorInsufficientDriver:
-      if (driver_version == 0) return "no CUDA driver found" + detail;
+      // The runtime's own text ("driver version is insufficient") reads as a too-old driver
+      // where there is none at all: say that.
+      if (driver_version == 0) return "no NVIDIA driver found (the CUDA driver library, libcuda, could not be loaded)";
       return "the NVIDIA driver supports CUDA " + VersionString(driver_version) + " but this build needs CUDA " +
              VersionString(runtime_version) + "; update the driver" + detail;
     case cudaErrorNoDevice: {

@@ -1,6 +1,6 @@
 // The whole native surface, declared once, and the loader that finds the binary.
 // Enum values are mirrored in native/optimizer_wrap.cc (pinned there by static_asserts).
-import { existsSync, readdirSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, openSync, readdirSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -216,7 +216,8 @@ export function addonCandidates(): AddonCandidate[] {
   const dir = prebuildDir();
   const files = existsSync(dir) ? readdirSync(dir).filter((f) => f.endsWith('.node')) : [];
   if (files.length === 0) {
-    out.push({ path: join(dir, 'adafisher.node'), source: 'prebuilt' });
+    // The name prebuildify gives this platform's binary (libc-tagged on Linux).
+    out.push({ path: join(dir, hostLibc() ? `adafisher.${hostLibc()}.node` : 'adafisher.node'), source: 'prebuilt' });
     return out;
   }
   const ngb = require('node-gyp-build') as NodeGypBuild;
@@ -233,6 +234,41 @@ export function addonCandidates(): AddonCandidate[] {
 }
 
 let loaded: { binding: NativeBinding; path: string } | undefined;
+
+/**
+ * Why a 64-bit little-endian ELF file is shorter than its own headers say, or null (also for
+ * anything that is not such a file: require() then reports it). dlopen maps a truncated
+ * library's segments past the end of the file and the process dies of SIGBUS when it touches
+ * them, before any error can be thrown, so this is checked first.
+ */
+export function truncatedElf(path: string): string | null {
+  let fd: number | undefined;
+  try {
+    fd = openSync(path, 'r');
+    const size = fstatSync(fd).size;
+    const head = Buffer.alloc(64);
+    if (readSync(fd, head, 0, 64, 0) < 64) return null;
+    if (head.readUInt32BE(0) !== 0x7f454c46 || head[4] !== 2 || head[5] !== 1) return null;
+    const phoff = Number(head.readBigUInt64LE(0x20));
+    const shoff = Number(head.readBigUInt64LE(0x28));
+    const phentsize = head.readUInt16LE(0x36), phnum = head.readUInt16LE(0x38);
+    const shentsize = head.readUInt16LE(0x3a), shnum = head.readUInt16LE(0x3c);
+    let need = Math.max(phoff + phentsize * phnum, shnum > 0 ? shoff + shentsize * shnum : 0);
+    if (need <= size && phentsize >= 40) {
+      const ph = Buffer.alloc(phentsize * phnum);
+      readSync(fd, ph, 0, ph.length, phoff);
+      for (let i = 0; i < phnum; i++) {
+        const at = i * phentsize;
+        need = Math.max(need, Number(ph.readBigUInt64LE(at + 8)) + Number(ph.readBigUInt64LE(at + 32)));
+      }
+    }
+    return need > size ? `truncated: ${size} bytes, its headers describe ${need}` : null;
+  } catch {
+    return null;
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}
 
 // NOTE: [addon loading]
 // A local build (build/Release) is used only when it was built from this package version
@@ -254,6 +290,11 @@ export function loadBinding(): { binding: NativeBinding; path: string } {
     }
     if (!existsSync(path)) {
       tried.push(`${source} ${path}: not found`);
+      continue;
+    }
+    const cut = truncatedElf(path);
+    if (cut !== null) {
+      tried.push(`${source} ${path}: ${cut} (a damaged or partly downloaded file; skipped)`);
       continue;
     }
     try {

@@ -39,7 +39,7 @@ const HELP = {
 
 type Command = keyof typeof HELP;
 
-const USAGE = `Usage:\n${Object.values(HELP).map((h) => `  ${h.replace(/\n/g, '\n  ')}`).join('\n')}\n  adafisher [COMMAND] --help\n\n${EXIT_CODES}`;
+const USAGE = `Usage:\n${Object.values(HELP).map((h) => `  ${h.replace(/\n/g, '\n  ')}`).join('\n')}\n  adafisher [COMMAND] --help\n  adafisher --version\n\n${EXIT_CODES}`;
 
 /** A golden file that cannot be read or does not follow the format (exit 2, no usage hint). */
 class BadFile extends Error {}
@@ -168,6 +168,10 @@ function run(argv: string[]): number {
     case 'demo':
       running = 'demo';
       return demo(rest);
+    case '--version':
+    case '-v':
+      console.log(JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')).version);
+      return EXIT.ok;
     case undefined:
     case 'help':
     case '--help':

@@ -2,6 +2,7 @@
 // stderr (never a stack trace) and the documented exit code (0 ok, 1 above tolerance,
 // 2 bad usage or malformed file, 3 requested backend unusable); --help prints usage, exit 0.
 import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { beforeAll, describe, expect, test } from 'vitest';
@@ -146,5 +147,7 @@ describe('adafisher demo and the command itself', () => {
       for (const cmd of ['replay', 'info', 'demo']) expect(r.stdout).toContain(`adafisher ${cmd}`);
     }
     expectFailure(adafisher(['frob']), 2, /^adafisher: unknown command 'frob'/, true);
+    const pkgVersion = (JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version;
+    for (const flag of ['--version', '-v']) expect(adafisher([flag])).toMatchObject({ rc: 0, stdout: `${pkgVersion}\n` });
   });
 });

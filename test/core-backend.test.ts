@@ -1,6 +1,8 @@
 // Backend selection (option, ADAFISHER_BACKEND, auto), and DeviceBuffers and TimingEvents of
 // every usable backend.
 import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterEach, beforeAll, beforeEach, describe, expect, test } from 'vitest';
@@ -167,6 +169,27 @@ describe('ADAFISHER_NUM_THREADS', () => {
       code: ErrorCodes.invalidArgument,
       message: `Expected an integer in [1, 256] for ADAFISHER_NUM_THREADS but received '${value}'`,
     });
+  });
+});
+
+describe('a damaged addon file', () => {
+  test('a truncated binary is skipped with a reason, not loaded (dlopen would die of SIGBUS)', () => {
+    ensureDist();
+    const dir = mkdtempSync(join(tmpdir(), 'adafisher-cut-'));
+    try {
+      const whole = readFileSync(backendInfo().addonPath);
+      const cut = join(dir, 'adafisher.node');
+      writeFileSync(cut, whole.subarray(0, 100_000));
+      const code = `import('${join(repoRoot, 'dist', 'lib', 'index.js')}').then((m) => { try { m.backendInfo(); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); } });`;
+      const r = spawnSync(process.execPath, ['-e', code], { env: { ...process.env, ADAFISHER_ADDON: cut }, encoding: 'utf8' });
+      expect(r.signal, r.stderr).toBeNull();
+      expect(r.status, r.stderr).toBe(0);
+      const e = JSON.parse(r.stdout.trim().split('\n').pop()!) as { code: string; message: string };
+      expect(e.code).toBe('ADAFISHER_ADDON_NOT_FOUND');
+      expect(e.message).toContain(`ADAFISHER_ADDON ${cut}: truncated: 100000 bytes, its headers describe ${whole.length}`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

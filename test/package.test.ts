@@ -8,12 +8,14 @@
 // the full CUDA build). When it does not and build/Release holds a current cmake-js build,
 // this suite packs that binary through the same wrapper (ADAFISHER_PREBUILD_REUSE; seconds).
 import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 
+// @ts-expect-error: a plain .mjs script, no declarations
+import { newestSource, sourceHash, stampPath } from '../scripts/source-hash.mjs';
 import { ensureDist } from './workers/ensure-dist.js';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
@@ -72,14 +74,20 @@ function ok(r: SpawnSyncReturns<string>, what: string): string {
 // cmake-js build (CI builds it first), else compiled here by the same wrapper (a fresh
 // cmake-js build for every default CUDA architecture, minutes on 2 cores; CPU-only where
 // there is no nvcc) — e.g. right after `npm install`, whose build/Release is node-gyp's.
+// A prebuild whose stamp does not match this checkout's native sources (NOTE: [prebuild
+// stamp] in scripts/source-hash.mjs) is built again: the tarball must carry current code.
 function ensurePrebuild(): void {
   const dir = join(root, 'prebuilds', platformDir);
-  if (existsSync(join(dir, prebuildName))) return;
+  const stamp = stampPath(join(dir, prebuildName)) as string;
+  const current = existsSync(stamp) && (JSON.parse(readFileSync(stamp, 'utf8')) as { sources: string }).sources === sourceHash(root);
+  if (existsSync(join(dir, prebuildName)) && current) return;
+  if (existsSync(join(dir, prebuildName))) console.log('package test: the prebuild in prebuilds/ was built from other sources; building it again');
   const local = join(root, 'build', 'Release', 'adafisher.node');
   const probe = existsSync(local)
     ? run(process.execPath, ['-p', `require(${JSON.stringify(local)}).buildSystem`], { cwd: root })
     : undefined;
-  const reuse = probe?.status === 0 && probe.stdout.trim() === 'cmake-js';
+  // Reused only when built after every source change (scripts/prebuild.mjs checks it too).
+  const reuse = probe?.status === 0 && probe.stdout.trim() === 'cmake-js' && statSync(local).mtimeMs >= (newestSource(root) as number);
   const haveNvcc = spawnSync('sh', ['-c', 'command -v nvcc']).status === 0;
   if (!reuse) console.log(`package test: no cmake-js build to pack; compiling one with scripts/prebuild.mjs${haveNvcc ? ' (CUDA, all architectures)' : ' (CPU only: no nvcc)'}`);
   ok(
@@ -112,8 +120,13 @@ function barePath(): string {
   return bin;
 }
 
+/** What the prebuild's stamp says (after ensurePrebuild): a CPU-only one where there is no nvcc. */
+let prebuiltCuda = true;
+
 beforeAll(() => {
   ensurePrebuild();
+  prebuiltCuda = (JSON.parse(readFileSync(stampPath(join(root, 'prebuilds', platformDir, prebuildName)) as string, 'utf8')) as { cuda: boolean }).cuda;
+  if (!prebuiltCuda) console.log('package test: no nvcc here, so the prebuild is CPU-only: its CUDA checks expect "CUDA compiled: no", and `npm pack` refuses it');
   ensureDist();
   work = mkdtempSync(join(tmpdir(), 'adafisher-pack-'));
   // --ignore-scripts: `prepare` would run tsc while other suites read dist/; ensureDist did it.
@@ -158,6 +171,34 @@ describe('npm pack', () => {
   });
 });
 
+describe('npm pack refuses a prebuild not built from these sources (prepack)', () => {
+  test('the checkout\'s prebuild passes; after a native source changes, or without its stamp, it does not', () => {
+    const check = (dir: string) =>
+      run(process.execPath, [join(dir, 'scripts', 'check-prebuild.mjs')], {
+        cwd: dir,
+        env: { ...process.env, ADAFISHER_PREBUILD_ALLOW_CPU: prebuiltCuda ? '' : '1' },
+      });
+    const good = check(root);
+    expect(good.status, good.stderr).toBe(0);
+    expect(good.stdout).toContain(`prebuilds/${platformDir}/${prebuildName} built from these sources`);
+    // A copy of what the hash covers, with the prebuild and its stamp.
+    const copy = mkdtempSync(join(tmpdir(), 'adafisher-prepack-'));
+    try {
+      for (const p of ['native', 'cuda', 'scripts', 'prebuilds', 'CMakeLists.txt', 'binding.gyp', 'package.json']) cpSync(join(root, p), join(copy, p), { recursive: true });
+      expect(check(copy).status).toBe(0);
+      const math = join(copy, 'native', 'core', 'math.h');
+      writeFileSync(math, `${readFileSync(math, 'utf8')}\n// edited\n`);
+      const edited = check(copy);
+      expect(edited.status).toBe(1);
+      expect(edited.stderr).toMatch(new RegExp(`prebuilds/${platformDir}/${prebuildName.replace(/\./g, '\\.')} was built from other native sources than this checkout's`));
+      rmSync(stampPath(join(copy, 'prebuilds', platformDir, prebuildName)) as string);
+      expect(check(copy).stderr).toMatch(/has no stamp .*not made by `npm run prebuild:binary`/);
+    } finally {
+      rmSync(copy, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('installed from the tarball without a compiler', () => {
   const installed = () => join(consumer, 'node_modules', 'adafisher');
 
@@ -186,13 +227,13 @@ describe('installed from the tarball without a compiler', () => {
     console.log(text);
     expect(text).toContain(`adafisher ${pkg.version}`);
     expect(text).toMatch(/backend: +(cpu|cuda)/);
-    expect(text).toMatch(/CUDA compiled: +yes, architectures \S+/);
+    expect(text).toMatch(prebuiltCuda ? /CUDA compiled: +yes, architectures \S+/ : /CUDA compiled: +no/);
     expect(text).toMatch(/GPU: +(none usable|.+, compute capability \d+\.\d+)/);
     expect(text).toMatch(/CPU threads: +[1-9]\d*/);
     const j = JSON.parse(ok(run('npx', ['--no-install', 'adafisher', 'info', '--json'], { cwd: consumer, env }), 'info --json'));
     expect(j.version).toBe(pkg.version);
-    expect(j.cuda.compiled).toBe(true);
-    expect(j.cuda.architectures).not.toBe('');
+    expect(j.cuda.compiled).toBe(prebuiltCuda);
+    if (prebuiltCuda) expect(j.cuda.architectures).not.toBe('');
     if (j.backend === 'cpu') expect(j.reason).not.toBe(''); // says why CUDA is not used
     else expect(j.cuda.computeCapability).toMatch(/^\d+\.\d+$/);
     expect(j.cpuThreads).toBeGreaterThan(0);
