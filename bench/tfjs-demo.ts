@@ -8,7 +8,6 @@ import { parseArgs } from 'node:util';
 
 import * as tf from '@tensorflow/tfjs';
 
-import { backendInfo } from '../lib/backend.js';
 import { packageRoot } from '../lib/binding.js';
 import { adaFisher, AdaFisherOptimizer } from '../lib/tfjs/index.js';
 
@@ -327,10 +326,9 @@ async function main(): Promise<void> {
   const nTrain = Math.min(8000, Math.round(data.n * 0.8));
   const train = subset(data, idx.subarray(0, Math.min(nTrain, o.trainSize)));
   const test = subset(data, idx.subarray(nTrain, Math.min(data.n, nTrain + 2000)));
-  const info = backendInfo();
   console.log(`AdaFisher vs Adam on MNIST digits (mnist package: ${data.n} samples, seeded split ${train.n} train / ${test.n} test)`);
   console.log(`model: ${o.cnn ? 'tiny CNN (conv 8@4x4/4 → conv 8@3x3/2 → dense 10)' : 'MLP 784-128-10'}, batch ${o.batchSize}, ${o.epochs} epoch${o.epochs === 1 ? '' : 's'}`);
-  console.log(`TF.js ${tf.version.tfjs} backend: ${backend.name} (${backend.why}); adafisher native backend: ${info.backend}`);
+  console.log(`TF.js ${tf.version.tfjs} backend: ${backend.name} (${backend.why})`);
 
   const xTest = tf.tensor2d(test.x, [test.n, 784]);
   const runs: Run[] = [];
@@ -345,6 +343,7 @@ async function main(): Promise<void> {
     runs.push(run);
   }
   const af = runs[0].optimizer as AdaFisherOptimizer;
+  console.log(`adafisher native backend: ${af.backend} (the adapter's default is cpu: TF.js tensors live in host memory)`);
   const pre = af.layerReport();
   console.log(
     `AdaFisher preconditions ${pre.filter((r) => r.preconditioned).map((r) => r.name).join(', ')}` +

@@ -53,7 +53,7 @@ function requestedBackend(option: unknown, what = 'options.backend'): { requeste
  * @param backend 'auto' | 'cpu' | 'cuda'; defaults to ADAFISHER_BACKEND, then 'auto'.
  * @throws {RangeError} for an unknown backend name (option or ADAFISHER_BACKEND).
  * @example
- * const { backend, reason } = backendInfo();  // { backend: 'cpu', reason: 'no CUDA driver ...' }
+ * const { backend, reason } = backendInfo();  // { backend: 'cpu', reason: 'no NVIDIA driver found (...)' }
  * backendInfo('cuda');  // without a usable GPU: { backend: null, reason: '...', error: { code: 'ADAFISHER_BACKEND_UNAVAILABLE', ... } }
  */
 export function backendInfo(backend?: BackendName): BackendReport {

@@ -99,7 +99,10 @@ export interface AdaFisherOptions {
   damping?: number;
   /** EMA parameter γ in [0, 1): decay = γ/10, mix = γ/100 (official form). Default 0.8. */
   gamma?: number;
-  /** Explicit EMA coefficients (the paper's γ1, γ2); override gamma when given together. */
+  /**
+   * Explicit EMA coefficients (the paper's γ1, γ2): R ← decay·R + mix·x'. Given together, and
+   * instead of gamma (gamma with either is a RangeError).
+   */
   decay?: number;
   mix?: number;
   /** Refresh the factors every tcov steps (integer >= 1). Default 1. */

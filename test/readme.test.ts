@@ -55,6 +55,28 @@ describe('README', () => {
     }
   });
 
+  test('the timing example runs as written (on cpu where no GPU is usable: it times with the host clock)', async () => {
+    const code = blockAfter('### Backends', 'js');
+    expect(code).toContain("const backend = 'cuda';");
+    const { backendInfo } = await import('../lib/index.js');
+    const backend = backendInfo('auto').cuda.usable ? 'cuda' : 'cpu';
+    if (backend === 'cpu') console.log('README timing example: no usable GPU here, run with backend cpu');
+    const dir = mkdtempSync(join(tmpdir(), 'adafisher-readme-'));
+    try {
+      const file = join(dir, 'timing.mjs');
+      const entry = pathToFileURL(join(repoRoot, 'dist', 'lib', 'index.js')).href;
+      writeFileSync(file, code.replace(/from 'adafisher';/g, `from '${entry}';`).replace("const backend = 'cuda';", `const backend = '${backend}';`));
+      const env = { ...process.env };
+      delete env.ADAFISHER_BACKEND;
+      const r = spawnSync(process.execPath, [file], { encoding: 'utf8', env, timeout: 120_000 });
+      expect(r.stderr).toBe('');
+      expect(r.status).toBe(0);
+      expect(r.stdout.trim()).toMatch(/^\d+(\.\d+)?(e-?\d+)? ms of device time$/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('the TF.js example and the AdaFisherOptimizer casts type-check with tsc --strict', () => {
     const casts = [...readme.matchAll(/`(\(model\.optimizer as AdaFisherOptimizer\)\.[^`]+)`/g)].map((m) => m[1]);
     expect(casts.length, 'casts shown for layerReport() and attach()').toBeGreaterThanOrEqual(2);

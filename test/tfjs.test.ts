@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { beforeAll, describe, expect, it } from 'vitest';
 
-import { AdaFisher, type LayerSpec } from '../lib/index.js';
+import { AdaFisher, backendInfo, type LayerSpec } from '../lib/index.js';
 import { adaFisher, AdaFisherOptimizer } from '../lib/tfjs/index.js';
 import { ensureDist, repoRoot } from './workers/ensure-dist.js';
 
@@ -655,6 +655,32 @@ async function errorOf(f: () => unknown): Promise<Error & { code?: string }> {
 }
 
 describe('errors and options', () => {
+  it("optimizer.backend: 'cpu' by default (TF.js tensors live in host memory), else what was asked for", () => {
+    const saved = process.env.ADAFISHER_BACKEND;
+    delete process.env.ADAFISHER_BACKEND;
+    try {
+      const model = buildModel();
+      const a = adaFisher(model);
+      expect(a.backend).toBe('cpu');
+      process.env.ADAFISHER_BACKEND = 'cpu';
+      const b = new AdaFisherOptimizer({ backend: 'cpu' });
+      expect(b.backend).toBe('cpu');
+      const cuda = new AdaFisherOptimizer({ backend: 'cuda' });
+      let got: unknown;
+      try {
+        got = cuda.backend;
+      } catch (e) {
+        got = (e as { code?: string }).code;
+      }
+      expect(got).toBe(backendInfo('auto').cuda.usable ? 'cuda' : 'ADAFISHER_BACKEND_UNAVAILABLE');
+      for (const o of [a, b, cuda]) o.dispose();
+      model.dispose();
+    } finally {
+      if (saved === undefined) delete process.env.ADAFISHER_BACKEND;
+      else process.env.ADAFISHER_BACKEND = saved;
+    }
+  });
+
   it('gives every error it raises on purpose a stable code', async () => {
     const model = buildModel();
     const bad = await errorOf(() => adaFisher({} as tf.LayersModel));

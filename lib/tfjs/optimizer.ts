@@ -5,6 +5,7 @@ import type * as tf from '@tensorflow/tfjs';
 import { tfjs } from './tf.js';
 
 import { BACKEND_NAMES, resolveBackend, type BackendName } from '../backend.js';
+import type { NativeBackendName } from '../binding.js';
 import { codedError, describe, ErrorCodes, rangeError, typeError, withCode } from '../errors.js';
 import {
   AdaFisher,
@@ -40,7 +41,13 @@ import {
 } from './taps.js';
 
 /** Options of the TF.js optimizer: those of the core API (lr, beta, damping, gamma | decay+mix, tcov, weightDecay, decoupled, backend, nonFiniteGuard). */
-export type AdaFisherTfjsOptions = AdaFisherOptions;
+export interface AdaFisherTfjsOptions extends Omit<AdaFisherOptions, 'backend'> {
+  /**
+   * The native backend: 'cpu' by default in the adapter (TF.js keeps tensors in host memory;
+   * NOTE: [tfjs backend default]), or ADAFISHER_BACKEND when set; 'cuda' or 'auto' on request.
+   */
+  backend?: BackendName;
+}
 
 /** One use of a tapped layer: its input or output gradient as TF.js handed it over. */
 interface Use {
@@ -268,6 +275,15 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   /** The model this optimizer trains, or null when not attached. */
   get model(): tf.LayersModel | null {
     return this.#model;
+  }
+
+  /**
+   * The native backend this optimizer computes on: 'cpu' unless `backend` or ADAFISHER_BACKEND
+   * asks for another (which `backendInfo()` and `adafisher info`, resolving 'auto', may not show).
+   * @throws {Error} code ADAFISHER_BACKEND_UNAVAILABLE when the one asked for cannot run here.
+   */
+  get backend(): NativeBackendName {
+    return resolveBackend(this.#backendRequest());
   }
 
   /** The resolved hyperparameters. */
@@ -926,7 +942,8 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
    * its optimizer). Before attach() and the first training step the values are kept and applied
    * when the optimizer is set up for the model. The weights of an optimizer saved before its
    * first step restore a fresh optimizer (set up for the model's trainable weights at the next step).
-   * @throws {Error} code ADAFISHER_BAD_CHECKPOINT when the weights do not fit the model.
+   * @throws {Error} code ADAFISHER_BAD_CHECKPOINT when the weights do not fit the model: at once once the optimizer has
+   *   trained (has its plan), else at the first training step, which builds the plan and loads them (nothing changes then).
    */
   override async setWeights(weightValues: NamedTensor[]): Promise<void> {
     this.#alive();
