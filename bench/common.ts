@@ -336,17 +336,23 @@ export async function measureWorkload(
     batchedWarm: figures(await timer.time(() => fOpt.recordFactors(records)), actBytes),
   };
   const rf = rotationCopies(actBytes, opts.rotateBytes);
+  // The conv layers' calls read only their own data: cycling through rotateBytes of it takes
+  // more copies than the whole model's data needs (a model light in conv data would find it
+  // in L2 otherwise).
+  const rfConv = convBytes > 0 ? rotationCopies(convBytes, opts.rotateBytes) : rf;
   const coldFactors = async (onlyConv: boolean) => {
     if (opts.flush) return timer.time(() => recordAll(fOpt, inst, onlyConv), { before: opts.flush });
-    const data = rotation(rf);
+    const n = onlyConv ? rfConv : rf;
+    const data = rotation(n);
     let i = 0;
-    return timer.time(() => recordAll(fOpt, inst, onlyConv, data[i++ % rf]));
+    return timer.time(() => recordAll(fOpt, inst, onlyConv, data[i++ % n]));
   };
   const coldBatched = async (onlyConv: boolean) => {
-    const each = rotation(opts.flush ? 1 : rf).map((data) => allRecords(inst, data, onlyConv));
+    const n = opts.flush ? 1 : onlyConv ? rfConv : rf;
+    const each = rotation(n).map((data) => allRecords(inst, data, onlyConv));
     if (opts.flush) return timer.time(() => fOpt.recordFactors(each[0]), { before: opts.flush });
     let i = 0;
-    return timer.time(() => fOpt.recordFactors(each[i++ % rf]));
+    return timer.time(() => fOpt.recordFactors(each[i++ % n]));
   };
   const cold = opts.flush !== undefined || rf > 1;
   if (cold) {
@@ -599,6 +605,8 @@ export function verdict(met: boolean | null | undefined): string {
 
 /** What bench/torch_baselines.py prints (see there). */
 export interface TorchBaselines {
+  /** Set when read with --torch FILE (not measured in this run). */
+  fromFile?: string;
   device?: string;
   torch?: string;
   threads?: number;
@@ -619,12 +627,22 @@ export interface TorchBaselines {
 }
 
 /** Reads a --torch file; a file that cannot be read becomes { error }. */
-export function readTorchBaselines(file: string): TorchBaselines {
+export function readTorchBaselines(file: string, backend?: 'cpu' | 'cuda'): TorchBaselines {
+  let t: TorchBaselines;
   try {
-    return JSON.parse(readFileSync(file, 'utf8')) as TorchBaselines;
+    t = JSON.parse(readFileSync(file, 'utf8')) as TorchBaselines;
   } catch (e) {
     return { error: `cannot read ${file}: ${(e as Error).message}` };
   }
+  t.fromFile = file;
+  // Baselines of another kind of device are no baseline (a CPU copy figure taken as a GPU's
+  // limit, or an H200's eager time against a CPU run): refused, the figures left out.
+  const device = String(t.device ?? '');
+  const isCpu = device === 'cpu' || device.startsWith('cpu');
+  if (backend !== undefined && (backend === 'cpu') !== isCpu) {
+    return { error: `${file} was measured on ${device || 'an unknown device'}, this benchmark runs on ${backend}: its figures are not used`, fromFile: file };
+  }
+  return t;
 }
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -657,7 +675,12 @@ export function runTorchBaselines(opts: {
     const args = [join(REPO, 'bench', 'torch_baselines.py'), '--device', opts.device, '--reps', String(opts.reps)];
     if (opts.threads) args.push('--threads', String(opts.threads));
     args.push('--cases', join(dir, 'cases.json'), '--out', join(dir, 'torch.json'), '--check-golden', ...golden);
-    const run = spawnSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
+    // OMP_WAIT_POLICY=PASSIVE (unless set): torch's OpenMP threads otherwise spin between
+    // parallel regions, and on a machine shared with other work they lose their time slices:
+    // the eager baseline measured 6x slower under load. The passive policy gives torch its
+    // robust configuration, so a busy machine does not flatter our ratios.
+    const env = { ...process.env, OMP_WAIT_POLICY: process.env.OMP_WAIT_POLICY ?? 'PASSIVE' };
+    const run = spawnSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'], env, timeout: 3_600_000 });
     const out = readTorchBaselines(join(dir, 'torch.json'));
     if (run.status !== 0 && !out.error) out.error = `torch_baselines.py exited with ${run.status}: ${run.stderr.trim().slice(-300)}`;
     return out;
@@ -670,7 +693,8 @@ export function runTorchBaselines(opts: {
 export function describeTorch(t: TorchBaselines | { skipped: string } | undefined): string {
   if (!t) return 'PyTorch baselines: not measured (no --torch file)';
   if ('skipped' in t) return `PyTorch baselines: not measured: ${t.skipped}`;
-  const parts = [`PyTorch baselines (same run): torch ${t.torch ?? '?'} on ${t.device ?? '?'}${t.threads ? `, ${t.threads} threads` : ''}`];
+  const when = t.fromFile ? `from ${t.fromFile}` : 'same run';
+  const parts = [`PyTorch baselines (${when}): torch ${t.torch ?? '?'} on ${t.device ?? '?'}${t.threads ? `, ${t.threads} threads` : ''}`];
   if (t.golden) {
     const errs = Object.values(t.golden).map((g) => g.maxRelError);
     parts.push(`its eager AdaFisher reproduces the ${errs.length} golden trajectories to max rel. error ${Math.max(...errs).toExponential(1)}`);

@@ -204,13 +204,20 @@ function report(
     }
     // Targets (only where the inputs exist; true / false where measured, null where a figure
     // has no samples: never "met" without a measurement).
-    if (name === 'big' && k.stepGuardOffFractionOfCopy !== undefined) k.stepCopyTargetMet = judge(k.stepGuardOffFractionOfCopy, (x) => x >= T.stepFractionOfCopy);
-    if (name === 'big' && k.speedupVsFusedAdamGuardOff !== undefined) k.fusedAdamTargetMet = judge(k.speedupVsFusedAdamGuardOff, (x) => x >= T.stepSpeedupOverFusedAdam);
+    // The step targets are the issue's 20 B/param step, the guard off; the default (guard on)
+    // is judged against the same figures beside them, so neither hides the other. A target
+    // whose baseline is missing (no copy figure, no torch run) is null: "not measured".
+    if (name === 'big') {
+      k.stepCopyTargetMet = k.stepGuardOffFractionOfCopy !== undefined ? judge(k.stepGuardOffFractionOfCopy, (x) => x >= T.stepFractionOfCopy) : null;
+      k.stepCopyTargetMetGuardOn = k.stepGuardOnFractionOfCopy20 !== undefined ? judge(k.stepGuardOnFractionOfCopy20, (x) => x >= T.stepFractionOfCopy) : null;
+      k.fusedAdamTargetMet = k.speedupVsFusedAdamGuardOff !== undefined ? judge(k.speedupVsFusedAdamGuardOff, (x) => x >= T.stepSpeedupOverFusedAdam) : null;
+      k.fusedAdamTargetMetGuardOn = k.speedupVsFusedAdamGuardOn !== undefined ? judge(k.speedupVsFusedAdamGuardOn, (x) => x >= T.stepSpeedupOverFusedAdam) : null;
+    }
     // The conv target is judged where the conv data exceeds any L2 several times; below
     // that the figure is shown but measures launch latency (see WORKLOADS.cnn512).
     const convJudged = conv !== undefined && conv.bytes >= T.convFactorsMinBytes;
-    if (k.convFactorsFractionOfCopy !== undefined && convJudged) k.convFactorsTargetMet = judge(k.convFactorsFractionOfCopy, (x) => x >= T.convFactorsFractionOfCopy);
-    if (k.wholeSpeedupVsEager !== undefined) k.eagerTargetMet = judge(k.wholeSpeedupVsEager, (x) => x >= T.wholeSpeedupOverEager);
+    if (convJudged) k.convFactorsTargetMet = k.convFactorsFractionOfCopy !== undefined ? judge(k.convFactorsFractionOfCopy, (x) => x >= T.convFactorsFractionOfCopy) : null;
+    k.eagerTargetMet = k.wholeSpeedupVsEager !== undefined ? judge(k.wholeSpeedupVsEager, (x) => x >= T.wholeSpeedupOverEager) : null;
     key[name] = k;
 
     const pct = (gbps: number) => (copy ? `${fmtNum((100 * gbps) / copy, 0)}%` : '-');
@@ -238,9 +245,18 @@ function report(
     const lines: string[] = [];
     if (k.stepGuardOffFractionOfCopy !== undefined) {
       lines.push(`step (guard off) at ${fmtNum(100 * (k.stepGuardOffFractionOfCopy as number), 0)}% of D2D copy bandwidth` + (name === 'big' ? ` (target >= ${100 * T.stepFractionOfCopy}%: ${verdict(k.stepCopyTargetMet as boolean | null)})` : ''));
+      lines.push(
+        `step (guard on, the default) at ${fmtNum(100 * (k.stepGuardOnFractionOfCopy20 as number), 0)}% of D2D copy bandwidth at 20 B/param` +
+          (name === 'big' ? ` (the same target: ${verdict(k.stepCopyTargetMetGuardOn as boolean | null)})` : ''),
+      );
     }
     if (k.speedupVsFusedAdamGuardOff !== undefined) {
-      lines.push(`vs torch ${tw?.adam ?? "fused"} Adam, both back-to-back: ${fmtNum(k.speedupVsFusedAdamGuardOff as number, 2)}x (guard off), ${fmtNum(k.speedupVsFusedAdamGuardOn as number, 2)}x (guard on)` + (name === 'big' ? ` (target >= ${T.stepSpeedupOverFusedAdam}x: ${verdict(k.fusedAdamTargetMet as boolean | null)})` : ''));
+      lines.push(
+        `vs torch ${tw?.adam ?? 'fused'} Adam, both back-to-back: ${fmtNum(k.speedupVsFusedAdamGuardOff as number, 2)}x (guard off), ${fmtNum(k.speedupVsFusedAdamGuardOn as number, 2)}x (guard on)` +
+          (name === 'big'
+            ? ` (target >= ${T.stepSpeedupOverFusedAdam}x: ${verdict(k.fusedAdamTargetMet as boolean | null)} guard off, ${verdict(k.fusedAdamTargetMetGuardOn as boolean | null)} guard on)`
+            : ''),
+      );
     }
     if (k.convFactorsFractionOfCopy !== undefined) {
       const judged = convJudged
@@ -316,7 +332,7 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   const torchFile = opts.torch;
-  const torch = torchFile !== undefined ? readTorchBaselines(torchFile) : undefined;
+  const torch = torchFile !== undefined ? readTorchBaselines(torchFile, backend) : undefined;
   const out = opts['json-out'];
   // --json-out is rewritten after every case, marked partial until the last: a run that its
   // time limit cuts short (scripts/gpu-check.sh) still leaves the cases it finished.

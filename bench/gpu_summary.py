@@ -272,9 +272,13 @@ def bench_rows(out):
             "step %s ms (off) / %s ms (on)" % (fmt(k.get("stepGuardOffMs")), fmt(k.get("stepGuardOnMs"))),
         ]
         if k.get("stepGuardOffFractionOfCopy") is not None:
-            parts.append("%.0f%% of copy" % (100 * k["stepGuardOffFractionOfCopy"]))
+            on = k.get("stepGuardOnFractionOfCopy20")
+            parts.append("%.0f%% of copy" % (100 * k["stepGuardOffFractionOfCopy"])
+                         + (" (%.0f%% guard on)" % (100 * on) if on is not None else ""))
         if k.get("speedupVsFusedAdamGuardOff") is not None:
-            parts.append("%.2fx fused Adam" % k["speedupVsFusedAdamGuardOff"])
+            on = k.get("speedupVsFusedAdamGuardOn")
+            parts.append("%.2fx fused Adam" % k["speedupVsFusedAdamGuardOff"]
+                         + (" (%.2fx guard on)" % on if on is not None else ""))
         if k.get("convFactorsFractionOfCopy") is not None:
             parts.append("conv factors %.0f%% of copy" % (100 * k["convFactorsFractionOfCopy"]))
         if k.get("convFactorsBatchedFractionOfCopy") is not None:
@@ -287,10 +291,13 @@ def bench_rows(out):
             parts.append("factors %s ms, %s ms batched" % (fmt(k["factorsMs"]), fmt(k["factorsBatchedMs"])))
         if k.get("hostArrayStepMs") is not None:
             parts.append("Float32Array step %s ms" % fmt(k["hostArrayStepMs"]))
-        verdicts = [(t, k[t]) for t in ("stepCopyTargetMet", "fusedAdamTargetMet", "convFactorsTargetMet", "eagerTargetMet") if t in k]
+        targets = ("stepCopyTargetMet", "stepCopyTargetMetGuardOn", "fusedAdamTargetMet", "fusedAdamTargetMetGuardOn",
+                   "convFactorsTargetMet", "eagerTargetMet")
+        verdicts = [(t, k[t]) for t in targets if t in k]
         # A target's verdict is true, false, or null when it was not measured.
-        missed = [t.replace("TargetMet", "") for t, ok in verdicts if ok is False]
-        unmeasured = [t.replace("TargetMet", "") for t, ok in verdicts if ok is None]
+        label = lambda t: t.replace("TargetMetGuardOn", "(guard on)").replace("TargetMet", "")  # noqa: E731
+        missed = [label(t) for t, ok in verdicts if ok is False]
+        unmeasured = [label(t) for t, ok in verdicts if ok is None]
         if missed:
             verdict = "MISSED: " + ",".join(missed)
         elif unmeasured:

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 
 import { beforeAll, describe, expect, test } from 'vitest';
 
-import { judge, summarize, verdict } from '../bench/common.js';
+import { describeTorch, judge, readTorchBaselines, summarize, verdict } from '../bench/common.js';
 import { ensureDist, repoRoot } from './workers/ensure-dist.js';
 
 /** dist/bench current too (ensureDist only looks at lib/). */
@@ -107,6 +107,17 @@ describe('verdicts', () => {
     // What a figure without samples turns into: NaN, null after IPC, then 0 or Infinity in a ratio.
     for (const x of [NaN, null, undefined, 0, Infinity, -1]) expect(judge(x, le)).toBeNull();
     expect([true, false, null, undefined].map(verdict)).toEqual(['met', 'MISSED', 'not measured', 'not measured']);
+  });
+
+  test("PyTorch baselines from a file of another kind of device are refused, and a file's are not called 'same run'", () => {
+    const gpuFile = join(repoRoot, 'bench', 'results', 'h200-2026-11-28', 'torch.json');
+    const onCpu = readTorchBaselines(gpuFile, 'cpu');
+    expect(onCpu.error).toMatch(/measured on NVIDIA H200, this benchmark runs on cpu: its figures are not used/);
+    expect(onCpu.workloads).toBeUndefined();
+    const onCuda = readTorchBaselines(gpuFile, 'cuda');
+    expect(onCuda.error).toBeUndefined();
+    expect(onCuda.workloads?.big?.fusedAdamMs).toBeGreaterThan(0);
+    expect(describeTorch(onCuda)).toMatch(new RegExp(`^PyTorch baselines \\(from ${gpuFile.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\): torch`));
   });
 
   test('a timing without samples is an error, not a NaN figure', () => {

@@ -40,7 +40,7 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
   it('reads the benchmark verdicts and ratios', () => {
     expect(rows.get('bench big')).toEqual({
       result: 'targets met',
-      detail: 'step 0.359 ms (off) / 0.482 ms (on); 88% of copy; 1.71x fused Adam; whole 5.9x eager',
+      detail: 'step 0.359 ms (off) / 0.482 ms (on); 88% of copy (66% guard on); 1.71x fused Adam (1.27x guard on); whole 5.9x eager',
     });
     expect(rows.get('bench cnn512')?.result).toBe('MISSED: convFactors');
     expect(rows.get('bench cnn512')?.detail).toContain('conv factors 35% of copy');
@@ -153,6 +153,17 @@ describe('bench/gpu_summary.py on failures', () => {
         detail: 'mlp_adafisher 2.5e-07, mlp_adafisherw_tcov2 inf FAIL (step 1 did not refresh the factors; the official run did)',
       });
       expect(rows.get('parity')?.result).toBe('not run');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('the default step (guard on) is judged beside the 20 B/param one: its miss is named', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const key = { stepGuardOffMs: 0.36, stepCopyTargetMet: true, stepCopyTargetMetGuardOn: false, fusedAdamTargetMet: true, fusedAdamTargetMetGuardOn: false, eagerTargetMet: true };
+      writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, key: { big: key } }));
+      expect(summary(dir).get('bench big')?.result).toBe('MISSED: stepCopy(guard on),fusedAdam(guard on)');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
