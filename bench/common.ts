@@ -339,7 +339,8 @@ export async function measureWorkload(
   // The conv layers' calls read only their own data: cycling through rotateBytes of it takes
   // more copies than the whole model's data needs (a model light in conv data would find it
   // in L2 otherwise).
-  const rfConv = convBytes > 0 ? rotationCopies(convBytes, opts.rotateBytes) : rf;
+  // (Capped at 4x the whole model's copies: a copy is of the whole model, not of its conv data.)
+  const rfConv = convBytes > 0 ? Math.min(rotationCopies(convBytes, opts.rotateBytes), 4 * rf) : rf;
   const coldFactors = async (onlyConv: boolean) => {
     if (opts.flush) return timer.time(() => recordAll(fOpt, inst, onlyConv), { before: opts.flush });
     const n = onlyConv ? rfConv : rf;
@@ -630,20 +631,20 @@ export interface TorchBaselines {
 }
 
 /** Reads a --torch file; a file that cannot be read becomes { error }. */
-export function readTorchBaselines(file: string, backend?: 'cpu' | 'cuda'): TorchBaselines {
+export function readTorchBaselines(file: string, backend?: 'cpu' | 'cuda', fromFile = true): TorchBaselines {
   let t: TorchBaselines;
   try {
     t = JSON.parse(readFileSync(file, 'utf8')) as TorchBaselines;
   } catch (e) {
     return { error: `cannot read ${file}: ${(e as Error).message}` };
   }
-  t.fromFile = file;
+  if (fromFile) t.fromFile = file;
   // Baselines of another kind of device are no baseline (a CPU copy figure taken as a GPU's
   // limit, or an H200's eager time against a CPU run): refused, the figures left out.
   const device = String(t.device ?? '');
   const isCpu = device === 'cpu' || device.startsWith('cpu');
   if (backend !== undefined && (backend === 'cpu') !== isCpu) {
-    return { error: `${file} was measured on ${device || 'an unknown device'}, this benchmark runs on ${backend}: its figures are not used`, fromFile: file };
+    return { error: `${file} was measured on ${device || 'an unknown device'}, this benchmark runs on ${backend}: its figures are not used`, ...(fromFile ? { fromFile: file } : {}) };
   }
   return t;
 }
@@ -684,8 +685,8 @@ export function runTorchBaselines(opts: {
     // robust configuration, so a busy machine does not flatter our ratios.
     const env = { ...process.env, OMP_WAIT_POLICY: process.env.OMP_WAIT_POLICY ?? 'PASSIVE' };
     const run = spawnSync(python, args, { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'], env, timeout: 3_600_000 });
-    const out = readTorchBaselines(join(dir, 'torch.json'));
-    if (run.status !== 0 && !out.error) out.error = `torch_baselines.py exited with ${run.status}: ${run.stderr.trim().slice(-300)}`;
+    const out = readTorchBaselines(join(dir, 'torch.json'), opts.device, false);
+    if (run.status !== 0 && !out.error) out.error = `torch_baselines.py exited with ${run.status ?? run.signal}: ${(run.stderr ?? '').trim().slice(-300)}`;
     return out;
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -143,6 +143,8 @@ export interface NativeBackendInfo {
 export interface NativeBinding {
   version: string;
   buildSystem: string;
+  /** SHA-256 of the native sources it was compiled from (CMake builds; "" from node-gyp): NOTE: [prebuild stamp]. */
+  sourceHash: string;
   backendInfo(): NativeBackendInfo;
   liveAllocations(backend: NativeBackendName): number;
   synchronize(backend: NativeBackendName): Promise<void>;

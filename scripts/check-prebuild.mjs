@@ -1,7 +1,10 @@
 #!/usr/bin/env node
-// prepack: refuses to pack a prebuilt binary that was not built from this checkout's native
-// sources, or one without CUDA (NOTE: [prebuild stamp] in scripts/source-hash.mjs).
-// ADAFISHER_PREBUILD_ALLOW_CPU=1 lets a CPU-only binary through (as scripts/prebuild.mjs does).
+// prepack / prepublishOnly (--publish): refuses to pack a prebuilt binary that was not built
+// from this checkout's native sources, or one without CUDA (NOTE: [prebuild stamp] in
+// scripts/source-hash.mjs). ADAFISHER_PREBUILD_ALLOW_CPU=1 lets a CPU-only binary through (as
+// scripts/prebuild.mjs does). Without any prebuilt binary, `npm pack` only warns (npm runs
+// prepack when it installs a git dependency, whose clone has none and builds from source);
+// `npm publish` refuses.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -10,12 +13,19 @@ import { sourceHash, stampPath } from './source-hash.mjs';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const problems = [];
+const publish = process.argv.includes('--publish');
 const binaries = existsSync(join(root, 'prebuilds'))
-  ? readdirSync(join(root, 'prebuilds')).flatMap((d) =>
-      readdirSync(join(root, 'prebuilds', d)).filter((n) => n.endsWith('.node')).map((n) => join(root, 'prebuilds', d, n)),
-    )
+  ? readdirSync(join(root, 'prebuilds'), { withFileTypes: true })
+      .filter((d) => d.isDirectory())
+      .flatMap((d) => readdirSync(join(root, 'prebuilds', d.name)).filter((n) => n.endsWith('.node')).map((n) => join(root, 'prebuilds', d.name, n)))
   : [];
-if (binaries.length === 0) problems.push('no prebuilt binary in prebuilds/ (run `npm run prebuild:binary`)');
+if (binaries.length === 0) {
+  if (!publish) {
+    console.warn('check-prebuild: no prebuilt binary in prebuilds/: this tarball installs by building from source (`npm run prebuild:binary` makes one)');
+    process.exit(0);
+  }
+  problems.push('no prebuilt binary in prebuilds/ (run `npm run prebuild:binary`)');
+}
 const hash = sourceHash(root);
 const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
 for (const b of binaries) {

@@ -18,17 +18,17 @@
 // cmake-js binary (e.g. the one .ci/run already built into build/Release), after checking
 // that it was built from this package version, by cmake-js, with CUDA compiled in.
 // ADAFISHER_PREBUILD_ALLOW_CPU=1 accepts a binary without CUDA (for machines without nvcc).
-// Next to the binary goes its stamp (NOTE: [prebuild stamp] in scripts/source-hash.mjs): the
-// hash of the sources it was built from, which `npm pack` checks. A reused binary must be
-// newer than every source file.
+// The binary must carry the hash of this checkout's native sources (NOTE: [prebuild stamp] in
+// scripts/source-hash.mjs: compiled in by the CMake build); it goes into a stamp beside the
+// prebuilt binary, which `npm pack` and `npm publish` check.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { MAX_GLIBC, portabilityProblems } from './elf-needs.mjs';
-import { newestSource, sourceHash, stampPath } from './source-hash.mjs';
+import { sourceHash, stampPath } from './source-hash.mjs';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const work = join(root, 'build-prebuild');
@@ -45,7 +45,7 @@ function fail(message) {
 function describe(addon) {
   const code =
     'const b = require(process.argv[1]); const i = b.backendInfo();' +
-    'console.log(JSON.stringify({ version: b.version, buildSystem: b.buildSystem, cuda: i.cudaCompiled, archs: i.cudaArchitectures }))';
+    'console.log(JSON.stringify({ version: b.version, buildSystem: b.buildSystem, sourceHash: b.sourceHash, cuda: i.cudaCompiled, archs: i.cudaArchitectures }))';
   const out = execFileSync(process.execPath, ['-e', code, addon], { encoding: 'utf8' });
   return JSON.parse(out.trim().split('\n').pop());
 }
@@ -54,6 +54,9 @@ function check(addon) {
   const d = describe(addon);
   if (d.version !== pkg.version) fail(`${addon} was built for adafisher ${d.version}, package.json says ${pkg.version}`);
   if (d.buildSystem !== 'cmake-js') fail(`${addon} was built with ${d.buildSystem}, expected the cmake-js build`);
+  if (d.sourceHash !== sourceHash(root)) {
+    fail(`${addon} was built from other native sources than this checkout's (its hash ${d.sourceHash || 'none'}): rebuild it (npm run build:native)`);
+  }
   if (!d.cuda && process.env.ADAFISHER_PREBUILD_ALLOW_CPU !== '1') {
     fail(`${addon} has no CUDA backend (no nvcc found?); set ADAFISHER_PREBUILD_ALLOW_CPU=1 to pack a CPU-only binary`);
   }
@@ -80,9 +83,6 @@ function cmakeJs(args) {
   let binary = process.env.ADAFISHER_PREBUILD_REUSE ? resolve(root, process.env.ADAFISHER_PREBUILD_REUSE) : '';
   if (binary) {
     if (!existsSync(binary)) fail(`ADAFISHER_PREBUILD_REUSE=${binary}: not found`);
-    if (statSync(binary).mtimeMs < newestSource(root)) {
-      fail(`ADAFISHER_PREBUILD_REUSE=${binary} is older than the native sources: rebuild it (npm run build:native) first`);
-    }
   } else {
     const cmakeJsBin = join(dirname(require.resolve('cmake-js/package.json')), 'bin', 'cmake-js');
     const cmd = [cmakeJsBin, 'rebuild', '--out', join(work, 'cmake'), '--CDADAFISHER_CUDA=ON'];
@@ -107,7 +107,6 @@ function main() {
   writeFileSync(shim, `#!/bin/sh\nexec "${process.execPath}" "${fileURLToPath(import.meta.url)}" --cmake-js "$@"\n`);
   chmodSync(shim, 0o755);
   rmSync(join(root, 'prebuilds', `${process.platform}-${process.arch}`), { recursive: true, force: true });
-  const sources = sourceHash(root); // before the build: a source edited meanwhile makes the stamp stale, not wrong
 
   const prebuildify = require('prebuildify');
   prebuildify(
@@ -117,7 +116,8 @@ function main() {
       const dir = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
       for (const name of readdirSync(dir).filter((n) => n.endsWith('.node'))) {
         const d = describe(join(dir, name));
-        writeFileSync(stampPath(join(dir, name)), `${JSON.stringify({ sources, version: d.version, cuda: d.cuda, architectures: d.archs }, null, 2)}\n`);
+        // What the binary says it was built from (checked against the checkout by check()).
+        writeFileSync(stampPath(join(dir, name)), `${JSON.stringify({ sources: d.sourceHash, version: d.version, cuda: d.cuda, architectures: d.archs }, null, 2)}\n`);
       }
       console.log(`prebuild: wrote ${execFileSync('ls', ['-l', dir], { encoding: 'utf8' }).trim()}`);
     },

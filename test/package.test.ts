@@ -8,14 +8,14 @@
 // the full CUDA build). When it does not and build/Release holds a current cmake-js build,
 // this suite packs that binary through the same wrapper (ADAFISHER_PREBUILD_REUSE; seconds).
 import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 
 // @ts-expect-error: a plain .mjs script, no declarations
-import { newestSource, sourceHash, stampPath } from '../scripts/source-hash.mjs';
+import { sourceHash, stampPath } from '../scripts/source-hash.mjs';
 import { ensureDist } from './workers/ensure-dist.js';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
@@ -84,10 +84,10 @@ function ensurePrebuild(): void {
   if (existsSync(join(dir, prebuildName))) console.log('package test: the prebuild in prebuilds/ was built from other sources; building it again');
   const local = join(root, 'build', 'Release', 'adafisher.node');
   const probe = existsSync(local)
-    ? run(process.execPath, ['-p', `require(${JSON.stringify(local)}).buildSystem`], { cwd: root })
+    ? run(process.execPath, ['-p', `const b = require(${JSON.stringify(local)}); b.buildSystem + ' ' + b.sourceHash`], { cwd: root })
     : undefined;
-  // Reused only when built after every source change (scripts/prebuild.mjs checks it too).
-  const reuse = probe?.status === 0 && probe.stdout.trim() === 'cmake-js' && statSync(local).mtimeMs >= (newestSource(root) as number);
+  // Reused only when built from these very sources (scripts/prebuild.mjs checks it too).
+  const reuse = probe?.status === 0 && probe.stdout.trim() === `cmake-js ${sourceHash(root) as string}`;
   const haveNvcc = spawnSync('sh', ['-c', 'command -v nvcc']).status === 0;
   if (!reuse) console.log(`package test: no cmake-js build to pack; compiling one with scripts/prebuild.mjs${haveNvcc ? ' (CUDA, all architectures)' : ' (CPU only: no nvcc)'}`);
   ok(
@@ -172,9 +172,16 @@ describe('npm pack', () => {
 });
 
 describe('npm pack refuses a prebuild not built from these sources (prepack)', () => {
+  test('the prebuilt binary carries the hash of these sources, computed by CMake as scripts/source-hash.mjs does', () => {
+    const binary = join(root, 'prebuilds', platformDir, prebuildName);
+    const embedded = ok(run(process.execPath, ['-p', `require(${JSON.stringify(binary)}).sourceHash`], { cwd: root }), 'sourceHash').trim();
+    expect(embedded).toMatch(/^[0-9a-f]{64}$/);
+    expect(embedded).toBe(sourceHash(root));
+  });
+
   test('the checkout\'s prebuild passes; after a native source changes, or without its stamp, it does not', () => {
-    const check = (dir: string) =>
-      run(process.execPath, [join(dir, 'scripts', 'check-prebuild.mjs')], {
+    const check = (dir: string, ...args: string[]) =>
+      run(process.execPath, [join(dir, 'scripts', 'check-prebuild.mjs'), ...args], {
         cwd: dir,
         env: { ...process.env, ADAFISHER_PREBUILD_ALLOW_CPU: prebuiltCuda ? '' : '1' },
       });
@@ -193,6 +200,15 @@ describe('npm pack refuses a prebuild not built from these sources (prepack)', (
       expect(edited.stderr).toMatch(new RegExp(`prebuilds/${platformDir}/${prebuildName.replace(/\./g, '\\.')} was built from other native sources than this checkout's`));
       rmSync(stampPath(join(copy, 'prebuilds', platformDir, prebuildName)) as string);
       expect(check(copy).stderr).toMatch(/has no stamp .*not made by `npm run prebuild:binary`/);
+      // No prebuilt binary at all (a clone, or npm installing a git dependency): pack warns and
+      // goes on (the tarball builds from source); publish refuses.
+      rmSync(join(copy, 'prebuilds'), { recursive: true });
+      const bare = check(copy);
+      expect(bare.status, bare.stderr).toBe(0);
+      expect(bare.stderr).toMatch(/no prebuilt binary in prebuilds\/: this tarball installs by building from source/);
+      const publish = check(copy, '--publish');
+      expect(publish.status).toBe(1);
+      expect(publish.stderr).toMatch(/not packing:\n {2}no prebuilt binary in prebuilds\//);
     } finally {
       rmSync(copy, { recursive: true, force: true });
     }

@@ -283,7 +283,9 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
    * @throws {Error} code ADAFISHER_BACKEND_UNAVAILABLE when the one asked for cannot run here.
    */
   get backend(): NativeBackendName {
-    return resolveBackend(this.#backendRequest());
+    // Once set up, the backend its native state lives on (ADAFISHER_BACKEND changed later
+    // does not move it).
+    return this.#plan?.core.backend ?? resolveBackend(this.#backendRequest());
   }
 
   /** The resolved hyperparameters. */

@@ -100,7 +100,7 @@ ADAFISHER_CPU_CLONES void SumRun4(const float* __restrict x, index_t stride, ind
     for (int p = 0; p < 4; ++p) {
       V4f f;
       std::memcpy(&f, x + p * stride + c, sizeof(f));
-      const V4d v = __builtin_convertvector(f, V4d);
+      const V4d v = {f[0], f[1], f[2], f[3]};  // exact widening (no __builtin_convertvector: GCC 9+)
       acc[p] += kSquare ? v * v : v;
     }
   }
