@@ -272,9 +272,10 @@ def bench_rows(out):
             "step %s ms (off) / %s ms (on)" % (fmt(k.get("stepGuardOffMs")), fmt(k.get("stepGuardOnMs"))),
         ]
         if k.get("stepGuardOffFractionOfCopy") is not None:
-            on = k.get("stepGuardOnFractionOfCopy20")
-            parts.append("%.0f%% of copy" % (100 * k["stepGuardOffFractionOfCopy"])
-                         + (" (%.0f%% guard on)" % (100 * on) if on is not None else ""))
+            on24, on20 = k.get("stepGuardOnFractionOfCopy24"), k.get("stepGuardOnFractionOfCopy20")
+            guard = (" (%.0f%% guard on, 24 B/p)" % (100 * on24) if on24 is not None
+                     else " (%.0f%% guard on, 20 B/p)" % (100 * on20) if on20 is not None else "")
+            parts.append("%.0f%% of copy" % (100 * k["stepGuardOffFractionOfCopy"]) + guard)
         if k.get("speedupVsFusedAdamGuardOff") is not None:
             on = k.get("speedupVsFusedAdamGuardOn")
             parts.append("%.2fx fused Adam" % k["speedupVsFusedAdamGuardOff"]

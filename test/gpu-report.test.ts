@@ -46,13 +46,14 @@ describe('GPU benchmark verdicts on a recorded H200 run', () => {
   test('big: the step targets met with the guard off, missed with the default guard, both shown', () => {
     expect(key.big).toMatchObject({
       stepCopyTargetMet: true, // 88 % of copy
-      stepCopyTargetMetGuardOn: false, // 66 %
+      stepCopyTargetMetGuardOn: false, // 79 % at the 24 B/param it moves
       fusedAdamTargetMet: true, // 1.71x
       fusedAdamTargetMetGuardOn: false, // 1.27x
       eagerTargetMet: true, // 5.9x
     });
     expect(key.big.stepGuardOnFractionOfCopy20 as number).toBeCloseTo(0.655, 2);
-    expect(text).toMatch(/step \(guard on, the default\) at 66% of D2D copy bandwidth at 20 B\/param \(the same target: MISSED\)/);
+    expect(key.big.stepGuardOnFractionOfCopy24 as number).toBeCloseTo(0.786, 2);
+    expect(text).toMatch(/step \(guard on, the default\) at 79% of D2D copy bandwidth at the 24 B\/param it moves \(66% at 20\) \(the same target: MISSED\)/);
     expect(text).toMatch(/\(target >= 1\.3x: met guard off, MISSED guard on\)/);
   });
 

@@ -40,7 +40,7 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
   it('reads the benchmark verdicts and ratios', () => {
     expect(rows.get('bench big')).toEqual({
       result: 'targets met',
-      detail: 'step 0.359 ms (off) / 0.482 ms (on); 88% of copy (66% guard on); 1.71x fused Adam (1.27x guard on); whole 5.9x eager',
+      detail: 'step 0.359 ms (off) / 0.482 ms (on); 88% of copy (66% guard on, 20 B/p); 1.71x fused Adam (1.27x guard on); whole 5.9x eager',
     });
     expect(rows.get('bench cnn512')?.result).toBe('MISSED: convFactors');
     expect(rows.get('bench cnn512')?.detail).toContain('conv factors 35% of copy');
