@@ -438,6 +438,10 @@ export class AdaFisher {
     );
   }
 
+  // NOTE: [native after arguments]
+  // Reading the arguments can run user code (getters, Proxies) that replaces the native
+  // optimizer (loadState) or disposes it: every method reads its arguments first and takes
+  // this.#alive() for the native call after, never a reference taken before them.
   #alive(): NativeOptimizer {
     if (this.#native === null) throw codedError(ErrorCodes.disposed, 'Optimizer already disposed.');
     return this.#native;
@@ -494,8 +498,10 @@ export class AdaFisher {
    * @throws {TypeError|RangeError} for a bad layer index, shape or data length.
    */
   recordInput(layer: number, data: Tensor, shape: readonly number[]): void {
-    const native = this.#alive();
-    native.recordInput(this.#layerIndex(layer), data, checkShape('shape', shape));
+    this.#alive();
+    const n = this.#layerIndex(layer);
+    const s = checkShape('shape', shape);
+    this.#alive().recordInput(n, data, s); // see NOTE: [native after arguments]
   }
 
   /**
@@ -503,8 +509,10 @@ export class AdaFisher {
    * @throws {TypeError|RangeError} for a bad layer index, shape or data length.
    */
   recordOutputGrad(layer: number, data: Tensor, shape: readonly number[]): void {
-    const native = this.#alive();
-    native.recordOutputGrad(this.#layerIndex(layer), data, checkShape('shape', shape));
+    this.#alive();
+    const n = this.#layerIndex(layer);
+    const s = checkShape('shape', shape);
+    this.#alive().recordOutputGrad(n, data, s);
   }
 
   /**
@@ -520,7 +528,7 @@ export class AdaFisher {
    * @throws {TypeError|RangeError} for a bad record, layer index, shape or data length.
    */
   recordFactors(records: readonly FactorRecord[]): void {
-    const native = this.#alive();
+    this.#alive();
     const what = 'an object { layer, input?, inputShape?, outputGrad?, outputGradShape? }';
     if (!Array.isArray(records)) throw typeError('records', `an array of ${what}`, records);
     const out: NativeFactorRecord[] = [];
@@ -540,7 +548,7 @@ export class AdaFisher {
       add(FactorWhich.H, rec.input, rec.inputShape, 'input');
       add(FactorWhich.S, rec.outputGrad, rec.outputGradShape, 'outputGrad');
     });
-    native.recordFactors(out);
+    this.#alive().recordFactors(out);
   }
 
   /**
@@ -549,7 +557,7 @@ export class AdaFisher {
    * @throws {TypeError|RangeError} for a bad layer index, an unknown key, or a bad tensor or length.
    */
   setFactors(layer: number, factors: { H?: Tensor; S?: Tensor }): void {
-    const native = this.#alive();
+    this.#alive();
     const n = this.#layerIndex(layer);
     if (factors === null || typeof factors !== 'object' || Array.isArray(factors)) throw typeError('factors', 'an object { H?, S? }', factors);
     for (const key of Object.keys(factors)) {
@@ -557,7 +565,7 @@ export class AdaFisher {
     }
     const { H, S } = factors;
     if (H === undefined && S === undefined) throw typeError('factors', 'an object with H, S or both', factors);
-    native.setFactors(n, H, S);
+    this.#alive().setFactors(n, H, S);
   }
 
   /**
@@ -568,10 +576,10 @@ export class AdaFisher {
    * @throws {TypeError|RangeError} for a bad index (nothing is changed then).
    */
   reuseRunningFactors(layers: readonly number[]): void {
-    const native = this.#alive();
+    this.#alive();
     if (!Array.isArray(layers)) throw typeError('layers', 'an array of layer indices', layers);
     const n = layers.map((l, i) => this.#layerIndex(l, `layers[${i}]`));
-    native.reuseRunningFactors(n);
+    this.#alive().reuseRunningFactors(n);
   }
 
   /**
@@ -585,7 +593,7 @@ export class AdaFisher {
    * @throws {TypeError|RangeError} for bad gradients; code ADAFISHER_MISSING_STATISTICS when a refreshing step lacks statistics.
    */
   step(grads: readonly (Tensor | null | undefined)[], params?: readonly Tensor[]): StepResult {
-    const native = this.#alive();
+    this.#alive();
     if (!Array.isArray(grads)) throw typeError('grads', 'an array of gradients', grads);
     const n = this.#plan.params.length;
     if (grads.length !== n) throw rangeError('grads', `${n} gradients (one per parameterSlots() entry)`, grads);
@@ -595,7 +603,8 @@ export class AdaFisher {
       if (params.length !== n) throw rangeError('params', `an array of ${n} tensors`, params);
       ps = params;
     }
-    const result = native.step(ps as Tensor[], grads.map((g) => g ?? null));
+    const gs = grads.map((g) => g ?? null);
+    const result = this.#alive().step(ps as Tensor[], gs);
     if (params !== undefined) this.#plan.params = [...params];
     return result;
   }
@@ -722,7 +731,16 @@ export class AdaFisher {
       if (resources.includes(err.code)) throw err;
       throw bad(err.message);
     }
-    this.#alive().dispose();
+    // Disposed meanwhile (by a getter of the checkpoint: NOTE: [native after arguments])? Then
+    // the fresh state is freed now, not left to the garbage collector.
+    let old: NativeOptimizer;
+    try {
+      old = this.#alive();
+    } catch (e) {
+      fresh.dispose();
+      throw e;
+    }
+    old.dispose();
     this.#native = fresh;
     this.#hyper = hyper;
   }

@@ -20,14 +20,33 @@ namespace adafisher {
 // find it alive.
 InstanceData& Instance(Napi::Env env) { return *env.GetInstanceData<InstanceData>(); }
 
+namespace {
+// ADAFISHER_NUM_THREADS as this JavaScript environment sees it: a worker_threads Worker has a
+// process.env of its own (its `env` option), which std::getenv (the process's) does not see,
+// and reading it here also avoids racing the main thread's writes to the C environment.
+std::string ThreadsSetting(Napi::Env env) {
+  Napi::Value process = env.Global().Get("process");
+  if (!process.IsObject()) return std::string();
+  Napi::Value vars = process.As<Napi::Object>().Get("env");
+  if (!vars.IsObject()) return std::string();
+  Napi::Value v = vars.As<Napi::Object>().Get("ADAFISHER_NUM_THREADS");
+  return v.IsString() ? v.As<Napi::String>().Utf8Value() : std::string();
+}
+
+std::shared_ptr<Backend> CpuBackendOf(Napi::Env env, InstanceData& inst) {
+  if (!inst.cpu) {
+    const std::string setting = ThreadsSetting(env);
+    inst.cpu = CreateCpuBackend(0, &setting);
+  }
+  return inst.cpu;
+}
+}  // namespace
+
 std::shared_ptr<Backend> GetBackend(Napi::Env env, const Napi::Value& name, const std::string& what) {
   if (!name.IsString()) ThrowTypeError(env, "Expected 'cpu' or 'cuda' for " + what + " but received " + Describe(name));
   const std::string n = name.As<Napi::String>().Utf8Value();
   InstanceData& inst = Instance(env);
-  if (n == "cpu") {
-    if (!inst.cpu) inst.cpu = CreateCpuBackend(0);
-    return inst.cpu;
-  }
+  if (n == "cpu") return CpuBackendOf(env, inst);
   if (n == "cuda") {
     if (!inst.cuda_tried) {
       inst.cuda_tried = true;
@@ -133,15 +152,50 @@ Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn) {
   }
 }
 
+#ifndef ADAFISHER_VERSION
+#define ADAFISHER_VERSION "unknown"
+#endif
+#ifndef ADAFISHER_BUILD_SYSTEM
+#define ADAFISHER_BUILD_SYSTEM "unknown"
+#endif
+
+namespace {
+// NOTE: [type tags per build]
+// N-API's type tags are shared by the whole isolate: two copies of this addon loaded in one
+// process (two versions of the package in one node_modules tree) would each take the other's
+// objects for their own, and unwrap them as a C++ class of a possibly different layout. So the
+// low half of every class's tag is mixed with this build's identity (version, build system,
+// source hash): a foreign copy's DeviceBuffer is then not a DeviceBuffer here (a TypeError),
+// while two loads of the same binary agree.
+uint64_t BuildSalt() {
+  static const uint64_t salt = [] {
+    uint64_t h = 1469598103934665603ULL;  // FNV-1a, 64-bit
+    auto mix = [&h](const char* s) {
+      for (; *s != '\0'; ++s) h = (h ^ static_cast<unsigned char>(*s)) * 1099511628211ULL;
+      h = (h ^ 0xffU) * 1099511628211ULL;  // separator
+    };
+    mix(ADAFISHER_VERSION);
+    mix(ADAFISHER_BUILD_SYSTEM);
+    mix(kSourceHash);
+    return h;
+  }();
+  return salt;
+}
+
+napi_type_tag Salted(const napi_type_tag& tag) { return {tag.lower ^ BuildSalt(), tag.upper}; }
+}  // namespace
+
 bool HasTypeTag(Napi::Env env, napi_value value, const napi_type_tag& tag) {
   napi_valuetype type = napi_undefined;
   if (napi_typeof(env, value, &type) != napi_ok || type != napi_object) return false;
+  const napi_type_tag salted = Salted(tag);
   bool result = false;
-  return napi_check_object_type_tag(env, value, &tag, &result) == napi_ok && result;
+  return napi_check_object_type_tag(env, value, &salted, &result) == napi_ok && result;
 }
 
 void TagObject(Napi::Env env, napi_value value, const napi_type_tag& tag) {
-  if (napi_type_tag_object(env, value, &tag) != napi_ok) {
+  const napi_type_tag salted = Salted(tag);
+  if (napi_type_tag_object(env, value, &salted) != napi_ok) {
     ThrowCoded(env, ErrorCode::kInternal, "cannot tag a native object");
   }
 }
@@ -312,7 +366,7 @@ Napi::Value BackendInfo(const Napi::CallbackInfo& info) {
   return Guarded(env, [&]() -> Napi::Value {
     const CudaInfo cuda = QueryCuda();
     InstanceData& inst = Instance(env);
-    if (!inst.cpu) inst.cpu = CreateCpuBackend(0);
+    CpuBackendOf(env, inst);
     Napi::Object out = Napi::Object::New(env);
     out.Set("cudaCompiled", cuda.compiled);
     out.Set("cudaUsable", cuda.usable);
@@ -339,11 +393,30 @@ Napi::Value LiveAllocations(const Napi::CallbackInfo& info) {
 }
 
 namespace {
+// NOTE: [one wait per backend]
+// A device wait blocks the libuv thread that runs it, and libuv has few (4 by default) for all
+// of Node's fs, dns, crypto and zlib work: one thread per pending synchronize() would starve
+// those (an fs.readFile took 1.6 s behind four pending waits). So each backend of an
+// environment has at most one wait running. A call made while none runs starts one; calls
+// made while one runs are settled by the next wait, started when the running one ends (the
+// running wait may have begun before work they expect to see finished was queued).
 class SyncWorker : public Napi::AsyncWorker {
  public:
-  SyncWorker(Napi::Env env, std::shared_ptr<Backend> backend)
-      : Napi::AsyncWorker(env), backend_(std::move(backend)), deferred_(Napi::Promise::Deferred::New(env)) {}
-  Napi::Promise Promise() { return deferred_.Promise(); }
+  SyncWorker(Napi::Env env, std::shared_ptr<Backend> backend, std::shared_ptr<SyncQueue> queue)
+      : Napi::AsyncWorker(env), backend_(std::move(backend)), queue_(std::move(queue)) {}
+
+  // Starts a wait for queue->current on a libuv thread.
+  static void Start(Napi::Env env, std::shared_ptr<Backend> backend, std::shared_ptr<SyncQueue> queue) {
+    auto* worker = new SyncWorker(env, std::move(backend), queue);
+    try {
+      worker->Queue();
+    } catch (...) {
+      delete worker;
+      throw;
+    }
+    queue->running = true;
+  }
+
   void Execute() override {
     try {
       backend_->Synchronize();
@@ -351,29 +424,65 @@ class SyncWorker : public Napi::AsyncWorker {
       SetError(e.what());
     }
   }
-  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+  void OnOK() override { Settle(nullptr); }
   void OnError(const Napi::Error& e) override {
-    Napi::Error err = Napi::Error::New(Env(), e.Message());
-    err.Set("code", Napi::String::New(Env(), ErrorCodeName(ErrorCode::kCudaError)));
-    deferred_.Reject(err.Value());
+    const std::string message = e.Message();
+    Settle(&message);
   }
 
  private:
+  void Settle(const std::string* error) {
+    Napi::Env env = Env();
+    std::vector<Napi::Promise::Deferred> done;
+    done.swap(queue_->current);
+    queue_->running = false;
+    if (!queue_->next.empty()) {
+      queue_->current.swap(queue_->next);
+      try {
+        Start(env, backend_, queue_);
+      } catch (const Napi::Error& e) {  // the next wait cannot start: its calls fail with the reason
+        for (Napi::Promise::Deferred& d : queue_->current) d.Reject(e.Value());
+        queue_->current.clear();
+      }
+    }
+    for (Napi::Promise::Deferred& d : done) {
+      if (error == nullptr) {
+        d.Resolve(env.Undefined());
+      } else {
+        Napi::Error err = Napi::Error::New(env, *error);
+        err.Set("code", Napi::String::New(env, ErrorCodeName(ErrorCode::kCudaError)));
+        d.Reject(err.Value());
+      }
+    }
+  }
+
   std::shared_ptr<Backend> backend_;
-  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<SyncQueue> queue_;
 };
 }  // namespace
 
-// synchronize(backend): a Promise that resolves once all queued work of the backend is
-// done, waiting on a libuv worker thread so the event loop keeps running.
+// synchronize(backend): a Promise that resolves once all work queued on the backend before
+// the call is done, waiting on a libuv worker thread (one per backend at a time: NOTE: [one
+// wait per backend]) so the event loop keeps running.
 Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return Guarded(env, [&]() -> Napi::Value {
     auto backend = GetBackend(env, info[0], "backend");
-    auto* worker = new SyncWorker(env, backend);
-    Napi::Promise promise = worker->Promise();
-    worker->Queue();
-    return promise;
+    InstanceData& inst = Instance(env);
+    std::shared_ptr<SyncQueue> queue = backend == inst.cpu ? inst.cpu_sync : inst.cuda_sync;
+    Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
+    if (queue->running) {
+      queue->next.push_back(deferred);
+    } else {
+      queue->current.push_back(deferred);
+      try {
+        SyncWorker::Start(env, backend, queue);
+      } catch (...) {
+        queue->current.clear();
+        throw;
+      }
+    }
+    return deferred.Promise();
   });
 }
 

@@ -193,6 +193,40 @@ describe('a damaged addon file', () => {
   });
 });
 
+describe('two copies of the addon in one process (NOTE: [type tags per build])', () => {
+  test("another version's objects are not taken for this copy's own: a TypeError, not a reinterpretation", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'adafisher-two-'));
+    try {
+      // "Another version": this binary with its version string rewritten (same length).
+      const whole = readFileSync(backendInfo().addonPath);
+      const version = backendInfo().addonVersion;
+      const at = whole.indexOf(Buffer.from(`\0${version}\0`));
+      expect(at, 'the version string in the binary').toBeGreaterThanOrEqual(0);
+      const other = Buffer.from(whole);
+      other.write(`\0${version.replace(/\d/g, '9')}\0`, at, 'latin1');
+      writeFileSync(join(dir, 'other.node'), other);
+      writeFileSync(join(dir, 'same.node'), whole);
+      const code = `
+        const a = require(${JSON.stringify(backendInfo().addonPath)});
+        const out = {};
+        for (const name of ['other', 'same']) {
+          const b = require(${JSON.stringify(dir)} + '/' + name + '.node');
+          const buf = new a.DeviceBuffer('cpu', 4);
+          try { b.DeviceBuffer.prototype.download.call(buf); out[name] = 'accepted'; } catch (e) { out[name] = e.constructor.name + ': ' + e.message; }
+          buf.dispose();
+        }
+        console.log(JSON.stringify(out));`;
+      const r = spawnSync(process.execPath, ['-e', code], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      const out = JSON.parse(r.stdout.trim()) as Record<string, string>;
+      expect(out.other).toMatch(/^TypeError: Illegal receiver: expected a DeviceBuffer/);
+      expect(out.same).toBe('accepted'); // the same build: the same layout
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('native error messages', () => {
   test('print numbers as JavaScript does (1.5, 1e-9, Infinity), not with %f', () => {
     const b = createBuffer(4, { backend: 'cpu' });

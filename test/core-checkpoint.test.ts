@@ -2,7 +2,7 @@
 // JSON), continue; parameters and state must be bit-identical to the uninterrupted run.
 import { describe, expect, test } from 'vitest';
 
-import { AdaFisher, ErrorCodes, stateFromJSON, stateToJSON, type AdaFisherOptions, type AdaFisherState, type LayerSpec } from '../lib/index.js';
+import { AdaFisher, backendInfo, ErrorCodes, liveAllocations, stateFromJSON, stateToJSON, type AdaFisherOptions, type AdaFisherState, type LayerSpec } from '../lib/index.js';
 import { assertSnapshotsIdentical, assertStatesIdentical, expectThrows, paramsOf, Rng, snapshot } from './helpers.js';
 
 function model(): LayerSpec[] {
@@ -197,6 +197,33 @@ describe('a checkpoint describes its layers', () => {
     expectThrows(() => other.loadState({ ...state, layers: ['param 4'] }), { cls: Error, message: /descriptions of 2 layers, received 1/, code: ErrorCodes.badCheckpoint });
     same.dispose();
     other.dispose();
+  });
+});
+
+describe('user code run while the arguments are read (NOTE: [native after arguments])', () => {
+  const backend = () => backendInfo().backend!;
+  const make = () => new AdaFisher([{ kind: 'param', param: new Float32Array(64) }], { backend: backend() });
+
+  test('loadState whose checkpoint getter disposes the optimizer: DISPOSED, and the state it built is freed at once', () => {
+    const base = liveAllocations(backend());
+    const opt = make();
+    const state = opt.exportState();
+    const momenta: Float32Array[] = [];
+    Object.defineProperty(momenta, 0, { enumerable: true, get: () => (opt.dispose(), state.momenta[0]) });
+    expectThrows(() => opt.loadState({ ...state, momenta }), { cls: Error, message: /disposed/, code: ErrorCodes.disposed });
+    expect(liveAllocations(backend()), 'native allocations left').toBe(base);
+  });
+
+  test('step whose gradient getter reloads the state: the step runs on the optimizer as reloaded', () => {
+    const opt = make();
+    const state = opt.exportState();
+    const grads: Float32Array[] = [];
+    let reloaded = 0;
+    Object.defineProperty(grads, 0, { enumerable: true, get: () => (opt.loadState(state), reloaded++, new Float32Array(64).fill(0.5)) });
+    expect(opt.step(grads)).toEqual({ applied: true, refreshed: true });
+    expect(reloaded).toBeGreaterThan(0);
+    expect(opt.steps).toBe(1);
+    opt.dispose();
   });
 });
 

@@ -28,7 +28,36 @@ function runWorker(workerData: object): Promise<{ done: TrainResult; live: numbe
   });
 }
 
+/** Evaluates `code` (an async function body, `m` the package's index module) in a worker with its own `env`. */
+function inWorker(env: Record<string, string>, code: string): Promise<unknown> {
+  const src =
+    `const { parentPort } = require('node:worker_threads');\n` +
+    `import(${JSON.stringify(join(repoRoot, 'dist', 'lib', 'index.js'))}).then(async (m) => { ${code} })` +
+    `.then((v) => parentPort.postMessage({ v }), (e) => parentPort.postMessage({ e: { code: e.code, message: e.message } }));`;
+  return new Promise((resolve, reject) => {
+    const w = new Worker(src, { eval: true, env: { ...process.env, ...env } });
+    w.on('message', (m) => resolve(m));
+    w.on('error', reject);
+  });
+}
+
 describe('worker_threads', () => {
+  test("a worker's own ADAFISHER_NUM_THREADS (its env option) sets its CPU backend's threads, and is checked", async () => {
+    // The process environment (what std::getenv sees) does not have the worker's value.
+    const saved = process.env.ADAFISHER_NUM_THREADS;
+    delete process.env.ADAFISHER_NUM_THREADS;
+    try {
+      expect(await inWorker({ ADAFISHER_NUM_THREADS: '1' }, "return m.backendInfo('cpu').cpuThreads;")).toEqual({ v: 1 });
+      expect(await inWorker({ ADAFISHER_NUM_THREADS: '3' }, "return m.backendInfo('cpu').cpuThreads;")).toEqual({ v: 3 });
+      const bad = (await inWorker({ ADAFISHER_NUM_THREADS: 'not-a-number' }, "return m.backendInfo('cpu').cpuThreads;")) as { e?: { code: string; message: string } };
+      expect(bad.e?.code).toBe('ADAFISHER_INVALID_ARGUMENT');
+      expect(bad.e?.message).toMatch(/Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received 'not-a-number'/);
+    } finally {
+      if (saved !== undefined) process.env.ADAFISHER_NUM_THREADS = saved;
+    }
+  });
+
+
   test('two workers train their own optimizers concurrently, matching the main thread exactly', async () => {
     const steps = 40;
     const [a, b] = await Promise.all([runWorker({ mode: 'train', seed: 1, steps }), runWorker({ mode: 'train', seed: 2, steps })]);

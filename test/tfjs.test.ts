@@ -910,6 +910,43 @@ describe('an optimizer trains only the model it is attached to', () => {
     model.dispose();
   });
 
+  it('model.dispose() under the attached optimizer: the next step fails with ADAFISHER_DISPOSED, nothing leaks', async () => {
+    const model = buildModel();
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    await model.fit(x, y, { epochs: 1, verbose: 0 });
+    model.dispose();
+    const e = await errorOf(() => opt.minimize(() => tf.losses.meanSquaredError(y, model.apply(x) as tf.Tensor) as tf.Scalar));
+    expect(e.code).toBe('ADAFISHER_DISPOSED');
+    expect(e.message).toMatch(/weight '.*' of the model this optimizer trains was disposed \(model\.dispose\(\)\?\); nothing was changed/);
+    expect(opt.steps).toBe(1);
+    tf.dispose([x, y]);
+    opt.dispose();
+  });
+
+  it('trains variables that share one data array (biases assigned from one tf.zeros): TF.js shares it, the step does not', async () => {
+    const model = tf.sequential({ layers: [tf.layers.dense({ inputShape: [4], units: 4 }), tf.layers.dense({ units: 4 })] });
+    seedWeights(model, 13);
+    const zeros = tf.zeros([4]);
+    for (const l of model.layers) l.setWeights([l.getWeights()[0], zeros]);
+    const biases = () => model.layers.map((l) => (l.trainableWeights[1] as unknown as { read(): tf.Variable }).read());
+    expect(biases()[0].dataSync()).toBe(biases()[1].dataSync()); // one Float32Array for both
+    const opt = adaFisher(model, { lr: 1e-2 });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const r = rng(5);
+    const x = tf.tensor2d(Float32Array.from({ length: 32 }, () => r()), [8, 4]);
+    const y = tf.tensor2d(Float32Array.from({ length: 32 }, () => r()), [8, 4]);
+    await model.fit(x, y, { epochs: 2, verbose: 0 });
+    expect(opt.steps).toBe(2);
+    const [b0, b1] = biases().map((v) => Array.from(v.dataSync()));
+    expect(b0).not.toEqual(b1); // each bias got its own update
+    expect(b0.some((v) => v !== 0) && b1.some((v) => v !== 0)).toBe(true);
+    tf.dispose([x, y, zeros]);
+    opt.dispose();
+    model.dispose();
+  });
+
   it('still trains unsupported layers (Embedding, LSTM) with momentum and reports them', async () => {
     const model = tf.sequential({
       layers: [

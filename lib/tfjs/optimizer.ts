@@ -427,7 +427,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     const minimizing = this.#minimizing;
     this.#minimizing = false; // only the computeGradients() of that minimize
     checkGradientArgs(f, varList);
-    const model = this.#requireModel();
+    const model = this.#requireLiveModel();
     if (varList != null) this.#checkOwnVariables(model, varList);
     const vars = varList ?? (model.trainableWeights as unknown as LayerVariableLike[]).map((w) => w.read());
     const plan = this.#plan;
@@ -555,7 +555,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     const entries: { name: unknown; tensor: unknown }[] = isArray
       ? (variableGradients as { name: unknown; tensor: unknown }[])
       : Object.keys(variableGradients).map((name) => ({ name, tensor: (variableGradients as tf.NamedTensorMap)[name] }));
-    const model = this.#requireModel();
+    const model = this.#requireLiveModel();
     const shapeOf = new Map((model.weights as unknown as LayerVariableLike[]).map((w) => [w.name, w.shape]));
     const given = new Map<string, string>();
     const checked: { name: string; tensor: tf.Tensor }[] = [];
@@ -734,6 +734,21 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     if (missing.length > 0) plan.core.reuseRunningFactors(missing.map((t) => t.coreLayer));
   }
 
+  // The attached model, all of whose weights are alive: a model disposed under the optimizer
+  // (model.dispose()) is a coded error before anything is read or changed, not TF.js's uncoded
+  // "LayersVariable ... is already disposed" from the middle of a step.
+  #requireLiveModel(): tf.LayersModel {
+    const model = this.#requireModel();
+    const gone = (model.weights as unknown as (LayerVariableLike & { val?: tf.Variable })[]).find((w) => w.val?.isDisposed === true);
+    if (gone !== undefined) {
+      throw codedError(
+        ErrorCodes.disposed,
+        `${PREFIX} weight '${gone.name}' of the model this optimizer trains was disposed (model.dispose()?); nothing was changed.`,
+      );
+    }
+    return model;
+  }
+
   #requireModel(): tf.LayersModel {
     if (this.#model === null) {
       throw codedError(
@@ -819,6 +834,10 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
   // model's trainable weights), in the model's weight order. Built here, kept by applyGradients
   // only when the step succeeds.
   #createPlan(model: tf.LayersModel, pending: Recording[]): Plan {
+    // The core is built over arrays of its own: every step hands it fresh copies of the
+    // variables' values (NOTE: [parameters copied]), and TF.js variables may share one data
+    // array (two biases assigned from one tf.zeros), which the core's storage check refuses.
+    const slotArray = (v: tf.Variable) => new Float32Array(v.size);
     const weights = model.weights as unknown as LayerVariableLike[];
     const lvByName = new Map(weights.map((w) => [w.name, w]));
     const wanted = new Set(pending.flatMap((r) => [...r.vars]));
@@ -853,7 +872,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       const b = c.bias === null ? null : byName.get(c.bias.name);
       if (w === undefined || b === undefined) return;
       const coreLayer = specs.length;
-      specs.push(c.spec(floatData(w), b === null ? null : floatData(b)));
+      specs.push(c.spec(slotArray(w), b === null ? null : slotArray(b)));
       const slots = [addSlot(w)];
       if (b !== null) slots.push(addSlot(b));
       layerNames.push(c.layer.name);
@@ -861,7 +880,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     });
     for (const v of vars) {
       if (used.has(v.name)) continue;
-      specs.push({ kind: 'param', param: floatData(v) });
+      specs.push({ kind: 'param', param: slotArray(v) });
       addSlot(v);
     }
     const core = new AdaFisher(specs, { ...this.#options, backend: this.#backendRequest() });

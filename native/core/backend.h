@@ -201,7 +201,10 @@ inline void Backend::RunFactorJob(const FactorJob& j) {
   }
 }
 
-std::unique_ptr<Backend> CreateCpuBackend(int threads);
+// threads > 0: that many; else ADAFISHER_NUM_THREADS as `setting` gives it (the JS
+// environment's process.env: a worker thread has its own; nullptr: the process environment),
+// checked, or the machine's logical CPUs when unset or empty.
+std::unique_ptr<Backend> CreateCpuBackend(int threads, const std::string* setting = nullptr);
 
 // Defined in cuda/ when the addon is built with CUDA. Returns nullptr and sets *reason
 // when CUDA cannot be used (no driver, no device, ...). Never throws.

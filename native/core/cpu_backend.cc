@@ -820,11 +820,11 @@ class CpuBackend final : public Backend {
 
 constexpr int kMaxThreads = 256;
 
-std::unique_ptr<Backend> CreateCpuBackend(int threads) {
+std::unique_ptr<Backend> CreateCpuBackend(int threads, const std::string* setting) {
   if (threads <= 0) {
     // ADAFISHER_NUM_THREADS, when set and not empty, must be an integer in [1, 256]: a
     // typo is refused (like a bad ADAFISHER_BACKEND) rather than silently ignored.
-    const char* env = std::getenv("ADAFISHER_NUM_THREADS");
+    const char* env = setting != nullptr ? setting->c_str() : std::getenv("ADAFISHER_NUM_THREADS");
     if (env != nullptr && *env != '\0') {
       char* end = nullptr;
       errno = 0;
