@@ -643,9 +643,15 @@ export class AdaFisher {
     };
   }
 
+  // The layers as a checkpoint describes them: fixed by the model description, made once.
+  #descriptions: string[] | undefined;
   #layerDescriptions(): string[] {
-    const p = this.#plan;
-    return p.nativeIndex.map((n, i) => (n < 0 ? `param ${p.tensors[p.slots.findIndex((x) => x.layer === i)].numel}` : describeLayer(p.nativeLayers[n])));
+    if (this.#descriptions === undefined) {
+      const p = this.#plan;
+      const paramNumel = new Map(p.slots.map((x, t) => [x.layer, p.tensors[t].numel]));
+      this.#descriptions = p.nativeIndex.map((n, i) => (n < 0 ? `param ${paramNumel.get(i)}` : describeLayer(p.nativeLayers[n])));
+    }
+    return [...this.#descriptions];
   }
 
   /**

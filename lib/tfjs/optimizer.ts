@@ -1054,19 +1054,8 @@ tfjs.serialization.registerClass(AdaFisherOptimizer);
  * names]) would go to other variables. With the same weights trainable the order is the same.
  */
 function weightsInLayerOrder(model: tf.LayersModel): LayerVariableLike[] {
-  const out: LayerVariableLike[] = [];
-  const seen = new Set<string>();
-  const add = (w: LayerVariableLike) => {
-    if (seen.has(w.name)) return;
-    seen.add(w.name);
-    out.push(w);
-  };
-  const walk = (layer: tf.layers.Layer) => {
-    const inner = (layer as unknown as { layers?: tf.layers.Layer[] }).layers;
-    if (Array.isArray(inner)) inner.forEach(walk);
-    else (layer.weights as unknown as LayerVariableLike[]).forEach(add);
-  };
-  model.layers.forEach(walk);
-  (model.weights as unknown as LayerVariableLike[]).forEach(add);
-  return out;
+  const byName = new Map<string, LayerVariableLike>();
+  for (const layer of collectLayers(model)) for (const w of layer.weights as unknown as LayerVariableLike[]) if (!byName.has(w.name)) byName.set(w.name, w);
+  for (const w of model.weights as unknown as LayerVariableLike[]) if (!byName.has(w.name)) byName.set(w.name, w);
+  return [...byName.values()];
 }
