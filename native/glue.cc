@@ -152,13 +152,6 @@ Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn) {
   }
 }
 
-#ifndef ADAFISHER_VERSION
-#define ADAFISHER_VERSION "unknown"
-#endif
-#ifndef ADAFISHER_BUILD_SYSTEM
-#define ADAFISHER_BUILD_SYSTEM "unknown"
-#endif
-
 namespace {
 // NOTE: [type tags per build]
 // N-API's type tags are shared by the whole isolate: two copies of this addon loaded in one

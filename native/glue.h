@@ -12,6 +12,15 @@
 
 #include "core/backend.h"
 
+// The build's identity, set by the build (CMakeLists.txt, binding.gyp): exported by addon.cc
+// and mixed into the type tags (NOTE: [type tags per build] in glue.cc).
+#ifndef ADAFISHER_VERSION
+#define ADAFISHER_VERSION "unknown"
+#endif
+#ifndef ADAFISHER_BUILD_SYSTEM
+#define ADAFISHER_BUILD_SYSTEM "unknown"
+#endif
+
 namespace adafisher {
 
 // One per Node environment (main thread, each worker): see NOTE: [context awareness].
