@@ -25,10 +25,12 @@ const model = (backend) => new AdaFisher(linearLayer(5).specs, { backend, tcov: 
 
 const opt = model('cuda');
 const buffer = createBuffer(Float32Array.of(1, 2, 3), { backend: 'cuda' });
-// Left to the garbage collector: their finalizers run after the fault.
+// Left to the garbage collector: their finalizers must run after the fault. They stay
+// reachable until then, so that no collection during the steps below frees them early.
+let abandoned = [];
 for (let i = 0; i < 20; i++) {
-  createBuffer(64, { backend: 'cuda' });
-  model('cuda');
+  abandoned.push(createBuffer(64, { backend: 'cuda' }));
+  abandoned.push(model('cuda'));
 }
 check('before the fault the cuda backend trains', trainStep(opt, 1));
 
@@ -46,7 +48,8 @@ check('synchronize() rejects with the same', isCudaError(e5), e5?.message ?? 're
 check('dispose() of the optimizer and the buffer does not throw', thrown(() => (opt.dispose(), buffer.dispose())) === undefined);
 const e6 = thrown(() => model('cuda'));
 check('a new cuda optimizer throws the same', isCudaError(e6), e6?.message ?? 'no error');
-const liveBefore = liveAllocations('cuda');
+const liveBefore = liveAllocations('cuda'); // the abandoned objects, still reachable
+abandoned = undefined;
 for (let round = 0; round < 20 && liveAllocations('cuda') > 0; round++) {
   globalThis.gc?.();
   await new Promise((r) => setTimeout(r, 10));
