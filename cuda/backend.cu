@@ -31,10 +31,11 @@ void ThrowCudaError(cudaError_t error, const char* file, int line) {
   const char* slash = std::strrchr(file, '/');
   const std::string where = std::string(slash != nullptr ? slash + 1 : file) + ":" + std::to_string(line);
   const std::string message = DescribeCudaError(error) + " at " + where;
-  if (error == cudaErrorMemoryAllocation) {
-    cudaGetLastError();  // not sticky: clear it so that later calls do not report it again
-    throw BackendError(ErrorCode::kOutOfMemory, message);
-  }
+  // A call that fails also leaves its error in this thread's last error. Unless it is
+  // sticky (then every later call reports it anyway), clear it: otherwise the next
+  // ADAFISHER_CUDA_LAUNCH_CHECK() would blame it on a launch that succeeded and is queued.
+  cudaGetLastError();
+  if (error == cudaErrorMemoryAllocation) throw BackendError(ErrorCode::kOutOfMemory, message);
   throw BackendError(ErrorCode::kCudaError, message);
 }
 
@@ -264,7 +265,9 @@ bool CudaBackend::StreamBusy() const noexcept {
     return false;
   }
   const cudaError_t status = cudaStreamQuery(stream_);
-  if (status != cudaSuccess && status != cudaErrorNotReady) cudaGetLastError();  // a real error: not kept
+  // Neither a real error nor cudaErrorNotReady is kept as this thread's last error (as
+  // PyTorch's CUDAStream::query does): a later launch check must not report it.
+  if (status != cudaSuccess) cudaGetLastError();
   return status == cudaErrorNotReady;
 }
 
@@ -503,9 +506,12 @@ bool CudaBackend::EnsureStaging() {
 // (upload) or drains (download) the other. Smaller copies are not worth the memcpy.
 //
 // An upload is queued like a kernel: a pageable copy returns once the driver has taken the
-// source ("no device synchronization is performed", CUDA's API synchronization behavior), a
-// staged one once the last chunk is in a pinned buffer (the next staged copy waits for both
-// buffers' events before it refills them). Only DeviceBuffer.upload, whose contract is
+// source, a staged one once the last chunk is in a pinned buffer (the next staged copy waits
+// for both buffers' events before it refills them). CUDA's "API synchronization behavior"
+// page promises the first only in part: a pageable copy "might be synchronous", the driver
+// "may synchronize with the stream and stage the copy". Small copies travel inline with the
+// command and do not wait; whether copies between 64 KiB and the staging threshold do, the
+// harness case memory/upload_async measures on a GPU (its 256 KiB size). Only DeviceBuffer.upload, whose contract is
 // "returns with the data in place", then waits for the stream (Upload). The device copies of
 // Float32Array arguments (UploadAsync, NOTE: [transient device copies]) do not: the kernels
 // that read them are queued behind them, so a call given Float32Arrays no longer waits for

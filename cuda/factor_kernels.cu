@@ -149,17 +149,27 @@ __device__ double TileColumnSum(const double* partial, int64_t rows, int64_t pit
 // True in the group's last block only, for every thread of the block; every thread of
 // the block must call it after its own partial writes. For groups of 2 blocks or more: a
 // group of one block draws no ticket (FinishesGroup).
+//
+// The fences are thread 0's, on either side of its ticket, with the barriers outside them
+// (the shape of cooperative groups' grid sync): the first barrier orders every thread's
+// partials before thread 0's release fence, which, being cumulative, publishes them with the
+// ticket; the acquire fence after a last ticket comes before the barrier that releases the
+// block's other threads to read the group's partials. (A fence in each writing thread before
+// the barrier is not a release of the ticket that thread 0 draws in the PTX memory model.)
 __device__ bool LastOfGroup(unsigned* tickets, int64_t group, unsigned group_blocks) {
   unsigned* ticket = tickets + group;
   __shared__ bool last;
-  __threadfence();  // this thread's partials are visible to the whole device before the ticket
-  __syncthreads();
+  __syncthreads();  // every thread's partials are written before thread 0 draws
   if (threadIdx.x == 0) {
-    last = atomicAdd(ticket, 1u) == group_blocks - 1;
-    if (last) *ticket = 0;  // every block of the group has drawn: no one else touches it
+    __threadfence();  // release: the block's partials are visible to the device before the ticket
+    const bool is_last = atomicAdd(ticket, 1u) == group_blocks - 1;
+    if (is_last) {
+      *ticket = 0;      // every block of the group has drawn: no one else touches it
+      __threadfence();  // acquire: the other blocks' partials, before the barrier below
+    }
+    last = is_last;
   }
   __syncthreads();
-  if (last) __threadfence();
   return last;
 }
 

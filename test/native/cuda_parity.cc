@@ -669,20 +669,22 @@ void TestMemory(Backend& cpu, Backend& gpu) {
     // staged upload: the work ahead is still running when the upload returns.
     const size_t busy_floats = size_t{64} << 20, busy_reps = 64;
 #endif
-    Buffer busy(gpu, busy_floats), got(gpu, 2), want(cpu, 2);
+    Buffer busy(gpu, busy_floats), got(gpu, 3), want(cpu, 3);
     bool ok = true;
     std::string detail;
-    // 1000 floats: the driver's pageable copy; 1.5 M floats (6 MB): both pinned buffers.
-    const size_t sizes[2] = {1000, 1500000};
-    float* blocks[2] = {nullptr, nullptr};
-    std::vector<float> host[2];
-    for (int i = 0; i < 2; ++i) {
+    // 1000 floats and 65536 (256 KiB): the driver's pageable copy (inline with the command,
+    // and above what drivers send inline); 1.5 M floats (6 MB): both pinned buffers.
+    constexpr int kSizes = 3;
+    const size_t sizes[kSizes] = {1000, 65536, 1500000};
+    float* blocks[kSizes] = {nullptr, nullptr, nullptr};
+    std::vector<float> host[kSizes];
+    for (int i = 0; i < kSizes; ++i) {
       host[i] = Normal(sizes[i], 71 + i);
       Buffer in(cpu, host[i]);
       cpu.MeanSquareFactor(in.ptr(), 1, 1, static_cast<index_t>(sizes[i]), double(sizes[i]), false, 0.0f, want.ptr() + i);
     }
     gpu.Synchronize();
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSizes; ++i) {
       for (size_t r = 0; r < busy_reps; ++r) gpu.Fill(busy.ptr(), 0.0f, busy.size());
       blocks[i] = gpu.AcquireTransient(sizes[i]);
       gpu.UploadAsync(blocks[i], host[i].data(), sizes[i]);
@@ -694,7 +696,7 @@ void TestMemory(Backend& cpu, Backend& gpu) {
     }
     for (float* b : blocks) gpu.ReleaseTransient(b);
     const std::vector<float> g = got.Read(), w = want.Read();
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSizes; ++i) {
       const double rel = std::fabs(double(g[i]) - w[i]) / std::fabs(double(w[i]));
       ok &= rel <= 1e-5;
       detail += Format("; factor %d rel err %.1e", i, rel);
