@@ -46,6 +46,12 @@ def fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
+def failing_cases(log):
+    """The harness's FAIL lines (cuda_parity.cc Record: "FAIL <name padded to 52> <detail>"), by name."""
+    fails = [l[5:57].rstrip() for l in log.splitlines() if l.startswith("FAIL ")]
+    return ("failing: " + ", ".join(fails[:4]) + (" ..." if len(fails) > 4 else "")) if fails else ""
+
+
 def parity_detail(out):
     log = read(os.path.join(out, "parity.log"))
     if not log:
@@ -57,9 +63,8 @@ def parity_detail(out):
         parts.append("%s cases, %s failed" % summary[-1])
     if rels:
         parts.append("max rel err %.2g" % max(rels))
-    fails = [l.split()[1] for l in log.splitlines() if l.startswith("FAIL ")]
-    if fails:
-        parts.append("failing: " + ", ".join(fails[:4]) + (" ..." if len(fails) > 4 else ""))
+    if failing_cases(log):
+        parts.append(failing_cases(log))
     if "SKIP:" in log:
         parts.append(log[log.index("SKIP:"):].splitlines()[0])
     copy = re.search(r"bench copy\s+([0-9.]+) GB/s", log)
@@ -236,6 +241,8 @@ def sanitizer_detail(out, tool):
     harness = re.findall(r"summary: (\d+) cases, (\d+) failed", log)
     if harness:
         parts.append("harness %s cases, %s failed" % harness[-1])
+    if failing_cases(log):
+        parts.append(failing_cases(log))
     return "; ".join(parts)
 
 
@@ -246,8 +253,12 @@ def torch_detail(out):
     parts = ["torch %s" % torch.get("torch", "?")]
     golden = torch.get("golden") or {}
     if golden:
-        errs = [g.get("maxRelError", float("nan")) for g in golden.values()]
-        parts.append("eager AdaFisher reproduces %d golden files to %.1e" % (len(errs), max(errs)))
+        errs = [g.get("maxRelError") for g in golden.values()]
+        errs = [float("nan") if e is None else e for e in errs]  # null: NaN or infinite
+        if all(e <= 1e-4 for e in errs):
+            parts.append("eager AdaFisher reproduces %d golden files to %.1e" % (len(errs), max(errs)))
+        else:
+            parts.append("eager AdaFisher does NOT reproduce the golden files within 1e-4 (%s)" % ", ".join("%.1e" % e for e in errs))
     if torch.get("error"):
         parts.append("error: %s" % torch["error"][:60])
     return "; ".join(parts)
@@ -262,7 +273,7 @@ def bench_rows(out):
     if torch and torch.get("error"):
         head += "; torch error: %s" % torch["error"][:60]
     if (bench or {}).get("partial"):
-        head += "; cut short: only the cases below finished"
+        head += "; cut short: only the cases below finished" if (bench.get("key") or {}) else "; cut short before any case finished"
     rows.append(("bench", status(out, "bench"), head))
     for name, k in ((bench or {}).get("key") or {}).items():
         if "error" in k:

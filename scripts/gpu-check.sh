@@ -29,6 +29,7 @@
 #             is left (not the tests that need npm, cmake or the CUDA host emulator)
 #   package   the carried npm tarball, unpacked as an installed package: `adafisher info`
 #   table     bench/gpu_summary.py: ONE short table, printed last
+# Exit status: 0 when every stage run passed, 1 otherwise (the table says which did not).
 #
 # Prepare here (nvcc 13 is on this machine too) and carry, 64 MiB in all:
 #   npx tsc -p tsconfig.json                                   -> dist
@@ -47,7 +48,10 @@
 # "parity,golden,bench" for a rerun), CUDAARCHS (default 90), ADAFISHER_ADDON (an addon
 # to use instead of looking for one), GPU_CHECK_HARNESS (a parity harness to use instead).
 # A dry run of the plumbing without a GPU: ADAFISHER_ADDON set to the CUDA host emulator's
-# build (test/cuda-emulator) and GPU_CHECK_STAGES=golden,fuzz,oom,package.
+# build (test/cuda-emulator) and GPU_CHECK_STAGES=golden,fuzz,oom,package; GPU_CHECK_HARNESS
+# set to an emulator build of test/native adds parity, memcheck, racecheck and profile (with
+# stand-in compute-sanitizer and ncu scripts on PATH; --bench takes ~8 min there unless
+# SecondsPerCall's repetitions are cut for the dry run).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
@@ -71,6 +75,10 @@ elapsed() { echo $(($(date +%s) - START)); }
 log() { echo "[gpu-check +$(elapsed)s] $*" | tee -a "$OUT/gpu-check.log"; }
 wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
 status() { echo "$2" > "$OUT/$1.status"; } # PASS / FAIL ... / SKIPPED ... / TIMEOUT
+# The stage log and statuses so far into $PROGRESS (the one file a cut-short run returns).
+progress() { { cat "$OUT/gpu-check.log"; for f in "$OUT"/*.status; do echo "$(basename "$f" .status): $(cat "$f")"; done; } > "$PROGRESS" 2> /dev/null; }
+# What is left of the budget for a step that must end within it (at most $1 seconds, at least 10).
+budget_limit() { local left=$((BUDGET - RESERVE - $(elapsed))); ((left > $1)) && left=$1; ((left < 10)) && left=10; echo "$left"; }
 
 # run_stage NAME LIMIT_S CMD...: runs CMD under timeout with its output in $OUT/NAME.log;
 # the limit shrinks to what is left of the budget. Returns CMD's exit code (124 = timeout).
@@ -81,6 +89,7 @@ run_stage() {
   if ((left < 10)); then
     log "stage $name SKIPPED: out of time budget"
     status "$name" "SKIPPED (time budget)"
+    progress
     return 125
   fi
   ((limit > left)) && limit=$left
@@ -95,7 +104,7 @@ run_stage() {
   # On the GPU machine the harness must run its GPU cases: one that printed SKIP (no usable
   # device) checked nothing there.
   if ((rc == 0)) && grep -q '^SKIP:' "$OUT/$name.log"; then status "$name" "FAIL (GPU cases skipped)"; fi
-  { cat "$OUT/gpu-check.log"; for f in "$OUT"/*.status; do echo "$(basename "$f" .status): $(cat "$f")"; done; } > "$PROGRESS" 2> /dev/null
+  progress
   return $rc
 }
 
@@ -123,6 +132,8 @@ fi
 } >> "$OUT/env.log"
 nvidia-smi -L 2>&1 | tee "$OUT/nvidia-smi.txt"
 nvidia-smi -L > /dev/null 2>&1 && status env PASS || status env "FAIL (nvidia-smi)"
+log "env: $(head -1 "$OUT/nvidia-smi.txt")"
+progress
 HAVE_NODE=0
 command -v node > /dev/null 2>&1 && HAVE_NODE=1
 [ -f dist/lib/cli.js ] || log "dist/ is missing: carry it (npx tsc -p tsconfig.json here first)"
@@ -142,19 +153,20 @@ addon_ok() {
 HARNESS=""
 GEN=()
 command -v ninja > /dev/null 2>&1 && GEN=(-G Ninja)
-# The builds are bounded (5 minutes each step): a hung build must not eat the device time.
+# The builds are bounded (5 minutes each step, and never past the budget): a hung build must
+# not eat the device time, nor outlast the device command's timeout with nothing written.
 build_addon() {
   # cmake directly, with the arguments cmake-js passes (only node-api-headers and
   # node-addon-api are needed from node_modules), so npx/npm need not be carried.
-  timeout -k 10 300 cmake -S "$ROOT" -B "$ROOT/build-gpu" ${GEN[@]+"${GEN[@]}"} --no-warn-unused-cli -DCMAKE_BUILD_TYPE=Release \
+  timeout -k 10 "$(budget_limit 300)" cmake -S "$ROOT" -B "$ROOT/build-gpu" ${GEN[@]+"${GEN[@]}"} --no-warn-unused-cli -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/build-gpu/Release" \
     "-DCMAKE_JS_INC=$ROOT/node_modules/node-api-headers/include;$ROOT/node_modules/node-addon-api" \
     -DCMAKE_JS_SRC= -DCMAKE_JS_LIB= -DCMAKE_CXX_FLAGS=-DBUILDING_NODE_EXTENSION &&
-    timeout -k 10 300 cmake --build "$ROOT/build-gpu" -j"$(nproc)"
+    timeout -k 10 "$(budget_limit 300)" cmake --build "$ROOT/build-gpu" -j"$(nproc)"
 }
 build_harness() {
-  timeout -k 10 300 cmake -S "$ROOT/test/native" -B "$ROOT/build-native-test-dev" ${GEN[@]+"${GEN[@]}"} -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" && timeout -k 10 300 cmake --build "$ROOT/build-native-test-dev" -j"$(nproc)"
+  timeout -k 10 "$(budget_limit 300)" cmake -S "$ROOT/test/native" -B "$ROOT/build-native-test-dev" ${GEN[@]+"${GEN[@]}"} -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" && timeout -k 10 "$(budget_limit 300)" cmake --build "$ROOT/build-native-test-dev" -j"$(nproc)"
 }
 # Look for a carried (or earlier-built) addon whose CUDA backend is usable, first of all.
 : > "$OUT/build.log"
@@ -193,6 +205,7 @@ if wanted build; then
   if [ -z "$msg" ]; then status build PASS; else status build "FAIL:$msg"; fi
   [ -n "$ADDON" ] && export ADAFISHER_ADDON=$ADDON
   log "addon: ${ADDON:-none}; harness: $HARNESS"
+  progress
 else
   [ -n "$ADDON" ] && export ADAFISHER_ADDON=$ADDON
   HARNESS=${GPU_CHECK_HARNESS:-$ROOT/build-gpu-carry/cuda_parity}
@@ -345,3 +358,5 @@ if [ -n "$RESULT" ] && [ "$RESULT" != "$OUT" ]; then
   for f in summary.txt gpu-bench.json torch.json package-info.txt profile-kernels.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULT/"; done
   tar -czf "$RESULT/logs.tar.gz" -C "$OUT" .
 fi
+# Exit 1 when any stage did not pass (the table says which), 0 when all did.
+! grep -qvx PASS "$OUT"/*.status 2> /dev/null

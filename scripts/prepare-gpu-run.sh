@@ -11,15 +11,19 @@ PACK_NODE=../shared/device/pack-node.sh
 [ -f "$PACK_NODE" ] || { echo "prepare-gpu-run: $PACK_NODE not found (run from the checkout beside ../shared)" >&2; exit 1; }
 
 node node_modules/typescript/bin/tsc -p tsconfig.json
+# The options are given, not left to the build folders' caches: a folder once configured for
+# the CUDA host emulator (or ASan) keeps that setting, and would send an emulated addon or
+# harness, which "passes" on the GPU machine without touching the GPU.
+GPU_OPTS=(-DADAFISHER_CUDA=ON -DADAFISHER_CUDA_EMULATOR=OFF -DADAFISHER_SANITIZE=OFF)
 # The addon for the GPU (one architecture keeps the build short) ...
-node node_modules/cmake-js/bin/cmake-js compile --out build-cuda
+node node_modules/cmake-js/bin/cmake-js compile --out build-cuda "${GPU_OPTS[@]/#-D/--CD}"
 # ... the standalone parity harness (compute-sanitizer runs it) ...
-cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" > /dev/null
+cmake -S test/native -B build-native-test -DCMAKE_CUDA_ARCHITECTURES="$CUDAARCHS" "${GPU_OPTS[@]:1}" > /dev/null
 cmake --build build-native-test -j"$(nproc)"
 # ... the npm tarball with the full prebuilt binary (all architectures), to see which
 # backend an installed package picks there ...
 # (always through cmake-js: incremental, and never a stale binary from an older checkout).
-env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build
+env -u CUDAARCHS node node_modules/cmake-js/bin/cmake-js compile --out build "${GPU_OPTS[@]/#-D/--CD}"
 ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node node scripts/prebuild.mjs
 rm -rf build-gpu-carry adafisher-*.tgz
 mkdir -p build-gpu-carry/node_modules
@@ -37,9 +41,9 @@ rm build-gpu-carry/test-modules.txt
 # ... and Node.js itself.
 bash "$PACK_NODE" > /dev/null
 
-# What travels: the tracked files and the carried paths, 64 MiB at most.
+# What travels: the tracked and untracked-not-ignored files and the carried paths, 64 MiB at most.
 CARRY=(.device dist build-cuda/Release build-gpu-carry)
-tracked=$(git ls-files -z | du -cb --files0-from=- 2> /dev/null | tail -1 | cut -f1)
+tracked=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2> /dev/null | tail -1 | cut -f1)
 carried=$(du -cb "${CARRY[@]}" | tail -1 | cut -f1)
 total=$((tracked + carried))
 printf 'travels: %d MiB (tracked %d MiB + carried %d MiB; the limit is 64 MiB)\n' $((total >> 20)) $((tracked >> 20)) $((carried >> 20))

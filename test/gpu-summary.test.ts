@@ -169,6 +169,33 @@ describe('bench/gpu_summary.py on failures', () => {
     }
   });
 
+  it('an eager baseline that does not reproduce the golden files (NaN as null, or > 1e-4) is said so', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const golden = { 'a.json': { maxRelError: 4e-5, worst: '' }, 'b.json': { maxRelError: null, worst: 'step 1 layer 0 H' } };
+      writeFileSync(join(dir, 'torch.json'), JSON.stringify({ torch: '2.x', golden }));
+      expect(summary(dir).get('torch')?.detail).toBe('torch 2.x; eager AdaFisher does NOT reproduce the golden files within 1e-4 (4.0e-05, nan)');
+      writeFileSync(join(dir, 'torch.json'), JSON.stringify({ torch: '2.x', golden: { ...golden, 'b.json': { maxRelError: 3e-5, worst: '' } } }));
+      expect(summary(dir).get('torch')?.detail).toBe('torch 2.x; eager AdaFisher reproduces 2 golden files to 4.0e-05');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a sanitizer run names the harness cases that failed, and a bench cut short before any case says so', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+    try {
+      const fail = `FAIL ${'memory/upload_async'.padEnd(52)} 65536 floats: WAITED`;
+      writeFileSync(join(dir, 'memcheck.log'), `PASS ${'step/a'.padEnd(52)} ok\n${fail}\nsummary: 2 cases, 1 failed\n========= ERROR SUMMARY: 0 errors\n`);
+      writeFileSync(join(dir, 'memcheck.status'), 'FAIL (rc 1)\n');
+      expect(summary(dir).get('memcheck')?.detail).toBe('0 errors; harness 2 cases, 1 failed; failing: memory/upload_async');
+      writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, partial: true, key: {} }));
+      expect(summary(dir).get('bench')?.detail).toBe('D2D copy 4000 GB/s; cut short before any case finished');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a target that was not measured (null) is "not measured", not MISSED', () => {
     const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
     try {

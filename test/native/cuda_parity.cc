@@ -689,7 +689,9 @@ void TestMemory(Backend& cpu, Backend& gpu) {
       blocks[i] = gpu.AcquireTransient(sizes[i]);
       gpu.UploadAsync(blocks[i], host[i].data(), sizes[i]);
       const bool queued = cu::StreamBusy(&gpu);
-      ok &= queued;
+      // Whether the driver waits at 256 KiB is what that size measures (NOTE: [host copies]),
+      // and under compute-sanitizer (--sanitize) copies may be serialized: reported, not failed.
+      ok &= queued || sizes[i] == 65536 || g_sanitize;
       detail += Format("%s%zu floats: %s", i == 0 ? "" : "; ", sizes[i], queued ? "returned before the work ahead" : "WAITED");
       std::fill(host[i].begin(), host[i].end(), 1e30f);  // the copy has the old values already
       gpu.MeanSquareFactor(blocks[i], 1, 1, static_cast<index_t>(sizes[i]), double(sizes[i]), false, 0.0f, got.ptr() + i);
