@@ -165,6 +165,7 @@ export function report(
   const fillText = 'error' in fill ? `fill reference FAILED: ${fill.error}` : `fill (write-only, 1 GiB) ${fmtNum(fill.fillGBps, 0)} GB/s`;
   const copySource = torch?.copyGBps !== undefined ? 'torch, same run' : 'DeviceBuffer.copyFrom, same process';
   const copyText = copy ? `D2D copy (${copySource}, read + write) ${fmtNum(copy, 0)} GB/s` : `D2D copy: not available (${torch?.error ?? 'no --torch file'})`;
+  const workloads = Object.fromEntries(cases.filter((c) => c in results).map((c) => [c, results[c]])); // not the fill
   const header = `adafisher GPU benchmark on ${device || 'unknown device'}: ${copyText}; ${fillText}`;
   return {
     text:
@@ -172,7 +173,7 @@ export function report(
       `ms/call = median over batches of (device time between two CUDA events around the batch) / calls, each call on the next ` +
       `of several copies of its data (> ${ROTATE_BYTES >> 20} MiB in all: read from DRAM, not L2); warm = back-to-back ` +
       `calls on the same buffers; bytes, GB/s and % copy BW are of the ms/call column. The torch figures are back-to-back.`,
-    json: { device, copyGBps: copy ?? null, fill, torch: torch ?? null, workloads: results, key, targets: T },
+    json: { device, copyGBps: copy ?? null, fill, torch: torch ?? null, workloads, key, targets: T },
     failures,
   };
 }

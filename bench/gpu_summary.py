@@ -355,7 +355,7 @@ def main(out):
     print("| %s | %s | detail" % ("check".ljust(w0), "result".ljust(w1)))
     print("|-%s-|-%s-|-------" % ("-" * w0, "-" * w1))
     for name, result, detail in rows:
-        print("| %s | %s | %s" % (name.ljust(w0), result.ljust(w1), detail))
+        print("| %s | %s | %s" % (name.ljust(w0), result.ljust(w1), detail.replace("|", "/")))  # one row, three columns
 
 
 if __name__ == "__main__":
