@@ -65,4 +65,4 @@ test(`${CALLS} random calls into the native binding (${BACKEND} backend): each s
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
-});
+}, 300_000); // the driver's own limit (spawnSync above): ~15 s on the CUDA host emulator, ~40 s on a loaded 2-core machine
