@@ -31,6 +31,7 @@ const ALLOWED = [
   /^dist\/lib\/.*\.(js|d\.ts)$/,
   /^prebuilds\/[a-z0-9]+-[a-z0-9]+\/[^/]+\.node$/,
   /^binding\.gyp$/,
+  /^scripts\/install\.mjs$/, // the install step (NOTE: [offline source build])
   /^native\/.*\.(cc|h)$/,
   /^test\/golden\/[^/]+\.json$/, // data of `adafisher demo`
   /^test\/golden\/README\.md$/, // their format, which the README cites
@@ -40,6 +41,7 @@ const ALLOWED = [
 const REQUIRED = [
   'package.json',
   'binding.gyp',
+  'scripts/install.mjs',
   'native/addon.cc',
   'native/core/cuda_stub.cc',
   'dist/lib/index.js',
@@ -161,7 +163,8 @@ describe('npm pack', () => {
     const stray = paths.filter((p) => !ALLOWED.some((re) => re.test(p)));
     expect(stray, 'files that should not be published').toEqual([]);
     for (const p of REQUIRED) expect(paths, `tarball lacks ${p}`).toContain(p);
-    for (const p of paths) expect(p).not.toMatch(/^(test\/.*\.ts|build[-/]|cuda\/|lib\/|bench\/|scripts\/|\.ci\/)|\.map$/);
+    // Of scripts/, only the install step ships.
+    for (const p of paths) expect(p).not.toMatch(/^(test\/.*\.ts|build[-/]|cuda\/|lib\/|bench\/|scripts\/(?!install\.mjs$)|\.ci\/)|\.map$/);
     // Every source binding.gyp compiles ships.
     const gyp = readFileSync(join(root, 'binding.gyp'), 'utf8');
     for (const src of gyp.match(/native\/[\w/]+\.cc/g) ?? []) expect(paths).toContain(src);
