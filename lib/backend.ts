@@ -160,13 +160,23 @@ export function createBuffer(lengthOrData: number | Float32Array, options: { bac
   return new (binding().DeviceBuffer)(backend, lengthOrData);
 }
 
-/** True for a DeviceBuffer of this addon. */
+/**
+ * True for a DeviceBuffer of this addon (of either backend, disposed or not); false for
+ * anything else, a Float32Array included. Never throws.
+ * @param value Anything.
+ * @example if (!isDeviceBuffer(x)) x = createBuffer(x);
+ */
 export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
   return value instanceof binding().DeviceBuffer;
 }
 
 /**
- * Resolves when all work queued on a backend has finished, without blocking the event loop.
+ * Resolves when all work queued on a backend has finished, without blocking the event loop
+ * (pending calls of one backend share one wait on a libuv thread).
+ * @param backend 'auto' (default, as createBuffer), 'cpu' or 'cuda'.
+ * @throws {TypeError|RangeError} (code ADAFISHER_INVALID_ARGUMENT) for a backend other than
+ *   'auto', 'cpu' or 'cuda', and an Error (code ADAFISHER_BACKEND_UNAVAILABLE) for 'cuda' where CUDA is unusable, at the call;
+ *   the promise rejects with code ADAFISHER_CUDA_ERROR when the device has failed.
  * @example await synchronize('cuda');
  */
 export function synchronize(backend: BackendName = 'auto'): Promise<void> {
@@ -201,6 +211,12 @@ export function createTimingEvent(options: { backend?: BackendName } = {}): Timi
  * Number of live native allocations of a backend (buffers, optimizer state, timing events):
  * for leak checks.
  * @param backend 'auto' (default, as createBuffer), 'cpu' or 'cuda'.
+ * @throws {TypeError|RangeError} (code ADAFISHER_INVALID_ARGUMENT) for a backend other than
+ *   'auto', 'cpu' or 'cuda', and an Error (code ADAFISHER_BACKEND_UNAVAILABLE) for 'cuda' where CUDA is unusable.
+ * @example
+ * const before = liveAllocations('cpu');
+ * createBuffer(16, { backend: 'cpu' }).dispose();
+ * liveAllocations('cpu') === before; // true
  */
 export function liveAllocations(backend: BackendName = 'auto'): number {
   return binding().liveAllocations(resolve(backend, 'backend'));

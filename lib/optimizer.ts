@@ -814,7 +814,15 @@ const toJSONNumber = (x: number): number | string => (Number.isFinite(x) ? x : S
 const fromJSONNumber = (x: unknown): number =>
   typeof x === 'number' ? x : x === 'NaN' ? NaN : x === 'Infinity' ? Infinity : x === '-Infinity' ? -Infinity : (undefined as never);
 
-/** A checkpoint as plain JSON (numbers; float32 values, NaN and ±Infinity round-trip exactly). */
+/**
+ * A checkpoint as plain JSON, for JSON.stringify: float32 values round-trip exactly, and NaN
+ * and ±Infinity (possible with nonFiniteGuard: false) travel as the strings "NaN",
+ * "Infinity", "-Infinity".
+ * @param state What exportState() returned.
+ * @throws {TypeError} (code ADAFISHER_INVALID_ARGUMENT) naming the field that is not a
+ *   checkpoint's (e.g. `state.momenta[2]` not a Float32Array).
+ * @example writeFileSync('opt.json', JSON.stringify(stateToJSON(opt.exportState())));
+ */
 export function stateToJSON(state: AdaFisherState): unknown {
   if (state === null || typeof state !== 'object' || Array.isArray(state)) {
     throw typeError('state', 'a checkpoint object from exportState()', state);
@@ -835,7 +843,12 @@ export function stateToJSON(state: AdaFisherState): unknown {
   };
 }
 
-/** Inverse of stateToJSON. */
+/**
+ * The inverse of stateToJSON: a checkpoint for loadState() from its parsed JSON.
+ * @param json The parsed JSON.
+ * @throws {Error} (code ADAFISHER_BAD_CHECKPOINT) naming what is missing or malformed.
+ * @example opt.loadState(stateFromJSON(JSON.parse(readFileSync('opt.json', 'utf8'))));
+ */
 export function stateFromJSON(json: unknown): AdaFisherState {
   const j = json as Record<string, unknown>;
   const bad = (msg: string) => codedError(ErrorCodes.badCheckpoint, `Invalid AdaFisher checkpoint JSON: ${msg}`);

@@ -75,7 +75,13 @@ function numbers(v: unknown, path: string, length?: number): number[] {
 
 const prod = (s: number[]) => s.reduce((a, b) => a * b, 1);
 
-/** Checks the structure of a parsed golden file; throws GoldenFormatError naming the first problem. */
+/**
+ * Checks the structure of a parsed golden file (test/golden/README.md) and returns it typed.
+ * @param data The parsed JSON.
+ * @throws {GoldenFormatError} (code ADAFISHER_BAD_GOLDEN_FILE) naming the first problem by its
+ *   JSON path, e.g. `$.name: expected a string`.
+ * @example const g = validateGolden(JSON.parse(text));
+ */
 export function validateGolden(data: unknown): GoldenCase {
   const g = data as GoldenCase;
   if (g === null || typeof g !== 'object' || Array.isArray(g)) fail('$', 'expected a JSON object');
@@ -151,6 +157,13 @@ export function validateGolden(data: unknown): GoldenCase {
   return g;
 }
 
+/**
+ * Reads and checks a golden trajectory file (test/golden/README.md).
+ * @param file Path of the JSON file.
+ * @throws {GoldenFormatError} (code ADAFISHER_BAD_GOLDEN_FILE) when the file cannot be read,
+ *   is not JSON, or does not follow the format (see validateGolden).
+ * @example const g = readGolden('node_modules/adafisher/test/golden/mlp_adafisher.json');
+ */
 export function readGolden(file: string): GoldenCase {
   let text: string;
   try {

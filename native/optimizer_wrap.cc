@@ -21,6 +21,10 @@ static_assert(static_cast<int>(PadMode::kExplicit) == 0 && static_cast<int>(PadM
               "PadMode values are mirrored in lib/binding.ts");
 static_assert(static_cast<int>(math::UpdateRule::kAdaFisher) == 0 && static_cast<int>(math::UpdateRule::kAdaFisherW) == 1,
               "UpdateRule values are mirrored in lib/binding.ts");
+static_assert(static_cast<int>(TensorRole::kWeight) == 0 && static_cast<int>(TensorRole::kBias) == 1,
+              "TensorRole values are mirrored in lib/binding.ts");
+static_assert(static_cast<int>(FactorKind::kH) == 0 && static_cast<int>(FactorKind::kS) == 1,
+              "FactorWhich values (FactorKind) are mirrored in lib/binding.ts");
 
 namespace {
 
