@@ -370,11 +370,18 @@ describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('Tim
     expect(ms).toBeGreaterThan(0);
     expect(ms).toBeLessThanOrEqual(wall + 0.5);
     expect(end.elapsedMs(start)).toBeCloseTo(-ms, 3);
-    // Recording again moves the mark: nothing queued in between.
-    start.record();
-    end.record();
-    await synchronize(backend);
-    expect(start.elapsedMs(end)).toBeLessThan(ms);
+    // Recording again moves the mark: nothing queued in between. The least of three tries: on
+    // a GPU shared with other processes (the GPU check runs test files in parallel), a time
+    // slice of another context may fall between two marks; a mark that did not move gives
+    // the first interval every time.
+    const again: number[] = [];
+    for (let i = 0; i < 3; ++i) {
+      start.record();
+      end.record();
+      await synchronize(backend);
+      again.push(start.elapsedMs(end));
+    }
+    expect(Math.min(...again)).toBeLessThan(ms);
     assertBitIdentical(big.download().subarray(0, 4), new Float32Array(4).fill(7), 'the timed fills ran');
     for (const x of [big, start, end]) x.dispose();
   });
