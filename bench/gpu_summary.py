@@ -63,8 +63,9 @@ def parity_detail(out):
         parts.append("%s cases, %s failed" % summary[-1])
     if rels:
         parts.append("max rel err %.2g" % max(rels))
-    if failing_cases(log):
-        parts.append(failing_cases(log))
+    fails = failing_cases(log)
+    if fails:
+        parts.append(fails)
     if "SKIP:" in log:
         parts.append(log[log.index("SKIP:"):].splitlines()[0])
     copy = re.search(r"bench copy\s+([0-9.]+) GB/s", log)
@@ -241,8 +242,9 @@ def sanitizer_detail(out, tool):
     harness = re.findall(r"summary: (\d+) cases, (\d+) failed", log)
     if harness:
         parts.append("harness %s cases, %s failed" % harness[-1])
-    if failing_cases(log):
-        parts.append(failing_cases(log))
+    fails = failing_cases(log)
+    if fails:
+        parts.append(fails)
     return "; ".join(parts)
 
 
