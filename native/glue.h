@@ -45,6 +45,10 @@ struct InstanceData {
   std::string cuda_reason;
   Napi::FunctionReference buffer_constructor;
   Napi::FunctionReference optimizer_constructor;
+  // GetProperty's keys (NOTE: [property keys]): property_key_store[k] is the JS string of
+  // property_keys[k], the literal that named it.
+  std::vector<const char*> property_keys;
+  Napi::Reference<Napi::Array> property_key_store;
 };
 
 InstanceData& Instance(Napi::Env env);
@@ -63,15 +67,6 @@ std::string FormatNumber(double d);
 // Runs fn, turning BackendError / std::bad_alloc / std::exception into JS errors.
 Napi::Value Guarded(Napi::Env env, const std::function<Napi::Value()>& fn);
 
-double ReadNumber(const Napi::Object& obj, const char* key, const std::string& what);
-double ToNumber(const Napi::Value& v, const std::string& what);
-int64_t ReadInteger(const Napi::Object& obj, const char* key, const std::string& what, int64_t lo, int64_t hi);
-int64_t ToInteger(const Napi::Value& v, const std::string& what, int64_t lo, int64_t hi);
-bool ReadBool(const Napi::Object& obj, const char* key, const std::string& what);
-Napi::Object ToObject(const Napi::Value& v, const std::string& what);
-Napi::Array ToArray(const Napi::Value& v, const std::string& what);
-std::vector<index_t> ToShape(const Napi::Value& v, const std::string& what);
-
 // NOTE: [external memory]
 // To V8 a DeviceBuffer or an optimizer is a small object, whatever memory it holds (host
 // memory on cpu, device memory on cuda). Unless that memory is reported, V8 never feels
@@ -87,19 +82,50 @@ class ExternalMemory {
   int64_t bytes_ = 0;
 };
 
-// An argument's name for error messages ("layers[2] input", "grads[7]"), made into a string
-// only when an error is thrown: a step names two tensors per parameter and throws rarely.
+// NOTE: [names on failure]
+// An argument's name for error messages ("layers[2] input", "records[3].layer",
+// "grads[7]"), made into a string only when an error is thrown: a step names two tensors per
+// parameter and recordFactors several fields per layer, and they throw rarely. A name is a
+// literal, a string, a base with an index, or a parent name with a key (".layer"), an index
+// ("[2]") or a suffix (" shape") appended; a parent, a string or a maker must outlive the
+// ArgName (they are the caller's locals, alive for the call).
 class ArgName {
  public:
-  ArgName(const std::string& full) : full_(&full) {}  // NOLINT: implicit, like a string; must outlive the call
-  ArgName(const char* base, size_t index) : base_(base), index_(index) {}
-  std::string str() const { return full_ != nullptr ? *full_ : std::string(base_) + "[" + std::to_string(index_) + "]"; }
+  ArgName(const char* text) : text_(text) {}                       // NOLINT: implicit, like a string literal
+  ArgName(const std::string& full) : kind_(kFull), full_(&full) {}  // NOLINT: implicit, like a string
+  ArgName(const char* base, size_t index) : kind_(kIndexed), text_(base), index_(index) {}
+  // A name made by `make()` (e.g. from the optimizer's layer names).
+  explicit ArgName(const std::function<std::string()>& make) : kind_(kMade), make_(&make) {}
+  static ArgName Key(const ArgName& parent, const char* key) { return ArgName(kKey, parent, key, 0); }
+  static ArgName Index(const ArgName& parent, size_t index) { return ArgName(kParentIndexed, parent, nullptr, index); }
+  static ArgName Suffix(const ArgName& parent, const char* suffix) { return ArgName(kSuffix, parent, suffix, 0); }
+  std::string str() const;
 
  private:
-  const std::string* full_ = nullptr;
-  const char* base_ = nullptr;
+  enum Kind { kText, kFull, kIndexed, kMade, kKey, kParentIndexed, kSuffix };
+  ArgName(Kind kind, const ArgName& parent, const char* text, size_t index)
+      : kind_(kind), text_(text), index_(index), parent_(&parent) {}
+  Kind kind_ = kText;
+  const char* text_ = nullptr;
   size_t index_ = 0;
+  const ArgName* parent_ = nullptr;
+  const std::string* full_ = nullptr;
+  const std::function<std::string()>* make_ = nullptr;
 };
+
+// obj[key], with the key's JS string made once per environment (NOTE: [property keys] in glue.cc).
+Napi::Value GetProperty(const Napi::Object& obj, const char* key);
+// The JS string `key`, made once per environment: for reading one field of many objects.
+Napi::Value PropertyKey(Napi::Env env, const char* key);
+// Readers of obj[key] name the field "<what>.<key>" in their errors.
+double ReadNumber(const Napi::Object& obj, const char* key, const ArgName& what);
+double ToNumber(const Napi::Value& v, const ArgName& what);
+int64_t ReadInteger(const Napi::Object& obj, const char* key, const ArgName& what, int64_t lo, int64_t hi);
+int64_t ToInteger(const Napi::Value& v, const ArgName& what, int64_t lo, int64_t hi);
+bool ReadBool(const Napi::Object& obj, const char* key, const ArgName& what);
+Napi::Object ToObject(const Napi::Value& v, const ArgName& what);
+Napi::Array ToArray(const Napi::Value& v, const ArgName& what);
+std::vector<index_t> ToShape(const Napi::Value& v, const ArgName& what);
 
 class BufferWrap;
 // A Float32Array or a DeviceBuffer resolved to memory of `backend`. For a Float32Array

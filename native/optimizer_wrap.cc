@@ -161,9 +161,10 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
-      const std::string what = core.LayerName(layer) + " input";
-      const auto shape = ToShape(info[2], what + " shape");
-      const index_t n = core.CheckInputShape(layer, shape, what);
+      const std::function<std::string()> make = [&core, layer] { return core.FactorName(layer, FactorKind::kH); };
+      const ArgName what(make);
+      const auto shape = ToShape(info[2], ArgName::Suffix(what, " shape"));
+      const index_t n = core.CheckInputShape(layer, shape);
       TensorRef x(env, SharedBackend(env), info[1], n, what, false);
       core.RecordInput(layer, x.data(), shape);
       return env.Undefined();
@@ -178,9 +179,10 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
-      const std::string what = core.LayerName(layer) + " output gradient";
-      const auto shape = ToShape(info[2], what + " shape");
-      const index_t n = core.CheckOutputGradShape(layer, shape, what);
+      const std::function<std::string()> make = [&core, layer] { return core.FactorName(layer, FactorKind::kS); };
+      const ArgName what(make);
+      const auto shape = ToShape(info[2], ArgName::Suffix(what, " shape"));
+      const index_t n = core.CheckOutputGradShape(layer, shape);
       TensorRef g(env, SharedBackend(env), info[1], n, what, false);
       core.RecordOutputGrad(layer, g.data(), shape);
       return env.Undefined();
@@ -200,29 +202,31 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       // (as in Step); every record is checked and resolved before any is reduced.
       std::vector<OptimizerCore::FactorRecord> records(n);
       std::vector<Napi::Value> data(n);
-      std::vector<std::string> what(n);
+      // Each record's name ("layers[2] input"), made only for an error (NOTE: [names on failure]).
+      std::vector<std::function<std::string()>> what(n);
+      const Napi::Value k_layer = PropertyKey(env, "layer"), k_which = PropertyKey(env, "which"),
+                        k_shape = PropertyKey(env, "shape"), k_data = PropertyKey(env, "data");
       for (size_t i = 0; i < n; ++i) {
-        const std::string at = ArgName("records", i).str();
+        const ArgName at("records", i);
         const Napi::Object o = ToObject(rs.Get(i), at);
-        records[i].layer = static_cast<int>(
-            ReadInteger(o, "layer", at, 0, static_cast<int64_t>(core.layers().size()) - 1));
-        records[i].which = static_cast<FactorKind>(ReadInteger(o, "which", at, 0, 1));
-        what[i] = core.LayerName(records[i].layer) + " " +
-                  (records[i].which == FactorKind::kH ? "input" : "output gradient");
-        records[i].shape = ToShape(o.Get("shape"), what[i] + " shape");
-        data[i] = o.Get("data");
+        OptimizerCore::FactorRecord& r = records[i];
+        r.layer = static_cast<int>(ToInteger(o.Get(k_layer), ArgName::Key(at, "layer"), 0, static_cast<int64_t>(core.layers().size()) - 1));
+        r.which = static_cast<FactorKind>(ToInteger(o.Get(k_which), ArgName::Key(at, "which"), 0, 1));
+        what[i] = [&core, layer = r.layer, which = r.which] { return core.FactorName(layer, which); };
+        const ArgName name(what[i]);
+        r.shape = ToShape(o.Get(k_shape), ArgName::Suffix(name, " shape"));
+        data[i] = o.Get(k_data);
       }
       std::vector<index_t> numel(n);
       for (size_t i = 0; i < n; ++i) {
         const OptimizerCore::FactorRecord& r = records[i];
-        numel[i] = r.which == FactorKind::kH ? core.CheckInputShape(r.layer, r.shape, what[i])
-                                             : core.CheckOutputGradShape(r.layer, r.shape, what[i]);
+        numel[i] = r.which == FactorKind::kH ? core.CheckInputShape(r.layer, r.shape) : core.CheckOutputGradShape(r.layer, r.shape);
       }
       auto backend = SharedBackend(env);
       std::vector<TensorRef> refs;
       refs.reserve(n);
       for (size_t i = 0; i < n; ++i) {
-        refs.emplace_back(env, backend, data[i], numel[i], what[i], false);
+        refs.emplace_back(env, backend, data[i], numel[i], ArgName(what[i]), false);
         records[i].data = refs.back().data();
       }
       core.RecordFactors(records);
@@ -265,7 +269,7 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       std::vector<int> layers(n);
       for (uint32_t i = 0; i < n; ++i) {
         layers[i] = static_cast<int>(
-            ToInteger(ls.Get(i), ArgName("layers", i).str(), 0, static_cast<int64_t>(core.layers().size()) - 1));
+            ToInteger(ls.Get(i), ArgName("layers", i), 0, static_cast<int64_t>(core.layers().size()) - 1));
       }
       core.ReuseRunningFactors(layers);
       return env.Undefined();

@@ -160,6 +160,34 @@ describe('recordFactors', () => {
     expectThrows(() => opt.recordFactors([]), { cls: Error, message: /disposed/, code: ErrorCodes.disposed });
   });
 
+  test('the binding names the bad field of a record on its own (names made only on failure: NOTE: [names on failure])', () => {
+    const { backend } = backendInfo();
+    const b = loadBinding().binding;
+    const cfg = { rule: 0, lr: 1e-3, beta: 0.9, damping: 1e-3, decay: 0.08, mix: 0.008, weightDecay: 0, tcov: 1, guard: true };
+    const linear = { kind: 0, hasBias: true, inFeatures: 4, outFeatures: 3, layout: 0, format: 0 };
+    const conv = { kind: 1, hasBias: false, inFeatures: 2, outFeatures: 3, layout: 0, format: 0, kernelH: 3, kernelW: 3, strideH: 1, strideW: 1, groups: 1, padMode: 0, padTop: 0, padBottom: 0, padLeft: 0, padRight: 0 };
+    const tensors = [{ numel: 12, layer: 0, role: 0 }, { numel: 3, layer: 0, role: 1 }, { numel: 54, layer: 1, role: 0 }];
+    const native = new b.NativeOptimizer(backend, cfg, [linear, conv], tensors) as unknown as { recordFactors(records: unknown): void; dispose(): void };
+    const x = new Float32Array(8), xc = new Float32Array(2 * 2 * 5 * 5);
+    const good = { layer: 0, which: 0, data: x, shape: [2, 4] };
+    const cases: [unknown[], typeof TypeError, RegExp][] = [
+      [[good, 5], TypeError, /^Expected an object for records\[1\] but received 5/],
+      [[good, { ...good, layer: 'a' }], TypeError, /^Expected an integer for records\[1\]\.layer but/],
+      [[{ ...good, layer: 2 }], RangeError, /^Expected an integer in \[0, 1\] for records\[0\]\.layer but received 2/],
+      [[good, { ...good, which: 2 }], RangeError, /for records\[1\]\.which but received 2/],
+      [[{ ...good, shape: 'a' }], TypeError, /^Expected an array for layers\[0\] input shape but/],
+      [[{ ...good, which: 1, shape: [2, -3] }], RangeError, /for layers\[0\] output gradient shape\[1\] but received -3/],
+      [[{ ...good, shape: new Array(17).fill(1) }], RangeError, /^Expected at most 16 dims for layers\[0\] input shape$/],
+      [[good, { layer: 1, which: 0, data: xc, shape: [2, 2, 25] }], RangeError, /^Expected layers\[1\] input of rank 4 \(NCHW\)/],
+      [[good, { layer: 1, which: 1, data: x, shape: [2, 4, 1, 1] }], RangeError, /^Expected layers\[1\] output gradient with 3 output/],
+      [[{ ...good, data: new Float32Array(7) }], RangeError, /^Expected 8 elements for layers\[0\] input but received 7/],
+      [[good, { ...good, which: 1, data: 'x', shape: [2, 3] }], TypeError, /for layers\[0\] output gradient but received 'x'/],
+    ];
+    for (const [records, cls, message] of cases) expectThrows(() => native.recordFactors(records), { cls, message });
+    native.recordFactors([good, { layer: 1, which: 0, data: xc, shape: [2, 2, 5, 5] }]);
+    native.dispose();
+  });
+
   test('setFactors checks H and S before it writes either: a call that throws records nothing', () => {
     const { backend } = backendInfo();
     const specs: LayerSpec[] = [{ kind: 'linear', inFeatures: 4, outFeatures: 3, weight: new Rng(3).array(12), bias: new Rng(4).array(3) }];

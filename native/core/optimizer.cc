@@ -21,12 +21,13 @@ std::string ShapeString(const std::vector<index_t>& shape) {
 
 // Element count of a shape. The product of the non-zero dims is bounded by 2^50 too, so
 // that no partial product of the dims (N * C, ...) can overflow anywhere downstream.
-index_t Numel(const std::vector<index_t>& shape, const std::string& what) {
+template <typename Name>
+index_t Numel(const std::vector<index_t>& shape, const Name& what) {
   index_t n = 1, nonzero = 1;
   for (index_t d : shape) {
-    if (d < 0) Invalid("Expected non-negative dimensions for " + what + " but received " + ShapeString(shape));
+    if (d < 0) Invalid("Expected non-negative dimensions for " + what() + " but received " + ShapeString(shape));
     if (d != 0) {
-      if (nonzero > kMaxElements / d) Invalid("Expected at most 2^50 elements for " + what + " but received " + ShapeString(shape));
+      if (nonzero > kMaxElements / d) Invalid("Expected at most 2^50 elements for " + what() + " but received " + ShapeString(shape));
       nonzero *= d;
     } else {
       n = 0;
@@ -195,15 +196,20 @@ std::string OptimizerCore::LayerName(int layer) const {
   return "layers[" + std::to_string(label >= 0 ? label : layer) + "]";
 }
 
+std::string OptimizerCore::FactorName(int layer, FactorKind which) const {
+  return LayerName(layer) + (which == FactorKind::kH ? " input" : " output gradient");
+}
+
 index_t OptimizerCore::FactorLength(int layer, FactorKind which) const {
   CheckLayerIndex(layer);
   return which == FactorKind::kH ? plans_[layer].h_length : plans_[layer].s_length;
 }
 
-Conv2dShape OptimizerCore::ConvGeometry(int layer, const std::vector<index_t>& shape, const std::string& what) const {
+Conv2dShape OptimizerCore::ConvGeometry(int layer, const std::vector<index_t>& shape) const {
+  const auto what = [&] { return FactorName(layer, FactorKind::kH); };
   const LayerSpec& l = layers_[layer];
   if (shape.size() != 4)
-    Invalid("Expected " + what + " of rank 4 (" + (l.format == DataFormat::kNCHW ? "NCHW" : "NHWC") + ") but received " +
+    Invalid("Expected " + what() + " of rank 4 (" + (l.format == DataFormat::kNCHW ? "NCHW" : "NHWC") + ") but received " +
             ShapeString(shape));
   Conv2dShape s;
   s.format = l.format;
@@ -214,7 +220,7 @@ Conv2dShape OptimizerCore::ConvGeometry(int layer, const std::vector<index_t>& s
     s.height = shape[1], s.width = shape[2], s.channels = shape[3];
   }
   if (s.channels != l.in_features)
-    Invalid("Expected " + what + " to have " + std::to_string(l.in_features) + " channels but received shape " +
+    Invalid("Expected " + what() + " to have " + std::to_string(l.in_features) + " channels but received shape " +
             ShapeString(shape));
   s.kernel_h = l.kernel_h, s.kernel_w = l.kernel_w, s.stride_h = l.stride_h, s.stride_w = l.stride_w;
   s.groups = l.groups;
@@ -232,50 +238,52 @@ Conv2dShape OptimizerCore::ConvGeometry(int layer, const std::vector<index_t>& s
     const index_t span_h = s.height + l.pad_top + l.pad_bottom - s.kernel_h;
     const index_t span_w = s.width + l.pad_left + l.pad_right - s.kernel_w;
     if (span_h < 0 || span_w < 0)
-      Invalid("Expected " + what + " " + ShapeString(shape) + " to be at least as large as the kernel after padding");
+      Invalid("Expected " + what() + " " + ShapeString(shape) + " to be at least as large as the kernel after padding");
     s.out_h = span_h / s.stride_h + 1;
     s.out_w = span_w / s.stride_w + 1;
   }
-  if (s.height < 1 || s.width < 1) Invalid("Expected " + what + " to have non-empty spatial dims");
+  if (s.height < 1 || s.width < 1) Invalid("Expected " + what() + " to have non-empty spatial dims");
   return s;
 }
 
-index_t OptimizerCore::CheckInputShape(int layer, const std::vector<index_t>& shape, const std::string& what) const {
+index_t OptimizerCore::CheckInputShape(int layer, const std::vector<index_t>& shape) const {
+  const auto what = [&] { return FactorName(layer, FactorKind::kH); };
   CheckLayerIndex(layer);
   const index_t n = Numel(shape, what);
-  if (n == 0) Invalid("Expected a non-empty " + what + " but received shape " + ShapeString(shape));
+  if (n == 0) Invalid("Expected a non-empty " + what() + " but received shape " + ShapeString(shape));
   const LayerSpec& l = layers_[layer];
   switch (l.kind) {
     case LayerKind::kLinear:
       if (shape.empty() || shape.back() != l.in_features)
-        Invalid("Expected " + what + " with last dim " + std::to_string(l.in_features) + " but received " + ShapeString(shape));
+        Invalid("Expected " + what() + " with last dim " + std::to_string(l.in_features) + " but received " + ShapeString(shape));
       break;
     case LayerKind::kConv2d:
-      ConvGeometry(layer, shape, what);
+      ConvGeometry(layer, shape);
       break;
     case LayerKind::kBatchNorm: {
       const index_t c = shape.size() == 2 ? shape[1]
                         : shape.size() == 4 ? (l.format == DataFormat::kNCHW ? shape[1] : shape[3])
                                             : -1;
       if (c != l.out_features)
-        Invalid("Expected " + what + " of rank 2 or 4 with " + std::to_string(l.out_features) +
+        Invalid("Expected " + what() + " of rank 2 or 4 with " + std::to_string(l.out_features) +
                 " channels but received " + ShapeString(shape));
       break;
     }
     case LayerKind::kLayerNorm:
       if (shape.size() < 2 || shape.back() != l.out_features || shape[1] < 1)
-        Invalid("Expected " + what + " of rank >= 2 with last dim " + std::to_string(l.out_features) + " but received " +
+        Invalid("Expected " + what() + " of rank >= 2 with last dim " + std::to_string(l.out_features) + " but received " +
                 ShapeString(shape));
       break;
   }
-  if (shape[0] < 1 && l.kind != LayerKind::kLinear) Invalid("Expected " + what + " to have a batch of at least 1");
+  if (shape[0] < 1 && l.kind != LayerKind::kLinear) Invalid("Expected " + what() + " to have a batch of at least 1");
   return n;
 }
 
-index_t OptimizerCore::CheckOutputGradShape(int layer, const std::vector<index_t>& shape, const std::string& what) const {
+index_t OptimizerCore::CheckOutputGradShape(int layer, const std::vector<index_t>& shape) const {
+  const auto what = [&] { return FactorName(layer, FactorKind::kS); };
   CheckLayerIndex(layer);
   const index_t n = Numel(shape, what);
-  if (n == 0) Invalid("Expected a non-empty " + what + " but received shape " + ShapeString(shape));
+  if (n == 0) Invalid("Expected a non-empty " + what() + " but received shape " + ShapeString(shape));
   const LayerSpec& l = layers_[layer];
   index_t c = -1;
   switch (l.kind) {
@@ -292,15 +300,14 @@ index_t OptimizerCore::CheckOutputGradShape(int layer, const std::vector<index_t
       break;
   }
   if (c != l.out_features)
-    Invalid("Expected " + what + " with " + std::to_string(l.out_features) + " output features/channels but received " +
+    Invalid("Expected " + what() + " with " + std::to_string(l.out_features) + " output features/channels but received " +
             ShapeString(shape));
-  if (l.kind != LayerKind::kLinear && shape[0] < 1) Invalid("Expected " + what + " to have a batch of at least 1");
+  if (l.kind != LayerKind::kLinear && shape[0] < 1) Invalid("Expected " + what() + " to have a batch of at least 1");
   return n;
 }
 
 FactorJob OptimizerCore::InputJob(int layer, const float* x, const std::vector<index_t>& shape) const {
-  const std::string what = LayerName(layer) + " input";
-  const index_t n = CheckInputShape(layer, shape, what);
+  const index_t n = CheckInputShape(layer, shape);
   const LayerSpec& l = layers_[layer];
   FactorJob job;
   job.x = x;
@@ -316,7 +323,7 @@ FactorJob OptimizerCore::InputJob(int layer, const float* x, const std::vector<i
     }
     case LayerKind::kConv2d:
       job.op = FactorOp::kConv2dPatch;
-      job.conv = ConvGeometry(layer, shape, what);
+      job.conv = ConvGeometry(layer, shape);
       job.has_appended = l.has_bias;
       break;
     case LayerKind::kBatchNorm: {
@@ -343,8 +350,7 @@ FactorJob OptimizerCore::InputJob(int layer, const float* x, const std::vector<i
 }
 
 FactorJob OptimizerCore::OutputGradJob(int layer, const float* g, const std::vector<index_t>& shape) const {
-  const std::string what = LayerName(layer) + " output gradient";
-  const index_t n = CheckOutputGradShape(layer, shape, what);
+  const index_t n = CheckOutputGradShape(layer, shape);
   const LayerSpec& l = layers_[layer];
   const index_t C = l.out_features;
   FactorJob job;

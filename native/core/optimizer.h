@@ -71,10 +71,14 @@ class OptimizerCore {
   // "layers[i]" with the user's index of layer `layer` (LayerSpec::label).
   std::string LayerName(int layer) const;
 
+  // "layers[2] input", "layers[2] output gradient": a factor's data in error messages.
+  std::string FactorName(int layer, FactorKind which) const;
+
   // Number of elements a layer input / output gradient of `shape` must have, after
-  // checking the shape against the layer; throws kInvalidArgument with `what` in the message.
-  index_t CheckInputShape(int layer, const std::vector<index_t>& shape, const std::string& what) const;
-  index_t CheckOutputGradShape(int layer, const std::vector<index_t>& shape, const std::string& what) const;
+  // checking the shape against the layer; throws kInvalidArgument naming FactorName(layer, ...)
+  // (made only then: NOTE: [names on failure] in native/glue.h).
+  index_t CheckInputShape(int layer, const std::vector<index_t>& shape) const;
+  index_t CheckOutputGradShape(int layer, const std::vector<index_t>& shape) const;
 
   // x / g are backend memory holding CheckInputShape/CheckOutputGradShape elements.
   void RecordInput(int layer, const float* x, const std::vector<index_t>& shape);
@@ -128,7 +132,7 @@ class OptimizerCore {
   // The backend work of RecordInput / RecordOutputGrad, after checking the shape.
   FactorJob InputJob(int layer, const float* x, const std::vector<index_t>& shape) const;
   FactorJob OutputGradJob(int layer, const float* g, const std::vector<index_t>& shape) const;
-  Conv2dShape ConvGeometry(int layer, const std::vector<index_t>& shape, const std::string& what) const;
+  Conv2dShape ConvGeometry(int layer, const std::vector<index_t>& shape) const;
   void CheckLayerIndex(int layer) const;
 
   std::shared_ptr<Backend> backend_;
