@@ -17,7 +17,7 @@ import {
 } from './binding.js';
 import { BACKEND_NAMES, resolveBackend, type BackendName, type DeviceBuffer } from './backend.js';
 import { codedError, ErrorCodes, rangeError, typeError } from './errors.js';
-import { checkBoolean, checkFloat32, checkInteger, checkOneOf, checkPair, checkRange, checkShape } from './validate.js';
+import { checkBoolean, checkFloat32, checkInteger, checkOneOf, checkPair, checkRange, checkShape, fastShape } from './validate.js';
 
 /** A parameter, gradient or activation: a Float32Array (zero-copy on cpu) or a DeviceBuffer. */
 export type Tensor = Float32Array | DeviceBuffer;
@@ -447,6 +447,14 @@ export class AdaFisher {
     return this.#native;
   }
 
+  // The native index of a preconditioned layer when `layer` is a valid one, else undefined
+  // (then #layerIndex, with the argument's name, throws the error).
+  #fastLayerIndex(layer: unknown): number | undefined {
+    if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= this.#layers.length) return undefined;
+    const n = this.#plan.nativeIndex[layer];
+    return n < 0 ? undefined : n;
+  }
+
   #layerIndex(layer: unknown, name = 'layer'): number {
     const i = checkInteger(name, layer, 0, this.#layers.length - 1);
     const n = this.#plan.nativeIndex[i];
@@ -532,22 +540,31 @@ export class AdaFisher {
     const what = 'an object { layer, input?, inputShape?, outputGrad?, outputGradShape? }';
     if (!Array.isArray(records)) throw typeError('records', `an array of ${what}`, records);
     const out: NativeFactorRecord[] = [];
-    records.forEach((r: unknown, i: number) => {
-      const name = `records[${i}]`;
-      if (r === null || typeof r !== 'object') throw typeError(name, what, r);
-      const rec = r as FactorRecord;
-      const layer = this.#layerIndex(rec.layer, `${name}.layer`);
-      if (rec.input === undefined && rec.outputGrad === undefined) throw typeError(name, 'an input or an outputGrad', r);
-      const add = (which: number, data: Tensor | undefined, shape: unknown, key: string) => {
-        if (data !== undefined) {
-          out.push({ layer, which, data, shape: checkShape(`${name}.${key}Shape`, shape) });
-        } else if (shape !== undefined) {
-          throw typeError(`${name}.${key}`, `a tensor, since ${key}Shape is given`, data);
-        }
-      };
-      add(FactorWhich.H, rec.input, rec.inputShape, 'input');
-      add(FactorWhich.S, rec.outputGrad, rec.outputGradShape, 'outputGrad');
-    });
+    // Argument names ("records[3].inputShape") are made only when a check fails: this runs
+    // for every layer of every training step (NOTE: [names on failure]).
+    const n = records.length;
+    for (let i = 0; i < n; ++i) {
+      const r: unknown = records[i];
+      if (r === null || typeof r !== 'object') throw typeError(`records[${i}]`, what, r);
+      const { layer: index, input, inputShape, outputGrad, outputGradShape } = r as FactorRecord;
+      const layer = this.#fastLayerIndex(index) ?? this.#layerIndex(index, `records[${i}].layer`);
+      if (input === undefined && outputGrad === undefined) throw typeError(`records[${i}]`, 'an input or an outputGrad', r);
+      if (input !== undefined) {
+        out.push({ layer, which: FactorWhich.H, data: input, shape: fastShape(inputShape) ?? checkShape(`records[${i}].inputShape`, inputShape) });
+      } else if (inputShape !== undefined) {
+        throw typeError(`records[${i}].input`, 'a tensor, since inputShape is given', input);
+      }
+      if (outputGrad !== undefined) {
+        out.push({
+          layer,
+          which: FactorWhich.S,
+          data: outputGrad,
+          shape: fastShape(outputGradShape) ?? checkShape(`records[${i}].outputGradShape`, outputGradShape),
+        });
+      } else if (outputGradShape !== undefined) {
+        throw typeError(`records[${i}].outputGrad`, 'a tensor, since outputGradShape is given', outputGrad);
+      }
+    }
     this.#alive().recordFactors(out);
   }
 

@@ -64,6 +64,23 @@ export function checkPair(name: string, value: unknown, lo: number): [number, nu
   return [checkInteger(`${name}[0]`, value[0], lo), checkInteger(`${name}[1]`, value[1], lo)];
 }
 
+// NOTE: [names on failure]
+// The calls made every training step (recordFactors for every layer) check their arguments
+// with a fast test first and build an argument's name ("records[3].inputShape") only to
+// throw: the strings cost more than the checks. fastShape is checkShape's test without the
+// name: a copy of a valid shape, or undefined (then checkShape names what is wrong).
+export function fastShape(value: unknown): number[] | undefined {
+  if (!Array.isArray(value)) return undefined;
+  const n = value.length;
+  const out = new Array<number>(n);
+  for (let i = 0; i < n; ++i) {
+    const d: unknown = value[i];
+    if (typeof d !== 'number' || !Number.isInteger(d) || d < 0 || d > Number.MAX_SAFE_INTEGER) return undefined;
+    out[i] = d;
+  }
+  return out;
+}
+
 export function checkShape(name: string, value: unknown): number[] {
   if (!Array.isArray(value)) throw typeError(name, 'an array of dimensions', value);
   return value.map((d, i) => checkInteger(`${name}[${i}]`, d, 0));

@@ -155,6 +155,10 @@ describe('recordFactors', () => {
     expectThrows(() => opt.recordFactors([{ layer: 5, input: x, inputShape: [3] }]), { cls: RangeError, message: /preconditioned layer.*for records\[0\]\.layer/ });
     expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, -8] }]), { cls: RangeError, message: /records\[0\]\.inputShape\[3\]/ });
     expectThrows(() => opt.recordFactors([{ layer: 0, input: [1, 2] as never, inputShape: [3, 3, 8, 8] }]), { cls: TypeError, message: /layers\[0\] input/ });
+    // A hole in a sparse array is not a record (forEach would skip it silently).
+    expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, 8] }, , ] as never), { cls: TypeError, message: /for records\[1\] but received undefined/ });
+    expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3.5, 8, 8] }]), { cls: RangeError, message: /records\[0\]\.inputShape\[1\]/ });
+    expectThrows(() => opt.recordFactors([{ layer: 0, outputGrad: x, outputGradShape: [3, 2 ** 60] }]), { cls: RangeError, message: /records\[0\]\.outputGradShape\[1\]/ });
     opt.recordFactors([]);  // nothing to record is not an error
     opt.dispose();
     expectThrows(() => opt.recordFactors([]), { cls: Error, message: /disposed/, code: ErrorCodes.disposed });
