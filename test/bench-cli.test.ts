@@ -96,7 +96,7 @@ describe('bad values: exit 2 before anything is measured', () => {
 test('gpu.js --dump-cases still prints the GPU workloads for bench/torch_baselines.py', () => {
   const r = bench('gpu.js', ['--dump-cases']);
   expect(r.rc, r.stderr).toBe(0);
-  expect(Object.keys(JSON.parse(r.stdout))).toEqual(['mlp', 'cnn', 'cnn512', 'big']);
+  expect(Object.keys(JSON.parse(r.stdout))).toEqual(['mlp', 'cnn', 'cnn512', 'big', 'tiny']);
 });
 
 describe('verdicts', () => {

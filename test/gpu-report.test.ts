@@ -65,6 +65,15 @@ describe('GPU benchmark verdicts on a recorded H200 run', () => {
     for (const name of CASES) expect(key[name].eagerTargetMet, name).toBe(true);
   });
 
+  test("tiny (a call's fixed cost, run last on the GPU): its figures shown, no target judged", () => {
+    const r = report(run.fill, { tiny: workloads.cnn }, { ...torch, workloads: { tiny: torch.workloads!.cnn } }, ['tiny']);
+    const k = keysOf(r).tiny;
+    expect(k.wholeSpeedupVsEager as number).toBeGreaterThan(1);
+    expect(k.speedupVsFusedAdamGuardOn as number).toBeGreaterThan(1);
+    for (const t of ['eagerTargetMet', 'stepCopyTargetMet', 'fusedAdamTargetMet', 'convFactorsTargetMet']) expect(k[t], t).toBeUndefined();
+    expect(r.text).toMatch(/vs eager PyTorch AdaFisher: [\d.]+x \(a call's fixed cost: not judged\)/);
+  });
+
   test('without the PyTorch baselines the torch targets are null (not measured), not met and not absent', () => {
     const bare = { key: keysOf(report(run.fill, workloads, undefined, CASES)) };
     expect(bare.key.big).toMatchObject({ stepCopyTargetMet: true, fusedAdamTargetMet: null, fusedAdamTargetMetGuardOn: null, eagerTargetMet: null });
