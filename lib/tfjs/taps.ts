@@ -461,7 +461,15 @@ export function installTap(layer: tf.layers.Layer, supported: SupportedLayer, in
     sink.input(index, x);
     if (pre === undefined) return gradTap(original.call(this, inputs, kwargs) as tf.Tensor);
     const act = this.activation;
-    const tapped = gradTap(tfjs.tidy(() => pre(x)));
+    // TF.js's Dense.call runs the layer's call hook (Layer.setCallHook) first, inside its tidy;
+    // the tap computes the layer in its place, so it runs the hook too (Conv2D's call runs none).
+    const hook = supported.kind === 'linear';
+    const tapped = gradTap(
+      tfjs.tidy(() => {
+        if (hook) (this as unknown as { invokeCallHook(i: typeof inputs, k: typeof kwargs): void }).invokeCallHook(inputs, kwargs);
+        return pre(x);
+      }),
+    );
     return act != null && act.getClassName() !== 'linear' ? act.apply(tapped) : tapped;
   };
   tapRecords.set(tappedCall, rec);
