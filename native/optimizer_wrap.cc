@@ -153,38 +153,27 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     return static_cast<int>(ToInteger(v, "layer", 0, static_cast<int64_t>(Core(env).layers().size()) - 1));
   }
 
-  // recordInput(layer, data, shape)
-  Napi::Value RecordInput(const Napi::CallbackInfo& info) {
+  // recordInput(layer, data, shape) and recordOutputGrad(layer, data, shape): one factor's data.
+  Napi::Value RecordInput(const Napi::CallbackInfo& info) { return RecordOne(info, FactorKind::kH); }
+  Napi::Value RecordOutputGrad(const Napi::CallbackInfo& info) { return RecordOne(info, FactorKind::kS); }
+  Napi::Value RecordOne(const Napi::CallbackInfo& info, FactorKind which) {
     Napi::Env env = info.Env();
     return Guarded(env, [&]() -> Napi::Value {
       const InCall in_call(in_call_);
       OptimizerCore& core = Core(env);
       if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       const int layer = LayerIndex(env, info[0]);
-      const std::function<std::string()> make = [&core, layer] { return core.FactorName(layer, FactorKind::kH); };
+      const std::function<std::string()> make = [&core, layer, which] { return core.FactorName(layer, which); };
       const ArgName what(make);
       const auto shape = ToShape(info[2], ArgName::Suffix(what, " shape"));
-      const index_t n = core.CheckInputShape(layer, shape);
-      TensorRef x(env, SharedBackend(env), info[1], n, what, false);
-      core.RecordInput(layer, x.data(), shape);
-      return env.Undefined();
-    });
-  }
-
-  // recordOutputGrad(layer, data, shape)
-  Napi::Value RecordOutputGrad(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    return Guarded(env, [&]() -> Napi::Value {
-      const InCall in_call(in_call_);
-      OptimizerCore& core = Core(env);
-      if (core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
-      const int layer = LayerIndex(env, info[0]);
-      const std::function<std::string()> make = [&core, layer] { return core.FactorName(layer, FactorKind::kS); };
-      const ArgName what(make);
-      const auto shape = ToShape(info[2], ArgName::Suffix(what, " shape"));
-      const index_t n = core.CheckOutputGradShape(layer, shape);
-      TensorRef g(env, SharedBackend(env), info[1], n, what, false);
-      core.RecordOutputGrad(layer, g.data(), shape);
+      const bool input = which == FactorKind::kH;
+      const index_t n = input ? core.CheckInputShape(layer, shape) : core.CheckOutputGradShape(layer, shape);
+      TensorRef data(env, SharedBackend(env), info[1], n, what, false);
+      if (input) {
+        core.RecordInput(layer, data.data(), shape);
+      } else {
+        core.RecordOutputGrad(layer, data.data(), shape);
+      }
       return env.Undefined();
     });
   }
@@ -210,7 +199,8 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
         const ArgName at("records", i);
         const Napi::Object o = ToObject(rs.Get(i), at);
         OptimizerCore::FactorRecord& r = records[i];
-        r.layer = static_cast<int>(ToInteger(o.Get(k_layer), ArgName::Key(at, "layer"), 0, static_cast<int64_t>(core.layers().size()) - 1));
+        const int64_t last_layer = static_cast<int64_t>(core.layers().size()) - 1;
+        r.layer = static_cast<int>(ToInteger(o.Get(k_layer), ArgName::Key(at, "layer"), 0, last_layer));
         r.which = static_cast<FactorKind>(ToInteger(o.Get(k_which), ArgName::Key(at, "which"), 0, 1));
         what[i] = [&core, layer = r.layer, which = r.which] { return core.FactorName(layer, which); };
         const ArgName name(what[i]);
