@@ -699,7 +699,9 @@ export function describeTorch(t: TorchBaselines | { skipped: string } | undefine
   if ('skipped' in t) return `PyTorch baselines: not measured: ${t.skipped}`;
   const when = t.fromFile ? `from ${t.fromFile}` : 'same run';
   const parts = [`PyTorch baselines (${when}): torch ${t.torch ?? '?'} on ${t.device ?? '?'}${t.threads ? `, ${t.threads} threads` : ''}`];
-  if (t.golden) {
+  if (t.golden && Object.keys(t.golden).length === 0) {
+    parts.push('its eager AdaFisher was not checked against the golden trajectories');
+  } else if (t.golden) {
     const errs = Object.values(t.golden).map((g) => (g.maxRelError === null ? Number.NaN : g.maxRelError));
     const worst = errs.some((e) => !(e <= 1e-4)) ? Number.NaN : Math.max(...errs);
     const shown = errs.map((e) => (Number.isFinite(e) ? e.toExponential(1) : 'non-finite'));

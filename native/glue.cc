@@ -220,7 +220,7 @@ std::string ArgName::str() const {
 // no reference to a string); keys are found by the address of their literal (a few dozen
 // call sites), else by value. A reader of many objects (recordFactors: four fields per
 // record) takes its keys once per call. Measured with 32 records of 8 floats each on the
-// 2-core VM: 38-39 us a call before, 32 with the names made only on failure, 24 with the keys
+// 2-core VM: 38-43 us a call before, 32 with the names made only on failure, 24 with the keys
 // made once.
 Napi::Value GetProperty(const Napi::Object& obj, const char* key) { return obj.Get(PropertyKey(obj.Env(), key)); }
 

@@ -120,6 +120,12 @@ describe('verdicts', () => {
     expect(describeTorch(onCuda)).toMatch(new RegExp(`^PyTorch baselines \\(from ${gpuFile.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\): torch`));
   });
 
+  test('PyTorch baselines with no golden file checked say so (not "the 0 golden trajectories to -Infinity")', () => {
+    const t = { device: 'cpu', torch: '2.x', golden: {}, workloads: {} };
+    expect(describeTorch(t)).toMatch(/its eager AdaFisher was not checked against the golden trajectories$/);
+    expect(describeTorch({ ...t, golden: { 'a.json': { maxRelError: 2e-5 } } })).toMatch(/reproduces the 1 golden trajectories to max rel\. error 2\.0e-5$/);
+  });
+
   test('a timing without samples is an error, not a NaN figure', () => {
     expect(() => summarize([], 1)).toThrow(/no samples/);
     expect(summarize([3, 1, 2], 1)).toMatchObject({ ms: 2, samples: 3 });
