@@ -568,6 +568,15 @@ export function caseList(name: string, text: string | undefined, known: readonly
 }
 
 /**
+ * How the user ran a bench script, for its usage text and error hints: `adafisher bench cpu`
+ * (the package's command line sets ADAFISHER_BENCH_COMMAND when it runs the script) or
+ * `node dist/bench/<script>` (a clone of the repository).
+ */
+export function benchCommand(script: string): string {
+  return process.env.ADAFISHER_BENCH_COMMAND || `node dist/bench/${script}`;
+}
+
+/**
  * Runs a bench's main. A UsageError becomes one `bench: ...` line on stderr and exit code
  * 2; any other error one `bench: ...` line and exit code 1 (no stack trace either way).
  */
@@ -577,7 +586,7 @@ export function runMain(script: string, main: () => Promise<void> | void): void 
     .catch((e: unknown) => {
       const message = e instanceof Error ? e.message : String(e);
       if (e instanceof UsageError) {
-        console.error(`bench: ${message} (see 'node dist/bench/${script} --help')`);
+        console.error(`bench: ${message} (see '${benchCommand(script)} --help')`);
         process.exitCode = 2;
       } else {
         console.error(`bench: ${message.replace(/\s*\n\s*/g, ' ')}`);

@@ -13,6 +13,7 @@ import { isMainThread, parentPort, Worker, workerData } from 'node:worker_thread
 import { AdaFisher, backendInfo, createBuffer } from '../lib/index.js';
 import { CPU_CASES, CPU_QUOTED, deriveWorkload, TARGETS, WORKLOADS } from './cases.js';
 import {
+  benchCommand,
   caseList,
   cpuTimer,
   describeTorch,
@@ -43,7 +44,8 @@ const SCRIPT = fileURLToPath(import.meta.url);
 const DEFAULT_REPS = 31;
 const KNOWN_CASES = Object.keys(WORKLOADS);
 
-const USAGE = `Usage: node dist/bench/cpu.js [options]        (npm run bench -- [options])
+const COMMAND = benchCommand('cpu.js');
+const USAGE = `Usage: ${COMMAND} [options]${COMMAND.startsWith('node ') ? '        (npm run bench -- [options])' : ''}
 
 CPU benchmark of the native cpu backend: every case (the memory copy bandwidth reference,
 first and last, and each workload) runs in a fresh child process; ratios are taken against

@@ -13,6 +13,7 @@ import { AdaFisher, backendInfo, createBuffer, type DeviceBuffer, type LayerSpec
 import { deriveWorkload, GPU_CASES, WORKLOADS } from './cases.js';
 import { report, ROTATE_BYTES, type FillResult, type GpuWorkloadResult } from './gpu-report.js';
 import {
+  benchCommand,
   caseList,
   gpuTimer,
   instantiate,
@@ -38,10 +39,11 @@ const DEFAULT_BATCHES = 15;
 const KNOWN_CASES = Object.keys(WORKLOADS);
 const BACKENDS: readonly Backend[] = ['cuda', 'cpu'];
 
-const USAGE = `Usage: node dist/bench/gpu.js [options]
-       node dist/bench/gpu.js --dump-cases
+const COMMAND = benchCommand('gpu.js');
+const USAGE = `Usage: ${COMMAND} [options]
+       ${COMMAND} --dump-cases
 
-GPU benchmark of the cuda backend, normally run by scripts/gpu-check.sh (stage bench). Every
+GPU benchmark of the cuda backend (in the repository, scripts/gpu-check.sh runs it). Every
 case (the fill / copy reference and each workload) runs in a fresh child process; a figure
 is the median over batches of calls timed by CUDA events. Method, figures and targets:
 bench/README.md.

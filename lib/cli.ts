@@ -1,8 +1,10 @@
 #!/usr/bin/env node
-// The `adafisher` command: replay a golden trajectory, report the backend, run the demo.
+// The `adafisher` command: replay a golden trajectory, report the backend, run the demo,
+// run the kernel benchmark.
 // Every failure is one line on stderr ("adafisher: ...") and a documented exit code, never
 // a stack trace (see EXIT below and README "Command line").
-import { readdirSync, readFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
@@ -15,7 +17,7 @@ import { checkOneOf } from './validate.js';
 /** Exit codes, the same for every subcommand. */
 const EXIT = {
   ok: 0,
-  /** replay: an error above the tolerance; demo: a trajectory that does not match. */
+  /** replay: an error above the tolerance; demo: a trajectory that does not match; bench: a case that failed. */
   mismatch: 1,
   /** Bad usage (unknown command or option, bad value, bad ADAFISHER_* variable) or a malformed golden file. */
   usage: 2,
@@ -23,8 +25,9 @@ const EXIT = {
   unavailable: 3,
 } as const;
 
-const EXIT_CODES = `Exit codes: 0 success; 1 replay or demo above the tolerance; 2 bad usage or a malformed
-golden file; 3 the requested backend cannot be used (e.g. cuda without a usable GPU).`;
+const EXIT_CODES = `Exit codes: 0 success; 1 replay or demo above the tolerance, or a bench case that
+failed; 2 bad usage or a malformed golden file; 3 the requested backend cannot be used (e.g.
+cuda without a usable GPU).`;
 
 const HELP = {
   replay: `adafisher replay FILE.json [--backend auto|cpu|cuda] [--tol 1e-4]
@@ -35,6 +38,15 @@ const HELP = {
     Exit 3 when the requested backend (ADAFISHER_BACKEND) cannot be used.`,
   demo: `adafisher demo
     Replays every shipped golden trajectory and prints which backend ran.`,
+  bench: `adafisher bench [cpu|gpu] [OPTIONS]
+    The kernel benchmark: time, bytes moved and GB/s of the factor, min-max + EMA and step
+    calls on fixed workloads, as a share of the memory copy bandwidth measured in the same
+    run, with the targets each is judged by (and, on cpu where python3 has torch, PyTorch's
+    Adam and an eager AdaFisher on the same tensors). gpu (the default where the cuda backend
+    is usable) times the CUDA kernels with CUDA events; cpu the CPU backend. OPTIONS go to that
+    benchmark: 'adafisher bench cpu --help' and 'adafisher bench gpu --help' list them.
+    Exit 0: every case ran (a missed target is reported, not an error); 1: a case failed;
+    2: bad usage; 3: gpu where no GPU can be used.`,
 } as const;
 
 type Command = keyof typeof HELP;
@@ -148,6 +160,29 @@ function demo(args: string[]): number {
   return ok ? EXIT.ok : EXIT.mismatch;
 }
 
+function bench(args: string[]): number {
+  const [first, ...others] = args;
+  if (first === '--help' || first === '-h') return help('bench');
+  const named = first === 'cpu' || first === 'gpu';
+  const rest = named ? others : args;
+  const target = named ? first : backendInfo().backend === 'cuda' ? 'gpu' : 'cpu';
+  const asksHelp = rest.includes('--help') || rest.includes('-h');
+  if (target === 'gpu' && !asksHelp) {
+    const cuda = backendInfo('cuda');
+    if (cuda.backend !== 'cuda') {
+      console.error(`adafisher: the gpu benchmark needs the cuda backend, which cannot be used: ${cuda.reason}`);
+      return EXIT.unavailable;
+    }
+  }
+  const script = join(packageRoot, 'dist', 'bench', `${target}.js`);
+  if (!existsSync(script)) throw new Error(`the ${target} benchmark is missing from this installation (${script})`);
+  // Its own process, output and exit status: the benchmark forks a child per case.
+  const env = { ...process.env, ADAFISHER_BENCH_COMMAND: `adafisher bench ${target}` };  // for its usage text
+  const r = spawnSync(process.execPath, [script, ...rest], { stdio: 'inherit', env });
+  if (r.error) throw r.error;
+  return r.status ?? EXIT.unavailable;
+}
+
 function help(command?: Command): number {
   console.log(command === undefined ? USAGE : `Usage:\n  ${HELP[command].replace(/\n/g, '\n  ')}\n\n${EXIT_CODES}`);
   return EXIT.ok;
@@ -168,6 +203,9 @@ function run(argv: string[]): number {
     case 'demo':
       running = 'demo';
       return demo(rest);
+    case 'bench':
+      running = 'bench';
+      return bench(rest);
     case '--version':
     case '-v':
       console.log(JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')).version);
@@ -178,7 +216,7 @@ function run(argv: string[]): number {
     case '-h':
       return help();
     default:
-      throw new UsageError(`unknown command '${cmd}' (expected replay, info or demo)`);
+      throw new UsageError(`unknown command '${cmd}' (expected replay, info, demo or bench)`);
   }
 }
 

@@ -144,10 +144,46 @@ describe('adafisher demo and the command itself', () => {
     for (const args of [['--help'], ['help'], []]) {
       const r = adafisher(args);
       expect(r.rc).toBe(0);
-      for (const cmd of ['replay', 'info', 'demo']) expect(r.stdout).toContain(`adafisher ${cmd}`);
+      for (const cmd of ['replay', 'info', 'demo', 'bench']) expect(r.stdout).toContain(`adafisher ${cmd}`);
     }
     expectFailure(adafisher(['frob']), 2, /^adafisher: unknown command 'frob'/, true);
     const pkgVersion = (JSON.parse(readFileSync(join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version;
     for (const flag of ['--version', '-v']) expect(adafisher([flag])).toMatchObject({ rc: 0, stdout: `${pkgVersion}\n` });
+  });
+});
+
+describe('adafisher bench', () => {
+  test('bench cpu runs the CPU benchmark: a tiny run prints its JSON, exit 0', () => {
+    const r = adafisher(['bench', 'cpu', '--cases', 'tiny', '--reps', '1', '--no-torch', '--json']);
+    expect(r.rc, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(Object.keys(j.workloads)).toEqual(['tiny']);
+    expect(j.workloads.tiny.backend).toBe('cpu');
+    expect(j.bandwidth.copyGBps).toBeGreaterThan(0);
+  });
+
+  test("--help: ours, and each benchmark's own under the command's name; bad options: the benchmark's exit 2", () => {
+    const h = adafisher(['bench', '--help']);
+    expect(h.rc).toBe(0);
+    expect(h.stdout).toMatch(/^Usage:\n  adafisher bench \[cpu\|gpu\] \[OPTIONS\]/);
+    for (const target of ['cpu', 'gpu']) {
+      const t = adafisher(['bench', target, '--help']);
+      expect(t.rc, t.stderr).toBe(0);
+      expect(t.stdout).toMatch(new RegExp(`^Usage: adafisher bench ${target} \\[options\\]`));
+    }
+    const bad = adafisher(['bench', 'cpu', '--cases', 'nope']);
+    expect(bad.rc).toBe(2);
+    expect(bad.stderr).toMatch(/^bench: unknown case 'nope' in --cases .*\(see 'adafisher bench cpu --help'\)\n$/);
+  });
+
+  test('bench gpu: the GPU benchmark where CUDA is usable, else exit 3 saying why', () => {
+    if (cudaUsable) {
+      // The whole GPU run takes minutes: a bad option shows that the GPU benchmark was reached.
+      const r = adafisher(['bench', 'gpu', '--batches', '0']);
+      expect(r.rc).toBe(2);
+      expect(r.stderr).toMatch(/--batches expects a positive integer, got '0' \(see 'adafisher bench gpu --help'\)/);
+    } else {
+      expectFailure(adafisher(['bench', 'gpu']), 3, /^adafisher: the gpu benchmark needs the cuda backend, which cannot be used: .+/, false);
+    }
   });
 });

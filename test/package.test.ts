@@ -29,6 +29,8 @@ const ALLOWED = [
   /^README(\.md)?$/,
   /^LICENSE(\.md|\.txt)?$/,
   /^dist\/lib\/.*\.(js|d\.ts)$/,
+  /^dist\/bench\/(cases|common|cpu|gpu|gpu-report)\.js$/, // `adafisher bench`
+  /^bench\/(torch_baselines\.py|README\.md)$/, // its PyTorch baselines and its method
   /^prebuilds\/[a-z0-9]+-[a-z0-9]+\/[^/]+\.node$/,
   /^binding\.gyp$/,
   /^scripts\/install\.mjs$/, // the install step (NOTE: [offline source build])
@@ -48,6 +50,9 @@ const REQUIRED = [
   'dist/lib/index.d.ts',
   'dist/lib/cli.js',
   'dist/lib/binding.js',
+  'dist/bench/cpu.js',
+  'dist/bench/gpu.js',
+  'bench/torch_baselines.py',
   `prebuilds/${platformDir}/${prebuildName}`,
   'test/golden/mlp_adafisher.json',
   'test/golden/README.md',
@@ -164,7 +169,7 @@ describe('npm pack', () => {
     expect(stray, 'files that should not be published').toEqual([]);
     for (const p of REQUIRED) expect(paths, `tarball lacks ${p}`).toContain(p);
     // Of scripts/, only the install step ships.
-    for (const p of paths) expect(p).not.toMatch(/^(test\/.*\.ts|build[-/]|cuda\/|lib\/|bench\/|scripts\/(?!install\.mjs$)|\.ci\/)|\.map$/);
+    for (const p of paths) expect(p).not.toMatch(/^(test\/.*\.ts|build[-/]|cuda\/|lib\/|bench\/(?!torch_baselines\.py$|README\.md$)|scripts\/(?!install\.mjs$)|\.ci\/)|\.map$/);
     // Every source binding.gyp compiles ships.
     const gyp = readFileSync(join(root, 'binding.gyp'), 'utf8');
     for (const src of gyp.match(/native\/[\w/]+\.cc/g) ?? []) expect(paths).toContain(src);
@@ -263,6 +268,16 @@ describe('installed from the tarball without a compiler', () => {
     const report = JSON.parse(ok(run('npx', ['--no-install', 'adafisher', 'replay', golden, '--backend', 'cpu'], { cwd: consumer, env }), 'replay'));
     expect(report.pass).toBe(true);
     expect(ok(run('npx', ['--no-install', 'adafisher', 'demo'], { cwd: consumer, env }), 'demo')).toContain('All match.');
+  });
+
+  test('`npx adafisher bench` runs the shipped benchmark on the installed addon (the cpu one here: tiny, one rep)', () => {
+    const args = ['--no-install', 'adafisher', 'bench', 'cpu', '--cases', 'tiny', '--reps', '1', '--no-torch', '--json'];
+    const j = JSON.parse(ok(run('npx', args, { cwd: consumer, env }), 'adafisher bench cpu'));
+    expect(j.machine.addon).toBe(`${pkg.version} (cmake-js)`);
+    expect(j.bandwidth.copyGBps).toBeGreaterThan(0);
+    expect(j.workloads.tiny.step.guardOn.warm.timing.ms).toBeGreaterThan(0);
+    const usage = ok(run('npx', ['--no-install', 'adafisher', 'bench', 'gpu', '--help'], { cwd: consumer, env }), 'bench gpu --help');
+    expect(usage).toMatch(/^Usage: adafisher bench gpu \[options\]/);
   });
 
   // see NOTE: [addon loading] in lib/binding.ts
