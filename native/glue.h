@@ -45,10 +45,10 @@ struct InstanceData {
   std::string cuda_reason;
   Napi::FunctionReference buffer_constructor;
   Napi::FunctionReference optimizer_constructor;
-  // GetProperty's keys (NOTE: [property keys]): property_key_store[k] is the JS string of
-  // property_keys[k], the literal that named it.
-  std::vector<const char*> property_keys;
-  Napi::Reference<Napi::Array> property_key_store;
+  // PropertyKey's keys (NOTE: [property keys]): element k of the store is the JS string of
+  // property_keys[k].
+  std::vector<std::string> property_keys;
+  Napi::ObjectReference property_key_store;
 };
 
 InstanceData& Instance(Napi::Env env);

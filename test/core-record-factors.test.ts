@@ -2,6 +2,8 @@
 // recordInput / recordOutputGrad per layer gives (on cuda it runs the mean squares of
 // several layers in one launch: NOTE: [batched factor launch]), check every record before
 // reducing any, and keep the later of two records of the same factor.
+import { spawnSync } from 'node:child_process';
+
 import { describe, expect, test } from 'vitest';
 
 import { loadBinding } from '../lib/binding.js';
@@ -190,6 +192,31 @@ describe('recordFactors', () => {
     for (const [records, cls, message] of cases) expectThrows(() => native.recordFactors(records), { cls, message });
     native.recordFactors([good, { layer: 1, which: 0, data: xc, shape: [2, 2, 5, 5] }]);
     native.dispose();
+  });
+
+  test('the binding reads its fields with keys of its own: index getters and setters on Object.prototype and Array.prototype never run (NOTE: [property keys])', () => {
+    // In a child process: the prototypes of this one stay untouched.
+    const script = `
+      import { createRequire } from 'node:module';
+      const b = createRequire(import.meta.url)(process.argv[1]);
+      let seen = '', out = '';
+      const protos = [Object.prototype, Array.prototype], keys = ['0', '1', '2', '3', '4'];
+      for (const p of protos) for (const k of keys) Object.defineProperty(p, k, { set(v) { seen += String(v) + ','; }, get() { return 'hijacked'; }, configurable: true });
+      const cfg = { rule: 0, lr: 1e-3, beta: 0.9, damping: 1e-3, decay: 0.08, mix: 0.008, weightDecay: 0, tcov: 1, guard: true };
+      const linear = { kind: 0, hasBias: true, inFeatures: 4, outFeatures: 3, layout: 0, format: 0 };
+      for (let i = 0; i < 3; i++) {
+        try {
+          const o = new b.NativeOptimizer('cpu', cfg, [linear], [{ numel: 12, layer: 0, role: 0 }, { numel: 3, layer: 0, role: 1 }]);
+          o.recordFactors([{ layer: 0, which: 0, data: new Float32Array(8), shape: [2, 4] }]);
+          o.dispose();
+          out += 'ok;';
+        } catch (e) { out += e.message + ';'; }
+      }
+      for (const p of protos) for (const k of keys) delete p[k];
+      console.log(JSON.stringify({ out, seen }));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script, backendInfo('cpu').addonPath], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout)).toEqual({ out: 'ok;ok;ok;', seen: '' });
   });
 
   test('setFactors checks H and S before it writes either: a call that throws records nothing', () => {
