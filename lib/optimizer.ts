@@ -546,8 +546,10 @@ export class AdaFisher {
     for (let i = 0; i < n; ++i) {
       const r: unknown = records[i];
       if (r === null || typeof r !== 'object') throw typeError(`records[${i}]`, what, r);
-      const { layer: index, input, inputShape, outputGrad, outputGradShape } = r as FactorRecord;
+      // The layer first, checked before the other fields are read (each once).
+      const index = (r as FactorRecord).layer;
       const layer = this.#fastLayerIndex(index) ?? this.#layerIndex(index, `records[${i}].layer`);
+      const { input, inputShape, outputGrad, outputGradShape } = r as FactorRecord;
       if (input === undefined && outputGrad === undefined) throw typeError(`records[${i}]`, 'an input or an outputGrad', r);
       if (input !== undefined) {
         out.push({ layer, which: FactorWhich.H, data: input, shape: fastShape(inputShape) ?? checkShape(`records[${i}].inputShape`, inputShape) });

@@ -161,6 +161,15 @@ describe('recordFactors', () => {
     expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, 8] }, , ] as never), { cls: TypeError, message: /for records\[1\] but received undefined/ });
     expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3.5, 8, 8] }]), { cls: RangeError, message: /records\[0\]\.inputShape\[1\]/ });
     expectThrows(() => opt.recordFactors([{ layer: 0, outputGrad: x, outputGradShape: [3, 2 ** 60] }]), { cls: RangeError, message: /records\[0\]\.outputGradShape\[1\]/ });
+    // The layer is checked before the other fields are read; each field is read once.
+    const reads: string[] = [];
+    const spy = (layer: unknown) =>
+      new Proxy({ layer, input: x, inputShape: [3, 3, 8, 8] }, { get: (t, k) => (reads.push(String(k)), t[k as keyof typeof t]) });
+    expectThrows(() => opt.recordFactors([spy(99) as never]), { cls: RangeError, message: /for records\[0\]\.layer/ });
+    expect(reads).toEqual(['layer']);
+    reads.length = 0;
+    opt.recordFactors([spy(0) as never]);
+    expect(reads).toEqual(['layer', 'input', 'inputShape', 'outputGrad', 'outputGradShape']);
     opt.recordFactors([]);  // nothing to record is not an error
     opt.dispose();
     expectThrows(() => opt.recordFactors([]), { cls: Error, message: /disposed/, code: ErrorCodes.disposed });
