@@ -1,7 +1,7 @@
 // Shared benchmark machinery: random tensors, the per-workload measurement (factors,
 // min-max + EMA, step with and without the non-finite guard), timers, one-process-per-case
 // runner and table formatting. See bench/README.md for what each figure means.
-import { fork, spawnSync } from 'node:child_process';
+import { fork, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -475,25 +475,44 @@ export async function runCasesInChildren(
   onResult?: (results: Record<string, unknown>) => void,
 ): Promise<Record<string, unknown>> {
   const results: Record<string, unknown> = {};
-  for (const name of cases) {
-    results[name] = await new Promise((resolve) => {
-      let got: unknown;
-      const child = fork(script, ['--case', name, ...args], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
-      child.on('message', (m) => {
-        got = m;
+  // A signal that would end this process ends the running case first (it may hold the GPU),
+  // then this process, as the signal would have.
+  let current: ChildProcess | undefined;
+  const stop = (signal: NodeJS.Signals) => {
+    current?.kill(signal);
+    for (const s of STOP_SIGNALS) process.off(s, stop);
+    process.kill(process.pid, signal);
+  };
+  for (const s of STOP_SIGNALS) process.on(s, stop);
+  try {
+    for (const name of cases) {
+      results[name] = await new Promise((resolve) => {
+        let got: unknown;
+        const child = fork(script, ['--case', name, ...args], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+        current = child;
+        child.on('message', (m) => {
+          got = m;
+        });
+        child.on('exit', (code, signal) => {
+          current = undefined;
+          if (got !== undefined) resolve(got);
+          else resolve({ error: `case ${name} exited with ${signal ?? code} before reporting` });
+        });
       });
-      child.on('exit', (code, signal) => {
-        if (got !== undefined) resolve(got);
-        else resolve({ error: `case ${name} exited with ${signal ?? code} before reporting` });
-      });
-    });
-    onResult?.(results);
+      onResult?.(results);
+    }
+  } finally {
+    for (const s of STOP_SIGNALS) process.off(s, stop);
   }
   return results;
 }
 
+const STOP_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
 /** The child side: runs `fn` and sends its result (or the error) to the parent. */
 export async function reportToParent(fn: () => Promise<unknown>): Promise<void> {
+  // A parent that is gone (killed) wants no result: stop at the next turn of the event loop.
+  if (process.send) process.on('disconnect', () => process.exit(1));
   let out: unknown;
   try {
     out = await fn();

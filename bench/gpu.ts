@@ -61,7 +61,7 @@ Options:
   -h, --help       print this text and exit
 
 Exit code: 0 when every case ran (a missed target is reported as MISSED, not by the exit
-code), 1 when a case failed, 2 on a bad command line or when the backend cannot be used.`;
+code), 1 when a case failed, 2 on a bad command line, 3 when the backend cannot be used.`;
 
 async function measureFill(batches: number, backend: Backend): Promise<FillResult> {
   const b = createBuffer(FILL_FLOATS, { backend });
@@ -157,7 +157,7 @@ async function main(argv: string[]): Promise<void> {
   const info = backendInfo(backend);
   if (info.backend !== backend) {
     console.error(`GPU benchmark skipped: the ${backend} backend cannot be used (${info.reason})`);
-    process.exitCode = 2;
+    process.exitCode = 3;
     return;
   }
   const torchFile = opts.torch;

@@ -3,8 +3,9 @@
 // run the kernel benchmark.
 // Every failure is one line on stderr ("adafisher: ...") and a documented exit code, never
 // a stack trace (see EXIT below and README "Command line").
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { constants } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
@@ -46,7 +47,8 @@ const HELP = {
     is usable) times the CUDA kernels with CUDA events; cpu the CPU backend. OPTIONS go to that
     benchmark: 'adafisher bench cpu --help' and 'adafisher bench gpu --help' list them.
     Exit 0: every case ran (a missed target is reported, not an error); 1: a case failed;
-    2: bad usage; 3: gpu where no GPU can be used.`,
+    2: bad usage; 3: gpu where no GPU can be used; 128 + n: stopped by signal n (a signal
+    sent to this command stops the benchmark too).`,
 } as const;
 
 type Command = keyof typeof HELP;
@@ -160,14 +162,19 @@ function demo(args: string[]): number {
   return ok ? EXIT.ok : EXIT.mismatch;
 }
 
-function bench(args: string[]): number {
+/** Signals the CLI passes on to the benchmark it runs (Ctrl-C reaches both anyway). */
+const RELAYED_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
+
+function bench(args: string[]): number | Promise<number> {
   const [first, ...others] = args;
   if (first === '--help' || first === '-h') return help('bench');
   const named = first === 'cpu' || first === 'gpu';
   const rest = named ? others : args;
   const target = named ? first : backendInfo().backend === 'cuda' ? 'gpu' : 'cpu';
-  const asksHelp = rest.includes('--help') || rest.includes('-h');
-  if (target === 'gpu' && !asksHelp) {
+  // What gpu.js does without a GPU (its usage, the workloads, a dry run on --backend cpu) is
+  // left to it; it refuses an unusable backend itself too (exit 3).
+  const noGpuNeeded = rest.some((a) => ['--help', '-h', '--dump-cases'].includes(a) || a === '--backend' || a.startsWith('--backend='));
+  if (target === 'gpu' && !noGpuNeeded) {
     const cuda = backendInfo('cuda');
     if (cuda.backend !== 'cuda') {
       console.error(`adafisher: the gpu benchmark needs the cuda backend, which cannot be used: ${cuda.reason}`);
@@ -178,9 +185,24 @@ function bench(args: string[]): number {
   if (!existsSync(script)) throw new Error(`the ${target} benchmark is missing from this installation (${script})`);
   // Its own process, output and exit status: the benchmark forks a child per case.
   const env = { ...process.env, ADAFISHER_BENCH_COMMAND: `adafisher bench ${target}` };  // for its usage text
-  const r = spawnSync(process.execPath, [script, ...rest], { stdio: 'inherit', env });
-  if (r.error) throw r.error;
-  return r.status ?? EXIT.unavailable;
+  // Its own process, output and exit status. A signal sent to this process goes on to it (a
+  // benchmark left running would hold the GPU); one that ends it ends this command with the
+  // shell's status for it, 128 + its number.
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [script, ...rest], { stdio: 'inherit', env });
+    const relay = (signal: NodeJS.Signals) => child.kill(signal);
+    for (const s of RELAYED_SIGNALS) process.on(s, relay);
+    child.on('error', reject);
+    child.on('exit', (code, signal) => {
+      for (const s of RELAYED_SIGNALS) process.off(s, relay);
+      if (signal) {
+        console.error(`adafisher: the ${target} benchmark was stopped by ${signal}`);
+        resolve(128 + (constants.signals[signal] ?? 0));
+      } else {
+        resolve(code ?? EXIT.unavailable);
+      }
+    });
+  });
 }
 
 function help(command?: Command): number {
@@ -191,7 +213,7 @@ function help(command?: Command): number {
 /** The subcommand running, for the usage hint of an error it raises without naming one. */
 let running: Command | undefined;
 
-function run(argv: string[]): number {
+function run(argv: string[]): number | Promise<number> {
   const [cmd, ...rest] = argv;
   switch (cmd) {
     case 'replay':
@@ -220,36 +242,44 @@ function run(argv: string[]): number {
   }
 }
 
-/** Runs the command line; every error becomes one line on stderr and an exit code. */
-function main(argv: string[]): number {
-  try {
-    return run(argv);
-  } catch (e) {
-    const err = e as Error & { code?: unknown };
-    const code = typeof err?.code === 'string' ? err.code : undefined;
-    const message = err instanceof Error ? err.message : String(e);
-    const hint = (command: Command | undefined) => `Run 'adafisher ${command ? `${command} ` : ''}--help' for usage.`;
-    if (e instanceof UsageError) {
-      console.error(`adafisher: ${message}\n${hint(e.command)}`);
-      return EXIT.usage;
-    }
-    if (err instanceof BadFile || code === ErrorCodes.badGoldenFile) {
-      console.error(`adafisher: ${message}`);
-      return EXIT.usage;
-    }
-    if (code === ErrorCodes.invalidArgument) {
-      // A bad --backend or ADAFISHER_* variable: the message names it.
-      console.error(`adafisher: ${message}\n${hint(running)}`);
-      return EXIT.usage;
-    }
-    if (code === ErrorCodes.backendUnavailable) {
-      console.error(`adafisher: ${message}`);
-      return EXIT.unavailable;
-    }
-    // Anything else (addon not found, out of memory, an internal error): still one line.
-    console.error(`adafisher: ${message}${code && !message.includes(code) ? ` (${code})` : ''}`);
+/** Every error becomes one line on stderr and an exit code. */
+function failure(e: unknown): number {
+  const err = e as Error & { code?: unknown };
+  const code = typeof err?.code === 'string' ? err.code : undefined;
+  const message = err instanceof Error ? err.message : String(e);
+  const hint = (command: Command | undefined) => `Run 'adafisher ${command ? `${command} ` : ''}--help' for usage.`;
+  if (e instanceof UsageError) {
+    console.error(`adafisher: ${message}\n${hint(e.command)}`);
+    return EXIT.usage;
+  }
+  if (err instanceof BadFile || code === ErrorCodes.badGoldenFile) {
+    console.error(`adafisher: ${message}`);
+    return EXIT.usage;
+  }
+  if (code === ErrorCodes.invalidArgument) {
+    // A bad --backend or ADAFISHER_* variable: the message names it.
+    console.error(`adafisher: ${message}\n${hint(running)}`);
+    return EXIT.usage;
+  }
+  if (code === ErrorCodes.backendUnavailable) {
+    console.error(`adafisher: ${message}`);
     return EXIT.unavailable;
   }
+  // Anything else (addon not found, out of memory, an internal error): still one line.
+  console.error(`adafisher: ${message}${code && !message.includes(code) ? ` (${code})` : ''}`);
+  return EXIT.unavailable;
 }
 
-process.exitCode = main(process.argv.slice(2));
+/** Runs the command line (bench waits for its benchmark); sets the exit code. */
+function main(argv: string[]): void {
+  let result: number | Promise<number>;
+  try {
+    result = run(argv);
+  } catch (e) {
+    result = failure(e);
+  }
+  if (typeof result === 'number') process.exitCode = result;
+  else result.then((c) => (process.exitCode = c), (e: unknown) => (process.exitCode = failure(e)));
+}
+
+main(process.argv.slice(2));

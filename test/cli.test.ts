@@ -1,7 +1,7 @@
 // The `adafisher` command as a user runs it: every failure is one "adafisher: ..." line on
 // stderr (never a stack trace) and the documented exit code (0 ok, 1 above tolerance,
 // 2 bad usage or malformed file, 3 requested backend unusable); --help prints usage, exit 0.
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -176,6 +176,37 @@ describe('adafisher bench', () => {
     expect(bad.stderr).toMatch(/^bench: unknown case 'nope' in --cases .*\(see 'adafisher bench cpu --help'\)\n$/);
   });
 
+  test('a SIGTERM to the command stops the benchmark and its running case too; the command exits 128 + 15', async () => {
+    const base = { ...process.env };
+    delete base.ADAFISHER_BACKEND;
+    const cmd = spawn(process.execPath, [cli, 'bench', 'cpu', '--cases', 'mlp,cnn', '--no-torch'], { env: base, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    cmd.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise<[number | null, string | null]>((resolve) => cmd.on('exit', (code, signal) => resolve([code, signal])));
+    // The processes under the command: the benchmark and, once it runs, a case.
+    const children = (ppid: number) =>
+      execFileSync('ps', ['-eo', 'pid=,ppid='], { encoding: 'utf8' })
+        .trim()
+        .split('\n')
+        .map((l) => l.trim().split(/\s+/).map(Number))
+        .filter(([, pp]) => pp === ppid)
+        .map(([pid]) => pid);
+    let pids: number[] = [];
+    for (let i = 0; i < 200 && pids.length < 2; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      const bench = children(cmd.pid!);
+      pids = bench.length ? [bench[0], ...children(bench[0])] : [];
+    }
+    expect(pids.length, 'the benchmark and a case started').toBe(2);
+    cmd.kill('SIGTERM');
+    expect(await exited).toEqual([143, null]);
+    expect(stderr).toMatch(/adafisher: the cpu benchmark was stopped by SIGTERM\n$/);
+    // Running, that is: a zombie (state Z, dead but not yet reaped by whoever adopted it) is not.
+    const running = () => pids.filter((pid) => /^[^Z]/.test(spawnSync('ps', ['-o', 'stat=', '-p', String(pid)], { encoding: 'utf8' }).stdout.trim()));
+    for (let i = 0; i < 40 && running().length > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    expect(running(), 'processes left running').toEqual([]);
+  }, 60_000);
+
   test('bench gpu: the GPU benchmark where CUDA is usable, else exit 3 saying why', () => {
     if (cudaUsable) {
       // The whole GPU run takes minutes: a bad option shows that the GPU benchmark was reached.
@@ -184,6 +215,13 @@ describe('adafisher bench', () => {
       expect(r.stderr).toMatch(/--batches expects a positive integer, got '0' \(see 'adafisher bench gpu --help'\)/);
     } else {
       expectFailure(adafisher(['bench', 'gpu']), 3, /^adafisher: the gpu benchmark needs the cuda backend, which cannot be used: .+/, false);
+      // What needs no GPU is left to the GPU benchmark: its workloads, and a dry run on cpu's plumbing.
+      const cases = adafisher(['bench', 'gpu', '--dump-cases']);
+      expect(cases.rc, cases.stderr).toBe(0);
+      expect(Object.keys(JSON.parse(cases.stdout))).toContain('big');
+      const own = adafisher(['bench', 'gpu', '--backend', 'cuda']);
+      expect(own.rc).toBe(3);
+      expect(own.stderr).toMatch(/^GPU benchmark skipped: the cuda backend cannot be used/);
     }
   });
 });
