@@ -3,7 +3,8 @@
 // stderr and exit code 2, no stack trace, and all of it before anything is measured (nothing
 // here runs a benchmark). Also: a target is never reported as met without a measurement.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { beforeAll, describe, expect, test } from 'vitest';
@@ -91,6 +92,28 @@ describe('bad values: exit 2 before anything is measured', () => {
   ] as const)('%s %j', (script, args, message) => {
     expectUsageError(bench(script, [...args]), message);
   });
+});
+
+test("cpu.js: tiny (a call's fixed cost) is judged against no target, the PyTorch one included", () => {
+  const dir = mkdtempSync(join(tmpdir(), 'adafisher-bench-'));
+  try {
+    // PyTorch figures for tiny as torch_baselines.py writes them (made up: only the verdicts are read).
+    const file = join(dir, 'torch.json');
+    const eager = { factorsMs: 1, minMaxEmaMs: 0.1, stepMs: 1, totalMs: 2.1 };
+    writeFileSync(file, JSON.stringify({ device: 'cpu', torch: 'test', threads: 2, golden: {}, workloads: { tiny: { fusedAdamMs: 0.05, adam: 'fused', eager } } }));
+    const json = bench('cpu.js', ['--cases', 'tiny', '--reps', '1', '--torch', file, '--json']);
+    expect(json.rc, json.stderr).toBe(0);
+    const v = JSON.parse(json.stdout).verdicts.tiny;
+    expect(v.torch.wholeSpeedupVsEager).toBeGreaterThan(0);
+    for (const key of ['met', 'target']) expect(v.torch, key).not.toHaveProperty(key);
+    for (const key of ['stepGuardOffMet', 'stepGuardOnMet', 'stepTarget']) expect(v, key).not.toHaveProperty(key);
+    const text = bench('cpu.js', ['--cases', 'tiny', '--reps', '1', '--torch', file]);
+    expect(text.rc, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/vs eager PyTorch AdaFisher .*; a call's fixed cost: not judged/);
+    expect(text.stdout).not.toMatch(/\bmet\b|MISSED/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('gpu.js --dump-cases still prints the GPU workloads for bench/torch_baselines.py', () => {
