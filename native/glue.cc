@@ -219,10 +219,10 @@ std::string ArgName::str() const {
 // keeps it as an own element of an object the instance holds (Node-API before version 10
 // makes no reference to a string), defined rather than assigned and read as an own element,
 // so no setter or getter a program puts on Object.prototype runs or answers; keys are found
-// by value (a few dozen of them). A reader of many objects (recordFactors: four
-// fields per record) takes its keys once per call. Measured with 32 records of 8 floats each on the
-// 2-core VM: 38-43 us a call before, 32 with the names made only on failure, 24 with the keys
-// made once.
+// by value (a few dozen of them). A reader of many objects (recordFactors: four fields per
+// record) takes its keys once per call. Measured with 32 records of 8 floats each on the
+// 2-core VM: 38-43 us a call before, 32 with the names made only on failure, 24-29 with the
+// keys made once (40-49 against 26-29 in a later, busier run, alternating the two builds).
 Napi::Value GetProperty(const Napi::Object& obj, const char* key) { return obj.Get(PropertyKey(obj.Env(), key)); }
 
 Napi::Value PropertyKey(Napi::Env env, const char* key) {
