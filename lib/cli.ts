@@ -170,7 +170,12 @@ function bench(args: string[]): number | Promise<number> {
   if (first === '--help' || first === '-h') return help('bench');
   const named = first === 'cpu' || first === 'gpu';
   const rest = named ? others : args;
-  const target = named ? first : backendInfo().backend === 'cuda' ? 'gpu' : 'cpu';
+  let target = first;
+  if (!named) {
+    const r = backendInfo();
+    if (r.backend === null) resolveBackend(); // ADAFISHER_BACKEND=cuda without a usable GPU: exit 3, no silent cpu run
+    target = r.backend === 'cuda' ? 'gpu' : 'cpu';
+  }
   // What gpu.js does without a GPU (its usage, the workloads, a dry run on --backend cpu) is
   // left to it; it refuses an unusable backend itself too (exit 3).
   const noGpuNeeded = rest.some((a) => ['--help', '-h', '--dump-cases'].includes(a) || a === '--backend' || a.startsWith('--backend='));

@@ -215,6 +215,8 @@ describe('adafisher bench', () => {
       expect(r.stderr).toMatch(/--batches expects a positive integer, got '0' \(see 'adafisher bench gpu --help'\)/);
     } else {
       expectFailure(adafisher(['bench', 'gpu']), 3, /^adafisher: the gpu benchmark needs the cuda backend, which cannot be used: .+/, false);
+      // Without cpu|gpu the backend decides: cuda asked for where it cannot run is an error, not a cpu run.
+      expectFailure(adafisher(['bench'], { ADAFISHER_BACKEND: 'cuda' }), 3, /^adafisher: The cuda backend was requested \(ADAFISHER_BACKEND\) but cannot be used/, false);
       // What needs no GPU is left to the GPU benchmark: its workloads, and a dry run on cpu's plumbing.
       const cases = adafisher(['bench', 'gpu', '--dump-cases']);
       expect(cases.rc, cases.stderr).toBe(0);
