@@ -82,6 +82,13 @@ export interface NativeDeviceBuffer {
   fill(value: number): void;
   /** Device-to-device copy from a buffer of the same backend and length; queued on cuda. */
   copyFrom(src: NativeDeviceBuffer): void;
+  /**
+   * Settles when the work queued on this buffer's backend so far (fills, copies, factor and
+   * step kernels) has finished, without blocking the event loop: `synchronize(buffer.backend)`.
+   * @throws {Error} code ADAFISHER_DISPOSED after dispose(); the Promise rejects with
+   * ADAFISHER_CUDA_ERROR when the device has failed.
+   */
+  sync(): Promise<void>;
   /** Frees the memory now; later calls other than dispose() throw ADAFISHER_DISPOSED. */
   dispose(): void;
 }

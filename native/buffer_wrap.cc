@@ -13,6 +13,7 @@ Napi::Function BufferWrap::Init(Napi::Env env) {
   C::Method<&BufferWrap::Download>(env, ctor, "download");
   C::Method<&BufferWrap::Fill>(env, ctor, "fill");
   C::Method<&BufferWrap::CopyFrom>(env, ctor, "copyFrom");
+  C::Method<&BufferWrap::Sync>(env, ctor, "sync");
   C::Method<&BufferWrap::Dispose>(env, ctor, "dispose");
   C::Getter<&BufferWrap::GetLength>(env, ctor, "length");
   C::Getter<&BufferWrap::GetBackendName>(env, ctor, "backend");
@@ -137,6 +138,15 @@ Napi::Value BufferWrap::CopyFrom(const Napi::CallbackInfo& info) {
 }
 
 // dispose(): frees the memory now; idempotent.
+// sync(): a Promise settled when the work queued on this buffer's backend so far is done.
+Napi::Value BufferWrap::Sync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Guarded(env, [&]() -> Napi::Value {
+    CheckAlive(env);
+    return SynchronizeBackend(env, backend_);
+  });
+}
+
 Napi::Value BufferWrap::Dispose(const Napi::CallbackInfo& info) {
   if (data_ != nullptr) {
     backend_->Release(data_);

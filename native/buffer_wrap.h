@@ -32,6 +32,7 @@ class BufferWrap : public Napi::ObjectWrap<BufferWrap> {
   Napi::Value Download(const Napi::CallbackInfo& info);
   Napi::Value Fill(const Napi::CallbackInfo& info);
   Napi::Value CopyFrom(const Napi::CallbackInfo& info);
+  Napi::Value Sync(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   void CheckAlive(Napi::Env env) const;
 

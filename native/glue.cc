@@ -505,24 +505,25 @@ class SyncWorker : public Napi::AsyncWorker {
 // wait per backend]) so the event loop keeps running.
 Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  return Guarded(env, [&]() -> Napi::Value {
-    auto backend = GetBackend(env, info[0], "backend");
-    InstanceData& inst = Instance(env);
-    std::shared_ptr<SyncQueue> queue = backend == inst.cpu ? inst.cpu_sync : inst.cuda_sync;
-    Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
-    if (queue->running) {
-      queue->next.push_back(deferred);
-    } else {
-      queue->current.push_back(deferred);
-      try {
-        SyncWorker::Start(env, backend, queue);
-      } catch (...) {
-        queue->current.clear();
-        throw;
-      }
+  return Guarded(env, [&]() -> Napi::Value { return SynchronizeBackend(env, GetBackend(env, info[0], "backend")); });
+}
+
+Napi::Value SynchronizeBackend(Napi::Env env, const std::shared_ptr<Backend>& backend) {
+  InstanceData& inst = Instance(env);
+  std::shared_ptr<SyncQueue> queue = backend == inst.cpu ? inst.cpu_sync : inst.cuda_sync;
+  Napi::Promise::Deferred deferred = Napi::Promise::Deferred::New(env);
+  if (queue->running) {
+    queue->next.push_back(deferred);
+  } else {
+    queue->current.push_back(deferred);
+    try {
+      SyncWorker::Start(env, backend, queue);
+    } catch (...) {
+      queue->current.clear();
+      throw;
     }
-    return deferred.Promise();
-  });
+  }
+  return deferred.Promise();
 }
 
 }  // namespace adafisher

@@ -210,5 +210,8 @@ Napi::Function InitOptimizer(Napi::Env env);
 Napi::Value BackendInfo(const Napi::CallbackInfo& info);
 Napi::Value LiveAllocations(const Napi::CallbackInfo& info);
 Napi::Value Synchronize(const Napi::CallbackInfo& info);
+// A Promise settled when the work queued on `backend` so far has finished (NOTE: [one wait
+// per backend]); synchronize(name) and DeviceBuffer.sync() return it.
+Napi::Value SynchronizeBackend(Napi::Env env, const std::shared_ptr<Backend>& backend);
 
 }  // namespace adafisher

@@ -289,6 +289,27 @@ describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('Dev
     expect(liveAllocations(backend)).toBe(before);
   });
 
+  test('sync() settles after the work queued on its backend; after dispose() it throws ADAFISHER_DISPOSED', async () => {
+    const b = createBuffer(1 << 16, { backend });
+    const end = createTimingEvent({ backend });
+    for (let i = 1; i <= 4; ++i) b.fill(i);
+    end.record();
+    const p = b.sync();
+    expect(p).toBeInstanceOf(Promise);
+    expect(await p).toBeUndefined();
+    // The mark queued behind the fills has happened: it can be timed against a later one.
+    const later = createTimingEvent({ backend });
+    later.record();
+    await b.sync();
+    expect(end.elapsedMs(later)).toBeGreaterThanOrEqual(0);
+    assertBitIdentical(b.download().subarray(0, 2), Float32Array.of(4, 4), 'the fills ran');
+    b.dispose();
+    expectThrows(() => b.sync(), { cls: Error, message: /DeviceBuffer already disposed/, code: ErrorCodes.disposed });
+    expectThrows(() => Reflect.apply(Object.getPrototypeOf(b).sync, end, []), { cls: TypeError, message: /Illegal receiver: expected a DeviceBuffer/ });
+    end.dispose();
+    later.dispose();
+  });
+
   test('DeviceBuffers as params, gradients and statistics give the same result as Float32Arrays', () => {
     const rng = new Rng(31);
     const init = [rng.array(2 * 3 * 2 * 2), rng.array(2), rng.array(2 * 3), rng.array(3), rng.array(2), rng.array(2), rng.array(1001)];

@@ -16,7 +16,7 @@ if (!cuda) console.log('SKIP synchronize() and the libuv pool: no usable cuda ba
 beforeAll(() => ensureDist());
 
 describe('synchronize() and the libuv thread pool', () => {
-  test.skipIf(!cuda)('four pending synchronize() calls leave a 2-thread pool free for fs work, and all resolve after the work', () => {
+  test.skipIf(!cuda)('four pending synchronize() and DeviceBuffer.sync() calls leave a 2-thread pool free for fs work, and all resolve after the work', () => {
     // The emulator runs queued work when something waits for it, slowly; a GPU runs it as
     // queued: more work there, so that the waits outlast a small file read either way.
     const emulated = /emulator/i.test(backendInfo('cuda').cuda.deviceName ?? '');
@@ -28,7 +28,8 @@ describe('synchronize() and the libuv thread pool', () => {
         await m.synchronize('cuda');
         for (let i = 0; i < ${fills}; i++) b.fill(i);
         const order = [];
-        const syncs = [0, 1, 2, 3].map((i) => m.synchronize('cuda').then(() => order.push('sync' + i)));
+        // synchronize(backend) and a buffer's sync() alike.
+        const syncs = [0, 1, 2, 3].map((i) => (i % 2 ? b.sync() : m.synchronize('cuda')).then(() => order.push('sync' + i)));
         const read = new Promise((r) => fs.readFile(${JSON.stringify(join(repoRoot, 'package.json'))}, () => { order.push('read'); r(); }));
         await Promise.all([...syncs, read]);
         const last = b.download()[0];
