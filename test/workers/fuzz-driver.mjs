@@ -496,7 +496,7 @@ function fuzzOne(world) {
   const g = world.g;
   const pickBuf = () => world.buffers.length ? world.buffers[g(fc.integer, { min: 0, max: world.buffers.length - 1 })] : undefined;
   const pickOpt = () => world.opts.length ? world.opts[g(fc.integer, { min: 0, max: world.opts.length - 1 })] : undefined;
-  const op = g(fc.integer, { min: 0, max: 28 });
+  const op = g(fc.integer, { min: 0, max: 29 });
   switch (op) {
     case 0: { // new DeviceBuffer(backend, lengthOrData)
       const backend = world.maybe(BACKEND);
@@ -672,7 +672,7 @@ function fuzzOne(world) {
         }
       }
       const snap = e && self === e.opt ? snapshot(e) : null;
-      call(world, 'NativeOptimizer.step', () => NativeOptimizer.prototype.step.call(self, params, grads), (r) => {
+      const done = call(world, 'NativeOptimizer.step', () => NativeOptimizer.prototype.step.call(self, params, grads), (r) => {
         if (otherRealOpt(self, e)) return;
         if (self !== e?.opt) return 'accepted a bad receiver';
         if (typeof r?.applied !== 'boolean' || typeof r?.refreshed !== 'boolean') return `result ${describe(r)}`;
@@ -680,8 +680,15 @@ function fuzzOne(world) {
         if (r.applied && after.s.steps !== snap.s.steps + 1) return 'steps did not advance';
         if (!r.applied && !sameSnapshot(snap, after)) return 'a skipped step changed state';
       }, () => `${describe(self)}.step(${describe(params)}, ${describe(grads)})`);
-      if (e && params !== e.params && Array.isArray(params)) {
-        // keep the world's params as they were (the optimizer never owns them)
+      // A step that went through wrote its parameters: a DeviceBuffer of the world's among them
+      // (world.tensor hands those out) holds new values. Read as data properties: a getter
+      // among the parameters would have failed the step.
+      if (done.ok && Array.isArray(params)) {
+        for (let i = 0; i < params.length; i++) {
+          const d = Object.getOwnPropertyDescriptor(params, i);
+          const w = d && 'value' in d ? world.buffers.find((x) => x.buf === d.value) : undefined;
+          if (w && !w.buf.disposed) w.shadow = w.buf.download();
+        }
       }
       return;
     }
@@ -825,6 +832,16 @@ function fuzzOne(world) {
         if (!Array.isArray(arg) || !arg.every((l) => Number.isInteger(l) && l >= 0 && l < count)) return `accepted layers ${describe(arg)}`;
         if (e.opt.steps !== steps) return 'changed the step count';
       }, () => `${describe(self)}.reuseRunningFactors(${describe(arg)})`);
+      return;
+    }
+    case 29: { // sync: a Promise settled after the backend's queued work, on any receiver
+      const e = pickBuf();
+      const self = e ? world.maybe(e.buf) : world.any();
+      call(world, 'DeviceBuffer.sync', () => DeviceBuffer.prototype.sync.call(self), (r) => {
+        if (!realBuffers.has(self) || self.disposed) return `accepted ${describe(self)}`;
+        if (!(r instanceof Promise)) return 'not a Promise';
+        pending.push(r.then(() => undefined, (err) => (acceptableError(err) ? undefined : finding('bad rejection', 'DeviceBuffer.sync', err?.message, describe(self)))));
+      }, () => `${describe(self)}.sync()`);
       return;
     }
     case 20: { // constructors called without new / on odd receivers
