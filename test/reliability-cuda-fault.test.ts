@@ -32,7 +32,7 @@ describe.skipIf(!emulated)('a faulted CUDA device', () => {
     expect(line.startsWith('{'), `no report from the driver:\n${r.stdout}\n${r.stderr}`).toBe(true);
     const report = JSON.parse(line) as { checks: { name: string; ok: boolean; detail: string }[] };
     for (const c of report.checks) console.log(`cuda fault: ${c.ok ? 'ok ' : 'BAD'} ${c.name}${c.detail ? ` (${c.detail.slice(0, 100)})` : ''}`);
-    expect(report.checks.length).toBe(10);
+    expect(report.checks.length).toBe(11);
     for (const c of report.checks) expect(c.ok, `${c.name}: ${c.detail}`).toBe(true);
     expect(r.stderr).toMatch(/injected fault \(ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH\)/);
     expect(r.status).toBe(0);

@@ -45,6 +45,8 @@ const e4 = thrown(() => createBuffer(16, { backend: 'cuda' }));
 check('allocating throws the same', isCudaError(e4), e4?.message ?? 'no error');
 const e5 = await synchronize('cuda').then(() => undefined, (e) => e);
 check('synchronize() rejects with the same', isCudaError(e5), e5?.message ?? 'resolved');
+const e5b = await buffer.sync().then(() => undefined, (e) => e);
+check("a buffer's sync() rejects with the same", isCudaError(e5b), e5b?.message ?? 'resolved');
 check('dispose() of the optimizer and the buffer does not throw', thrown(() => (opt.dispose(), buffer.dispose())) === undefined);
 const e6 = thrown(() => model('cuda'));
 check('a new cuda optimizer throws the same', isCudaError(e6), e6?.message ?? 'no error');
