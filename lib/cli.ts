@@ -188,7 +188,6 @@ function bench(args: string[]): number | Promise<number> {
   }
   const script = join(packageRoot, 'dist', 'bench', `${target}.js`);
   if (!existsSync(script)) throw new Error(`the ${target} benchmark is missing from this installation (${script})`);
-  // Its own process, output and exit status: the benchmark forks a child per case.
   const env = { ...process.env, ADAFISHER_BENCH_COMMAND: `adafisher bench ${target}` };  // for its usage text
   // Its own process, output and exit status. A signal sent to this process goes on to it (a
   // benchmark left running would hold the GPU); one that ends it ends this command with the
