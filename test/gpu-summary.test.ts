@@ -11,6 +11,16 @@ import { describe, expect, it } from 'vitest';
 const root = join(__dirname, '..');
 const run = join(root, 'bench/results/h200-2026-11-28');
 
+/** Runs fn on a fresh temporary folder (a run's logs), removed afterwards. */
+function inTempDir(fn: (dir: string) => void): void {
+  const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
+  try {
+    fn(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 function summary(dir: string): Map<string, { result: string; detail: string }> {
   const out = execFileSync('python3', [join(root, 'bench/gpu_summary.py'), dir], { encoding: 'utf8' });
   const rows = new Map<string, { result: string; detail: string }>();
@@ -47,8 +57,7 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
   });
 
   it("reads ncu's CSV (stage profile, third run) into per-kernel times and a per-pass total", () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       cpSync(join(root, 'bench/results/h200-2026-11-28-run3'), dir, { recursive: true });
       const rows3 = summary(dir);
       expect(rows3.get('racecheck')).toEqual({ result: 'PASS', detail: '0 hazards (0 errors, 0 warnings); harness 189 cases, 0 failed' });
@@ -60,9 +69,7 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
       expect(kernels).toMatch(/ConvPixelKernel +9 launches +15\.52 us +35\.69 MB +2300 GB\/s/);
       expect(kernels).toMatch(/PlaneReduceKernel +9 launches +19\.48 us +39\.18 MB/);
       expect(kernels).toContain('GPU time per pass 156.9 us for 232 MB of DRAM traffic');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
 
@@ -70,8 +77,7 @@ describe('bench/gpu_summary.py on the logs of a real H200 run', () => {
 // has yet: the plan-constant sweep of the parity stage and ncu's occupancy and registers.
 describe('bench/gpu_summary.py on the newer log lines', () => {
   it('picks the fastest setting of each "tune" sweep and names the default beside it', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       writeFileSync(
         join(dir, 'parity.log'),
         [
@@ -91,28 +97,22 @@ describe('bench/gpu_summary.py on the newer log lines', () => {
           'H best conv quads=1 threads=2^19 41.0 us (63%) vs default 45.0 us (58%); ' +
           'B best batch job_max_blocks=512 92.0 us (61%) vs default 101.0 us (55%)',
       });
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('adds the step from Float32Arrays to a workload\'s row', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const key = { stepGuardOffMs: 0.0438, stepGuardOnMs: 0.084, stepGuardOffFractionOfCopy: 0.2, hostArrayStepMs: 0.912, eagerTargetMet: true };
       writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4251, key: { mlp: key } }));
       expect(summary(dir).get('bench mlp')).toEqual({
         result: 'targets met',
         detail: 'step 0.0438 ms (off) / 0.084 ms (on); 20% of copy; Float32Array step 0.912 ms',
       });
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it("adds ncu's achieved occupancy and registers per kernel when the profile has them", () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const head = '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"';
       const row = (id: number, metric: string, unit: string, value: string) =>
         `"${id}","1","cuda_parity","127.0.0.1","PlaneReduceKernel","1","13","(256, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","${metric}","${unit}","${value}"`;
@@ -130,9 +130,7 @@ describe('bench/gpu_summary.py on the newer log lines', () => {
       );
       const kernels = readFileSync(join(dir, 'profile-kernels.txt'), 'utf8');
       expect(kernels).toMatch(/PlaneReduceKernel +3 launches +20\.00 us +67\.13 MB +3356 GB\/s +occupancy +63% +40 registers/);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
 
@@ -141,8 +139,7 @@ describe('bench/gpu_summary.py on the newer log lines', () => {
 // MISSED.
 describe('bench/gpu_summary.py on failures', () => {
   it('a golden replay that diverged: inf, FAIL and why, and the rest of the table still prints', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const report = { name: 'x', overall: null, pass: false, divergence: 'step 1 did not refresh the factors; the official run did' };
       writeFileSync(join(dir, 'golden-mlp_adafisherw_tcov2.json'), JSON.stringify(report));
       writeFileSync(join(dir, 'golden-mlp_adafisher.json'), JSON.stringify({ name: 'y', overall: 2.5e-7, pass: true }));
@@ -153,59 +150,45 @@ describe('bench/gpu_summary.py on failures', () => {
         detail: 'mlp_adafisher 2.5e-07, mlp_adafisherw_tcov2 inf FAIL (step 1 did not refresh the factors; the official run did)',
       });
       expect(rows.get('parity')?.result).toBe('not run');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('the default step (guard on) is judged beside the 20 B/param one: its miss is named', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const key = { stepGuardOffMs: 0.36, stepCopyTargetMet: true, stepCopyTargetMetGuardOn: false, fusedAdamTargetMet: true, fusedAdamTargetMetGuardOn: false, eagerTargetMet: true };
       writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, key: { big: key } }));
       expect(summary(dir).get('bench big')?.result).toBe('MISSED: stepCopy(guard on),fusedAdam(guard on)');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('an eager baseline that does not reproduce the golden files (NaN as null, or > 1e-4) is said so', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const golden = { 'a.json': { maxRelError: 4e-5, worst: '' }, 'b.json': { maxRelError: null, worst: 'step 1 layer 0 H' } };
       writeFileSync(join(dir, 'torch.json'), JSON.stringify({ torch: '2.x', golden }));
       expect(summary(dir).get('torch')?.detail).toBe('torch 2.x; eager AdaFisher does NOT reproduce the golden files within 1e-4 (4.0e-05, nan)');
       writeFileSync(join(dir, 'torch.json'), JSON.stringify({ torch: '2.x', golden: { ...golden, 'b.json': { maxRelError: 3e-5, worst: '' } } }));
       expect(summary(dir).get('torch')?.detail).toBe('torch 2.x; eager AdaFisher reproduces 2 golden files to 4.0e-05');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a sanitizer run names the harness cases that failed, and a bench cut short before any case says so', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const fail = `FAIL ${'memory/upload_async'.padEnd(52)} 65536 floats: WAITED`;
       writeFileSync(join(dir, 'memcheck.log'), `PASS ${'step/a'.padEnd(52)} ok\n${fail}\nsummary: 2 cases, 1 failed\n========= ERROR SUMMARY: 0 errors\n`);
       writeFileSync(join(dir, 'memcheck.status'), 'FAIL (rc 1)\n');
       expect(summary(dir).get('memcheck')?.detail).toBe('0 errors; harness 2 cases, 1 failed; failing: memory/upload_async');
       writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, partial: true, key: {} }));
       expect(summary(dir).get('bench')?.detail).toBe('D2D copy 4000 GB/s; cut short before any case finished');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a target that was not measured (null) is "not measured", not MISSED', () => {
-    const dir = mkdtempSync(join(tmpdir(), 'gpu-summary-'));
-    try {
+    inTempDir((dir) => {
       const key = { stepGuardOffMs: 0.05, stepCopyTargetMet: true, fusedAdamTargetMet: null, eagerTargetMet: true };
       writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, key: { big: key } }));
       expect(summary(dir).get('bench big')?.result).toBe('not measured: fusedAdam');
       writeFileSync(join(dir, 'gpu-bench.json'), JSON.stringify({ copyGBps: 4000, key: { big: { ...key, eagerTargetMet: false } } }));
       expect(summary(dir).get('bench big')?.result).toBe('MISSED: eager');
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
