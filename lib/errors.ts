@@ -55,6 +55,11 @@ export function rangeError(name: string, expected: string, value: unknown): Rang
   return withCode(new RangeError(`Expected ${expected} for ${name} but received ${describe(value)}`), ErrorCodes.invalidArgument);
 }
 
+/** A misspelt or unsupported key of an options object: names the key, not its type. */
+export function unknownKeyError(name: string, expected: string, key: string): RangeError {
+  return withCode(new RangeError(`Expected ${expected} for ${name} but received the unknown key '${key}'`), ErrorCodes.invalidArgument);
+}
+
 export function codedError(code: ErrorCode, message: string): Error & { code: ErrorCode } {
   return withCode(new Error(message), code);
 }

@@ -16,7 +16,7 @@ import {
   type NativeTensor,
 } from './binding.js';
 import { BACKEND_NAMES, resolveBackend, type BackendName, type DeviceBuffer } from './backend.js';
-import { codedError, ErrorCodes, rangeError, typeError } from './errors.js';
+import { codedError, ErrorCodes, rangeError, typeError, unknownKeyError } from './errors.js';
 import { checkBoolean, checkFloat32, checkInteger, checkOneOf, checkPair, checkRange, checkShape, fastShape } from './validate.js';
 
 /** A parameter, gradient or activation: a Float32Array (zero-copy on cpu) or a DeviceBuffer. */
@@ -173,7 +173,7 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
   if (options === null || typeof options !== 'object' || Array.isArray(options)) throw typeError('options', 'an object', options);
   const known = new Set(['lr', 'beta', 'damping', 'gamma', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'backend', 'nonFiniteGuard']);
   for (const key of Object.keys(options)) {
-    if (!known.has(key)) throw rangeError(`options.${key}`, `a known option (${[...known].join(', ')})`, key);
+    if (!known.has(key)) throw unknownKeyError(`options.${key}`, `a known option (${[...known].join(', ')})`, key);
   }
   // Every number the kernels take as float32 must fit in one (1e39 would be +Infinity there).
   const lr = options.lr === undefined ? 1e-3 : checkFloat32('options.lr', checkRange('options.lr', options.lr, 0, Infinity));
@@ -299,7 +299,7 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
     // leave its default in place and precondition with the wrong geometry, silently.
     for (const key of Object.keys(spec)) {
       if (!LAYER_KEYS[kind].includes(key)) {
-        throw rangeError(`${at}.${key}`, `a field of a '${kind}' layer (${LAYER_KEYS[kind].join(', ')})`, key);
+        throw unknownKeyError(`${at}.${key}`, `a field of a '${kind}' layer (${LAYER_KEYS[kind].join(', ')})`, key);
       }
     }
     if (kind === 'param') {
@@ -580,7 +580,7 @@ export class AdaFisher {
     const n = this.#layerIndex(layer);
     if (factors === null || typeof factors !== 'object' || Array.isArray(factors)) throw typeError('factors', 'an object { H?, S? }', factors);
     for (const key of Object.keys(factors)) {
-      if (key !== 'H' && key !== 'S') throw rangeError(`factors.${key}`, "a known key ('H' or 'S')", key);
+      if (key !== 'H' && key !== 'S') throw unknownKeyError(`factors.${key}`, "a known key ('H' or 'S')", key);
     }
     const { H, S } = factors;
     if (H === undefined && S === undefined) throw typeError('factors', 'an object with H, S or both', factors);
