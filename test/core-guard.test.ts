@@ -165,6 +165,39 @@ describe('non-finite guard and infinite statistics', () => {
   });
 });
 
+// With tcov > 1 a step that reuses the running factors does not read statistics recorded
+// for it: a NaN among them neither skips the step nor reaches the factors (the README says so).
+describe('non-finite guard and statistics on a step that does not refresh', () => {
+  test('tcov 2: NaN statistics recorded for step 1 are not read; the step applies as if none were recorded', () => {
+    const rng = new Rng(14);
+    const data = [stepData(rng), stepData(rng), stepData(rng)];
+    const specsA = model(8);
+    const specsB = model(8);
+    const a = new AdaFisher(specsA, { lr: 1e-2, tcov: 2 });
+    const b = new AdaFisher(specsB, { lr: 1e-2, tcov: 2 });
+    feed(a, data[0]);
+    feed(b, data[0]);
+    expect(a.willRefreshFactors).toBe(false);
+    const bad = poisoned(data[1], (d) => {
+      d.stats[0].input.fill(NaN);
+      d.stats[1].grad[0] = NaN;
+    });
+    bad.stats.forEach((s, i) => {
+      a.recordInput(i, s.input, s.inputShape);
+      a.recordOutputGrad(i, s.grad, s.gradShape);
+    });
+    expect(a.step(bad.grads)).toEqual({ applied: true, refreshed: false });
+    expect(b.step(data[1].grads)).toEqual({ applied: true, refreshed: false });
+    assertSnapshotsIdentical(snapshot(a, paramsOf(specsA)), snapshot(b, paramsOf(specsB)), 'after the non-refreshing step');
+    // The next step refreshes from its own statistics only.
+    expect(feed(a, data[2])).toEqual({ applied: true, refreshed: true });
+    expect(feed(b, data[2])).toEqual({ applied: true, refreshed: true });
+    assertSnapshotsIdentical(snapshot(a, paramsOf(specsA)), snapshot(b, paramsOf(specsB)), 'after the next refresh');
+    a.dispose();
+    b.dispose();
+  });
+});
+
 describe('nonFiniteGuard: false', () => {
   test('a NaN gradient is applied: that element becomes NaN, the others stay finite, counters advance', () => {
     const rng = new Rng(8);
