@@ -511,6 +511,39 @@ describe('layer coverage', () => {
     opt.dispose();
   });
 
+  it('preconditions a LayerNormalization used more than once (siamese, and again in a second model), over both uses', async () => {
+    // A shared layer has one inbound node per use and TF.js's layer.input throws; its rank
+    // comes from the uses. Before, the shared LayerNormalization fell back to momentum with
+    // "only the last axis is preconditioned" (TF.js's build() stores axis -1 as [rank - 1]).
+    const D = 5;
+    const N = 4;
+    const ln = tf.layers.layerNormalization({ name: 'shared_ln' });
+    const in1 = tf.input({ shape: [D] });
+    const in2 = tf.input({ shape: [D] });
+    const model = tf.model({ inputs: [in1, in2], outputs: [ln.apply(in1) as tf.SymbolicTensor, ln.apply(in2) as tf.SymbolicTensor] });
+    const z = tf.input({ shape: [D] });
+    const alone = tf.model({ inputs: z, outputs: ln.apply(z) as tf.SymbolicTensor }); // a third use, in another model
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    expect(opt.layerReport().find((r) => r.name === 'shared_ln')).toMatchObject({ preconditioned: true, kind: 'layernorm' });
+
+    const r = rng(9);
+    const x1 = tf.tensor(Float32Array.from({ length: N * D }, () => r() - 0.3), [N, D]);
+    const x2 = tf.tensor(Float32Array.from({ length: N * D }, () => 2 * r() + 0.1), [N, D]);
+    const zero = tf.zeros([N, D]);
+    // The loss is the sum of both outputs' mean squares: the output gradient of each use is
+    // 2 * out / (N * D), and S[d] = (sum over both uses' 2N rows of g[., d])^2 / 2N.
+    const outs = (alone.predict(tf.concat([x1, x2])) as tf.Tensor).dataSync();
+    await model.fit([x1, x2], [zero, zero], { batchSize: N, epochs: 1, verbose: 0 });
+    const S = new Float64Array(D);
+    for (let m = 0; m < 2 * N; m++) for (let d = 0; d < D; d++) S[d] += (2 * outs[m * D + d]) / (N * D);
+    const expectedS = normalize(S.map((v) => (v * v) / (2 * N))).map((v) => DECAY + MIX * v);
+    const w = await opt.getWeights();
+    expectClose(w.find((e) => e.name === 'shared_ln/adafisher_S')!.tensor.dataSync(), expectedS, 1e-4, 'shared LayerNormalization running S');
+    tf.dispose([x1, x2, zero]);
+    opt.dispose();
+  });
+
   it('says clearly when TF.js cannot train a layer (dilated Conv2D)', async () => {
     const model = tf.sequential({
       layers: [tf.layers.conv2d({ inputShape: [6, 6, 1], filters: 2, kernelSize: 3, dilationRate: 2, name: 'dil' }), tf.layers.flatten(), tf.layers.dense({ units: 1 })],

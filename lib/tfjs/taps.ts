@@ -90,15 +90,23 @@ export function collectLayers(model: tf.LayersModel): tf.layers.Layer[] {
   return out;
 }
 
-/** Rank of a built layer's input, when TF.js recorded it. */
+/**
+ * Rank of a built layer's input, when TF.js recorded it: from its input spec, or from the
+ * inputs of all its uses (a shared layer has one inbound node per use, and `layer.input`
+ * throws) when they agree.
+ */
 function inputRank(layer: tf.layers.Layer): number | undefined {
   const spec = (layer as unknown as { inputSpec?: { ndim?: number }[] | null }).inputSpec;
   if (spec?.[0]?.ndim != null) return spec[0].ndim;
-  try {
-    return (layer.input as tf.SymbolicTensor).shape.length;
-  } catch {
-    return undefined; // several inbound nodes: TF.js leaves the input ambiguous
+  const uses = (layer as unknown as { inboundNodes?: unknown[] }).inboundNodes?.length ?? 0;
+  let rank: number | undefined;
+  for (let i = 0; i < uses; i++) {
+    const input = layer.getInputAt(i);
+    if (Array.isArray(input)) return undefined;
+    if (rank !== undefined && input.shape.length !== rank) return undefined;
+    rank = input.shape.length;
   }
+  return rank;
 }
 
 /**
