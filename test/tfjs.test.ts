@@ -454,6 +454,41 @@ describe('save and load', () => {
     loaded.dispose();
   });
 
+  it('two saves with the optimizer at once both succeed; a step makes getWeights() hand out new tensors and free the old', async () => {
+    const model = buildModel();
+    const opt = adaFisher(model, { lr: LR });
+    model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+    const { x, y } = batch(1, false);
+    await model.fit(x, y, { batchSize: 4, epochs: 1, verbose: 0 });
+    const saved: tf.io.ModelArtifacts[] = [];
+    const handler = tf.io.withSaveHandler(async (a) => {
+      saved.push(a);
+      return { modelArtifactsInfo: { dateSaved: new Date(), modelTopologyType: 'JSON' } };
+    });
+    // A checkpoint and an upload of it at the same moment: TF.js awaits getWeights() and then
+    // encodes; before, the second call disposed the first one's tensors ("Tensor is disposed").
+    await Promise.all([model.save(handler, { includeOptimizer: true }), model.save(handler, { includeOptimizer: true })]);
+    expect(saved).toHaveLength(2);
+    expect(new Uint8Array(saved[1].weightData as ArrayBuffer)).toEqual(new Uint8Array(saved[0].weightData as ArrayBuffer));
+    const first = await opt.getWeights();
+    expect(await opt.getWeights()).toBe(first); // unchanged state: the same tensors
+    const steps = first.find((w) => w.name === 'iter')!.tensor.dataSync()[0];
+    const n = tf.memory().numTensors;
+    await model.fit(x, y, { batchSize: 4, epochs: 1, verbose: 0 });
+    const second = await opt.getWeights();
+    expect(second).not.toBe(first);
+    expect(first.every((w) => w.tensor.isDisposed)).toBe(true);
+    expect(tf.memory().numTensors).toBe(n);
+    expect(second.find((w) => w.name === 'iter')!.tensor.dataSync()[0]).toBe(2 * steps);
+    // Tensors a caller disposed are not handed out again.
+    tf.dispose(second.map((w) => w.tensor));
+    const third = await opt.getWeights();
+    expect(third.every((w) => !w.tensor.isDisposed)).toBe(true);
+    tf.dispose([x, y]);
+    opt.dispose();
+    model.dispose();
+  });
+
   it('refuses optimizer weights that do not fit the model, naming the weight', async () => {
     const model = buildModel();
     const opt = adaFisher(model);

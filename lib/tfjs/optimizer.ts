@@ -17,13 +17,15 @@ import {
 } from '../optimizer.js';
 import { checkFloat32, checkOneOf, checkRange } from '../validate.js';
 import {
-  freshStateTensors,
+  freshSaved,
   isFreshState,
   ITER,
   momentumName,
   readSavedWeights,
   stateFromSaved,
-  stateToTensors,
+  savedToTensors,
+  stateToSaved,
+  tensorsHold,
   type NamedTensor,
   type SavedWeights,
   type StateNames,
@@ -936,25 +938,19 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
 
   /**
    * The full state as named tensors (TF.js calls this in model.save({ includeOptimizer: true })).
-   * The tensors stay valid until the next getWeights() or dispose().
+   * The tensors stay valid until a getWeights() call made after the state changed, or dispose():
+   * calls while the state is unchanged return the same tensors, so saves that run at once (a
+   * checkpoint and an upload) do not dispose each other's weights while TF.js encodes them.
    */
   override async getWeights(): Promise<NamedTensor[]> {
     this.#alive();
+    // Restored but not set up for the model yet: what was restored.
+    const saved =
+      this.#plan !== null ? stateToSaved(this.#plan.core.exportState(), this.#plan.names) : (this.#pending ?? freshSaved());
+    if (tensorsHold(this.#savedTensors, saved)) return this.#savedTensors;
     tfjs.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
-    if (this.#plan === null) {
-      if (this.#pending !== null) {
-        // Restored but not set up for the model yet: hand back what was restored.
-        this.#savedTensors = [...this.#pending].map(([name, v]) => ({
-          name,
-          tensor: tfjs.tensor(v, name === ITER ? [] : [v.length], v instanceof Int32Array ? 'int32' : 'float32'),
-        }));
-      } else {
-        this.#savedTensors = freshStateTensors();
-      }
-    } else {
-      this.#savedTensors = stateToTensors(this.#plan.core.exportState(), this.#plan.names);
-    }
+    this.#savedTensors = savedToTensors(saved);
     return this.#savedTensors;
   }
 

@@ -50,8 +50,8 @@ export function readSavedWeights(weights: NamedTensor[]): SavedWeights {
 }
 
 /** The weights of an optimizer that has made no step (see NOTE: [optimizer weight names]). */
-export function freshStateTensors(): NamedTensor[] {
-  return [{ name: ITER, tensor: tfjs.scalar(0, 'int32') }];
+export function freshSaved(): SavedWeights {
+  return new Map([[ITER, Int32Array.of(0)]]);
 }
 
 /** True for what freshStateTensors() saves: 'iter' = 0 and nothing else. */
@@ -60,16 +60,39 @@ export function isFreshState(saved: SavedWeights): boolean {
   return saved.size === 1 && iter !== undefined && iter.length === 1 && iter[0] === 0;
 }
 
-/** The state as named tensors (new tensors; the caller owns them). */
-export function stateToTensors(state: AdaFisherState, names: StateNames): NamedTensor[] {
-  const out: NamedTensor[] = [{ name: ITER, tensor: tfjs.scalar(state.steps, 'int32') }];
-  state.momenta.forEach((m, i) => out.push({ name: momentumName(names.slotKeys[i]), tensor: tfjs.tensor1d(m, 'float32') }));
-  out.push({ name: STEP_COUNTS, tensor: tfjs.tensor1d(Int32Array.from(state.stepCounts), 'int32') });
+/** The state as saved weights, in the order getWeights() hands them out. */
+export function stateToSaved(state: AdaFisherState, names: StateNames): SavedWeights {
+  const out: SavedWeights = new Map([[ITER, Int32Array.of(state.steps)]]);
+  state.momenta.forEach((m, i) => out.set(momentumName(names.slotKeys[i]), m));
+  out.set(STEP_COUNTS, Int32Array.from(state.stepCounts));
   state.factors.forEach((f, j) => {
-    out.push({ name: factorName(names.layerNames[j], 'H'), tensor: tfjs.tensor1d(f.H, 'float32') });
-    out.push({ name: factorName(names.layerNames[j], 'S'), tensor: tfjs.tensor1d(f.S, 'float32') });
+    out.set(factorName(names.layerNames[j], 'H'), f.H);
+    out.set(factorName(names.layerNames[j], 'S'), f.S);
   });
   return out;
+}
+
+/** Saved weights as named tensors ('iter' a scalar; new tensors, the caller owns them). */
+export function savedToTensors(saved: SavedWeights): NamedTensor[] {
+  return [...saved].map(([name, v]) => ({
+    name,
+    tensor: tfjs.tensor(v, name === ITER ? [] : [v.length], v instanceof Int32Array ? 'int32' : 'float32'),
+  }));
+}
+
+/** True when `tensors` hold exactly `saved`: the same names in the same order, dtypes and bits. */
+export function tensorsHold(tensors: NamedTensor[], saved: SavedWeights): boolean {
+  if (tensors.length !== saved.size) return false;
+  let i = 0;
+  for (const [name, v] of saved) {
+    const t = tensors[i++];
+    if (t.name !== name || t.tensor.isDisposed || t.tensor.dtype !== (v instanceof Int32Array ? 'int32' : 'float32') || t.tensor.size !== v.length) return false;
+    const held = t.tensor.dataSync() as Float32Array | Int32Array;
+    const a = new Int32Array(held.buffer, held.byteOffset, held.length);
+    const b = new Int32Array(v.buffer, v.byteOffset, v.length);
+    for (let k = 0; k < a.length; k++) if (a[k] !== b[k]) return false;
+  }
+  return true;
 }
 
 /**
