@@ -1200,6 +1200,46 @@ describe('loading adafisher/tfjs', () => {
     expect(JSON.parse(r.stdout.trim().split('\n').pop()!)).toEqual({ steps: 2, isOptimizer: true, isClass: true });
   });
 
+  it('an optimizer left undisposed is collected once its model is disposed and dropped (NOTE: [weak taps]); a live one keeps recording', () => {
+    // TF.js keeps a disposed model's layers reachable (its cache of sorted graphs); the taps on
+    // them used to keep every optimizer compiled into such a model, with its native state.
+    const code = `
+      import * as tf from '@tensorflow/tfjs';
+      import { adaFisher } from 'adafisher/tfjs';
+      await tf.setBackend('cpu');
+      const collected = new Set();
+      const registry = new FinalizationRegistry((k) => collected.add(k));
+      const build = () => {
+        const model = tf.sequential({ layers: [tf.layers.dense({ inputShape: [4], units: 8, activation: 'relu' }), tf.layers.dense({ units: 1 })] });
+        const opt = adaFisher(model, { lr: 1e-4 });
+        model.compile({ optimizer: opt, loss: 'meanSquaredError' });
+        return { model, opt };
+      };
+      const x = tf.randomNormal([4, 4], 0, 1, 'float32', 1), y = tf.zeros([4, 1]);
+      const H = async (o) => (await o.getWeights()).find((w) => w.name.endsWith('/adafisher_H')).tensor.dataSync().slice();
+      const kept = build();
+      await kept.model.fit(x, y, { epochs: 1, verbose: 0 });
+      const before = await H(kept.opt);
+      const churn = async (k) => {
+        const { model, opt } = build();
+        await model.fit(x, y, { epochs: 1, verbose: 0 });
+        registry.register(opt, k);
+        model.dispose();
+      };
+      const N = 5;
+      for (let k = 0; k < N; k++) await churn(k);
+      for (let i = 0; i < 50 && collected.size < N; i++) {
+        globalThis.gc();
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await kept.model.fit(x, y, { epochs: 1, verbose: 0 });
+      const after = await H(kept.opt);
+      console.log(JSON.stringify({ collected: collected.size, of: N, steps: kept.opt.steps, refreshed: after.some((v, i) => v !== before[i]) }));`;
+    const r = node(['--expose-gc', '--input-type=module', '-e', code], repoRoot);
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout.trim().split('\n').pop()!)).toEqual({ collected: 5, of: 5, steps: 2, refreshed: true });
+  });
+
   it('says how to install @tensorflow/tfjs when it is missing, to require() and import alike', () => {
     const dir = mkdtempSync(join(tmpdir(), 'adafisher-no-tfjs-'));
     try {

@@ -819,14 +819,34 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     const layers: SupportedLayer[] = [];
     for (const { c } of classifyModelLayers(model)) if ('kind' in c) layers.push(c);
     const inst: Instruments = { layers, uninstall: [], pending: [], open: null };
-    const sink: TapSink = {
-      active: (i) => inst.open !== null && inst.open.records[i],
-      input: (i, x) => this.#record(inst, i, 'input', x),
-      outputGrad: (i, dy) => this.#record(inst, i, 'grad', dy),
-    };
+    const sink = AdaFisherOptimizer.#weakSink(new WeakRef(this), new WeakRef(inst));
     inst.uninstall = layers.map((s, i) => installTap(s.layer, s, i, sink));
     this.#instruments = inst;
     return inst;
+  }
+
+  // NOTE: [weak taps]
+  // The taps live on the model's layers, and TF.js keeps layers reachable after model.dispose()
+  // (its cache of sorted graphs holds their symbolic tensors, up to 100 entries). A sink holding
+  // the optimizer kept it, its recorded statistics and its native state alive with them: a
+  // search that disposes only its models kept every optimizer. The sink reaches the optimizer
+  // and its instruments through weak references only (built in a scope of its own, so no
+  // closure captures them strongly); while the model's compile() holds the optimizer they stay.
+  static #weakSink(self: WeakRef<AdaFisherOptimizer>, instruments: WeakRef<Instruments>): TapSink {
+    return {
+      active: (i) => {
+        const open = instruments.deref()?.open;
+        return open != null && open.records[i];
+      },
+      input: (i, x) => AdaFisherOptimizer.#recordWeak(self, instruments, i, 'input', x),
+      outputGrad: (i, dy) => AdaFisherOptimizer.#recordWeak(self, instruments, i, 'grad', dy),
+    };
+  }
+
+  static #recordWeak(self: WeakRef<AdaFisherOptimizer>, instruments: WeakRef<Instruments>, index: number, which: 'input' | 'grad', x: tf.Tensor): void {
+    const opt = self.deref();
+    const inst = instruments.deref();
+    if (opt !== undefined && inst !== undefined) opt.#record(inst, index, which, x);
   }
 
   // NOTE: [first step]
