@@ -198,9 +198,11 @@ CudaBackend::CudaBackend(int device) : device_(device) {
                              FormatArchitectures(ADAFISHER_CUDA_ARCHITECTURES) + "; " + DescribeCudaError(image) + ")");
     }
     ADAFISHER_CUDA_CHECK(image);
-    // The kernels wait for their predecessors (griddepcontrol) only where they were
-    // compiled for compute capability 9.0+ (NOTE: [programmatic dependent launch]).
-    programmatic_launch_ = attributes.ptxVersion >= 90;
+    // The factor kernels wait for their predecessors (griddepcontrol) only where their image
+    // was compiled for compute capability 9.0+ (NOTE: [programmatic dependent launch]).
+    int factor_ptx = 0;
+    ADAFISHER_CUDA_CHECK(FactorKernelPtxVersion(&factor_ptx));
+    programmatic_launch_ = factor_ptx >= 90;
     ADAFISHER_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     for (cudaEvent_t& e : staging_done_) ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     ADAFISHER_CUDA_CHECK(cudaEventCreateWithFlags(&meta_uploaded_, cudaEventDisableTiming));
@@ -532,8 +534,15 @@ void CudaBackend::EnqueueUpload(float* dst, const float* host_src, size_t count)
     if (chunk >= 2) ADAFISHER_CUDA_CHECK(cudaEventSynchronize(staging_done_[b]));  // buffer b is free again
     std::memcpy(staging_[b], host_src + done, n * sizeof(float));
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging_[b], n * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    ADAFISHER_CUDA_CHECK(cudaEventRecord(staging_done_[b], stream_));
+    RecordAfterPinnedCopy(staging_done_[b]);
   }
+}
+
+void CudaBackend::RecordAfterPinnedCopy(cudaEvent_t event) {
+  const cudaError_t recorded = cudaEventRecord(event, stream_);
+  if (recorded == cudaSuccess) return;
+  cudaStreamSynchronize(stream_);
+  ThrowCudaError(recorded, __FILE__, __LINE__);
 }
 
 void CudaBackend::Upload(float* dst, const float* host_src, size_t count) {
@@ -568,7 +577,7 @@ void CudaBackend::Download(float* host_dst, const float* src, size_t count) {
     const size_t b = c % 2;
     const size_t n = std::min(per, count - c * per);
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(staging_[b], src + c * per, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    ADAFISHER_CUDA_CHECK(cudaEventRecord(staging_done_[b], stream_));
+    RecordAfterPinnedCopy(staging_done_[b]);
   };
   enqueue(0);
   for (size_t c = 0; c < chunks; ++c) {

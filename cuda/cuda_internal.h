@@ -23,6 +23,10 @@ namespace cuda {
 // "<cudaErrorName>: <description>".
 std::string DescribeCudaError(cudaError_t error);
 
+// The PTX version of the factor kernels' image for the current device (factor_kernels.cu):
+// 90 and up, they wait for their predecessor (NOTE: [programmatic dependent launch]).
+cudaError_t FactorKernelPtxVersion(int* version);
+
 }  // namespace cuda
 }  // namespace adafisher
 
@@ -110,6 +114,11 @@ class CudaBackend final : public Backend {
   void TrimTransient(size_t keep_bytes) noexcept;
   // Queues the copy of host_src into dst; returns once host_src may change (mutex_ held).
   void EnqueueUpload(float* dst, const float* host_src, size_t count);
+  // Records `event` behind a copy just queued from or to pinned host memory, the event the
+  // host waits on before it touches that memory again. If the record fails, the event keeps
+  // an older completion and that wait would return while the copy may still run: the stream
+  // drains before the error is thrown.
+  void RecordAfterPinnedCopy(cudaEvent_t event);
   // Replaces *buffer (of *capacity bytes) by one of max(bytes, minimum) bytes, after the
   // queued kernels that may use it; contents are not kept.
   void GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes, size_t minimum);

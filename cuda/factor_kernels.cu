@@ -58,7 +58,10 @@ __device__ __forceinline__ void AwaitPriorGrids() {
 
 // Launches kernel<<<grid, kThreads, 0, stream>>>(args...), with programmatic stream
 // serialization when `programmatic`, and checks the launch. The kernel must start with
-// AwaitPriorGrids().
+// AwaitPriorGrids(), in every block, before any return and any access to global memory:
+// kernel N + 2 waits for kernel N + 1 only, and is ordered after kernel N because every block
+// of N + 1 waited for N before it could finish. A block that returned without waiting
+// would let N + 2 start while N still runs.
 template <typename... Params, typename... Args>
 void LaunchAwaiting(bool programmatic, void (*kernel)(Params...), dim3 grid, cudaStream_t stream,
                     const Args&... args) {
@@ -164,7 +167,7 @@ __device__ bool LastOfGroup(unsigned* tickets, int64_t group, unsigned group_blo
     __threadfence();  // release: the block's partials are visible to the device before the ticket
     const bool is_last = atomicAdd(ticket, 1u) == group_blocks - 1;
     if (is_last) {
-      *ticket = 0;      // every block of the group has drawn: no one else touches it
+      atomicExch(ticket, 0u);  // every block of the group has drawn: no one else touches it
       __threadfence();  // acquire: the other blocks' partials, before the barrier below
     }
     last = is_last;
@@ -617,6 +620,13 @@ BatchKind BatchKindOf(const FactorJob& j) {
 }
 
 }  // namespace
+
+cudaError_t FactorKernelPtxVersion(int* version) {
+  cudaFuncAttributes attributes;
+  const cudaError_t error = cudaFuncGetAttributes(&attributes, ColumnBatchKernel);
+  if (error == cudaSuccess) *version = attributes.ptxVersion;
+  return error;
+}
 
 template <typename Plan>
 void CudaBackend::LaunchFactorBatch(const FactorJob* const* jobs, size_t count) {

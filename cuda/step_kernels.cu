@@ -219,7 +219,7 @@ bool CudaBackend::Step(const StepRequest& r) {
       meta_device_ = meta_host_ = nullptr;
       meta_bytes_ = 0;
       const size_t grown = std::max(total * 2, size_t{64} << 10);
-      ADAFISHER_CUDA_CHECK(cudaMalloc(&meta_device_, grown));
+      meta_device_ = DeviceMalloc(grown, "the step's launch table");  // frees idle transient blocks if it must
       ADAFISHER_CUDA_CHECK(cudaHostAlloc(&meta_host_, grown, cudaHostAllocDefault));
       meta_bytes_ = grown;
     }
@@ -237,7 +237,7 @@ bool CudaBackend::Step(const StepRequest& r) {
     PlanBlocks(guard_count, [&](size_t i) { return guards[i].numel; },
                reinterpret_cast<BlockSlot*>(host + guard_slots_offset));
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(meta_device_, meta_host_, total, cudaMemcpyHostToDevice, stream_));
-    ADAFISHER_CUDA_CHECK(cudaEventRecord(meta_uploaded_, stream_));
+    RecordAfterPinnedCopy(meta_uploaded_);
   }
   const char* device = static_cast<const char*>(meta_device_);
   const auto* step_table = reinterpret_cast<const StepDesc*>(device);
@@ -255,7 +255,7 @@ bool CudaBackend::Step(const StepRequest& r) {
     // The verdict goes to the host as soon as the guard is done; the update queued below
     // runs on while the host returns.
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(flag_host_, flag_device_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
-    ADAFISHER_CUDA_CHECK(cudaEventRecord(guard_read_, stream_));
+    RecordAfterPinnedCopy(guard_read_);
   }
   const int* flag = r.guard ? flag_device_ : nullptr;
 

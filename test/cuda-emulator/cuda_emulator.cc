@@ -32,7 +32,9 @@
 // ADAFISHER_CUDA_EMULATOR_PROTECT (1: see NOTE: [protected device memory]),
 // ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH=N (the N-th kernel launch after the variable is set
 // or changed faults when it runs, like a kernel hitting an illegal address on a GPU: sticky
-// cudaErrorLaunchFailure; for tests of what a faulted device does to the process).
+// cudaErrorLaunchFailure; for tests of what a faulted device does to the process),
+// ADAFISHER_CUDA_EMULATOR_FAIL_EVENT_RECORD=N (the N-th cudaEventRecord after the variable is
+// set or changed fails, non-sticky, and records nothing: the event keeps its older completion).
 #include <cuda_runtime.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -623,15 +625,27 @@ cudaError_t FuncAttributes(cudaFuncAttributes* attributes) {
   return cudaSuccess;
 }
 
+// Whether this call is the N-th since the variable `name` = N was set or changed.
+bool NthCall(const char* name, std::string* armed, long* calls) {
+  const char* v = std::getenv(name);
+  const std::string value = v != nullptr ? v : "";
+  if (value != *armed) *armed = value, *calls = 0;
+  if (value.empty()) return false;
+  return ++*calls == EnvLong(name, 0);
+}
+
 // Whether this launch is the one ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH asks to fault.
 bool InjectFault() {
   static std::string armed;  // the variable's value when counting started
   static long launches = 0;
-  const char* v = std::getenv("ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH");
-  const std::string value = v != nullptr ? v : "";
-  if (value != armed) armed = value, launches = 0;
-  if (value.empty()) return false;
-  return ++launches == EnvLong("ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH", 0);
+  return NthCall("ADAFISHER_CUDA_EMULATOR_FAIL_LAUNCH", &armed, &launches);
+}
+
+// Whether this cudaEventRecord is the one ADAFISHER_CUDA_EMULATOR_FAIL_EVENT_RECORD asks to fail.
+bool InjectEventRecordFailure() {
+  static std::string armed;
+  static long records = 0;
+  return NthCall("ADAFISHER_CUDA_EMULATOR_FAIL_EVENT_RECORD", &armed, &records);
 }
 
 void LaunchGrid(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
@@ -919,6 +933,9 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   Lock lock(g_mutex);
   cuda_emu::Stream* s = cuda_emu::Resolve(stream);
   if (cuda_emu::g_events.count(event) == 0 || s == nullptr) return cuda_emu::Record(cudaErrorInvalidResourceHandle);
+  if (cuda_emu::g_sticky == cudaSuccess && cuda_emu::InjectEventRecordFailure()) {
+    return cuda_emu::Record(cudaErrorNotPermitted);
+  }
   event->stream = s;
   event->recorded = true;
   // The time stamp is taken when the stream gets there (a destroyed event is skipped).

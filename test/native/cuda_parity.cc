@@ -25,6 +25,7 @@
 #include <cstdarg>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -40,6 +41,9 @@
 #include "../../cuda/launch_plan.h"
 #include "../../cuda/step_desc.h"
 #include "core/backend.h"
+#if ADAFISHER_CUDA_EMULATOR
+#include <cuda_runtime.h>  // the emulator's: cudaMemGetInfo of the emulated device
+#endif
 
 namespace {
 
@@ -658,6 +662,86 @@ void TestMemory(Backend& cpu, Backend& gpu) {
     }
     Record("memory/transient_blocks", ok, detail);
   });
+#if ADAFISHER_CUDA_EMULATOR
+  Guarded("memory/step_table_trims", [&] {
+    // The step's device table grows through DeviceMalloc, as every other device allocation
+    // does: on a device that idle transient blocks fill, it frees them and goes on (a plain
+    // cudaMalloc threw out of memory with 32 MiB idle). The emulated device shrinks to what is
+    // in use plus 2 MiB for the call, less than the table of 20,000 tensors needs (a real
+    // device cannot shrink: emulator only).
+    constexpr size_t kTensors = 20000;
+    const std::vector<float> p0 = Normal(kTensors, 91), g0 = Normal(kTensors, 92);
+    Buffer p(gpu, p0), g(gpu, g0), m(gpu, kTensors);
+    std::vector<StepTensor> tensors(kTensors);
+    for (size_t i = 0; i < kTensors; ++i) {
+      tensors[i].param = p.ptr() + i, tensors[i].grad = g.ptr() + i, tensors[i].momentum = m.ptr() + i;
+      tensors[i].numel = 1;
+      tensors[i].scalars = {0.9f, 0.1f, 0.0f, 0.01f, 0.1f, 0.1f};
+    }
+    gpu.ReleaseTransient(gpu.AcquireTransient(size_t{8} << 20));  // 32 MiB, kept idle
+    const size_t idle_before = cu::IdleTransientBytes(&gpu);
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    const char* limit_name = "ADAFISHER_CUDA_EMULATOR_MEMORY_MIB";
+    const char* old_limit = std::getenv(limit_name);
+    const std::string saved_limit = old_limit != nullptr ? old_limit : "";
+    setenv(limit_name, std::to_string(((total_bytes - free_bytes) >> 20) + 2).c_str(), 1);
+    bool applied = false;
+    std::string error;
+    try {
+      StepRequest r;
+      r.tensors = tensors.data();
+      r.tensor_count = kTensors;
+      applied = gpu.Step(r);
+    } catch (const BackendError& e) {
+      error = e.what();
+    }
+    if (old_limit != nullptr) {
+      setenv(limit_name, saved_limit.c_str(), 1);
+    } else {
+      unsetenv(limit_name);
+    }
+    const std::vector<float> got = p.Read();
+    size_t wrong = 0;
+    for (size_t i = 0; i < kTensors; ++i) {
+      float pw = p0[i], mw = 0.0f;
+      math::update<math::UpdateRule::kAdaFisher>(pw, mw, g0[i], 1.0f, tensors[i].scalars);
+      wrong += got[i] != pw;
+    }
+    const size_t idle_after = cu::IdleTransientBytes(&gpu);
+    Record("memory/step_table_trims", applied && error.empty() && wrong == 0 && idle_before >= (size_t{32} << 20) && idle_after == 0,
+           Format("%zu tensors, %zu wrong; idle %zu -> %zu bytes%s%s", kTensors, wrong, idle_before, idle_after,
+                  error.empty() ? "" : "; ", error.c_str()));
+  });
+  Guarded("memory/pinned_copy_event_fails", [&] {
+    // RecordAfterPinnedCopy: a staged upload whose event record fails throws, and the stream
+    // drains first, so the next staged upload cannot refill the pinned buffer under the copy
+    // still queued from it. The emulator runs a queued copy only when something waits: without
+    // the drain the first buffer receives the second upload's values.
+    const size_t n = 1500000;         // 6 MB: staged, in chunks of one 4 MiB pinned buffer
+    const size_t chunk = size_t{1} << 20;  // floats per pinned buffer
+    const std::vector<float> a = Normal(n, 81), b = Normal(n, 82);
+    Buffer first(gpu, n), second(gpu, n);
+    setenv("ADAFISHER_CUDA_EMULATOR_FAIL_EVENT_RECORD", "1", 1);
+    std::string error;
+    bool coded = false;
+    try {
+      gpu.Upload(first.ptr(), a.data(), n);
+    } catch (const BackendError& e) {
+      error = e.what();
+      coded = e.code() == ErrorCode::kCudaError;
+    }
+    unsetenv("ADAFISHER_CUDA_EMULATOR_FAIL_EVENT_RECORD");
+    gpu.Upload(second.ptr(), b.data(), n);  // the failure was not sticky
+    const std::vector<float> f = first.Read(), g = second.Read();
+    const bool first_chunk = std::equal(a.begin(), a.begin() + chunk, f.begin());
+    const bool rest_untouched = std::all_of(f.begin() + chunk, f.end(), [](float v) { return v == 0.0f; });
+    Record("memory/pinned_copy_event_fails", coded && first_chunk && rest_untouched && g == b,
+           Format("threw: %s; first upload's first chunk %s, rest %s; second upload %s", error.c_str(),
+                  first_chunk ? "its own values" : "OVERWRITTEN", rest_untouched ? "untouched" : "WRITTEN",
+                  g == b ? "intact" : "WRONG"));
+  });
+#endif
   Guarded("memory/upload_async", [&] {
     // NOTE: [host copies]: the device copy of a Float32Array argument is queued behind the
     // work ahead of it and returns without waiting for that work; the host array may change

@@ -79,6 +79,11 @@ inline unsigned atomicAdd(unsigned* address, unsigned value) {
   *address = old + value;
   return old;
 }
+inline unsigned atomicExch(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = value;
+  return old;
+}
 inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, sizeof f);
