@@ -173,13 +173,13 @@ export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
 /**
  * Resolves when all work queued on a backend has finished, without blocking the event loop
  * (pending calls of one backend share one wait on a libuv thread).
- * @param backend 'auto' (default, as createBuffer), 'cpu' or 'cuda'.
+ * @param backend 'auto', 'cpu' or 'cuda'; by default, as createBuffer: ADAFISHER_BACKEND, then 'auto'.
  * @throws {TypeError|RangeError} (code ADAFISHER_INVALID_ARGUMENT) for a backend other than
  *   'auto', 'cpu' or 'cuda', and an Error (code ADAFISHER_BACKEND_UNAVAILABLE) for 'cuda' where CUDA is unusable, at the call;
  *   the promise rejects with code ADAFISHER_CUDA_ERROR when the device has failed.
  * @example await synchronize('cuda');
  */
-export function synchronize(backend: BackendName = 'auto'): Promise<void> {
+export function synchronize(backend?: BackendName): Promise<void> {
   return binding().synchronize(resolve(backend, 'backend'));
 }
 
@@ -210,7 +210,7 @@ export function createTimingEvent(options: { backend?: BackendName } = {}): Timi
 /**
  * Number of live native allocations of a backend (buffers, optimizer state, timing events):
  * for leak checks.
- * @param backend 'auto' (default, as createBuffer), 'cpu' or 'cuda'.
+ * @param backend 'auto', 'cpu' or 'cuda'; by default, as createBuffer: ADAFISHER_BACKEND, then 'auto'.
  * @throws {TypeError|RangeError} (code ADAFISHER_INVALID_ARGUMENT) for a backend other than
  *   'auto', 'cpu' or 'cuda', and an Error (code ADAFISHER_BACKEND_UNAVAILABLE) for 'cuda' where CUDA is unusable.
  * @example
@@ -218,6 +218,6 @@ export function createTimingEvent(options: { backend?: BackendName } = {}): Timi
  * createBuffer(16, { backend: 'cpu' }).dispose();
  * liveAllocations('cpu') === before; // true
  */
-export function liveAllocations(backend: BackendName = 'auto'): number {
+export function liveAllocations(backend?: BackendName): number {
   return binding().liveAllocations(resolve(backend, 'backend'));
 }

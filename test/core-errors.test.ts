@@ -670,6 +670,33 @@ describe('backends of parameters and the allocation count', () => {
     expect(liveAllocations()).toBe(before);
   });
 
+  test('liveAllocations() and synchronize() follow ADAFISHER_BACKEND, as createBuffer() does', async () => {
+    const saved = process.env.ADAFISHER_BACKEND;
+    try {
+      process.env.ADAFISHER_BACKEND = 'cpu';
+      const before = liveAllocations();
+      expect(before).toBe(liveAllocations('cpu'));
+      const b = createBuffer(3);
+      expect(b.backend).toBe('cpu');
+      expect(liveAllocations()).toBe(before + 1);
+      b.dispose();
+      await synchronize();
+      process.env.ADAFISHER_BACKEND = 'cuda';
+      if (backendInfo('cuda').backend === 'cuda') {
+        expect(liveAllocations()).toBe(liveAllocations('cuda'));
+        await synchronize();
+      } else {
+        // Where cuda is unusable, all three refuse alike (before, the two counted and waited on cpu).
+        for (const call of [() => createBuffer(3), () => liveAllocations(), () => synchronize()]) {
+          expectThrows(call, { cls: Error, message: /^The cuda backend was requested \(ADAFISHER_BACKEND\)/, code: ErrorCodes.backendUnavailable });
+        }
+      }
+    } finally {
+      if (saved === undefined) delete process.env.ADAFISHER_BACKEND;
+      else process.env.ADAFISHER_BACKEND = saved;
+    }
+  });
+
   const cuda = backendInfo('auto').backend === 'cuda';
   if (!cuda) console.log(`SKIP foreign-buffer check: it needs a second backend, and cuda is not usable here (${backendInfo('auto').reason})`);
   test.skipIf(!cuda)('a DeviceBuffer of the cpu backend given to a cuda optimizer is refused when it is created', () => {
