@@ -58,26 +58,32 @@ std::shared_ptr<Backend> GetBackend(Napi::Env env, const Napi::Value& name, cons
   ThrowRangeError(env, "Expected 'cpu' or 'cuda' for " + what + " but received '" + n + "'");
 }
 
-// A number the way JavaScript prints it: the shortest decimal that reads back as the same
-// double (1.5, 1e-9, 123456789), NaN, Infinity, -Infinity; never %f's fixed 6 decimals.
+// A number the way JavaScript's String() prints it (Number::toString in ECMA-262): the
+// shortest digits that read back as the same double, positional for exponents -7 < e < 21
+// (100, 123456789, 0.000001, 1.5), else 1e-7, 1.5e+21; NaN, Infinity, -Infinity; -0 as 0.
 std::string FormatNumber(double d) {
   if (std::isnan(d)) return "NaN";
   if (std::isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
-  if (d == 0) return "0";  // also -0, as String(-0) does
+  if (d == 0) return "0";
+  const std::string sign = d < 0 ? "-" : "";
+  d = std::fabs(d);
   char buf[40];
   for (int precision = 1; precision <= 17; ++precision) {
-    std::snprintf(buf, sizeof buf, "%.*g", precision, d);
+    std::snprintf(buf, sizeof buf, "%.*e", precision - 1, d);
     if (std::strtod(buf, nullptr) == d) break;
   }
-  std::string s = buf;
-  // %g writes exponents with at least two digits and an explicit sign ("1e-09", "1e+21");
-  // JavaScript writes "1e-9" and "1e+21".
-  const size_t e = s.find('e');
-  if (e != std::string::npos && e + 2 < s.size()) {
-    size_t first = e + 2;
-    while (first + 1 < s.size() && s[first] == '0') s.erase(first, 1);
-  }
-  return s;
+  // buf is "D.DDDe+XX" (or "De+XX"): the digits and the decimal exponent.
+  const std::string text = buf;
+  const size_t e = text.find('e');
+  std::string digits = text.substr(0, 1) + (e > 1 ? text.substr(2, e - 2) : "");
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  const int k = static_cast<int>(digits.size());
+  const int n = std::atoi(text.c_str() + e + 1) + 1;  // value = 0.digits x 10^n
+  if (k <= n && n <= 21) return sign + digits + std::string(static_cast<size_t>(n - k), '0');
+  if (0 < n && n <= 21) return sign + digits.substr(0, static_cast<size_t>(n)) + "." + digits.substr(static_cast<size_t>(n));
+  if (-6 < n && n <= 0) return sign + "0." + std::string(static_cast<size_t>(-n), '0') + digits;
+  const std::string exponent = (n - 1 < 0 ? "-" : "+") + std::to_string(std::abs(n - 1));
+  return sign + digits.substr(0, 1) + (k > 1 ? "." + digits.substr(1) : "") + "e" + exponent;
 }
 
 namespace {

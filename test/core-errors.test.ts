@@ -21,6 +21,7 @@ import {
   type AdaFisherState,
   type LayerSpec,
 } from '../lib/index.js';
+import { loadBinding } from '../lib/binding.js';
 import { assertBitIdentical, assertSnapshotsIdentical, expectThrows, paramsOf, Rng, snapshot } from './helpers.js';
 
 // layers[0]: linear 4 -> 3 with bias (tensors 0 and 1); layers[1]: a plain 5-element param (tensor 2).
@@ -656,6 +657,16 @@ describe('use after dispose', () => {
       expectThrows(call, { cls: Error, message: /^DeviceBuffer already disposed\.$/, code: ErrorCodes.disposed });
     }
     b.dispose(); // idempotent
+  });
+});
+
+describe('numbers in native error messages', () => {
+  test('are printed as String() prints them (positional up to 1e21, no "1e+2" for 100)', () => {
+    const { DeviceBuffer } = loadBinding().binding;
+    for (const x of [-100, -70000, -1e20, -1e21, -123456789012, -1.5e-7, -0.000001, -0.0000012, -5.5, -(2 ** 53 + 2), -1e-9, -5e-324, -Number.MAX_VALUE, -0.1]) {
+      const err = expectThrows(() => new DeviceBuffer('cpu', x), { cls: RangeError, code: ErrorCodes.invalidArgument });
+      expect(err.message).toContain(`but received ${String(x)} of type number`);
+    }
   });
 });
 
