@@ -169,6 +169,11 @@ export interface ParameterSlot {
   role: 'weight' | 'bias' | 'param';
 }
 
+// The native side's limits (native/optimizer_wrap.cc), checked here so that the error names
+// the user's own argument: a conv window's kernel, stride and padding, and tcov.
+const MAX_WINDOW = 65536;
+const MAX_TCOV = 2 ** 40;
+
 export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHyperparameters {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) throw typeError('options', 'an object', options);
   const known = new Set(['lr', 'beta', 'damping', 'gamma', 'decay', 'mix', 'tcov', 'weightDecay', 'decoupled', 'backend', 'nonFiniteGuard']);
@@ -196,7 +201,7 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
     decay = gamma / 10;
     mix = gamma / 100;
   }
-  const tcov = options.tcov === undefined ? 1 : checkInteger('options.tcov', options.tcov, 1);
+  const tcov = options.tcov === undefined ? 1 : checkInteger('options.tcov', options.tcov, 1, MAX_TCOV);
   const weightDecay =
     options.weightDecay === undefined ? 0 : checkFloat32('options.weightDecay', checkRange('options.weightDecay', options.weightDecay, 0, Infinity));
   const decoupled = options.decoupled === undefined ? false : checkBoolean('options.decoupled', options.decoupled);
@@ -256,15 +261,15 @@ function padding(name: string, p: Padding | undefined): Pick<NativeLayer, 'padMo
   if (p === undefined || p === 'valid') return { padMode: PadMode.explicit, padTop: 0, padBottom: 0, padLeft: 0, padRight: 0 };
   if (p === 'same') return { padMode: PadMode.same, padTop: 0, padBottom: 0, padLeft: 0, padRight: 0 };
   if (typeof p === 'number') {
-    const v = checkInteger(name, p, 0);
+    const v = checkInteger(name, p, 0, MAX_WINDOW);
     return { padMode: PadMode.explicit, padTop: v, padBottom: v, padLeft: v, padRight: v };
   }
   if (Array.isArray(p) && p.length === 2) {
-    const [h, w] = checkPair(name, p, 0);
+    const [h, w] = checkPair(name, p, 0, MAX_WINDOW);
     return { padMode: PadMode.explicit, padTop: h, padBottom: h, padLeft: w, padRight: w };
   }
   if (Array.isArray(p) && p.length === 4) {
-    const [t, b, l, r] = p.map((v, i) => checkInteger(`${name}[${i}]`, v, 0));
+    const [t, b, l, r] = p.map((v, i) => checkInteger(`${name}[${i}]`, v, 0, MAX_WINDOW));
     return { padMode: PadMode.explicit, padTop: t, padBottom: b, padLeft: l, padRight: r };
   }
   throw typeError(name, "'valid', 'same', an integer, [ph, pw] or [top, bottom, left, right]", p);
@@ -332,8 +337,8 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
       const s = spec as Conv2dLayer;
       const inC = checkInteger(`${at}.inChannels`, s.inChannels, 1);
       const outC = checkInteger(`${at}.outChannels`, s.outChannels, 1);
-      const [kh, kw] = checkPair(`${at}.kernelSize`, s.kernelSize, 1);
-      const [sh, sw] = s.stride === undefined ? [1, 1] : checkPair(`${at}.stride`, s.stride, 1);
+      const [kh, kw] = checkPair(`${at}.kernelSize`, s.kernelSize, 1, MAX_WINDOW);
+      const [sh, sw] = s.stride === undefined ? [1, 1] : checkPair(`${at}.stride`, s.stride, 1, MAX_WINDOW);
       const groups = s.groups === undefined ? 1 : checkInteger(`${at}.groups`, s.groups, 1);
       if (inC % groups !== 0 || outC % groups !== 0) {
         throw rangeError(`${at}.groups`, `a divisor of inChannels (${inC}) and outChannels (${outC})`, groups);

@@ -55,13 +55,13 @@ export function checkOneOf<T extends string>(name: string, value: unknown, optio
   return value as T;
 }
 
-export function checkPair(name: string, value: unknown, lo: number): [number, number] {
+export function checkPair(name: string, value: unknown, lo: number, hi = Number.MAX_SAFE_INTEGER): [number, number] {
   if (typeof value === 'number') {
-    const v = checkInteger(name, value, lo);
+    const v = checkInteger(name, value, lo, hi);
     return [v, v];
   }
   if (!Array.isArray(value) || value.length !== 2) throw typeError(name, 'an integer or a pair of integers', value);
-  return [checkInteger(`${name}[0]`, value[0], lo), checkInteger(`${name}[1]`, value[1], lo)];
+  return [checkInteger(`${name}[0]`, value[0], lo, hi), checkInteger(`${name}[1]`, value[1], lo, hi)];
 }
 
 // NOTE: [names on failure]

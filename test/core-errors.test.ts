@@ -482,6 +482,28 @@ const cases: Case[] = [
     message: /^Expected an object for options but received an array of length 0$/,
     code: INVALID,
   },
+  // --- a conv window beyond the native limit is named as the user wrote it, not as the native field ---
+  ...(
+    [
+      [{ kernelSize: [70000, 1] }, 'kernelSize\\[0\\]', 1],
+      [{ kernelSize: 1, stride: 65537 }, 'stride', 1],
+      [{ kernelSize: 1, padding: 70000 }, 'padding', 0],
+      [{ kernelSize: 1, padding: [0, 70000] }, 'padding\\[1\\]', 0],
+      [{ kernelSize: 1, padding: [0, 0, 0, 70000] }, 'padding\\[3\\]', 0],
+    ] as [Record<string, unknown>, string, number][]
+  ).map(
+    ([fields, name, lo]): Case => ({
+      name: `a conv2d layer with ${JSON.stringify(fields)}`,
+      call: () =>
+        new AdaFisher([
+          { kind: 'param', param: new Float32Array(1) },
+          { kind: 'conv2d', inChannels: 1, outChannels: 1, weight: new Float32Array(70000), ...fields } as unknown as LayerSpec,
+        ]),
+      cls: RangeError,
+      message: new RegExp(`^Expected an integer in \\[${lo}, 65536\\] for layers\\[1\\]\\.${name} but received (65537|70000) of type number$`),
+      code: INVALID,
+    }),
+  ),
   // --- a field the layer kind does not take would leave its default in place, silently ---
   ...(
     [
@@ -567,8 +589,9 @@ const cases: Case[] = [
       [{ beta: 1 }, RangeError, /^Expected a number in \[0, 1\) for options\.beta but received 1 of type number$/],
       [{ damping: 0 }, RangeError, /^Expected a number > 0 for options\.damping but received 0 of type number$/],
       [{ gamma: 1 }, RangeError, /^Expected a number in \[0, 1\) for options\.gamma but received 1 of type number$/],
-      [{ tcov: 0 }, RangeError, /^Expected an integer >= 1 for options\.tcov but received 0 of type number$/],
-      [{ tcov: 1.5 }, RangeError, /^Expected an integer >= 1 for options\.tcov but received 1\.5 of type number$/],
+      [{ tcov: 0 }, RangeError, /^Expected an integer in \[1, 1099511627776\] for options\.tcov but received 0 of type number$/],
+      [{ tcov: 1.5 }, RangeError, /^Expected an integer in \[1, 1099511627776\] for options\.tcov but received 1\.5 of type number$/],
+      [{ tcov: 2 ** 41 }, RangeError, /^Expected an integer in \[1, 1099511627776\] for options\.tcov but received 2199023255552 of type number$/],
       [{ weightDecay: -1 }, RangeError, /^Expected a number >= 0 for options\.weightDecay but received -1 of type number$/],
       [{ learningRate: 1e-3 }, RangeError, /Expected a known option \(lr, .*\) for options\.learningRate/],
       [{ gamma: 0.5, decay: 0.1, mix: 0.01 }, RangeError, /gamma or decay\/mix, not both/],
