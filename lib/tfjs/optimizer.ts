@@ -174,6 +174,13 @@ function floatData(t: tf.Tensor): Float32Array {
   return v instanceof Float32Array ? v : Float32Array.from(v as ArrayLike<number>);
 }
 
+/** Whether shapes `a` and `b` agree from axis `from` on (the batch axis is 0). */
+function sameShape(a: readonly (number | null)[], b: readonly (number | null)[], from = 0): boolean {
+  if (Math.max(a.length - from, 0) !== Math.max(b.length - from, 0)) return false;
+  for (let i = from; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
 // NOTE: [parameters copied]
 // On TF.js's cpu backend dataSync() returns a variable's live backing array, and the native
 // step could update it in place. It does not: arrays a program took earlier with dataSync()
@@ -558,7 +565,8 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       ? (variableGradients as { name: unknown; tensor: unknown }[])
       : Object.keys(variableGradients).map((name) => ({ name, tensor: (variableGradients as tf.NamedTensorMap)[name] }));
     const model = this.#requireLiveModel();
-    const shapeOf = new Map((model.weights as unknown as LayerVariableLike[]).map((w) => [w.name, w.shape]));
+    // Before the first step's plan exists, the model's weights give the names and shapes.
+    const shapeOf = this.#plan === null ? new Map((model.weights as unknown as LayerVariableLike[]).map((w) => [w.name, w.shape])) : null;
     const given = new Map<string, string>();
     const checked: { name: string; tensor: tf.Tensor }[] = [];
     entries.forEach((e, k) => {
@@ -573,14 +581,14 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       given.set(e.name, at);
       if (this.#plan !== null) {
         if (!this.#plan.slotOf.has(e.name)) throw this.#unknownVariable(e.name);
-      } else if (!shapeOf.has(e.name)) throw this.#unknownVariable(e.name);
+      } else if (!shapeOf!.has(e.name)) throw this.#unknownVariable(e.name);
       if (e.tensor == null) return;
       if (!(e.tensor instanceof tfjs.Tensor)) throw typeError(at, 'a tf.Tensor (or null)', e.tensor);
       if (e.tensor.isDisposed) {
         throw withCode(new TypeError(`${PREFIX} the gradient ${at} was disposed before applyGradients(): dispose gradients after the step.`), ErrorCodes.invalidArgument);
       }
-      const shape = this.#plan?.variables[this.#plan.slotOf.get(e.name)!].shape ?? shapeOf.get(e.name)!;
-      if (JSON.stringify(e.tensor.shape) !== JSON.stringify(shape)) {
+      const shape = this.#plan?.variables[this.#plan.slotOf.get(e.name)!].shape ?? shapeOf!.get(e.name)!;
+      if (!sameShape(e.tensor.shape, shape)) {
         throw rangeError(at, `a gradient of shape [${shape}] (the shape of variable '${e.name}')`, e.tensor);
       }
       checked.push({ name: e.name, tensor: e.tensor });
@@ -940,8 +948,10 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
       examples: x.shape[0] ?? 1,
     };
     const kind = which === 'input' ? 'inputs' : 'grads';
-    const first = [...(open.alone ? [] : inst.pending), open].map((r) => r[kind][index]).find((u) => u.length > 0)?.[0];
-    if (first !== undefined && JSON.stringify(first.shape.slice(1)) !== JSON.stringify(use.shape.slice(1))) {
+    let first: Use | undefined;
+    if (!open.alone) for (const r of inst.pending) if ((first = r[kind][index][0]) !== undefined) break;
+    first ??= open[kind][index][0];
+    if (first !== undefined && !sameShape(first.shape, use.shape, 1)) {
       open.problem = codedError(
         ErrorCodes.unsupportedLayer,
         `${PREFIX} layer '${s.layer.name}' is used with ${which === 'input' ? 'inputs' : 'output gradients'} of different shapes ` +
