@@ -465,7 +465,11 @@ class SyncWorker : public Napi::AsyncWorker {
   void Execute() override {
     try {
       backend_->Synchronize();
+    } catch (const BackendError& e) {
+      code_ = e.code();
+      SetError(e.what());
     } catch (const std::exception& e) {
+      code_ = ErrorCode::kInternal;
       SetError(e.what());
     }
   }
@@ -495,7 +499,7 @@ class SyncWorker : public Napi::AsyncWorker {
         d.Resolve(env.Undefined());
       } else {
         Napi::Error err = Napi::Error::New(env, *error);
-        err.Set("code", Napi::String::New(env, ErrorCodeName(ErrorCode::kCudaError)));
+        err.Set("code", Napi::String::New(env, ErrorCodeName(code_)));
         d.Reject(err.Value());
       }
     }
@@ -503,6 +507,7 @@ class SyncWorker : public Napi::AsyncWorker {
 
   std::shared_ptr<Backend> backend_;
   std::shared_ptr<SyncQueue> queue_;
+  ErrorCode code_ = ErrorCode::kCudaError;  // of the error Execute met: what the waits reject with
 };
 }  // namespace
 
