@@ -296,7 +296,9 @@ interface Plan {
 function buildPlan(layers: readonly LayerSpec[]): Plan {
   if (!Array.isArray(layers)) throw typeError('layers', 'an array of layer descriptions', layers);
   const plan: Plan = { nativeLayers: [], tensors: [], slots: [], params: [], nativeIndex: [] };
-  layers.forEach((spec, i) => {
+  // By index, not forEach: a hole in a sparse array is a missing layer, not one to skip.
+  for (let i = 0; i < layers.length; i++) {
+    const spec = layers[i];
     const at = `layers[${i}]`;
     if (spec === null || typeof spec !== 'object') throw typeError(at, 'a layer description object', spec);
     const kind = checkOneOf(`${at}.kind`, (spec as LayerSpec).kind, ['linear', 'conv2d', 'batchnorm', 'layernorm', 'param'] as const);
@@ -313,7 +315,7 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
       plan.tensors.push({ numel: tensorLength(`${at}.param`, s.param), layer: -1, role: TensorRole.weight });
       plan.params.push(s.param);
       plan.slots.push({ layer: i, role: 'param' });
-      return;
+      continue;
     }
     const native = plan.nativeLayers.length;
     plan.nativeIndex.push(native);
@@ -385,7 +387,7 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
       plan.params.push(checkTensor(`${at}.bias`, bias, biasNumel));
       plan.slots.push({ layer: i, role: 'bias' });
     }
-  });
+  }
   return plan;
 }
 
@@ -406,7 +408,6 @@ export class AdaFisher {
   #native: NativeOptimizer | null;
   #plan: Plan;
   #hyper: AdaFisherHyperparameters;
-  #layers: readonly LayerSpec[];
   readonly backend: NativeBackendName;
 
   /**
@@ -417,7 +418,6 @@ export class AdaFisher {
   constructor(layers: readonly LayerSpec[], options: AdaFisherOptions = {}) {
     this.#hyper = resolveHyperparameters(options);
     this.#plan = buildPlan(layers);
-    this.#layers = layers;
     if (options.backend !== undefined) checkOneOf('options.backend', options.backend, BACKEND_NAMES);
     this.backend = resolveBackend(options.backend);
     checkParameterStorage(this.#plan.params, this.#plan.slots, this.backend);
@@ -455,13 +455,13 @@ export class AdaFisher {
   // The native index of a preconditioned layer when `layer` is a valid one, else undefined
   // (then #layerIndex, with the argument's name, throws the error).
   #fastLayerIndex(layer: unknown): number | undefined {
-    if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= this.#layers.length) return undefined;
+    if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= this.#plan.nativeIndex.length) return undefined;
     const n = this.#plan.nativeIndex[layer];
     return n < 0 ? undefined : n;
   }
 
   #layerIndex(layer: unknown, name = 'layer'): number {
-    const i = checkInteger(name, layer, 0, this.#layers.length - 1);
+    const i = checkInteger(name, layer, 0, this.#plan.nativeIndex.length - 1);
     const n = this.#plan.nativeIndex[i];
     if (n < 0) throw rangeError(name, 'the index of a preconditioned layer (not a plain parameter)', layer);
     return n;
@@ -625,11 +625,15 @@ export class AdaFisher {
     if (params !== undefined) {
       if (!Array.isArray(params)) throw typeError('params', `an array of ${n} tensors, or undefined`, params);
       if (params.length !== n) throw rangeError('params', `an array of ${n} tensors`, params);
-      ps = params;
+      // Read once, by index, before the native call (which then reads only this copy): a getter
+      // or an iterator of the caller's array runs here, before anything changes, and what the
+      // step used is what the optimizer keeps.
+      ps = new Array<Tensor>(n);
+      for (let i = 0; i < n; i++) ps[i] = params[i];
     }
     const gs = grads.map((g) => g ?? null);
     const result = this.#alive().step(ps as Tensor[], gs);
-    if (params !== undefined) this.#plan.params = [...params];
+    if (params !== undefined) this.#plan.params = ps;
     return result;
   }
 
@@ -734,15 +738,19 @@ export class AdaFisher {
     const total = layout.reduce((a, l) => a + l.hLength + l.sLength, 0);
     const flat = new Float32Array(total);
     preconditioned.forEach(({ n }, j) => {
+      // Each field read once: a getter cannot hand the checks one array and the copy another.
       const f = state.factors[j];
       const l = layout[n];
-      if (f?.layer !== preconditioned[j].i) throw bad(`factors[${j}] belongs to layer ${f?.layer}, expected layer ${preconditioned[j].i}`);
-      if (!(f?.H instanceof Float32Array) || f.H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
-      if (!(f?.S instanceof Float32Array) || f.S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
-      checkFactorValues(f.H, `factors[${j}].H`, hyper.nonFiniteGuard, bad);
-      checkFactorValues(f.S, `factors[${j}].S`, hyper.nonFiniteGuard, bad);
-      flat.set(f.H, l.hOffset);
-      flat.set(f.S, l.sOffset);
+      const layer = f?.layer;
+      const H = f?.H;
+      const S = f?.S;
+      if (layer !== preconditioned[j].i) throw bad(`factors[${j}] belongs to layer ${layer}, expected layer ${preconditioned[j].i}`);
+      if (!(H instanceof Float32Array) || H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
+      if (!(S instanceof Float32Array) || S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
+      checkFactorValues(H, `factors[${j}].H`, hyper.nonFiniteGuard, bad);
+      checkFactorValues(S, `factors[${j}].S`, hyper.nonFiniteGuard, bad);
+      flat.set(H, l.hOffset);
+      flat.set(S, l.sOffset);
     });
     // Momenta are checked natively for sizes and types (importState), not for values: even a
     // guarded optimizer may hold an infinite or NaN one (the guard reads the gradients, and

@@ -227,6 +227,59 @@ describe('user code run while the arguments are read (NOTE: [native after argume
   });
 });
 
+describe('arguments read once (review findings)', () => {
+  test("step(grads, params): params read once, by index, before the native call; an iterator is never used", () => {
+    const w = new Float32Array(64).fill(1);
+    const opt = new AdaFisher([{ kind: 'param', param: new Float32Array(64) }], { backend: 'cpu' });
+    const params: Float32Array[] = [w];
+    (params as unknown as { [Symbol.iterator]: () => never })[Symbol.iterator] = () => {
+      throw new Error('iterated');
+    };
+    // Before, the step went through and then the copy of params ([...params]) threw: a caller
+    // that retried stepped twice.
+    expect(opt.step([new Float32Array(64).fill(0.5)], params)).toEqual({ applied: true, refreshed: true });
+    expect(opt.steps).toBe(1);
+    expect(w[0]).not.toBe(1);
+    // The optimizer keeps what the step used: a later step without params updates w again.
+    const after = w[0];
+    opt.step([new Float32Array(64).fill(0.5)]);
+    expect(w[0]).not.toBe(after);
+    // A getter that throws while params are read: nothing has changed.
+    const bad: Float32Array[] = [];
+    Object.defineProperty(bad, 0, { enumerable: true, get: () => { throw new Error('getter'); } });
+    const state = opt.exportState();
+    expect(() => opt.step([new Float32Array(64)], bad)).toThrow('getter');
+    assertStatesIdentical(opt.exportState(), state, 'after the refused step');
+    opt.dispose();
+  });
+
+  test('loadState reads each factor field once: a getter cannot pass the checks with one array and load another', () => {
+    const opt = new AdaFisher([{ kind: 'linear', inFeatures: 3, outFeatures: 2, weight: new Float32Array(6) }], { backend: 'cpu' });
+    const state = opt.exportState();
+    const good = Float32Array.of(0.5, 0.25, 0.125);
+    let reads = 0;
+    const f = { layer: 0, S: state.factors[0].S } as { layer: number; S: Float32Array; H?: Float32Array };
+    Object.defineProperty(f, 'H', { enumerable: true, get: () => (++reads <= 1 ? good : new Float32Array(3).fill(-5)) });
+    opt.loadState({ ...state, factors: [f as AdaFisherState['factors'][0]] });
+    expect(reads).toBe(1);
+    expect(Array.from(opt.exportState().factors[0].H)).toEqual(Array.from(good));
+    opt.dispose();
+  });
+
+  test('the layers array is read once: holes are refused, and changing it later changes nothing', () => {
+    const lin = () => ({ kind: 'linear', inFeatures: 4, outFeatures: 2, weight: new Float32Array(8) }) as LayerSpec;
+    // eslint-disable-next-line no-sparse-arrays
+    expectThrows(() => new AdaFisher([, lin()] as LayerSpec[]), { cls: TypeError, message: /^Expected a layer description object for layers\[0\] but received undefined$/, code: ErrorCodes.invalidArgument });
+    const layers = [lin(), lin()];
+    const opt = new AdaFisher(layers, { backend: 'cpu' });
+    layers.push(lin());
+    expectThrows(() => opt.recordInput(2, new Float32Array(8), [2, 4]), { cls: RangeError, message: /^Expected an integer in \[0, 1\] for layer but received 2 of type number$/, code: ErrorCodes.invalidArgument });
+    layers.length = 0;
+    opt.recordInput(1, new Float32Array(8), [2, 4]);
+    opt.dispose();
+  });
+});
+
 describe('setLearningRate', () => {
   test('takes effect at the next step and keeps momenta, factors and step counts', () => {
     const rng = new Rng(7);
