@@ -602,7 +602,9 @@ export class AdaFisher {
   reuseRunningFactors(layers: readonly number[]): void {
     this.#alive();
     if (!Array.isArray(layers)) throw typeError('layers', 'an array of layer indices', layers);
-    const n = layers.map((l, i) => this.#layerIndex(l, `layers[${i}]`));
+    // By index: a hole (or the first of 2^32 in a sparse array) is refused at once.
+    const n: number[] = [];
+    for (let i = 0; i < layers.length; i++) n.push(this.#layerIndex(layers[i], `layers[${i}]`));
     this.#alive().reuseRunningFactors(n);
   }
 

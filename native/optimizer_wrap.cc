@@ -2,6 +2,9 @@
 // call's arguments into backend pointers (validated, before anything is written).
 #include <napi.h>
 
+#include <algorithm>
+#include <deque>
+#include <functional>
 #include <memory>
 
 #include "core/optimizer.h"
@@ -29,6 +32,8 @@ static_assert(static_cast<int>(FactorKind::kH) == 0 && static_cast<int>(FactorKi
 namespace {
 
 constexpr int64_t kMaxDim = int64_t{1} << 40;
+// The most elements an argument array's vector reserves before they are read (NOTE: [grow as read]).
+constexpr uint32_t kReserveLimit = 4096;
 
 class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
  public:
@@ -79,12 +84,16 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       // An array's length is read once, before its elements: a getter of an element (or of
       // an element's field) may push to or truncate the array, and the loops below write
       // vectors sized by that first length.
+      // NOTE: [grow as read]: a vector grows with the elements read, so that a huge length
+      // (a sparse array) fails at its first missing element, not in a 2^32-element allocation.
       const Napi::Array ls = ToArray(info[2], "layers");
-      std::vector<LayerSpec> layers(ls.Length());
-      for (uint32_t i = 0; i < layers.size(); ++i) {
+      const uint32_t layer_count = ls.Length();
+      std::vector<LayerSpec> layers;
+      layers.reserve(std::min<uint32_t>(layer_count, kReserveLimit));
+      for (uint32_t i = 0; i < layer_count; ++i) {
         const std::string at = "layers[" + std::to_string(i) + "]";
         const Napi::Object o = ToObject(ls.Get(i), at);
-        LayerSpec& l = layers[i];
+        LayerSpec& l = layers.emplace_back();
         l.kind = static_cast<LayerKind>(ReadInteger(o, "kind", at, 0, 3));
         l.has_bias = ReadBool(o, "hasBias", at);
         l.in_features = ReadInteger(o, "inFeatures", at, 0, kMaxDim);
@@ -107,13 +116,16 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
         }
       }
       const Napi::Array ts = ToArray(info[3], "tensors");
-      std::vector<TensorSpec> tensors(ts.Length());
-      for (uint32_t i = 0; i < tensors.size(); ++i) {
+      const uint32_t tensor_count = ts.Length();
+      std::vector<TensorSpec> tensors;
+      tensors.reserve(std::min<uint32_t>(tensor_count, kReserveLimit));
+      for (uint32_t i = 0; i < tensor_count; ++i) {
         const std::string at = "tensors[" + std::to_string(i) + "]";
         const Napi::Object o = ToObject(ts.Get(i), at);
-        tensors[i].numel = ReadInteger(o, "numel", at, 0, int64_t{1} << 50);
-        tensors[i].layer = static_cast<int32_t>(ReadInteger(o, "layer", at, -1, int64_t{1} << 30));
-        tensors[i].role = static_cast<TensorRole>(ReadInteger(o, "role", at, 0, 1));
+        TensorSpec& t = tensors.emplace_back();
+        t.numel = ReadInteger(o, "numel", at, 0, int64_t{1} << 50);
+        t.layer = static_cast<int32_t>(ReadInteger(o, "layer", at, -1, int64_t{1} << 30));
+        t.role = static_cast<TensorRole>(ReadInteger(o, "role", at, 0, 1));
       }
       core_ = std::make_unique<OptimizerCore>(backend, config, std::move(layers), std::move(tensors));
       // Momenta plus running and fresh factors (see NOTE: [external memory]).
@@ -189,23 +201,27 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       if (n > 0 && core.layers().empty()) ThrowRangeError(env, "Expected a layer index but this optimizer has no layers");
       // Read every field first (getters may run JS), then resolve them, which runs no JS
       // (as in Step); every record is checked and resolved before any is reduced.
-      std::vector<OptimizerCore::FactorRecord> records(n);
-      std::vector<Napi::Value> data(n);
-      // Each record's name ("layers[2] input"), made only for an error (NOTE: [names on failure]).
-      std::vector<std::function<std::string()>> what(n);
+      // Each record's name ("layers[2] input"), made only for an error (NOTE: [names on failure]);
+      // the vectors grow as the records are read (NOTE: [grow as read]). `what` keeps its
+      // elements in place: ArgNames point at them.
+      std::vector<OptimizerCore::FactorRecord> records;
+      std::vector<Napi::Value> data;
+      std::deque<std::function<std::string()>> what;
+      records.reserve(std::min<size_t>(n, kReserveLimit));
+      data.reserve(std::min<size_t>(n, kReserveLimit));
       const Napi::Value k_layer = PropertyKey(env, "layer"), k_which = PropertyKey(env, "which"),
                         k_shape = PropertyKey(env, "shape"), k_data = PropertyKey(env, "data");
       for (size_t i = 0; i < n; ++i) {
         const ArgName at("records", i);
         const Napi::Object o = ToObject(rs.Get(i), at);
-        OptimizerCore::FactorRecord& r = records[i];
+        OptimizerCore::FactorRecord& r = records.emplace_back();
         const int64_t last_layer = static_cast<int64_t>(core.layers().size()) - 1;
         r.layer = static_cast<int>(ToInteger(o.Get(k_layer), ArgName::Key(at, "layer"), 0, last_layer));
         r.which = static_cast<FactorKind>(ToInteger(o.Get(k_which), ArgName::Key(at, "which"), 0, 1));
-        what[i] = [&core, layer = r.layer, which = r.which] { return core.FactorName(layer, which); };
-        const ArgName name(what[i]);
+        what.emplace_back([&core, layer = r.layer, which = r.which] { return core.FactorName(layer, which); });
+        const ArgName name(what.back());
         r.shape = ToShape(o.Get(k_shape), ArgName::Suffix(name, " shape"));
-        data[i] = o.Get(k_data);
+        data.push_back(o.Get(k_data));
       }
       std::vector<index_t> numel(n);
       for (size_t i = 0; i < n; ++i) {
@@ -256,10 +272,11 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       OptimizerCore& core = Core(env);
       const Napi::Array ls = ToArray(info[0], "layers");
       const uint32_t n = ls.Length();  // read once: NOTE: [read lengths once]
-      std::vector<int> layers(n);
+      std::vector<int> layers;
+      layers.reserve(std::min<uint32_t>(n, kReserveLimit));  // NOTE: [grow as read]
       for (uint32_t i = 0; i < n; ++i) {
-        layers[i] = static_cast<int>(
-            ToInteger(ls.Get(i), ArgName("layers", i), 0, static_cast<int64_t>(core.layers().size()) - 1));
+        layers.push_back(static_cast<int>(
+            ToInteger(ls.Get(i), ArgName("layers", i), 0, static_cast<int64_t>(core.layers().size()) - 1)));
       }
       core.ReuseRunningFactors(layers);
       return env.Undefined();

@@ -237,6 +237,24 @@ describe('review findings: an array that grows while the glue reads its elements
   });
 });
 
+// The glue sized its vectors by an argument array's length before reading an element: a
+// sparse array of length 2^32 - 1 cost 16 GB (reuseRunningFactors) or ended out of memory
+// (the constructor's layers). Now the vectors grow as the elements are read (NOTE: [grow as
+// read]) and the first missing element is refused at once.
+describe('review findings: a sparse array of length 2^32 - 1', () => {
+  const linear = `const o = new b.NativeOptimizer('cpu', cfg, [{ kind: 0, hasBias: false, inFeatures: 2, outFeatures: 2, layout: 0, format: 0 }], [{ numel: 4, layer: 0, role: 0 }]);`;
+  const huge = 'const a = []; a.length = 2 ** 32 - 1;';
+  test.each([
+    ['the constructor\'s layers', `${huge} new b.NativeOptimizer('cpu', cfg, a, []);`, 'Expected an object for layers[0] but received undefined'],
+    ['the constructor\'s tensors', `${huge} new b.NativeOptimizer('cpu', cfg, [], a);`, 'Expected an object for tensors[0] but received undefined'],
+    ['reuseRunningFactors', `${linear} ${huge} o.reuseRunningFactors(a);`, 'Expected an integer for layers[0] but received undefined'],
+    ['recordFactors', `${linear} ${huge} o.recordFactors(a);`, 'Expected an object for records[0] but received undefined'],
+  ])('%s: a TypeError naming element 0', (_n, body, message) => {
+    const r = inChild(body);
+    expect(r.outcome, r.output).toEqual({ ok: false, name: 'TypeError', code: 'ADAFISHER_INVALID_ARGUMENT', message });
+  });
+});
+
 // A factor task that throws on a pool thread (here: std::bad_alloc for a kernel row's 4 TiB
 // of scratch) called std::terminate, or, on the calling thread, left ThreadPool::Run while
 // workers still ran the task function. The first exception now reaches the caller once all
