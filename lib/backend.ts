@@ -1,4 +1,6 @@
 // Backend selection and device buffers.
+import { isFloat32Array } from 'node:util/types';
+
 import { binding, loadBinding, type NativeBackendInfo, type NativeBackendName, type NativeDeviceBuffer, type NativeTimingEvent } from './binding.js';
 import { codedError, ErrorCodes, typeError } from './errors.js';
 import { checkInteger, checkOneOf } from './validate.js';
@@ -156,7 +158,7 @@ export type DeviceBuffer = NativeDeviceBuffer;
 export function createBuffer(lengthOrData: number | Float32Array, options: { backend?: BackendName } = {}): DeviceBuffer {
   const backend = resolve(checkOptions(options).backend, 'options.backend');
   if (typeof lengthOrData === 'number') checkInteger('length', lengthOrData, 0);
-  else if (!(lengthOrData instanceof Float32Array)) throw typeError('data', 'a length or a Float32Array', lengthOrData);
+  else if (!isFloat32Array(lengthOrData)) throw typeError('data', 'a length or a Float32Array', lengthOrData);
   return new (binding().DeviceBuffer)(backend, lengthOrData);
 }
 

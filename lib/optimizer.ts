@@ -1,5 +1,7 @@
 // The framework-agnostic AdaFisher optimizer: validates a model description and the
 // hyperparameters once, builds the native plan, and drives one native step per call.
+import { isFloat32Array } from 'node:util/types';
+
 import {
   binding,
   DataFormat,
@@ -210,7 +212,7 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
 }
 
 function tensorLength(name: string, t: unknown): number {
-  if (t instanceof Float32Array) return t.length;
+  if (isFloat32Array(t)) return t.length;
   if (t !== null && typeof t === 'object' && t instanceof binding().DeviceBuffer) {
     const b = t as DeviceBuffer;
     if (b.disposed) throw codedError(ErrorCodes.disposed, `${name}: the DeviceBuffer was already disposed.`);
@@ -229,7 +231,7 @@ function checkParameterStorage(params: readonly Tensor[], slots: readonly Parame
   };
   const seen = new Map<object, { index: number; begin: number; end: number }[]>();
   params.forEach((p, i) => {
-    if (!(p instanceof Float32Array)) {
+    if (!isFloat32Array(p)) {
       if (p.backend !== backend) {
         throw codedError(
           ErrorCodes.foreignBuffer,
@@ -237,8 +239,8 @@ function checkParameterStorage(params: readonly Tensor[], slots: readonly Parame
         );
       }
     }
-    const key: object = p instanceof Float32Array ? p.buffer : p;
-    const begin = p instanceof Float32Array ? p.byteOffset : 0;
+    const key: object = isFloat32Array(p) ? p.buffer : p;
+    const begin = isFloat32Array(p) ? p.byteOffset : 0;
     const end = begin + 4 * p.length;
     const ranges = seen.get(key) ?? [];
     for (const r of ranges) {
@@ -747,8 +749,8 @@ export class AdaFisher {
       const H = f?.H;
       const S = f?.S;
       if (layer !== preconditioned[j].i) throw bad(`factors[${j}] belongs to layer ${layer}, expected layer ${preconditioned[j].i}`);
-      if (!(H instanceof Float32Array) || H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
-      if (!(S instanceof Float32Array) || S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
+      if (!isFloat32Array(H) || H.length !== l.hLength) throw bad(`factors[${j}].H must be a Float32Array of ${l.hLength}`);
+      if (!isFloat32Array(S) || S.length !== l.sLength) throw bad(`factors[${j}].S must be a Float32Array of ${l.sLength}`);
       checkFactorValues(H, `factors[${j}].H`, hyper.nonFiniteGuard, bad);
       checkFactorValues(S, `factors[${j}].S`, hyper.nonFiniteGuard, bad);
       flat.set(H, l.hOffset);
@@ -864,7 +866,7 @@ export function stateToJSON(state: AdaFisherState): unknown {
   if (!Array.isArray(state.momenta)) throw typeError('state.momenta', 'an array of Float32Arrays', state.momenta);
   if (!Array.isArray(state.factors)) throw typeError('state.factors', 'an array of { layer, H, S }', state.factors);
   const arr = (a: Float32Array, name: string) => {
-    if (!(a instanceof Float32Array)) throw typeError(name, 'a Float32Array', a);
+    if (!isFloat32Array(a)) throw typeError(name, 'a Float32Array', a);
     return Array.from(a, toJSONNumber);
   };
   return {

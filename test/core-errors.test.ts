@@ -2,6 +2,8 @@
 // code, and every case also checks that nothing was half-applied (parameters and the whole
 // exported state bit-identical before and after, no leaked native allocation) and that
 // the optimizer still takes a good step afterwards.
+import vm from 'node:vm';
+
 import { describe, expect, test } from 'vitest';
 
 import {
@@ -743,5 +745,26 @@ describe('backends of parameters and the allocation count', () => {
     });
     expect(liveAllocations('cuda')).toBe(before);
     b.dispose();
+  });
+});
+
+describe('Float32Arrays from another realm (node:vm, a worker-made context)', () => {
+  test('are Float32Arrays: accepted as weights, gradients, buffer data and checkpoint factors', () => {
+    const other = (n: number, fill = 0) => vm.runInNewContext(`new Float32Array(${n}).fill(${fill})`) as Float32Array;
+    expect(other(1) instanceof Float32Array).toBe(false); // the case: instanceof says no
+    const w = other(6);
+    const opt = new AdaFisher([{ kind: 'linear', inFeatures: 3, outFeatures: 2, weight: w }], { backend: 'cpu' });
+    opt.recordInput(0, other(6, 1), [2, 3]);
+    opt.recordOutputGrad(0, other(4, 1), [2, 2]);
+    expect(opt.step([other(6, 1)]).applied).toBe(true);
+    expect(w[0]).not.toBe(0);
+    const state = opt.exportState();
+    const f = state.factors[0];
+    opt.loadState({ ...state, factors: [{ layer: f.layer, H: Object.assign(other(f.H.length), f.H), S: Object.assign(other(f.S.length), f.S) }] });
+    expect(Array.from(opt.exportState().factors[0].H)).toEqual(Array.from(f.H));
+    const b = createBuffer(other(3, 2), { backend: 'cpu' });
+    expect(Array.from(b.download())).toEqual([2, 2, 2]);
+    b.dispose();
+    opt.dispose();
   });
 });
