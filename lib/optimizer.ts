@@ -271,7 +271,8 @@ function padding(name: string, p: Padding | undefined): Pick<NativeLayer, 'padMo
     return { padMode: PadMode.explicit, padTop: h, padBottom: h, padLeft: w, padRight: w };
   }
   if (Array.isArray(p) && p.length === 4) {
-    const [t, b, l, r] = p.map((v, i) => checkInteger(`${name}[${i}]`, v, 0, MAX_WINDOW));
+    // By index, not map: map skips a hole, which then reached the native side unnamed.
+    const [t, b, l, r] = [0, 1, 2, 3].map((i) => checkInteger(`${name}[${i}]`, p[i], 0, MAX_WINDOW));
     return { padMode: PadMode.explicit, padTop: t, padBottom: b, padLeft: l, padRight: r };
   }
   throw typeError(name, "'valid', 'same', an integer, [ph, pw] or [top, bottom, left, right]", p);

@@ -484,6 +484,14 @@ const cases: Case[] = [
     message: /^Expected an object for options but received an array of length 0$/,
     code: INVALID,
   },
+  {
+    name: 'conv2d padding [top, bottom, left, right] with a hole: named padding[1]',
+    // eslint-disable-next-line no-sparse-arrays
+    call: () => new AdaFisher([{ kind: 'conv2d', inChannels: 1, outChannels: 1, kernelSize: 1, padding: [1, , 1, 1] as unknown as number[], weight: new Float32Array(1) } as LayerSpec]),
+    cls: TypeError,
+    message: /^Expected an integer for layers\[0\]\.padding\[1\] but received undefined$/,
+    code: INVALID,
+  },
   // --- a conv window beyond the native limit is named as the user wrote it, not as the native field ---
   ...(
     [
