@@ -407,6 +407,9 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
  * opt.recordOutputGrad(0, dy, [batch, 10]);
  * opt.step([dw, db]);  // { applied: true, refreshed: true }
  */
+/** The fields of a FactorRecord. */
+const RECORD_KEYS: ReadonlySet<string> = new Set(['layer', 'input', 'inputShape', 'outputGrad', 'outputGradShape']);
+
 export class AdaFisher {
   #native: NativeOptimizer | null;
   #plan: Plan;
@@ -558,6 +561,8 @@ export class AdaFisher {
       const index = (r as FactorRecord).layer;
       const layer = this.#fastLayerIndex(index) ?? this.#layerIndex(index, `records[${i}].layer`);
       const { input, inputShape, outputGrad, outputGradShape } = r as FactorRecord;
+      // A misspelt field ('outputgrad') would leave that statistic unrecorded, silently.
+      for (const key in r) if (!RECORD_KEYS.has(key)) throw unknownKeyError(`records[${i}].${key}`, `a field of a record (${[...RECORD_KEYS].join(', ')})`, key);
       if (input === undefined && outputGrad === undefined) throw typeError(`records[${i}]`, 'an input or an outputGrad', r);
       if (input !== undefined) {
         out.push({ layer, which: FactorWhich.H, data: input, shape: fastShape(inputShape) ?? checkShape(`records[${i}].inputShape`, inputShape) });

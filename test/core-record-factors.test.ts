@@ -146,6 +146,12 @@ describe('recordFactors', () => {
     expectThrows(() => opt.recordFactors(null as never), { cls: TypeError, message: /records/ });
     expectThrows(() => opt.recordFactors([7 as never]), { cls: TypeError, message: /records\[0\]/ });
     expectThrows(() => opt.recordFactors([{ layer: 0 }]), { cls: TypeError, message: /input or an outputGrad for records\[0\]/ });
+    // A misspelt field would leave its statistic unrecorded, silently.
+    expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, 8], outputgrad: x } as never]), {
+      cls: RangeError,
+      message: /^Expected a field of a record \(layer, input, inputShape, outputGrad, outputGradShape\) for records\[0\]\.outputgrad but received the unknown key 'outputgrad'$/,
+      code: ErrorCodes.invalidArgument,
+    });
     expectThrows(() => opt.recordFactors([{ layer: 0, inputShape: [3, 3, 8, 8], outputGrad: x, outputGradShape: [3, 4, 8, 8] }]), {
       cls: TypeError,
       message: /records\[0\]\.input/,
