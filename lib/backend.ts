@@ -169,7 +169,7 @@ export function createBuffer(lengthOrData: number | Float32Array, options: { bac
  * @example if (!isDeviceBuffer(x)) x = createBuffer(x);
  */
 export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
-  return value instanceof binding().DeviceBuffer;
+  return binding().isDeviceBuffer(value);
 }
 
 /**

@@ -156,6 +156,8 @@ export interface NativeBinding {
   liveAllocations(backend: NativeBackendName): number;
   synchronize(backend: NativeBackendName): Promise<void>;
   DeviceBuffer: new (backend: NativeBackendName, lengthOrData: number | Float32Array) => NativeDeviceBuffer;
+  /** Whether `value` is a DeviceBuffer of this addon, by its type tag: runs no JS, never throws. */
+  isDeviceBuffer(value: unknown): value is NativeDeviceBuffer;
   NativeOptimizer: new (
     backend: NativeBackendName,
     config: NativeConfig,

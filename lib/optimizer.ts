@@ -213,7 +213,7 @@ export function resolveHyperparameters(options: AdaFisherOptions): AdaFisherHype
 
 function tensorLength(name: string, t: unknown): number {
   if (isFloat32Array(t)) return t.length;
-  if (t !== null && typeof t === 'object' && t instanceof binding().DeviceBuffer) {
+  if (binding().isDeviceBuffer(t)) {
     const b = t as DeviceBuffer;
     if (b.disposed) throw codedError(ErrorCodes.disposed, `${name}: the DeviceBuffer was already disposed.`);
     return b.length;

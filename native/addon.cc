@@ -21,6 +21,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("liveAllocations", Napi::Function::New(env, LiveAllocations, "liveAllocations"));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
   exports.Set("DeviceBuffer", BufferWrap::Init(env));
+  exports.Set("isDeviceBuffer", Napi::Function::New(env, IsDeviceBuffer, "isDeviceBuffer"));
   exports.Set("NativeOptimizer", InitOptimizer(env));
   exports.Set("TimingEvent", TimingEventWrap::Init(env));
   return exports;

@@ -156,4 +156,8 @@ Napi::Value BufferWrap::Dispose(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value IsDeviceBuffer(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), HasTypeTag(info.Env(), info[0], BufferWrap::kTypeTag));
+}
+
 }  // namespace adafisher

@@ -11,6 +11,10 @@
 
 namespace adafisher {
 
+// isDeviceBuffer(value): whether `value` is a DeviceBuffer made by this addon (its type tag:
+// NOTE: [receiver checks]); runs no JS, so no Proxy trap or getter, and never throws.
+Napi::Value IsDeviceBuffer(const Napi::CallbackInfo& info);
+
 class BufferWrap : public Napi::ObjectWrap<BufferWrap> {
  public:
   static constexpr napi_type_tag kTypeTag = {0x6164616669736865ULL, 0x7242756666657201ULL};

@@ -242,6 +242,34 @@ describe('native error messages', () => {
   });
 });
 
+describe('isDeviceBuffer', () => {
+  test("checks the addon's own mark: no prototype lookalikes, no Proxy trap run, never throws", () => {
+    const real = createBuffer(2, { backend: 'cpu' });
+    const proto = Object.getPrototypeOf(real) as object;
+    const lookalike = Object.create(proto) as unknown;
+    let trapped = 0;
+    const proxy = new Proxy(real, {
+      getPrototypeOf() {
+        trapped++;
+        throw new Error('trap');
+      },
+    });
+    expect(isDeviceBuffer(real)).toBe(true);
+    expect(isDeviceBuffer(lookalike)).toBe(false); // instanceof said true
+    expect(isDeviceBuffer(proxy)).toBe(false); // instanceof ran the trap and threw
+    expect(trapped).toBe(0);
+    for (const v of [null, undefined, 3, 'buf', {}, new Float32Array(2)]) expect(isDeviceBuffer(v)).toBe(false);
+    // Given as a parameter, the lookalike is refused by name (it was 'Illegal receiver: expected a DeviceBuffer').
+    expectThrows(() => new AdaFisher([{ kind: 'param', param: lookalike as Float32Array }], { backend: 'cpu' }), {
+      cls: TypeError,
+      message: /^Expected a Float32Array or DeviceBuffer for layers\[0\]\.param but received an object/,
+      code: ErrorCodes.invalidArgument,
+    });
+    real.dispose();
+    expect(isDeviceBuffer(real)).toBe(true); // disposed, still one
+  });
+});
+
 describe.each(cudaUsable ? (['cpu', 'cuda'] as const) : (['cpu'] as const))('DeviceBuffer (%s backend)', (backend) => {
   test('createBuffer(length) is zero-filled; createBuffer(data) copies', () => {
     const z = createBuffer(5, { backend });

@@ -581,9 +581,10 @@ function fuzzOne(world) {
       return;
     }
     case 6: { // module functions
-      const fname = g(fc.constantFrom, 'backendInfo', 'liveAllocations', 'synchronize');
-      const arg = world.maybe(BACKEND);
+      const fname = g(fc.constantFrom, 'backendInfo', 'liveAllocations', 'synchronize', 'isDeviceBuffer');
+      const arg = fname === 'isDeviceBuffer' ? (g(fc.boolean) ? (pickBuf()?.buf ?? world.any()) : world.any()) : world.maybe(BACKEND);
       call(world, fname, () => b[fname](arg), (r) => {
+        if (fname === 'isDeviceBuffer' && r !== realBuffers.has(arg)) return `isDeviceBuffer ${r} for ${describe(arg)}`;
         if (fname === 'liveAllocations' && !(Number.isInteger(r) && r >= 0)) return `liveAllocations ${r}`;
         if (fname === 'liveAllocations' && !USABLE.has(arg)) return `accepted ${describe(arg)}`;
         if (fname === 'synchronize') {
