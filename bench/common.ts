@@ -596,21 +596,24 @@ export function benchCommand(script: string): string {
 }
 
 /**
- * Runs a bench's main. A UsageError becomes one `bench: ...` line on stderr and exit code
- * 2; any other error one `bench: ...` line and exit code 1 (no stack trace either way).
+ * Runs a bench's main. A UsageError becomes exit code 2, any other error exit code 1, with
+ * no stack trace: run as `adafisher bench`, an error is the command line's `adafisher:
+ * <message>` line, followed for bad usage by a line naming the --help to read; run as a
+ * script, one `bench: <message>` line.
  */
 export function runMain(script: string, main: () => Promise<void> | void): void {
   Promise.resolve()
     .then(main)
     .catch((e: unknown) => {
-      const message = e instanceof Error ? e.message : String(e);
-      if (e instanceof UsageError) {
-        console.error(`bench: ${message} (see '${benchCommand(script)} --help')`);
-        process.exitCode = 2;
+      const message = (e instanceof Error ? e.message : String(e)).replace(/\s*\n\s*/g, ' ');
+      const viaCommand = Boolean(process.env.ADAFISHER_BENCH_COMMAND);
+      const usage = e instanceof UsageError;
+      if (viaCommand) {
+        console.error(`adafisher: ${message}${usage ? `\nRun '${benchCommand(script)} --help' for usage.` : ''}`);
       } else {
-        console.error(`bench: ${message.replace(/\s*\n\s*/g, ' ')}`);
-        process.exitCode = 1;
+        console.error(`bench: ${message}${usage ? ` (see '${benchCommand(script)} --help')` : ''}`);
       }
+      process.exitCode = usage ? 2 : 1;
     });
 }
 

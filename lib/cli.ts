@@ -169,6 +169,11 @@ function bench(args: string[]): number | Promise<number> {
   const [first, ...others] = args;
   if (first === '--help' || first === '-h') return help('bench');
   const named = first === 'cpu' || first === 'gpu';
+  if (!named && first !== undefined && !first.startsWith('-')) {
+    throw new UsageError(`unknown benchmark '${first}' (expected cpu or gpu)`, 'bench');
+  }
+  // A bad ADAFISHER_NUM_THREADS (or ADAFISHER_BACKEND) is bad usage before any case runs.
+  backendInfo('cpu');
   const rest = named ? others : args;
   let target = first;
   if (!named) {

@@ -116,6 +116,8 @@ describe('adafisher info', () => {
   test.each([
     [{ ADAFISHER_BACKEND: 'gpu' }, [], /Expected one of 'auto', 'cpu', 'cuda' for ADAFISHER_BACKEND but received 'gpu'/],
     [{ ADAFISHER_NUM_THREADS: 'abc' }, [], /Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received 'abc'/],
+    [{ ADAFISHER_NUM_THREADS: ' 2' }, [], /Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received ' 2'/],
+    [{ ADAFISHER_NUM_THREADS: '+2' }, [], /Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received '\+2'/],
     [{}, ['--frob'], /Unknown option '--frob'/],
     [{}, ['extra'], /Unexpected argument 'extra'/],
   ] as [Record<string, string>, string[], RegExp][])('bad usage (env %j, args %j): exit 2, one line, no stack', (env, args, message) => {
@@ -173,7 +175,14 @@ describe('adafisher bench', () => {
     }
     const bad = adafisher(['bench', 'cpu', '--cases', 'nope']);
     expect(bad.rc).toBe(2);
-    expect(bad.stderr).toMatch(/^bench: unknown case 'nope' in --cases .*\(see 'adafisher bench cpu --help'\)\n$/);
+    expect(bad.stderr).toMatch(/^adafisher: unknown case 'nope' in --cases .*\nRun 'adafisher bench cpu --help' for usage\.\n$/);
+    const target = adafisher(['bench', 'tpu']);
+    expect(target.rc).toBe(2);
+    expect(target.stderr).toBe("adafisher: unknown benchmark 'tpu' (expected cpu or gpu)\nRun 'adafisher bench --help' for usage.\n");
+    const threads = adafisher(['bench', 'cpu', '--cases', 'tiny'], { ADAFISHER_NUM_THREADS: '0' });
+    expect(threads.rc).toBe(2);
+    expect(threads.stdout).toBe(''); // refused before any case ran
+    expect(threads.stderr).toMatch(/^adafisher: Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received '0'\n/);
   });
 
   test('a SIGTERM to the command stops the benchmark and its running case too; the command exits 128 + 15', async () => {

@@ -826,10 +826,13 @@ std::unique_ptr<Backend> CreateCpuBackend(int threads, const std::string* settin
     // typo is refused (like a bad ADAFISHER_BACKEND) rather than silently ignored.
     const char* env = setting != nullptr ? setting->c_str() : std::getenv("ADAFISHER_NUM_THREADS");
     if (env != nullptr && *env != '\0') {
+      // Decimal digits only, as the README says: no sign, space or exponent (strtol alone
+      // took " 2" and "+2").
+      const bool digits = std::all_of(env, env + std::strlen(env), [](char c) { return c >= '0' && c <= '9'; });
       char* end = nullptr;
       errno = 0;
-      const long v = std::strtol(env, &end, 10);
-      if (errno != 0 || end == env || *end != '\0' || v < 1 || v > kMaxThreads) {
+      const long v = digits ? std::strtol(env, &end, 10) : 0;
+      if (!digits || errno != 0 || end == env || *end != '\0' || v < 1 || v > kMaxThreads) {
         std::string shown(env);
         if (shown.size() > 40) shown = shown.substr(0, 40) + "...";
         throw BackendError(ErrorCode::kInvalidArgument, "Expected an integer in [1, " + std::to_string(kMaxThreads) +
