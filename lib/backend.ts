@@ -143,8 +143,11 @@ function checkOptions(options: unknown): { backend?: BackendName } {
   return options as { backend?: BackendName };
 }
 
-/** float32 memory owned by a backend (device memory on cuda). */
-export type DeviceBuffer = NativeDeviceBuffer;
+/**
+ * float32 memory owned by a backend (device memory on cuda). An interface of its own (not an
+ * alias of the binding's) so that a program's declarations can name it from 'adafisher'.
+ */
+export interface DeviceBuffer extends NativeDeviceBuffer {}
 
 /**
  * Allocates a DeviceBuffer on a backend, zero-filled or holding a copy of `data`.
@@ -155,7 +158,7 @@ export type DeviceBuffer = NativeDeviceBuffer;
  * const w = createBuffer(new Float32Array([1, 2, 3]), { backend: 'cuda' });
  * w.download(); // Float32Array [1, 2, 3]
  */
-export function createBuffer(lengthOrData: number | Float32Array, options: { backend?: BackendName } = {}): DeviceBuffer {
+export function createBuffer(lengthOrData: number | Float32Array, options: { backend?: BackendName | undefined } = {}): DeviceBuffer {
   const backend = resolve(checkOptions(options).backend, 'options.backend');
   if (typeof lengthOrData === 'number') checkInteger('length', lengthOrData, 0);
   else if (!isFloat32Array(lengthOrData)) throw typeError('data', 'a length or a Float32Array', lengthOrData);
@@ -192,7 +195,7 @@ export function synchronize(backend?: BackendName): Promise<void> {
  * mark `a` to mark `b` in milliseconds. elapsedMs waits until the backend has reached both
  * marks: call it after `await synchronize()` to keep the event loop free.
  */
-export type TimingEvent = NativeTimingEvent;
+export interface TimingEvent extends NativeTimingEvent {}
 
 /**
  * Creates a TimingEvent on a backend.
@@ -205,7 +208,7 @@ export type TimingEvent = NativeTimingEvent;
  * await synchronize('cuda');
  * start.elapsedMs(end); // milliseconds of device time
  */
-export function createTimingEvent(options: { backend?: BackendName } = {}): TimingEvent {
+export function createTimingEvent(options: { backend?: BackendName | undefined } = {}): TimingEvent {
   return new (binding().TimingEvent)(resolve(checkOptions(options).backend, 'options.backend'));
 }
 

@@ -20,7 +20,8 @@ export type {
 } from './optimizer.js';
 export { backendInfo, createBuffer, createTimingEvent, isDeviceBuffer, liveAllocations, resolveBackend, synchronize } from './backend.js';
 export type { BackendName, BackendReport, DeviceBuffer, TimingEvent } from './backend.js';
+export type { NativeBackendName } from './binding.js';
 export { ErrorCodes } from './errors.js';
 export type { ErrorCode } from './errors.js';
 export { GoldenFormatError, readGolden, replayGolden, validateGolden } from './replay.js';
-export type { GoldenCase, ReplayReport } from './replay.js';
+export type { ArrayKind, GoldenCase, GoldenLayer, ReplayReport } from './replay.js';

@@ -35,8 +35,8 @@ export interface LinearLayer {
   outFeatures: number;
   /** [out, in] ('pytorch', default) or [in, out] ('tfjs'). */
   weight: Tensor;
-  bias?: Tensor | null;
-  layout?: WeightLayoutName;
+  bias?: Tensor | null | undefined;
+  layout?: WeightLayoutName | undefined;
 }
 
 export interface Conv2dLayer {
@@ -44,24 +44,24 @@ export interface Conv2dLayer {
   inChannels: number;
   outChannels: number;
   kernelSize: number | [number, number];
-  stride?: number | [number, number];
-  padding?: Padding;
-  groups?: number;
+  stride?: number | [number, number] | undefined;
+  padding?: Padding | undefined;
+  groups?: number | undefined;
   /** Layout of the layer input and output gradient; default 'NCHW'. */
-  dataFormat?: DataFormatName;
+  dataFormat?: DataFormatName | undefined;
   /** [out, in/groups, kh, kw] ('pytorch', default) or [kh, kw, in, out] ('tfjs'). */
   weight: Tensor;
-  bias?: Tensor | null;
-  layout?: WeightLayoutName;
+  bias?: Tensor | null | undefined;
+  layout?: WeightLayoutName | undefined;
 }
 
 export interface BatchNormLayer {
   kind: 'batchnorm';
   channels: number;
   weight: Tensor;
-  bias?: Tensor | null;
+  bias?: Tensor | null | undefined;
   /** Channel axis: 1 ('NCHW', default) or last ('NHWC'); rank-2 inputs are [N, C] either way. */
-  dataFormat?: DataFormatName;
+  dataFormat?: DataFormatName | undefined;
 }
 
 export interface LayerNormLayer {
@@ -69,7 +69,7 @@ export interface LayerNormLayer {
   /** Size of the normalized (last) axis. */
   features: number;
   weight: Tensor;
-  bias?: Tensor | null;
+  bias?: Tensor | null | undefined;
 }
 
 /** A parameter of no supported layer: plain momentum (F = 1). */
@@ -85,41 +85,41 @@ export interface FactorRecord {
   /** Index into the layer list. */
   layer: number;
   /** The layer's input, as for recordInput, with its shape. */
-  input?: Tensor;
-  inputShape?: readonly number[];
+  input?: Tensor | undefined;
+  inputShape?: readonly number[] | undefined;
   /** The layer's output (pre-activation) gradient, as for recordOutputGrad, with its shape. */
-  outputGrad?: Tensor;
-  outputGradShape?: readonly number[];
+  outputGrad?: Tensor | undefined;
+  outputGradShape?: readonly number[] | undefined;
 }
 
 export interface AdaFisherOptions {
   /** Learning rate, >= 0. Default 1e-3. */
-  lr?: number;
+  lr?: number | undefined;
   /** Momentum coefficient in [0, 1). Default 0.9. */
-  beta?: number;
+  beta?: number | undefined;
   /** Damping λ > 0 added to the Fisher diagonal. Default 1e-3. */
-  damping?: number;
+  damping?: number | undefined;
   /** EMA parameter γ in [0, 1): decay = γ/10, mix = γ/100 (official form). Default 0.8. */
-  gamma?: number;
+  gamma?: number | undefined;
   /**
    * Explicit EMA coefficients (the paper's γ1, γ2): R ← decay·R + mix·x'. Given together, and
    * instead of gamma (gamma with either is a RangeError).
    */
-  decay?: number;
-  mix?: number;
+  decay?: number | undefined;
+  mix?: number | undefined;
   /** Refresh the factors every tcov steps (integer >= 1). Default 1. */
-  tcov?: number;
+  tcov?: number | undefined;
   /** Weight decay >= 0: L2 (AdaFisher) or decoupled (AdaFisherW). Default 0. */
-  weightDecay?: number;
+  weightDecay?: number | undefined;
   /** true: AdaFisherW (decoupled weight decay). Default false. */
-  decoupled?: boolean;
+  decoupled?: boolean | undefined;
   /** 'auto' (default: ADAFISHER_BACKEND, else cuda when usable, else cpu), 'cpu' or 'cuda'. */
-  backend?: BackendName;
+  backend?: BackendName | undefined;
   /**
    * Skip a step, changing nothing, when a gradient is NaN/±Inf or a fresh statistic is NaN
    * (a statistic's ±Inf is cleaned to 1 / 0 as in the official code). Default true.
    */
-  nonFiniteGuard?: boolean;
+  nonFiniteGuard?: boolean | undefined;
 }
 
 /** The resolved hyperparameters (what a checkpoint records). */

@@ -268,7 +268,6 @@ describe('arguments read once (review findings)', () => {
 
   test('the layers array is read once: holes are refused, and changing it later changes nothing', () => {
     const lin = () => ({ kind: 'linear', inFeatures: 4, outFeatures: 2, weight: new Float32Array(8) }) as LayerSpec;
-    // eslint-disable-next-line no-sparse-arrays
     expectThrows(() => new AdaFisher([, lin()] as LayerSpec[]), { cls: TypeError, message: /^Expected a layer description object for layers\[0\] but received undefined$/, code: ErrorCodes.invalidArgument });
     const layers = [lin(), lin()];
     const opt = new AdaFisher(layers, { backend: 'cpu' });

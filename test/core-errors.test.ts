@@ -486,7 +486,6 @@ const cases: Case[] = [
   },
   {
     name: 'conv2d padding [top, bottom, left, right] with a hole: named padding[1]',
-    // eslint-disable-next-line no-sparse-arrays
     call: () => new AdaFisher([{ kind: 'conv2d', inChannels: 1, outChannels: 1, kernelSize: 1, padding: [1, , 1, 1] as unknown as number[], weight: new Float32Array(1) } as LayerSpec]),
     cls: TypeError,
     message: /^Expected an integer for layers\[0\]\.padding\[1\] but received undefined$/,

@@ -246,6 +246,37 @@ describe('installed from the tarball without a compiler', () => {
     expect(['cpu', 'cuda']).toContain(r.backend);
   });
 
+  test("a program's declarations can name the package's types (no TS2742), and optional fields take undefined under exactOptionalPropertyTypes", () => {
+    const dir = join(consumer, 'decl');
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(
+      join(dir, 'helpers.ts'),
+      [
+        "import { AdaFisher, createBuffer, createTimingEvent, readGolden } from 'adafisher';",
+        'export const buffer = () => createBuffer(3);',
+        'export const event = () => createTimingEvent();',
+        'export const backendOf = (o: AdaFisher) => o.backend;',
+        'export const layersOf = (file: string) => readGolden(file).layers;',
+        // Optional fields take undefined, as they do at run time (exactOptionalPropertyTypes below).
+        'export const make = (lr: number | undefined, bias: Float32Array | undefined) =>',
+        "  new AdaFisher([{ kind: 'linear', inFeatures: 2, outFeatures: 1, weight: new Float32Array(2), bias, layout: undefined }], { lr, backend: undefined });",
+        'export const record = (o: AdaFisher, input: Float32Array | undefined) => o.recordFactors([{ layer: 0, input, inputShape: [1, 2] }]);',
+        'export const bufferOn = () => createBuffer(3, { backend: undefined });',
+      ].join('\n'),
+    );
+    writeFileSync(
+      join(dir, 'tsconfig.json'),
+      JSON.stringify({
+        compilerOptions: { target: 'ES2022', module: 'nodenext', moduleResolution: 'nodenext', strict: true, exactOptionalPropertyTypes: true, skipLibCheck: true, declaration: true, emitDeclarationOnly: true, outDir: 'out' },
+        files: ['helpers.ts'],
+      }),
+    );
+    writeFileSync(join(dir, 'package.json'), JSON.stringify({ type: 'module' }));
+    ok(run('node', [join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', 'tsconfig.json'], { cwd: dir, env }), 'tsc --declaration');
+    const emitted = readFileSync(join(dir, 'out', 'helpers.d.ts'), 'utf8');
+    for (const name of ['DeviceBuffer', 'TimingEvent', 'NativeBackendName', 'GoldenLayer']) expect(emitted).toContain(`import("adafisher").${name}`);
+  });
+
   test('`npx adafisher info` reports version, backend and why, CUDA architectures and CPU threads', () => {
     const text = ok(run('npx', ['--no-install', 'adafisher', 'info'], { cwd: consumer, env }), 'adafisher info');
     console.log(text);

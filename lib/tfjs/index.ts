@@ -8,6 +8,7 @@ import { AdaFisherOptimizer, type AdaFisherTfjsOptions } from './optimizer.js';
 
 export { AdaFisherOptimizer, type AdaFisherTfjsOptions } from './optimizer.js';
 export type { LayerReport, TapKind } from './taps.js';
+export type { NamedTensor } from './serialization.js';
 
 /**
  * An AdaFisher optimizer for a TF.js model, ready for model.compile. Dense, Conv2D (NHWC),

@@ -48,7 +48,7 @@ export interface AdaFisherTfjsOptions extends Omit<AdaFisherOptions, 'backend'> 
    * The native backend: 'cpu' by default in the adapter (TF.js keeps tensors in host memory;
    * NOTE: [tfjs backend default]), or ADAFISHER_BACKEND when set; 'cuda' or 'auto' on request.
    */
-  backend?: BackendName;
+  backend?: BackendName | undefined;
 }
 
 /** One use of a tapped layer: its input or output gradient as TF.js handed it over. */
