@@ -326,8 +326,9 @@ export function loadBinding(): { binding: NativeBinding; path: string } {
       `Node ${process.versions.node} (N-API ${process.versions.napi}).\nTried:\n  ${tried.join('\n  ')}\n` +
       (process.env.ADAFISHER_ADDON
         ? 'Fix: point ADAFISHER_ADDON at a built adafisher.node, or unset it to use the installed binary.'
-        : `Fix: reinstall with \`npm install adafisher\` (prebuilt binaries exist for linux-x64 glibc), or build from ` +
-          `source with a C++17 compiler and Python: \`npm rebuild adafisher --build-from-source\` (CPU only, node-gyp; ` +
+        : `Fix: reinstall it, \`rm -rf node_modules/adafisher && npm install\` (prebuilt binaries exist for linux-x64 glibc; ` +
+          `a plain \`npm install\` keeps a package it thinks is installed), or build from source with a C++17 compiler and ` +
+          `Python: \`npm_config_build_from_source=true npm rebuild adafisher\` (CPU only, node-gyp; ` +
           `where npm skips dependencies' install scripts until approved, first \`npm install-scripts approve adafisher\`) or, ` +
           `in a checkout, \`npm run build:native\` (CMake, CUDA when nvcc is present).`),
   ) as Error & { code: string };

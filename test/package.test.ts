@@ -354,7 +354,7 @@ describe('installed from the tarball without a compiler', () => {
       expect(r.message).toContain(`${platformDir} (musl)`);
       expect(r.message).toContain(join(release, 'adafisher.node'));
       expect(r.message).toMatch(/prebuilt .*adafisher\.glibc\.node: built for glibc, this system uses musl/);
-      expect(r.message).toMatch(/Fix: .*npm rebuild adafisher --build-from-source/);
+      expect(r.message).toMatch(/Fix: reinstall it, `rm -rf node_modules\/adafisher && npm install`.*`npm_config_build_from_source=true npm rebuild adafisher`/);
       expect(r.message).toContain('npm install-scripts approve adafisher');
     } finally {
       rmSync(join(installed(), 'build'), { recursive: true, force: true });
