@@ -1253,7 +1253,7 @@ describe('loading adafisher/tfjs', () => {
         expect(r.status, r.stderr).toBe(0);
         const e = JSON.parse(r.stdout.trim().split('\n').pop()!);
         expect(e.code).toBe('ADAFISHER_TFJS_NOT_FOUND');
-        expect(e.message).toMatch(/needs the peer dependency '@tensorflow\/tfjs' \(>= 4.22\), which is not installed: npm install @tensorflow\/tfjs/);
+        expect(e.message).toMatch(/needs the peer dependency '@tensorflow\/tfjs' \(\^4\.22, a 4\.x from 4\.22 on\), which is not installed: npm install @tensorflow\/tfjs/);
       }
     } finally {
       rmSync(dir, { recursive: true, force: true });

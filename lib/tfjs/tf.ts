@@ -24,7 +24,7 @@ function load(): typeof TF {
     if (err.code === 'MODULE_NOT_FOUND' && err.message.includes("'@tensorflow/tfjs'")) {
       const missing = codedError(
         ErrorCodes.tfjsNotFound,
-        "adafisher/tfjs needs the peer dependency '@tensorflow/tfjs' (>= 4.22), which is not installed: " +
+        "adafisher/tfjs needs the peer dependency '@tensorflow/tfjs' (^4.22, a 4.x from 4.22 on), which is not installed: " +
           'npm install @tensorflow/tfjs (or @tensorflow/tfjs-node, which includes it).',
       );
       missing.cause = e;
