@@ -25,6 +25,31 @@ export const ErrorCodes = {
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
 
+/** An error this package raised on purpose: an Error (TypeError, RangeError) with a stable `code`. */
+export type AdaFisherError = Error & { code: ErrorCode };
+
+const CODES: ReadonlySet<string> = new Set(Object.values(ErrorCodes));
+
+/**
+ * Whether `e` is an error this package raised on purpose (with `code` when given): narrows a
+ * `catch (e: unknown)` to AdaFisherError.
+ * @example
+ * try { opt.loadState(saved); } catch (e) { if (!isAdaFisherError(e, ErrorCodes.badCheckpoint)) throw e; }
+ */
+export function isAdaFisherError(e: unknown, code?: ErrorCode): e is AdaFisherError {
+  if (!(e instanceof Error)) return false;
+  const c = (e as { code?: unknown }).code;
+  return typeof c === 'string' && CODES.has(c) && (code === undefined || c === code);
+}
+
+/** The codes of the process warnings the TF.js adapter emits (process.emitWarning), not errors. */
+export const WarningCodes = {
+  /** The non-finite guard skipped 10 steps in a row. */
+  stepsSkipped: 'ADAFISHER_STEPS_SKIPPED',
+  /** More than 64 gradient computations wait for one step. */
+  pendingStatistics: 'ADAFISHER_PENDING_STATISTICS',
+} as const;
+
 /** Gives an error a stable code; returns it. */
 export function withCode<E extends Error>(e: E, code: ErrorCode): E & { code: ErrorCode } {
   (e as E & { code: ErrorCode }).code = code;

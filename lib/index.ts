@@ -21,7 +21,7 @@ export type {
 export { backendInfo, createBuffer, createTimingEvent, isDeviceBuffer, liveAllocations, resolveBackend, synchronize } from './backend.js';
 export type { BackendName, BackendReport, DeviceBuffer, TimingEvent } from './backend.js';
 export type { NativeBackendName } from './binding.js';
-export { ErrorCodes } from './errors.js';
-export type { ErrorCode } from './errors.js';
+export { ErrorCodes, isAdaFisherError, WarningCodes } from './errors.js';
+export type { AdaFisherError, ErrorCode } from './errors.js';
 export { GoldenFormatError, readGolden, replayGolden, validateGolden } from './replay.js';
 export type { ArrayKind, GoldenCase, GoldenLayer, ReplayReport } from './replay.js';

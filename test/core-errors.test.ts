@@ -11,6 +11,8 @@ import {
   backendInfo,
   createBuffer,
   ErrorCodes,
+  isAdaFisherError,
+  WarningCodes,
   GoldenFormatError,
   liveAllocations,
   replayGolden,
@@ -773,5 +775,31 @@ describe('Float32Arrays from another realm (node:vm, a worker-made context)', ()
     expect(Array.from(b.download())).toEqual([2, 2, 2]);
     b.dispose();
     opt.dispose();
+  });
+});
+
+describe('isAdaFisherError and WarningCodes', () => {
+  test("narrows a caught value to this package's errors, by code when given", () => {
+    const opt = new AdaFisher([{ kind: 'param', param: new Float32Array(2) }], { backend: 'cpu' });
+    let caught: unknown;
+    try {
+      opt.loadState({} as never);
+    } catch (e) {
+      caught = e;
+    }
+    expect(isAdaFisherError(caught)).toBe(true);
+    expect(isAdaFisherError(caught, ErrorCodes.badCheckpoint)).toBe(true);
+    expect(isAdaFisherError(caught, ErrorCodes.disposed)).toBe(false);
+    opt.dispose();
+    try {
+      opt.step([null]);
+    } catch (e) {
+      caught = e;
+    }
+    expect(isAdaFisherError(caught, ErrorCodes.disposed)).toBe(true);
+    for (const other of [new Error('x'), Object.assign(new Error('x'), { code: 'ENOENT' }), { code: ErrorCodes.internal, message: 'not an Error' }, null, 'ADAFISHER_INTERNAL']) {
+      expect(isAdaFisherError(other)).toBe(false);
+    }
+    expect(Object.values(WarningCodes).sort()).toEqual(['ADAFISHER_PENDING_STATISTICS', 'ADAFISHER_STEPS_SKIPPED']);
   });
 });

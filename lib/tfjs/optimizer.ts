@@ -6,7 +6,7 @@ import { tfjs } from './tf.js';
 
 import { BACKEND_NAMES, resolveBackend, type BackendName } from '../backend.js';
 import type { NativeBackendName } from '../binding.js';
-import { codedError, describe, ErrorCodes, rangeError, typeError, withCode } from '../errors.js';
+import { codedError, describe, ErrorCodes, rangeError, typeError, WarningCodes, withCode } from '../errors.js';
 import {
   AdaFisher,
   resolveHyperparameters,
@@ -489,7 +489,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
           `${PREFIX} ${inst.pending.length} computeGradients() calls are waiting for one step: their layer statistics are ` +
             'kept in host memory and all combined into the next applyGradients(). If their gradients are not applied ' +
             '(a batch skipped because its loss is not finite, a probe), call optimizer.clearStatistics() after each.',
-          { code: 'ADAFISHER_PENDING_STATISTICS' },
+          { code: WarningCodes.pendingStatistics },
         );
       }
     }
@@ -638,7 +638,7 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
           'infinite, or a layer statistic NaN): the weights have not changed since. If the loss is NaN or huge, the ' +
           `weights diverged before: lower the learning rate (the step is about lr / damping = ${h.lr / h.damping} times ` +
           'the momentum). optimizer.lastStep tells whether a step was applied.',
-        { code: 'ADAFISHER_STEPS_SKIPPED' },
+        { code: WarningCodes.stepsSkipped },
       );
     }
     this.#timing.stepMs += performance.now() - t0;
