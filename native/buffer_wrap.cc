@@ -18,7 +18,6 @@ Napi::Function BufferWrap::Init(Napi::Env env) {
   C::Getter<&BufferWrap::GetLength>(env, ctor, "length");
   C::Getter<&BufferWrap::GetBackendName>(env, ctor, "backend");
   C::Getter<&BufferWrap::GetDisposed>(env, ctor, "disposed");
-  Instance(env).buffer_constructor = Napi::Persistent(ctor);
   return ctor;
 }
 

@@ -43,8 +43,6 @@ struct InstanceData {
   std::shared_ptr<SyncQueue> cuda_sync = std::make_shared<SyncQueue>();
   bool cuda_tried = false;
   std::string cuda_reason;
-  Napi::FunctionReference buffer_constructor;
-  Napi::FunctionReference optimizer_constructor;
   // PropertyKey's keys (NOTE: [property keys]): element k of the store is the JS string of
   // property_keys[k].
   std::vector<std::string> property_keys;
@@ -205,7 +203,6 @@ struct CheckedClass {
   }
 };
 
-Napi::Function InitBuffer(Napi::Env env);
 Napi::Function InitOptimizer(Napi::Env env);
 Napi::Value BackendInfo(const Napi::CallbackInfo& info);
 Napi::Value LiveAllocations(const Napi::CallbackInfo& info);

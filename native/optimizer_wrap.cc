@@ -58,7 +58,6 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
     C::Getter<&OptimizerWrap::Steps>(env, ctor, "steps");
     C::Getter<&OptimizerWrap::Disposed>(env, ctor, "disposed");
     C::Getter<&OptimizerWrap::BackendName>(env, ctor, "backend");
-    Instance(env).optimizer_constructor = Napi::Persistent(ctor);
     return ctor;
   }
 
