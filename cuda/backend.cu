@@ -534,15 +534,15 @@ void CudaBackend::EnqueueUpload(float* dst, const float* host_src, size_t count)
     if (chunk >= 2) ADAFISHER_CUDA_CHECK(cudaEventSynchronize(staging_done_[b]));  // buffer b is free again
     std::memcpy(staging_[b], host_src + done, n * sizeof(float));
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(dst + done, staging_[b], n * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    RecordAfterPinnedCopy(staging_done_[b]);
+    RecordAfterPinnedCopy(staging_done_[b], __FILE__, __LINE__);
   }
 }
 
-void CudaBackend::RecordAfterPinnedCopy(cudaEvent_t event) {
+void CudaBackend::RecordAfterPinnedCopy(cudaEvent_t event, const char* file, int line) {
   const cudaError_t recorded = cudaEventRecord(event, stream_);
   if (recorded == cudaSuccess) return;
   cudaStreamSynchronize(stream_);
-  ThrowCudaError(recorded, __FILE__, __LINE__);
+  ThrowCudaError(recorded, file, line);
 }
 
 void CudaBackend::Upload(float* dst, const float* host_src, size_t count) {
@@ -577,7 +577,7 @@ void CudaBackend::Download(float* host_dst, const float* src, size_t count) {
     const size_t b = c % 2;
     const size_t n = std::min(per, count - c * per);
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(staging_[b], src + c * per, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    RecordAfterPinnedCopy(staging_done_[b]);
+    RecordAfterPinnedCopy(staging_done_[b], __FILE__, __LINE__);
   };
   enqueue(0);
   for (size_t c = 0; c < chunks; ++c) {

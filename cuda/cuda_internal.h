@@ -117,8 +117,8 @@ class CudaBackend final : public Backend {
   // Records `event` behind a copy just queued from or to pinned host memory, the event the
   // host waits on before it touches that memory again. If the record fails, the event keeps
   // an older completion and that wait would return while the copy may still run: the stream
-  // drains before the error is thrown.
-  void RecordAfterPinnedCopy(cudaEvent_t event);
+  // drains before the error is thrown (reported at the caller's file and line).
+  void RecordAfterPinnedCopy(cudaEvent_t event, const char* file, int line);
   // Replaces *buffer (of *capacity bytes) by one of max(bytes, minimum) bytes, after the
   // queued kernels that may use it; contents are not kept.
   void GrowDeviceBuffer(void** buffer, size_t* capacity, size_t bytes, size_t minimum);

@@ -237,7 +237,7 @@ bool CudaBackend::Step(const StepRequest& r) {
     PlanBlocks(guard_count, [&](size_t i) { return guards[i].numel; },
                reinterpret_cast<BlockSlot*>(host + guard_slots_offset));
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(meta_device_, meta_host_, total, cudaMemcpyHostToDevice, stream_));
-    RecordAfterPinnedCopy(meta_uploaded_);
+    RecordAfterPinnedCopy(meta_uploaded_, __FILE__, __LINE__);
   }
   const char* device = static_cast<const char*>(meta_device_);
   const auto* step_table = reinterpret_cast<const StepDesc*>(device);
@@ -255,7 +255,7 @@ bool CudaBackend::Step(const StepRequest& r) {
     // The verdict goes to the host as soon as the guard is done; the update queued below
     // runs on while the host returns.
     ADAFISHER_CUDA_CHECK(cudaMemcpyAsync(flag_host_, flag_device_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
-    RecordAfterPinnedCopy(guard_read_);
+    RecordAfterPinnedCopy(guard_read_, __FILE__, __LINE__);
   }
   const int* flag = r.guard ? flag_device_ : nullptr;
 

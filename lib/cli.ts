@@ -172,9 +172,10 @@ function bench(args: string[]): number | Promise<number> {
   if (!named && first !== undefined && !first.startsWith('-')) {
     throw new UsageError(`unknown benchmark '${first}' (expected cpu or gpu)`, 'bench');
   }
-  // A bad ADAFISHER_NUM_THREADS (or ADAFISHER_BACKEND) is bad usage before any case runs.
-  backendInfo('cpu');
   const rest = named ? others : args;
+  const wantsHelp = rest.some((a) => a === '--help' || a === '-h');
+  // A bad ADAFISHER_NUM_THREADS is bad usage, found before any case runs.
+  if (!wantsHelp) backendInfo('cpu');
   let target = first;
   if (!named) {
     const r = backendInfo();
@@ -183,7 +184,7 @@ function bench(args: string[]): number | Promise<number> {
   }
   // What gpu.js does without a GPU (its usage, the workloads, a dry run on --backend cpu) is
   // left to it; it refuses an unusable backend itself too (exit 3).
-  const noGpuNeeded = rest.some((a) => ['--help', '-h', '--dump-cases'].includes(a) || a === '--backend' || a.startsWith('--backend='));
+  const noGpuNeeded = wantsHelp || rest.some((a) => a === '--dump-cases' || a === '--backend' || a.startsWith('--backend='));
   if (target === 'gpu' && !noGpuNeeded) {
     const cuda = backendInfo('cuda');
     if (cuda.backend !== 'cuda') {

@@ -394,6 +394,9 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
   return plan;
 }
 
+/** The fields of a FactorRecord. */
+const RECORD_KEYS: ReadonlySet<string> = new Set(['layer', 'input', 'inputShape', 'outputGrad', 'outputGradShape']);
+
 /**
  * AdaFisher / AdaFisherW over a model described as a list of layers.
  *
@@ -407,9 +410,6 @@ function buildPlan(layers: readonly LayerSpec[]): Plan {
  * opt.recordOutputGrad(0, dy, [batch, 10]);
  * opt.step([dw, db]);  // { applied: true, refreshed: true }
  */
-/** The fields of a FactorRecord. */
-const RECORD_KEYS: ReadonlySet<string> = new Set(['layer', 'input', 'inputShape', 'outputGrad', 'outputGradShape']);
-
 export class AdaFisher {
   #native: NativeOptimizer | null;
   #plan: Plan;
@@ -562,7 +562,7 @@ export class AdaFisher {
       const layer = this.#fastLayerIndex(index) ?? this.#layerIndex(index, `records[${i}].layer`);
       const { input, inputShape, outputGrad, outputGradShape } = r as FactorRecord;
       // A misspelt field ('outputgrad') would leave that statistic unrecorded, silently.
-      for (const key in r) if (!RECORD_KEYS.has(key)) throw unknownKeyError(`records[${i}].${key}`, `a field of a record (${[...RECORD_KEYS].join(', ')})`, key);
+      for (const key of Object.keys(r)) if (!RECORD_KEYS.has(key)) throw unknownKeyError(`records[${i}].${key}`, `a field of a record (${[...RECORD_KEYS].join(', ')})`, key);
       if (input === undefined && outputGrad === undefined) throw typeError(`records[${i}]`, 'an input or an outputGrad', r);
       if (input !== undefined) {
         out.push({ layer, which: FactorWhich.H, data: input, shape: fastShape(inputShape) ?? checkShape(`records[${i}].inputShape`, inputShape) });
@@ -588,7 +588,7 @@ export class AdaFisher {
    * checked before either is written: a call that throws changes nothing.
    * @throws {TypeError|RangeError} for a bad layer index, an unknown key, or a bad tensor or length.
    */
-  setFactors(layer: number, factors: { H?: Tensor; S?: Tensor }): void {
+  setFactors(layer: number, factors: { H?: Tensor | undefined; S?: Tensor | undefined }): void {
     this.#alive();
     const n = this.#layerIndex(layer);
     if (factors === null || typeof factors !== 'object' || Array.isArray(factors)) throw typeError('factors', 'an object { H?, S? }', factors);

@@ -1,5 +1,7 @@
 // Replays a trajectory recorded from the official PyTorch AdaFisher (the golden format,
 // test/golden/README.md) through the public API and measures the error of every array.
+import { isFloat32Array } from 'node:util/types';
+
 import { readFileSync } from 'node:fs';
 
 import type { BackendName } from './backend.js';
@@ -238,12 +240,12 @@ function relError(ours: ArrayLike<number>, golden: number[]): number {
 export function replayGolden(
   g: GoldenCase,
   options: {
-    backend?: BackendName;
-    tolerance?: number;
-    file?: string;
-    upload?: (a: Float32Array) => Tensor;
-    download?: (t: Tensor) => Float32Array;
-    batched?: boolean;
+    backend?: BackendName | undefined;
+    tolerance?: number | undefined;
+    file?: string | undefined;
+    upload?: ((a: Float32Array) => Tensor) | undefined;
+    download?: ((t: Tensor) => Float32Array) | undefined;
+    batched?: boolean | undefined;
   } = {},
 ): ReplayReport {
   if (g === null || typeof g !== 'object' || Array.isArray(g)) throw typeError('golden', 'a golden case object (see readGolden)', g);
@@ -252,7 +254,7 @@ export function replayGolden(
   const tolerance = options.tolerance === undefined ? 1e-4 : checkRange('options.tolerance', options.tolerance, 0, Infinity);
   const batched = options.batched === undefined ? false : checkBoolean('options.batched', options.batched);
   const upload = options.upload ?? ((a: Float32Array) => a);
-  const download = options.download ?? ((t: Tensor) => (t instanceof Float32Array ? t : t.download()));
+  const download = options.download ?? ((t: Tensor) => (isFloat32Array(t) ? t : t.download()));
   const { layers, params } = goldenLayers(g);
   const tensors = params.map((p) => ({ weight: upload(p.weight), bias: p.bias ? upload(p.bias) : null }));
   const specs = layers.map((l, i) => ({ ...l, weight: tensors[i].weight, bias: tensors[i].bias })) as LayerSpec[];

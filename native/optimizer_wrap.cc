@@ -3,7 +3,6 @@
 #include <napi.h>
 
 #include <algorithm>
-#include <deque>
 #include <functional>
 #include <memory>
 
@@ -201,13 +200,14 @@ class OptimizerWrap : public Napi::ObjectWrap<OptimizerWrap> {
       // Read every field first (getters may run JS), then resolve them, which runs no JS
       // (as in Step); every record is checked and resolved before any is reduced.
       // Each record's name ("layers[2] input"), made only for an error (NOTE: [names on failure]);
-      // the vectors grow as the records are read (NOTE: [grow as read]). `what` keeps its
-      // elements in place: ArgNames point at them.
+      // the vectors grow as the records are read (NOTE: [grow as read]). An ArgName made from
+      // what[i] is used only while `what` no longer grows.
       std::vector<OptimizerCore::FactorRecord> records;
       std::vector<Napi::Value> data;
-      std::deque<std::function<std::string()>> what;
+      std::vector<std::function<std::string()>> what;
       records.reserve(std::min<size_t>(n, kReserveLimit));
       data.reserve(std::min<size_t>(n, kReserveLimit));
+      what.reserve(std::min<size_t>(n, kReserveLimit));
       const Napi::Value k_layer = PropertyKey(env, "layer"), k_which = PropertyKey(env, "which"),
                         k_shape = PropertyKey(env, "shape"), k_data = PropertyKey(env, "data");
       for (size_t i = 0; i < n; ++i) {

@@ -183,6 +183,8 @@ describe('adafisher bench', () => {
     expect(threads.rc).toBe(2);
     expect(threads.stdout).toBe(''); // refused before any case ran
     expect(threads.stderr).toMatch(/^adafisher: Expected an integer in \[1, 256\] for ADAFISHER_NUM_THREADS but received '0'\n/);
+    const help = adafisher(['bench', 'cpu', '--help'], { ADAFISHER_NUM_THREADS: '0' });
+    expect(help.rc, help.stderr).toBe(0); // the help needs no backend
   });
 
   test('a SIGTERM to the command stops the benchmark and its running case too; the command exits 128 + 15', async () => {

@@ -146,6 +146,13 @@ describe('recordFactors', () => {
     expectThrows(() => opt.recordFactors(null as never), { cls: TypeError, message: /records/ });
     expectThrows(() => opt.recordFactors([7 as never]), { cls: TypeError, message: /records\[0\]/ });
     expectThrows(() => opt.recordFactors([{ layer: 0 }]), { cls: TypeError, message: /input or an outputGrad for records\[0\]/ });
+    // Inherited enumerable properties (a polyfill's) are not fields of the record.
+    Object.defineProperty(Object.prototype, 'polyfilled', { value: 1, enumerable: true, configurable: true, writable: true });
+    try {
+      opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, 8] }]);
+    } finally {
+      delete (Object.prototype as { polyfilled?: number }).polyfilled;
+    }
     // A misspelt field would leave its statistic unrecorded, silently.
     expectThrows(() => opt.recordFactors([{ layer: 0, input: x, inputShape: [3, 3, 8, 8], outputgrad: x } as never]), {
       cls: RangeError,

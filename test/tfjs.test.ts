@@ -471,7 +471,11 @@ describe('save and load', () => {
     expect(saved).toHaveLength(2);
     expect(new Uint8Array(saved[1].weightData as ArrayBuffer)).toEqual(new Uint8Array(saved[0].weightData as ArrayBuffer));
     const first = await opt.getWeights();
-    expect(await opt.getWeights()).toBe(first); // unchanged state: the same tensors
+    const again = await opt.getWeights();
+    expect(again).not.toBe(first); // a list of its own for each caller...
+    again.forEach((w, i) => expect(w.tensor).toBe(first[i].tensor)); // ...of the same tensors while the state is unchanged
+    again.pop(); // editing it hides nothing from the optimizer
+    expect(await opt.getWeights()).toHaveLength(first.length);
     const steps = first.find((w) => w.name === 'iter')!.tensor.dataSync()[0];
     const n = tf.memory().numTensors;
     await model.fit(x, y, { batchSize: 4, epochs: 1, verbose: 0 });

@@ -977,11 +977,12 @@ export class AdaFisherOptimizer extends tfjs.Optimizer {
     // Restored but not set up for the model yet: what was restored.
     const saved =
       this.#plan !== null ? stateToSaved(this.#plan.core.exportState(), this.#plan.names) : (this.#pending ?? freshSaved());
-    if (tensorsHold(this.#savedTensors, saved)) return this.#savedTensors;
+    // A copy of the list each time: a caller that edits its array cannot hide a tensor from the next dispose.
+    if (tensorsHold(this.#savedTensors, saved)) return this.#savedTensors.slice();
     tfjs.dispose(this.#savedTensors.map((w) => w.tensor));
     this.#savedTensors = [];
     this.#savedTensors = savedToTensors(saved);
-    return this.#savedTensors;
+    return this.#savedTensors.slice();
   }
 
   /**

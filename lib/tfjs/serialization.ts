@@ -54,7 +54,7 @@ export function freshSaved(): SavedWeights {
   return new Map([[ITER, Int32Array.of(0)]]);
 }
 
-/** True for what freshStateTensors() saves: 'iter' = 0 and nothing else. */
+/** True for what freshSaved() holds: 'iter' = 0 and nothing else. */
 export function isFreshState(saved: SavedWeights): boolean {
   const iter = saved.get(ITER);
   return saved.size === 1 && iter !== undefined && iter.length === 1 && iter[0] === 0;
