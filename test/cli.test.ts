@@ -223,7 +223,7 @@ describe('adafisher bench', () => {
       // The whole GPU run takes minutes: a bad option shows that the GPU benchmark was reached.
       const r = adafisher(['bench', 'gpu', '--batches', '0']);
       expect(r.rc).toBe(2);
-      expect(r.stderr).toMatch(/--batches expects a positive integer, got '0' \(see 'adafisher bench gpu --help'\)/);
+      expect(r.stderr).toBe("adafisher: --batches expects a positive integer, got '0'\nRun 'adafisher bench gpu --help' for usage.\n");
     } else {
       expectFailure(adafisher(['bench', 'gpu']), 3, /^adafisher: the gpu benchmark needs the cuda backend, which cannot be used: .+/, false);
       // Without cpu|gpu the backend decides: cuda asked for where it cannot run is an error, not a cpu run.
