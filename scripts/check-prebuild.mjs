@@ -41,7 +41,7 @@ for (const b of binaries) {
   if (!s.cuda && process.env.ADAFISHER_PREBUILD_ALLOW_CPU !== '1') problems.push(`${name} has no CUDA backend (set ADAFISHER_PREBUILD_ALLOW_CPU=1 to pack it anyway)`);
 }
 if (problems.length > 0) {
-  console.error(`check-prebuild: not packing:\n  ${problems.join('\n  ')}\nRebuild with \`npm run prebuild:binary\` (it needs nvcc for the CUDA backend).`);
+  console.error(`check-prebuild: not packing:\n  ${problems.join('\n  ')}\nRebuild with \`npm run prebuild:binary\` (it needs nvcc for the CUDA backend), or, after \`npm run build:native\` of these sources, pack that build: \`ADAFISHER_PREBUILD_REUSE=build/Release/adafisher.node npm run prebuild:binary\`.`);
   process.exit(1);
 }
 console.log(`check-prebuild: ${binaries.map((b) => relative(root, b)).join(', ')} built from these sources`);
