@@ -224,11 +224,13 @@ function tensorLength(name: string, t: unknown): number {
 // Parameters are updated in place, so two of them must not share memory: a tied weight
 // given twice would be stepped twice on cpu and once, racing, on cuda. Checked when the
 // optimizer is created (the addon checks every step's tensors again, gradients included).
+/** The name of parameter slot `s` as the user wrote it: layers[i].weight, .bias or .param. */
+function slotName(s: ParameterSlot): string {
+  return `layers[${s.layer}].${s.role}`;
+}
+
 function checkParameterStorage(params: readonly Tensor[], slots: readonly ParameterSlot[], backend: BackendName): void {
-  const name = (i: number) => {
-    const s = slots[i];
-    return s.role === 'param' ? `layers[${s.layer}].param` : `layers[${s.layer}].${s.role}`;
-  };
+  const name = (i: number) => slotName(slots[i]);
   const seen = new Map<object, { index: number; begin: number; end: number }[]>();
   params.forEach((p, i) => {
     if (!isFloat32Array(p)) {
@@ -642,7 +644,18 @@ export class AdaFisher {
       for (let i = 0; i < n; i++) ps[i] = params[i];
     }
     const gs = grads.map((g) => g ?? null);
-    const result = this.#alive().step(ps as Tensor[], gs);
+    let result: StepResult;
+    try {
+      result = this.#alive().step(ps as Tensor[], gs);
+    } catch (e) {
+      // The binding names the i-th parameter params[i]; without a params argument that is the
+      // layer's own tensor (disposed or detached since), named as the layer description has it.
+      if (params === undefined && e instanceof Error) {
+        const slots = this.#plan.slots;
+        e.message = e.message.replace(/\bparams\[(\d+)\]/g, (m, i: string) => (slots[Number(i)] ? slotName(slots[Number(i)]) : m));
+      }
+      throw e;
+    }
     if (params !== undefined) this.#plan.params = ps;
     return result;
   }

@@ -562,7 +562,7 @@ const cases: Case[] = [
       return f.opt.step(g);
     },
     cls: RangeError,
-    message: /^Expected separate memory for params\[0\] and grads\[2\], but they overlap: the step writes params\[0\]/,
+    message: /^Expected separate memory for layers\[0\]\.weight and grads\[2\], but they overlap: the step writes layers\[0\]\.weight/,
     code: INVALID,
   },
   {
@@ -801,5 +801,24 @@ describe('isAdaFisherError and WarningCodes', () => {
       expect(isAdaFisherError(other)).toBe(false);
     }
     expect(Object.values(WarningCodes).sort()).toEqual(['ADAFISHER_PENDING_STATISTICS', 'ADAFISHER_STEPS_SKIPPED']);
+  });
+});
+
+describe("a step's errors about the optimizer's own parameters name them as the layers do", () => {
+  test('a weight disposed or detached since construction is layers[i].bias / .param, not params[k]', () => {
+    const w = createBuffer(4, { backend: 'cpu' });
+    const b = createBuffer(2, { backend: 'cpu' });
+    const opt = new AdaFisher([{ kind: 'param', param: new Float32Array(3) }, { kind: 'linear', inFeatures: 2, outFeatures: 2, weight: w, bias: b }], { backend: 'cpu' });
+    b.dispose();
+    expectThrows(() => opt.step([null, null, new Float32Array(2)]), { cls: Error, message: /^DeviceBuffer already disposed \(layers\[1\]\.bias\)\.$/, code: ErrorCodes.disposed });
+    opt.dispose();
+    w.dispose();
+    const a = new Float32Array(3);
+    const other = new AdaFisher([{ kind: 'param', param: a }], { backend: 'cpu' });
+    structuredClone(a.buffer, { transfer: [a.buffer] });
+    expectThrows(() => other.step([new Float32Array(3)]), { cls: RangeError, message: /^Expected 3 elements for layers\[0\]\.param but received 0/, code: ErrorCodes.invalidArgument });
+    // Parameters the caller hands in are still named by their place in that argument.
+    expectThrows(() => other.step([new Float32Array(3)], [new Float32Array(2)]), { cls: RangeError, message: /^Expected 3 elements for params\[0\] but received 2$/, code: ErrorCodes.invalidArgument });
+    other.dispose();
   });
 });
