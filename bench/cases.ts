@@ -64,7 +64,7 @@ export const WORKLOADS: Record<string, WorkloadDef> = {
   },
   // The cnn layers at batch 512: 224 MB of conv inputs and output gradients, four times the
   // L2 of an H100 or H200. At batch 32 those are 14 MB, which an H200 reads in about 3 us,
-  // less than the launch latency of the 18 kernels three conv layers need: there the conv
+  // less than the launch latency of the 9 launches three conv layers need: there the conv
   // factors measure latency, not bandwidth. This case is where the conv bandwidth target
   // is judged (TARGETS.gpu.convFactorsMinBytes).
   cnn512: {

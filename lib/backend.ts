@@ -152,7 +152,7 @@ export interface DeviceBuffer extends NativeDeviceBuffer {}
 /**
  * Allocates a DeviceBuffer on a backend, zero-filled or holding a copy of `data`.
  * @param lengthOrData number of float32 elements, or a Float32Array to upload.
- * @param options.backend 'auto' (default), 'cpu' or 'cuda'.
+ * @param options.backend 'auto', 'cpu' or 'cuda'; by default ADAFISHER_BACKEND, then 'auto'.
  * @throws {TypeError|RangeError} for a bad length or data; code ADAFISHER_OUT_OF_MEMORY when memory runs out.
  * @example
  * const w = createBuffer(new Float32Array([1, 2, 3]), { backend: 'cuda' });
@@ -199,7 +199,7 @@ export interface TimingEvent extends NativeTimingEvent {}
 
 /**
  * Creates a TimingEvent on a backend.
- * @param options.backend 'auto' (default), 'cpu' or 'cuda'.
+ * @param options.backend 'auto', 'cpu' or 'cuda'; by default ADAFISHER_BACKEND, then 'auto'.
  * @example
  * const [start, end] = [createTimingEvent({ backend: 'cuda' }), createTimingEvent({ backend: 'cuda' })];
  * start.record();

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // The `adafisher` command: replay a golden trajectory, report the backend, run the demo,
 // run the kernel benchmark.
-// Every failure is one line on stderr ("adafisher: ...") and a documented exit code, never
-// a stack trace (see EXIT below and README "Command line").
+// Every failure is one line on stderr ("adafisher: ...", plus the paths tried when the addon
+// cannot be loaded) and a documented exit code, never a stack trace (see EXIT below and
+// README "Command line").
 import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { constants } from 'node:os';
@@ -28,7 +29,8 @@ const EXIT = {
 
 const EXIT_CODES = `Exit codes: 0 success; 1 replay or demo above the tolerance, or a bench case that
 failed; 2 bad usage or a malformed golden file; 3 the requested backend cannot be used (e.g.
-cuda without a usable GPU).`;
+cuda without a usable GPU) or the native side failed (addon not found, out of memory, internal
+error); bench: 128 + n when signal n stopped it.`;
 
 const HELP = {
   replay: `adafisher replay FILE.json [--backend auto|cpu|cuda] [--tol 1e-4]

@@ -554,7 +554,7 @@ export class AdaFisher {
     if (!Array.isArray(records)) throw typeError('records', `an array of ${what}`, records);
     const out: NativeFactorRecord[] = [];
     // Argument names ("records[3].inputShape") are made only when a check fails: this runs
-    // for every layer of every training step (NOTE: [names on failure]).
+    // for every layer of every training step (NOTE: [names on failure in TypeScript]).
     const n = records.length;
     for (let i = 0; i < n; ++i) {
       const r: unknown = records[i];

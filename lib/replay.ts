@@ -230,7 +230,11 @@ function relError(ours: ArrayLike<number>, golden: number[]): number {
 /**
  * Replays a golden case through AdaFisher and reports max relative errors per array kind.
  * @param g a golden case (readGolden(), or parsed JSON: it is checked with validateGolden()).
+ * @param options.backend 'auto', 'cpu' or 'cuda' for the optimizer; by default ADAFISHER_BACKEND, then 'auto'.
+ * @param options.tolerance the largest max relative error per array that passes (default 1e-4).
+ * @param options.file the file name the report carries (readGolden's path, say).
  * @param options.upload turns host data into the tensors handed to the optimizer (e.g. DeviceBuffers).
+ * @param options.download reads a tensor back (default: a Float32Array as it is, a DeviceBuffer's download()).
  * @param options.batched records each step's statistics with one recordFactors call instead
  *   of a recordInput and a recordOutputGrad per layer.
  * @throws {TypeError} for a golden case or options that are not objects; GoldenFormatError

@@ -64,7 +64,7 @@ export function checkPair(name: string, value: unknown, lo: number, hi = Number.
   return [checkInteger(`${name}[0]`, value[0], lo, hi), checkInteger(`${name}[1]`, value[1], lo, hi)];
 }
 
-// NOTE: [names on failure]
+// NOTE: [names on failure in TypeScript]
 // The calls made every training step (recordFactors for every layer) check their arguments
 // with a fast test first and build an argument's name ("records[3].inputShape") only to
 // throw: the strings cost more than the checks. fastShape is checkShape's test without the
