@@ -381,7 +381,10 @@ void* CudaBackend::DeviceMalloc(size_t bytes, const std::string& what) {
     cudaGetLastError();
     throw BackendError(ErrorCode::kOutOfMemory, "cudaErrorMemoryAllocation: out of GPU memory allocating " + what + " (" +
                                                     std::to_string(bytes) + " bytes; " + std::to_string(free_bytes >> 20) +
-                                                    " MiB free of " + std::to_string(total_bytes >> 20) + " MiB)");
+                                                    " MiB free of " + std::to_string(total_bytes >> 20) + " MiB; " +
+                                                    std::to_string(live_.load(std::memory_order_relaxed)) +
+                                                    " allocations live: buffers and optimizers dropped without dispose() "
+                                                    "are freed only once the event loop turns)");
   }
   ADAFISHER_CUDA_CHECK(error);
   return p;

@@ -29,7 +29,7 @@ describe.skipIf(!info.cuda.usable)('out of CUDA memory', () => {
     expect(line.startsWith('{'), `no report from the driver:\n${r.stdout}\n${r.stderr}`).toBe(true);
     const report = JSON.parse(line) as { device: string; deviceBytes: number; checks: { name: string; ok: boolean; detail: string }[] };
     for (const c of report.checks) console.log(`oom on ${report.device}: ${c.ok ? 'ok ' : 'BAD'} ${c.name}${c.detail ? ` (${c.detail})` : ''}`);
-    expect(report.checks.length).toBe(8);
+    expect(report.checks.length).toBe(10);
     for (const c of report.checks) expect(c.ok, `${c.name}: ${c.detail}`).toBe(true);
     expect(r.status).toBe(0);
   });

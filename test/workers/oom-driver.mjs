@@ -5,6 +5,8 @@
 // check fails, 2 when there is no usable CUDA device.
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const { AdaFisher, backendInfo, createBuffer, ErrorCodes, liveAllocations } = await import(
@@ -68,5 +70,40 @@ fits.dispose();
 grad.dispose();
 quarter.dispose();
 check('every allocation is freed at the end', liveAllocations('cuda') === start, `${start} -> ${liveAllocations('cuda')}`);
+
+// 3. Buffers dropped without dispose(): the garbage collector collects them, and Node runs
+// their native finalizers (which free the memory) once the event loop turns. A loop that
+// never yields therefore runs out, and its error says why; one that awaits reuses the memory.
+v8.setFlagsFromString('--expose-gc');
+const gc = vm.runInNewContext('gc');
+const chunk = Math.floor(deviceBytes / 4 / 4); // a quarter of the device, in floats
+let e3;
+let made = 0;
+for (; made < 8 && e3 === undefined; made++) {
+  e3 = thrown(() => createBuffer(chunk, { backend: 'cuda' }).fill(1));
+  gc();
+}
+check(
+  'buffers dropped in a loop that never yields run out of memory, and the error says why',
+  isOom(e3) && /allocations live: buffers and optimizers dropped without dispose\(\) are freed only once the event loop turns/.test(e3.message),
+  `${made} made; ${e3?.message ?? 'no error'}`,
+);
+await new Promise((r) => setImmediate(r));
+let e4;
+let reused = 0;
+for (; reused < 16 && e4 === undefined; reused++) {
+  e4 = thrown(() => createBuffer(chunk, { backend: 'cuda' }).fill(1));
+  gc();
+  await new Promise((r) => setImmediate(r));
+}
+for (let i = 0; i < 10 && liveAllocations('cuda') !== start; i++) {
+  gc();
+  await new Promise((r) => setImmediate(r));
+}
+check(
+  'awaited between them, 16 dropped buffers of a quarter of the device each fit, and all are freed',
+  e4 === undefined && liveAllocations('cuda') === start,
+  `${reused} made; ${e4?.message ?? ''}; live ${start} -> ${liveAllocations('cuda')}`,
+);
 
 finish({ device: info.cuda.deviceName, deviceBytes });
