@@ -221,14 +221,14 @@ function tensorLength(name: string, t: unknown): number {
   throw typeError(name, 'a Float32Array or DeviceBuffer', t);
 }
 
-// Parameters are updated in place, so two of them must not share memory: a tied weight
-// given twice would be stepped twice on cpu and once, racing, on cuda. Checked when the
-// optimizer is created (the addon checks every step's tensors again, gradients included).
 /** The name of parameter slot `s` as the user wrote it: layers[i].weight, .bias or .param. */
 function slotName(s: ParameterSlot): string {
   return `layers[${s.layer}].${s.role}`;
 }
 
+// Parameters are updated in place, so two of them must not share memory: a tied weight
+// given twice would be stepped twice on cpu and once, racing, on cuda. Checked when the
+// optimizer is created (the addon checks every step's tensors again, gradients included).
 function checkParameterStorage(params: readonly Tensor[], slots: readonly ParameterSlot[], backend: BackendName): void {
   const name = (i: number) => slotName(slots[i]);
   const seen = new Map<object, { index: number; begin: number; end: number }[]>();
